@@ -1,0 +1,7 @@
+"""``python -m mnist_peft``: the same as the ``mnist-peft`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""Error types of mnist_peft.
+
+Every error the library raises on bad input derives from :class:`MnistPeftError` and also from the
+built-in a caller would already catch (``ValueError``, ``KeyError``, ``FileNotFoundError``). The
+offending name or path is kept as an attribute. The CLI alone turns these into one-line messages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "MnistPeftError",
+    "DataNotFoundError",
+    "DataIntegrityError",
+    "ModelLoadError",
+    "AdapterConfigError",
+    "AdapterKeyError",
+    "AdapterShapeError",
+    "AdapterStateError",
+    "FingerprintMismatchError",
+    "MergeError",
+    "RegistryError",
+    "InvalidNameError",
+    "EntryNotFoundError",
+    "IntegrityError",
+    "HubError",
+]
+
+
+class MnistPeftError(Exception):
+    """Base class of every error raised by mnist_peft on bad input or state."""
+
+
+class DataNotFoundError(MnistPeftError, FileNotFoundError):
+    """MNIST files are neither bundled nor downloadable."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise print errno-style tuples
+        return self.args[0]
+
+
+class DataIntegrityError(MnistPeftError, ValueError):
+    """An MNIST file is corrupt or truncated (its sha256 does not match)."""
+
+    def __init__(self, message: str, *, path: str | Path) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class ModelLoadError(MnistPeftError, FileNotFoundError):
+    """A base model folder or repo id cannot be loaded."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class AdapterConfigError(MnistPeftError, ValueError):
+    """An adapter configuration is invalid (bad rank, unknown init, missing target module...)."""
+
+
+class AdapterKeyError(MnistPeftError, KeyError):
+    """A state dict misses a key or has an unexpected one; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class AdapterShapeError(MnistPeftError, ValueError):
+    """A tensor in an adapter file has the wrong shape; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path
+
+
+class AdapterStateError(MnistPeftError, ValueError):
+    """An operation does not fit the model's adapter state (unknown name, already merged...)."""
+
+
+class FingerprintMismatchError(MnistPeftError, ValueError):
+    """An adapter was trained on other base weights than the ones it is being loaded onto."""
+
+    def __init__(self, message: str, *, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class MergeError(MnistPeftError, ValueError):
+    """A safe merge would produce NaN or Inf weights; the model was left untouched."""
+
+
+class RegistryError(MnistPeftError, ValueError):
+    """The adapter registry cannot do what was asked."""
+
+
+class InvalidNameError(RegistryError):
+    """A registry name does not match ``[a-z0-9][a-z0-9._-]*`` or could escape the root."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class EntryNotFoundError(MnistPeftError, KeyError):
+    """No registry entry has this name (or version)."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class IntegrityError(MnistPeftError, ValueError):
+    """A file's sha256 or size does not match what the registry recorded."""
+
+    def __init__(self, message: str, *, path: str | Path) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class HubError(MnistPeftError, OSError):
+    """Talking to the Hugging Face Hub failed; ``repo_id`` names the repository."""
+
+    def __init__(self, message: str, *, repo_id: str) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -1,0 +1,135 @@
+"""The seed's MNIST MLP as a Hub-loadable, PEFT-compatible module, and its base fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from .errors import ModelLoadError
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+__all__ = ["MnistMLP", "base_fingerprint", "load_base", "count_parameters"]
+
+
+class MnistMLP(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="mnist-peft",
+    tags=["mnist", "image-classification", "mnist-peft"],
+    license="mit",
+):
+    """784 -> hidden1 -> ReLU -> hidden2 -> ReLU -> 10, modules ``linear1``, ``linear2``, ``linear3``.
+
+    The default sizes are the seed's (2,807,010 parameters). ``save_pretrained`` writes
+    ``config.json`` + ``model.safetensors`` + ``README.md``; ``from_pretrained`` reads a local folder
+    or a Hub repo id.
+
+    Example:
+        >>> model = MnistMLP()
+        >>> model(torch.zeros(2, 784)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, hidden_size_1: int = 1000, hidden_size_2: int = 2000, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, hidden_size_1)
+        self.linear2 = nn.Linear(hidden_size_1, hidden_size_2)
+        self.linear3 = nn.Linear(hidden_size_2, num_classes)
+        self.relu = nn.ReLU()
+
+    @classmethod
+    def _from_pretrained(  # type: ignore[override]
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: object,
+    ) -> MnistMLP:
+        # The mixin's own version prints to stdout, loads non-strictly (missing tensors would stay
+        # random) and falls back to pickle; ours is quiet, strict and safetensors-only.
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_model
+
+        model = cls(**model_kwargs)  # type: ignore[arg-type]
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, WEIGHTS_NAME)
+        else:
+            model_file = hf_hub_download(
+                repo_id=model_id,
+                filename=WEIGHTS_NAME,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        load_model(model, model_file, strict=True, device=map_location)
+        return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)  # (B, 784); accepts (B, 1, 28, 28) too
+        x = self.relu(self.linear1(x))  # (B, hidden1)
+        x = self.relu(self.linear2(x))  # (B, hidden2)
+        return self.linear3(x)  # (B, 10) logits
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def base_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over the base tensors' names, dtypes, shapes and bytes, in sorted name order.
+
+    LoRA tensors (``lora_`` in the name) are left out and ``base_layer.`` is dropped from names,
+    so a model with adapters injected has the same fingerprint as its bare base.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {}
+    for name, t in state.items():
+        if "lora_" in name:
+            continue
+        tensors[name.replace("base_layer.", "")] = t
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistMLP:
+    """Load a base model from a folder or Hub repo id, with a clear error when it is not one."""
+    p = Path(path_or_repo)
+    if p.exists() and not (p / WEIGHTS_NAME).is_file():
+        raise ModelLoadError(
+            f"{str(p)!r} is not a base model folder (no model.safetensors); "
+            "create one with `mnist-peft train-base --out DIR`",
+            path=p,
+        )
+    text = str(path_or_repo)
+    looks_like_path = p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
+    if not p.exists() and looks_like_path:
+        raise ModelLoadError(
+            f"base model folder {str(p)!r} does not exist; create one with `mnist-peft train-base --out DIR`",
+            path=p,
+        )
+    try:
+        model = MnistMLP.from_pretrained(str(path_or_repo), **kwargs)
+    except Exception as exc:  # hub errors, bad config, bad safetensors: all "cannot load this base"
+        raise ModelLoadError(f"cannot load base model {str(path_or_repo)!r}: {exc}", path=p) from exc
+    model.eval()
+    return model
