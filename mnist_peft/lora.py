@@ -164,6 +164,8 @@ class LoraLinear(nn.Module):
         self.disable_adapters = False
         self.forward_mode: ForwardMode = "auto"
         self._unmerged_weight: torch.Tensor | None = None  # the original base weight while merged
+        self._merge_buffer: torch.Tensor | None = None  # reused output of merged_weight()
+        self._delta_buffer: torch.Tensor | None = None  # reused scratch for B @ A
         self._fused_key: tuple | None = None
         self._fused: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self._fused_pins: list[torch.Tensor | None] = []
@@ -217,18 +219,29 @@ class LoraLinear(nn.Module):
 
     # -- merge / unmerge
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
-        """A new tensor: the current weight plus the named adapters' deltas, in one ``addmm``.
+        """The current weight plus the named adapters' deltas, as a tensor that is not the live one.
 
-        For one adapter this is ``W + (B @ A) * scaling`` with the scaling applied as the GEMM's
-        alpha; for a stack the scaled B's and the A's are concatenated (rank = sum of ranks).
+        Each delta is :func:`get_delta_weight`'s float ops, so a merged weight has the same bits
+        as peft's. Scratch buffers are reused across merges (no fresh 8 MB allocations per swap);
+        the live weight and the kept original are never written.
         """
         weight = self.base_layer.weight.detach()
-        if len(adapter_names) == 1:
-            (name,) = adapter_names
-            return torch.addmm(weight, self.lora_B[name].detach(), self.lora_A[name].detach(), alpha=self.effective_scaling(name))
-        A = torch.cat([self.lora_A[n].detach() for n in adapter_names])  # (R, in)
-        B = torch.cat([self.lora_B[n].detach() * self.effective_scaling(n) for n in adapter_names], dim=1)  # (out, R)
-        return torch.addmm(weight, B, A)
+        out = self._merge_buffer
+        if out is None or out.shape != weight.shape or out.dtype != weight.dtype or out.data_ptr() == weight.data_ptr():
+            out = torch.empty_like(weight)
+        self._merge_buffer = out
+        delta = self._delta_buffer
+        if delta is None or delta.shape != weight.shape or delta.dtype != weight.dtype:
+            delta = self._delta_buffer = torch.empty_like(weight)
+        src = weight
+        for name in adapter_names:
+            torch.matmul(self.lora_B[name].detach(), self.lora_A[name].detach(), out=delta)  # (out, in)
+            s = self.effective_scaling(name)
+            if s != 1.0:  # x * 1.0 == x exactly, so skipping it changes no bit
+                delta.mul_(s)
+            torch.add(src, delta, out=out)
+            src = out
+        return out
 
     def _commit_merge(self, adapter_names: Sequence[str], new_weight: torch.Tensor) -> None:
         if self._unmerged_weight is None:
@@ -554,6 +567,7 @@ class LoraModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             layer._unmerged_weight = None  # the merged weight stays
+            layer._merge_buffer = layer._delta_buffer = None
             setattr(parent, child, layer.base_layer)
         self.peft_config.clear()
         return self.model

@@ -1,0 +1,303 @@
+"""An adapter on disk, in PEFT layout, so stock ``peft`` reads what we write and we read what it writes.
+
+A folder holds::
+
+    adapter_config.json          a valid peft.LoraConfig (target_modules sorted)
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+    README.md                    model card with YAML front matter (library_name: peft, base_model, tags)
+
+Extra metadata (digit, recipe, base fingerprint, ...) lives in the safetensors header as str -> str,
+kept short so the file stays close to the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import AdapterConfigError, FingerprintMismatchError
+from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "MODEL_CARD_NAME",
+    "KEY_PREFIX",
+    "AdapterFiles",
+    "save_adapter",
+    "read_adapter",
+    "load_adapter",
+    "to_peft_config_dict",
+    "from_peft_config_dict",
+    "render_model_card",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_CARD_NAME = "README.md"
+KEY_PREFIX = "base_model.model."
+
+# peft.LoraConfig keys we do not model. Their neutral values are accepted silently; any other
+# value asks for a feature we do not implement, which is refused rather than silently ignored.
+_NEUTRAL_PEFT_KEYS: dict[str, tuple[object, ...]] = {
+    "peft_type": ("LORA",),
+    "task_type": (None,),
+    "inference_mode": (True, False),
+    "base_model_name_or_path": (),  # any value
+    "revision": (),
+    "auto_mapping": (),
+    "peft_version": (),
+    "fan_in_fan_out": (False,),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None,),
+    "layers_pattern": (None,),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "use_dora": (False,),
+    "lora_bias": (False,),
+    "megatron_config": (None,),
+    "megatron_core": (),
+    "loftq_config": ({}, None),
+    "exclude_modules": (None,),
+    "layer_replication": (None,),
+    "runtime_config": (),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "use_qalora": (False,),
+    "qalora_group_size": (),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None, []),
+    "arrow_config": (None,),
+    "ensure_weight_tying": (False,),
+    "alora_invocation_tokens": (None,),
+    "use_bdlora": (False, None),
+    "bdlora_config": (None,),
+}
+
+
+@dataclass
+class AdapterFiles:
+    """What one adapter folder holds, read into memory (nothing applied to a model yet)."""
+
+    config: LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    """Keys ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (prefix stripped)."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return self.metadata.get("base_fingerprint")
+
+
+# ----------------------------------------------------------------------------- config mapping
+def to_peft_config_dict(config: LoraConfig, *, base_model_name_or_path: str | None = None) -> dict[str, object]:
+    """The ``adapter_config.json`` content: what ``peft.LoraConfig.from_pretrained`` expects."""
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+        "use_rslora": config.use_rslora,
+        # "seed" is our own init; to peft the weights are what matter, so call it the default.
+        "init_lora_weights": config.init_lora_weights if config.init_lora_weights != "seed" else True,
+        "bias": config.bias,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_bias": False,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+    }
+
+
+def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[str] | None = None) -> LoraConfig:
+    """A :class:`LoraConfig` from ``adapter_config.json`` content (ours or peft's).
+
+    Raises:
+        AdapterConfigError: a field asks for a feature we do not implement, or is invalid.
+    """
+    where = f" in {str(path)!r}" if path else ""
+    known = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias"}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    for key, value in data.items():
+        if key in known:
+            continue
+        if key in _NEUTRAL_PEFT_KEYS:
+            allowed = _NEUTRAL_PEFT_KEYS[key]
+            if allowed and value not in allowed:
+                raise AdapterConfigError(f"{key}={value!r}{where} is not supported by mnist_peft's LoRA; only {allowed} is")
+        else:
+            warnings.warn(f"ignoring unknown adapter config key {key!r}{where} (from a newer peft?)", stacklevel=2)
+    if isinstance(kwargs.get("target_modules"), str):
+        raise AdapterConfigError(f"target_modules{where} is a regex string; list the module names instead")
+    if "r" not in kwargs or "target_modules" not in kwargs:
+        raise AdapterConfigError(f"adapter config{where} lacks 'r' or 'target_modules'; is this a LoRA adapter_config.json?")
+    return LoraConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- model card
+def render_model_card(
+    *,
+    base_model: str | None,
+    tags: list[str],
+    title: str,
+    body: str = "",
+    extra_yaml: dict[str, object] | None = None,
+) -> str:
+    """A model card: YAML front matter the Hub reads, then markdown."""
+    lines = ["---", "library_name: peft"]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines.append("tags:")
+    lines += [f"- {t}" for t in tags]
+    for key, value in (extra_yaml or {}).items():
+        lines.append(f"{key}: {json.dumps(value)}")
+    lines += ["---", "", f"# {title}", ""]
+    if body:
+        lines.append(body.rstrip() + "\n")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- save / read / load
+def save_adapter(
+    model: LoraModel,
+    folder: str | os.PathLike[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    metadata: dict[str, str] | None = None,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    model_card: str | None = None,
+) -> Path:
+    """Write one adapter as a PEFT folder; every file is written atomically.
+
+    Args:
+        metadata: extra str -> str entries for the safetensors header (keep them short).
+        dtype: store the tensors as e.g. ``torch.float16``/``torch.bfloat16`` (default: as trained).
+        model_card: README.md text (default: a minimal card with the YAML front matter).
+
+    Example:
+        >>> save_adapter(model, "out/digit-9", metadata={"digit": "9"})
+    """
+    folder = Path(folder)
+    config = model.peft_config.get(adapter_name)
+    if config is None:
+        raise AdapterConfigError(f"no adapter named {adapter_name!r}; adapters here: {sorted(model.peft_config)}")
+    tensors = {KEY_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in model.lora_state_dict(adapter_name).items()}
+    header = {"format": "pt", "base_fingerprint": model.base_fingerprint(), **(metadata or {})}
+    for k, v in header.items():
+        if not isinstance(v, str):
+            raise AdapterConfigError(f"safetensors metadata must be str -> str; {k!r} is {type(v).__name__}")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS_NAME, st_save(tensors, metadata=header))
+    atomic_write_json(folder / ADAPTER_CONFIG_NAME, to_peft_config_dict(config, base_model_name_or_path=base_model_name_or_path))
+    if model_card is None:
+        model_card = render_model_card(
+            base_model=base_model_name_or_path, tags=["lora", "mnist", "mnist-peft"], title=f"LoRA adapter {folder.name}"
+        )
+    atomic_write_text(folder / MODEL_CARD_NAME, model_card)
+    return folder
+
+
+def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
+    """Read an adapter folder (ours or written by peft) into memory, checking its structure.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+        AdapterConfigError: the config or the safetensors file cannot be parsed.
+    """
+    folder = Path(folder)
+    cfg_path, w_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise _missing(p, folder)
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterConfigError(f"{str(cfg_path)!r} is not valid JSON ({exc})") from exc
+    config = from_peft_config_dict(data, path=cfg_path)
+    raw = w_path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        metadata = _read_metadata(raw)
+    except (SafetensorError, ValueError) as exc:
+        raise AdapterConfigError(f"{str(w_path)!r} is not a readable safetensors file ({exc}); re-save or re-download it") from exc
+    state: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(KEY_PREFIX)
+        # peft drops the adapter name on save; tolerate files that kept it ("...lora_A.default.weight").
+        for part in ("lora_A", "lora_B"):
+            head, sep, tail = k.partition(f".{part}.")
+            if sep and tail != "weight" and tail.endswith(".weight"):
+                k = f"{head}.{part}.weight"
+        state[k] = t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
+    return AdapterFiles(config=config, state_dict=state, metadata=metadata, path=folder)
+
+
+def _missing(p: Path, folder: Path) -> FileNotFoundError:
+    from .errors import ModelLoadError
+
+    if not folder.exists():
+        return ModelLoadError(f"adapter folder {str(folder)!r} does not exist; check the path or the registry name", path=folder)
+    return ModelLoadError(f"{str(folder)!r} is not an adapter folder: {p.name} is missing", path=p)
+
+
+def _read_metadata(raw: bytes) -> dict[str, str]:
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    return dict(header.get("__metadata__", {}))
+
+
+def load_adapter(
+    model: LoraModel,
+    folder: str | os.PathLike[str] | AdapterFiles,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    force: bool = False,
+    activate: bool = False,
+) -> AdapterFiles:
+    """Load an adapter folder into ``model`` under ``adapter_name``.
+
+    Everything is checked before the model changes: keys, shapes, rank, and the base fingerprint
+    the adapter was trained on (refused on mismatch unless ``force``).
+
+    Raises:
+        AdapterKeyError, AdapterShapeError, AdapterConfigError: the files do not fit the model.
+        FingerprintMismatchError: the adapter was trained on different base weights.
+    """
+    files = folder if isinstance(folder, AdapterFiles) else read_adapter(folder)
+    expected = files.base_fingerprint
+    if expected and not force:
+        actual = model.base_fingerprint()
+        if actual != expected:
+            raise FingerprintMismatchError(
+                f"adapter {str(files.path)!r} was trained on base {expected[:12]}..., but this model's base is "
+                f"{actual[:12]}...; load it onto its own base, or force it (--force / force=True) if you know they match",
+                expected=expected,
+                actual=actual,
+            )
+    from .lora import check_lora_state_dict
+
+    check_lora_state_dict(model.model, files.config, files.state_dict, path=str(files.path) if files.path else None)
+    model.add_adapter(adapter_name, files.config, state_dict=files.state_dict)
+    if activate:
+        model.set_adapter(adapter_name)
+    return files
