@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from .errors import AdapterConfigError, FingerprintMismatchError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -39,6 +39,8 @@ __all__ = [
     "to_peft_config_dict",
     "from_peft_config_dict",
     "render_model_card",
+    "load_stack",
+    "check_fingerprint",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -266,6 +268,25 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__", {}))
 
 
+def check_fingerprint(files: AdapterFiles, model: LoraModel) -> None:
+    """Refuse an adapter trained on other base weights than ``model``'s.
+
+    Raises:
+        FingerprintMismatchError: the fingerprints differ (an adapter without one is accepted).
+    """
+    expected = files.base_fingerprint
+    if not expected:
+        return
+    actual = model.base_fingerprint()
+    if actual != expected:
+        raise FingerprintMismatchError(
+            f"adapter {str(files.path)!r} was trained on base {expected[:12]}..., but this base is {actual[:12]}...; "
+            "load it onto its own base, or force it (--force / force=True) if you know they match",
+            expected=expected,
+            actual=actual,
+        )
+
+
 def load_adapter(
     model: LoraModel,
     folder: str | os.PathLike[str] | AdapterFiles,
@@ -284,20 +305,46 @@ def load_adapter(
         FingerprintMismatchError: the adapter was trained on different base weights.
     """
     files = folder if isinstance(folder, AdapterFiles) else read_adapter(folder)
-    expected = files.base_fingerprint
-    if expected and not force:
-        actual = model.base_fingerprint()
-        if actual != expected:
-            raise FingerprintMismatchError(
-                f"adapter {str(files.path)!r} was trained on base {expected[:12]}..., but this model's base is "
-                f"{actual[:12]}...; load it onto its own base, or force it (--force / force=True) if you know they match",
-                expected=expected,
-                actual=actual,
-            )
-    from .lora import check_lora_state_dict
-
+    if not force:
+        check_fingerprint(files, model)
     check_lora_state_dict(model.model, files.config, files.state_dict, path=str(files.path) if files.path else None)
     model.add_adapter(adapter_name, files.config, state_dict=files.state_dict)
     if activate:
         model.set_adapter(adapter_name)
     return files
+
+
+def load_stack(
+    base: torch.nn.Module,
+    folders: list[str | os.PathLike[str]],
+    weights: list[float] | None = None,
+    *,
+    force: bool = False,
+) -> LoraModel:
+    """Wrap ``base`` and load several adapter folders as one active, weighted stack.
+
+    Adapters are named after their folders (``digit-9``, ...; made unique). Everything is read
+    and checked before anything is applied, so a bad folder leaves ``base`` untouched.
+
+    Example:
+        >>> model = load_stack(load_base("adapters/base"), ["adapters/digit-3", "adapters/digit-9"], [1.0, 0.5])
+    """
+    if weights is not None and len(weights) != len(folders):
+        raise AdapterConfigError(f"got {len(weights)} weights for {len(folders)} adapters; give one --weight per --adapter")
+    files = [read_adapter(f) for f in folders]
+    model = LoraModel(base)
+    for f in files:
+        if not force:
+            check_fingerprint(f, model)
+        check_lora_state_dict(base, f.config, f.state_dict, path=str(f.path))
+    names: list[str] = []
+    for f in files:
+        name = Path(f.path or "adapter").name or "adapter"
+        while name in names:
+            name += "_"
+        names.append(name)
+        model.add_adapter(name, f.config, state_dict=f.state_dict)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.set_adapter(names, weights)
+    return model.eval()

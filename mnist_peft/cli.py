@@ -96,16 +96,43 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _resolve_base(arg: str):
+    """``--base``: a folder or a Hub repo id."""
     from .model import load_base
+
+    return load_base(arg)
+
+
+def _resolve_adapter(arg: str) -> Path:
+    """``--adapter``: an adapter folder."""
+    return Path(arg)
+
+
+def _model_from_args(args: argparse.Namespace):
+    """The base, with ``--adapter``/``--weight`` loaded as a stack (and merged with ``--merged``)."""
+    from .adapters import load_stack
+
+    base = _resolve_base(args.base)
+    adapters = getattr(args, "adapter", None) or []
+    if not adapters:
+        if getattr(args, "weight", None):
+            raise _usage_error("--weight needs --adapter")
+        return base
+    model = load_stack(base, [_resolve_adapter(a) for a in adapters], args.weight or None, force=args.force)
+    if getattr(args, "merged", False):
+        model.merge()
+    return model
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
     from .plots import plot_error_rates
     from .train import evaluate
 
-    model = load_base(args.base)
+    model = _model_from_args(args)
     result = evaluate(model, data_dir=args.data_dir)
     payload = result.to_dict()
     if args.plot:
-        plot_error_rates({"base": result.error_rate_per_digit}, args.plot)
+        plot_error_rates({"model": result.error_rate_per_digit}, args.plot)
         payload["plot"] = str(args.plot)
     text = (
         f"accuracy {result.accuracy:.4f} on {result.n} test images\n"
@@ -114,6 +141,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     _emit(args, payload, text)
     return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .model import MnistMLP, base_fingerprint
+
+    model = _model_from_args(args)
+    plain = model.merge_and_unload()
+    assert isinstance(plain, MnistMLP)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+    plain.save_pretrained(out)
+    payload = {"out": str(out), "adapters": args.adapter, "weights": args.weight, "fingerprint": base_fingerprint(plain)}
+    _emit(args, payload, f"merged {len(args.adapter)} adapter(s) into {out} (next: mnist-peft eval --base {out})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .model import MnistMLP
+    from .peft_compat import default_cases, run_parity
+    from .train import progress_enabled
+
+    if args.base:
+        base = _resolve_base(args.base)
+    else:
+        import torch
+
+        torch.manual_seed(args.seed)
+        base = MnistMLP()
+    data = load_mnist(train=True, data_dir=args.data_dir)
+    n = args.steps * args.batch_size
+    results = run_parity(
+        base, data.x[:n], data.y[:n], default_cases(tuple(args.r)), steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, progress=progress_enabled(args.quiet),
+    )  # fmt: skip
+    ok = all(r.passed for r in results)
+    from .peft_compat import FORWARD_TOLERANCE, FUSED_TOLERANCE, GRAD_TOLERANCE, MERGE_TOLERANCE_ULPS, TRAIN_TOLERANCE
+
+    tolerances = {"forward": FORWARD_TOLERANCE, "grad": GRAD_TOLERANCE, "train": TRAIN_TOLERANCE,
+                  "merged_ulps": MERGE_TOLERANCE_ULPS, "fused": FUSED_TOLERANCE}  # fmt: skip
+    payload = {"passed": ok, "cases": [r.to_dict() for r in results], "tolerances": tolerances}
+    rows = [f"{'case':<36} {'init':>5} {'effect':>8} {'fwd':>8} {'fused':>8} {'grad':>8} {'train':>8} {'ulps':>5} {'unmerge':>7} pass"]
+    for r in results:
+        rows.append(
+            f"{r.case:<36} {str(r.init_equal):>5} {r.adapter_effect:>8.3g} {r.forward_max_diff:>8.2g} {r.fused_max_diff:>8.2g} "
+            f"{r.grad_max_diff:>8.2g} {r.train_max_diff:>8.2g} {r.merged_max_ulps:>5.2g} {str(r.unmerge_exact):>7} {r.passed}"
+        )
+    rows.append(f"{sum(r.passed for r in results)}/{len(results)} cases pass")
+    _emit(args, payload, "\n".join(rows))
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .train import progress_enabled
+
+    base = _resolve_base(args.base) if args.base else None
+    figures = run_bench(base=base, reps=args.reps, only=args.only, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    import platform
+
+    import torch
+
+    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    payload = {"figures": [f.to_dict() for f in figures], "machine": machine}
+    rows = [f"{'figure':<18} {'ours':>10} {'peft':>10} {'base':>10} {'unit':>5} {'ratio':>7} {'target':>7} pass"]
+    for f in figures:
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        rows.append(f"{f.name:<18} {fmt(f.ours):>10} {fmt(f.peft):>10} {fmt(f.base):>10} {f.unit:>5} {f.ratio:>7.3f} {f.target:>7.3g} {f.passed}")
+    _emit(args, payload, "\n".join(rows))
+    return 1 if args.strict and not all(f.passed for f in figures) else 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -134,6 +232,16 @@ def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, data: boo
             metavar="DIR",
             help="MNIST data root (default: $MNIST_PEFT_DATA, else a per-user cache folder)",
         )
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder or Hub repo id")
+    p.add_argument(
+        "--adapter", action="append", required=adapter_required, metavar="PATH",
+        help="adapter folder; repeat to stack several",
+    )  # fmt: skip
+    p.add_argument("--weight", action="append", type=float, metavar="W", help="stack weight of each --adapter, in order (default 1)")
+    p.add_argument("--force", action="store_true", help="load adapters even if trained on another base (fingerprint mismatch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,13 +278,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="test accuracy and per-digit errors of a model",
-        description="Evaluate a base model on the 10,000 MNIST test images: accuracy, wrong count and error rate per digit.",
+        help="test accuracy and per-digit errors of a model (optionally with adapters)",
+        description="Evaluate a base model, alone or with one or more LoRA adapters stacked on it, on the 10,000 "
+        "MNIST test images: accuracy, wrong count and error rate per digit, confusion matrix.",
     )
-    p.add_argument("--base", required=True, metavar="DIR", help="base model folder or Hub repo id")
+    _add_model_args(p)
+    p.add_argument("--merged", action="store_true", help="merge the adapters into the weights before evaluating")
     p.add_argument("--plot", metavar="PNG", help="also write a bar chart of per-digit error rates")
     _add_common(p)
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge adapters into the base and save a plain model",
+        description="Merge one or more adapters (weighted) into the base weights and save the result as a plain "
+        "MnistMLP folder that needs no adapter code to load.",
+    )
+    _add_model_args(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the merged model in")
+    _add_common(p, data=False)
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser(
+        "compare",
+        help="native LoRA vs peft parity report",
+        description="Build native and peft LoRA models from the same base and seed over a grid of cases (r, alpha, "
+        "rsLoRA, target subsets) and report max |diff| of forward outputs, gradients, weights after Adam steps, "
+        "merged weights, and whether unmerge is exact. Exit code 1 if any case misses its target.",
+    )
+    p.add_argument("--base", metavar="DIR", help="base model folder (default: a seeded random MnistMLP)")
+    p.add_argument("--r", type=int, nargs="+", default=[1, 4, 16], help="ranks to test (default: 1 4 16)")
+    p.add_argument("--steps", type=int, default=100, help="Adam steps per case (default: 100)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the forward and training batches (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the base (if random) and the adapters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser(
+        "bench",
+        help="performance figures, each as a ratio measured in this run",
+        description="Time native LoRA against the bare base model and against peft on the same weights, interleaved, "
+        "median of several repetitions. Always exits 0 (it is a measurement) unless --strict.",
+    )
+    p.add_argument("--base", metavar="DIR", help="base model folder (default: a seeded random MnistMLP)")
+    p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
+    p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(handler=cmd_bench)
     return parser
 
 

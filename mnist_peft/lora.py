@@ -45,6 +45,9 @@ __all__ = [
     "lora_forward",
     "init_lora_weights_",
     "inject_adapter",
+    "check_lora_state_dict",
+    "find_targets",
+    "lora_layers",
     "set_forward_mode",
 ]
 
@@ -235,9 +238,13 @@ class LoraLinear(nn.Module):
             delta = self._delta_buffer = torch.empty_like(weight)
         src = weight
         for name in adapter_names:
-            torch.matmul(self.lora_B[name].detach(), self.lora_A[name].detach(), out=delta)  # (out, in)
-            s = self.effective_scaling(name)
-            if s != 1.0:  # x * 1.0 == x exactly, so skipping it changes no bit
+            A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
+            if _is_power_of_two(s):
+                # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s
+                # and saves a pass over the (out, in) delta. (s == 1 is the common case.)
+                torch.matmul(B * s if s != 1.0 else B, A, out=delta)
+            else:
+                torch.matmul(B, A, out=delta)  # (out, in)
                 delta.mul_(s)
             torch.add(src, delta, out=out)
             src = out
@@ -320,6 +327,11 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.lora_A)}"
+
+
+def _is_power_of_two(s: float) -> bool:
+    m, _ = math.frexp(s)
+    return s > 0 and m == 0.5 and s >= 2.0**-100  # far from the subnormal range of the products
 
 
 def _fused_unsupported(weight: torch.Tensor) -> bool:
