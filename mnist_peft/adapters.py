@@ -39,6 +39,7 @@ __all__ = [
     "to_peft_config_dict",
     "from_peft_config_dict",
     "render_model_card",
+    "digit_model_card",
     "load_stack",
     "check_fingerprint",
 ]
@@ -146,8 +147,8 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
             allowed = _NEUTRAL_PEFT_KEYS[key]
             if allowed and value not in allowed:
                 raise AdapterConfigError(f"{key}={value!r}{where} is not supported by mnist_peft's LoRA; only {allowed} is")
-        else:
-            warnings.warn(f"ignoring unknown adapter config key {key!r}{where} (from a newer peft?)", stacklevel=2)
+        elif value not in (None, False, {}, []):  # an unset feature of a newer peft is harmless
+            warnings.warn(f"ignoring unknown adapter config key {key}={value!r}{where} (from a newer peft?)", stacklevel=2)
     if isinstance(kwargs.get("target_modules"), str):
         raise AdapterConfigError(f"target_modules{where} is a regex string; list the module names instead")
     if "r" not in kwargs or "target_modules" not in kwargs:
@@ -176,6 +177,30 @@ def render_model_card(
     if body:
         lines.append(body.rstrip() + "\n")
     return "\n".join(lines)
+
+
+def digit_model_card(digit: int, result, *, base_model: str | None, config: LoraConfig) -> str:
+    """The model card of a per-digit adapter: YAML metadata, then before/after per-digit table."""
+    before, after = result.before, result.after
+    rows = ["| digit | wrong before | wrong after | error rate before | error rate after |", "|---|---|---|---|---|"]
+    for d in range(10):
+        mark = " **(target)**" if d == digit else ""
+        rows.append(
+            f"| {d}{mark} | {before.wrong_per_digit[d]} | {after.wrong_per_digit[d]} | "
+            f"{before.error_rate_per_digit[d]:.4f} | {after.error_rate_per_digit[d]:.4f} |"
+        )
+    body = (
+        f"LoRA adapter (r={config.r}, lora_alpha={config.lora_alpha:g}, target_modules={config.target_modules}) trained "
+        f"with mnist-peft's `{result.recipe}` recipe to fix digit {digit} of an MNIST MLP.\n\n"
+        f"Test accuracy {before.accuracy:.4f} -> {after.accuracy:.4f}; digit {digit} wrong "
+        f"{before.wrong_per_digit[digit]} -> {after.wrong_per_digit[digit]} ({result.steps} steps).\n\n"
+        + "\n".join(rows)
+        + "\n\n```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
+        f"model = PeftModel.from_pretrained(MnistMLP.from_pretrained(BASE), ADAPTER)\n```\n"
+    )
+    extra = {"digit": digit, "recipe": result.recipe, "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+             "wrong_per_digit_before": before.wrong_per_digit, "wrong_per_digit_after": after.wrong_per_digit}  # fmt: skip
+    return render_model_card(base_model=base_model, tags=["lora", "mnist", f"digit-{digit}", "mnist-peft"], title=f"digit-{digit} LoRA adapter", body=body, extra_yaml=extra)
 
 
 # ----------------------------------------------------------------------------- save / read / load

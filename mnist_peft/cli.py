@@ -143,6 +143,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapters import digit_model_card, save_adapter
+    from .train import progress_enabled, train_adapter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+    base = _resolve_base(args.base)
+    model, result = train_adapter(
+        base, args.digit, args.recipe, resume=_resolve_adapter(args.resume) if args.resume else None, force=args.force,
+        data_dir=args.data_dir, progress=progress_enabled(args.quiet),
+        r=args.r, lora_alpha=args.lora_alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    )  # fmt: skip
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    cfg = model.peft_config["default"]
+    meta = {"digit": str(args.digit), "recipe": result.recipe, "steps": str(result.steps), "r": str(cfg.r), "lora_alpha": f"{cfg.lora_alpha:g}"}
+    if args.resume:
+        meta["resumed_from"] = str(args.resume)
+    card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
+    save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
+    d = args.digit
+    payload = {
+        "digit": d, "recipe": result.recipe, "out": str(out), "steps": result.steps, "seconds": round(result.seconds, 2),
+        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_parameters": model.num_lora_parameters(),
+        "before": result.before.to_dict(), "after": result.after.to_dict(),
+    }  # fmt: skip
+    text = (
+        f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
+        f"{result.steps} steps in {result.seconds:.1f} s\n"
+        f"digit {d} wrong: {result.before.wrong_per_digit[d]} -> {result.after.wrong_per_digit[d]}; "
+        f"accuracy {result.before.accuracy:.4f} -> {result.after.accuracy:.4f}\n"
+        f"wrong per digit before: {_fmt_ints(result.before.wrong_per_digit)}\n"
+        f"wrong per digit after:  {_fmt_ints(result.after.wrong_per_digit)}\n"
+        f"saved to {out} (next: mnist-peft eval --base {args.base} --adapter {out})"
+    )
+    _emit(args, payload, text)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .model import MnistMLP, base_fingerprint
 
@@ -287,6 +328,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also write a bar chart of per-digit error rates")
     _add_common(p)
     p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser(
+        "train-adapter",
+        help="train a per-digit LoRA adapter and save it in PEFT layout",
+        description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
+        "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
+        "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes replayed "
+        "digits, augmentation and distillation toward the base.",
+    )
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder or Hub repo id")
+    p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the adapter in")
+    p.add_argument("--recipe", choices=["seed", "replay"], default="replay", help="training recipe (default: replay)")
+    p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="samples per step")
+    p.add_argument("--lr", type=float, help="(peak) learning rate")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--resume", metavar="PATH", help="continue training this adapter (incremental update) instead of a fresh one")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
+    p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(handler=cmd_train_adapter)
 
     p = sub.add_parser(
         "merge",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import MnistSplit, load_mnist, split_validation
+from .lora import LoraConfig, LoraModel
 from .model import MnistMLP
 
 __all__ = [
@@ -26,6 +28,11 @@ __all__ = [
     "evaluate",
     "predict",
     "progress_enabled",
+    "AdapterRecipe",
+    "ADAPTER_RECIPES",
+    "AdapterTrainResult",
+    "train_adapter",
+    "augment_batch",
 ]
 
 
@@ -279,3 +286,190 @@ def train_base(
     model = MnistMLP()
     result = fit(model, train, config, val=val, progress=progress, desc="train-base")
     return model, result
+
+
+# ----------------------------------------------------------------------------- adapter recipes
+@dataclass
+class AdapterRecipe:
+    """How to train one per-digit LoRA adapter."""
+
+    r: int = 4
+    """LoRA rank on every target layer."""
+    lora_alpha: float = 8
+    """LoRA alpha (scaling = lora_alpha / r)."""
+    init_lora_weights: bool | str = True
+    """peft-style init (True), "gaussian", or the seed notebook's "seed" (A ~ N(0, 1))."""
+    steps: int = 400
+    """Optimiser steps."""
+    batch_size: int = 128
+    """Samples per step."""
+    lr: float = 3e-3
+    """Adam learning rate (peak of the one-cycle schedule)."""
+    schedule: str = "onecycle"
+    """``none`` or ``onecycle``."""
+    digit_fraction: float = 0.5
+    """Share of each batch drawn from the target digit; the rest replays the other digits.
+    1.0 trains on the digit alone (the seed recipe, which forgets the others)."""
+    augment: bool = True
+    """Random small affine transforms (rotation, scale, shift) of every training image."""
+    distill: float = 1.0
+    logit_adjust: bool = True
+    """Add log(batch class prior) to the logits in the CE, so over-sampling the digit does not
+    teach the adapter to predict it more often (balanced-softmax / logit adjustment)."""
+    """Weight of a KL term pulling the adapted model toward the base on replayed digits."""
+    val_size: int = 5000
+    """Training images held out for early stopping (0 disables it)."""
+    eval_every: int = 50
+    """Steps between validation checks."""
+    patience: int = 4
+    """Checks without gain before stopping early."""
+    seed: int = 0
+    """Seeds adapter init, batches and augmentation."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.digit_fraction <= 1:
+            raise ValueError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+ADAPTER_RECIPES: dict[str, AdapterRecipe] = {
+    # The seed notebook: only digit-D images, batch 10, 100 steps, r=1, alpha=1, A ~ N(0, 1), Adam 1e-3.
+    "seed": AdapterRecipe(
+        r=1, lora_alpha=1, init_lora_weights="seed", steps=100, batch_size=10, lr=1e-3, schedule="none",
+        digit_fraction=1.0, augment=False, distill=0.0, logit_adjust=False, val_size=0,
+    ),  # fmt: skip
+    # Ours: digit-D batches mixed with replayed other digits, augmented, distilled toward the base.
+    "replay": AdapterRecipe(),
+}
+
+
+@dataclass
+class AdapterTrainResult:
+    digit: int
+    recipe: str
+    steps: int
+    seconds: float
+    stopped_early: bool
+    before: EvalResult
+    after: EvalResult
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random affine transforms of normalised (N, 784) images: +-12 degrees, scale 0.9-1.1, +-2 px."""
+    from .data import MNIST_MEAN, MNIST_STD
+
+    n = x.shape[0]
+    img = (x.reshape(n, 1, 28, 28) * MNIST_STD + MNIST_MEAN)  # back to [0, 1]: padding is black
+    u = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle = u[:, 0] * (12 * torch.pi / 180)
+    scale = 1 + 0.1 * u[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * (2 / 14)], 1), torch.stack([sin, cos, u[:, 3] * (2 / 14)], 1)], 1)
+    grid = F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+    out = F.grid_sample(img, grid, align_corners=False, padding_mode="zeros")
+    return ((out - MNIST_MEAN) / MNIST_STD).reshape(n, 784)
+
+
+def _digit_val_score(model: nn.Module, val: MnistSplit, digit: int) -> tuple[float, int]:
+    r = evaluate(model, val)
+    return r.accuracy, r.wrong_per_digit[digit]
+
+
+def train_adapter(
+    base: nn.Module,
+    digit: int,
+    recipe: str | AdapterRecipe = "replay",
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    data_dir: str | None = None,
+    progress: bool = False,
+    **overrides: object,
+) -> tuple[LoraModel, AdapterTrainResult]:
+    """Train a LoRA adapter that fixes ``digit`` on top of ``base`` (which is never modified).
+
+    Args:
+        resume: an adapter folder to continue training (incremental update) instead of starting
+            a fresh adapter; its rank and alpha are kept. Refused if it was trained on another
+            base, unless ``force``.
+
+    Returns:
+        The :class:`LoraModel` with adapter ``default`` trained, and before/after test metrics.
+    """
+    import copy as _copy
+
+    from .data import digit_subset
+
+    name = recipe if isinstance(recipe, str) else "custom"
+    if isinstance(recipe, str):
+        if recipe not in ADAPTER_RECIPES:
+            raise ValueError(f"unknown adapter recipe {recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
+        recipe = ADAPTER_RECIPES[recipe]
+    recipe = AdapterRecipe(**{**asdict(recipe), **{k: v for k, v in overrides.items() if v is not None}})
+    if not 0 <= digit <= 9:
+        raise ValueError(f"digit must be 0..9, got {digit!r}")
+    start = time.perf_counter()
+    test = load_mnist(train=False, data_dir=data_dir)
+    before = evaluate(base, test)
+    train = load_mnist(train=True, data_dir=data_dir)
+    val = None
+    if recipe.val_size:
+        train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
+    torch.manual_seed(recipe.seed)
+    if resume is not None:
+        from .adapters import load_adapter
+
+        model = LoraModel(_copy.deepcopy(base))
+        load_adapter(model, resume, force=force)
+    else:
+        model = LoraModel(
+            _copy.deepcopy(base),
+            LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights),
+        )
+    params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    g = torch.Generator().manual_seed(recipe.seed)
+    mine = (train.y == digit).nonzero().squeeze(1)
+    others = (train.y != digit).nonzero().squeeze(1)
+    k = max(1, int(round(recipe.batch_size * recipe.digit_fraction))) if recipe.digit_fraction < 1 else recipe.batch_size
+    teacher = base.eval()
+
+    def batches(epoch: int):
+        if recipe.digit_fraction >= 1:  # the seed's loader: shuffled digit-D images only
+            yield from mine[_seed_loader_permutation(len(mine))].split(recipe.batch_size)
+            return
+        while True:
+            a = mine[torch.randint(len(mine), (k,), generator=g)]
+            b = others[torch.randint(len(others), (recipe.batch_size - k,), generator=g)]
+            yield torch.cat([a, b])
+
+    prior = torch.full((10,), (1 - k / recipe.batch_size) / 9)
+    prior[digit] = k / recipe.batch_size
+    log_prior = prior.clamp_min(1e-12).log()
+
+    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if recipe.augment:
+            xb = augment_batch(xb, g)
+        logits = m(xb)
+        # Logit adjustment: batches over-sample the digit, so add log(batch prior) before the CE.
+        # The adapter then learns the digit's features, not a shifted prior (which would turn
+        # other digits' images into false positives of this one).
+        loss = F.cross_entropy(logits + log_prior if recipe.logit_adjust else logits, yb)
+        if recipe.distill:
+            rest = yb != digit
+            if rest.any():
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(xb[rest]), 1)
+                loss = loss + recipe.distill * F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
+        return loss
+
+    cfg = TrainConfig(
+        epochs=1e9, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, schedule=recipe.schedule,
+        max_steps=recipe.steps, val_size=recipe.val_size, patience=recipe.patience, eval_every=recipe.eval_every,
+    )  # fmt: skip
+    fitted = fit(model, train, cfg, params=params, val=val, loss_fn=loss_fn, batches=batches, progress=progress, desc=f"digit-{digit}")
+    after = evaluate(model, test)
+    return model, AdapterTrainResult(
+        digit=digit, recipe=name, steps=fitted.steps, seconds=time.perf_counter() - start,
+        stopped_early=fitted.stopped_early, before=before, after=after,
+    )  # fmt: skip

@@ -1,0 +1,65 @@
+"""Shared fixtures: a data root with the bundled MNIST unpacked, seeded models, the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_peft.data import ensure_mnist, load_mnist
+from mnist_peft.model import MnistMLP
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh data root, filled from the bundled files, used by the library and the CLI alike."""
+    root = tmp_path_factory.mktemp("mnist-data")
+    ensure_mnist(root)
+    os.environ["MNIST_PEFT_DATA"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_test(data_root: Path):
+    return load_mnist(train=False, data_dir=str(data_root))
+
+
+@pytest.fixture(scope="session")
+def mnist_train(data_root: Path):
+    return load_mnist(train=True, data_dir=str(data_root))
+
+
+@pytest.fixture()
+def random_base() -> MnistMLP:
+    torch.manual_seed(0)
+    return MnistMLP().eval()
+
+
+@pytest.fixture(scope="session")
+def trained_base_dir(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """A briefly trained base (1/2 epoch of the default recipe), saved with save_pretrained."""
+    from mnist_peft.train import train_base
+
+    model, _ = train_base("default", data_dir=str(data_root), epochs=0.5)
+    out = tmp_path_factory.mktemp("base")
+    model.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The real ``mnist-peft`` in a subprocess (``python -m mnist_peft``)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_peft", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=timeout,
+    )
