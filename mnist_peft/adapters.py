@@ -34,6 +34,7 @@ __all__ = [
     "KEY_PREFIX",
     "AdapterFiles",
     "save_adapter",
+    "write_adapter",
     "read_adapter",
     "load_adapter",
     "to_peft_config_dict",
@@ -224,18 +225,31 @@ def save_adapter(
     Example:
         >>> save_adapter(model, "out/digit-9", metadata={"digit": "9"})
     """
-    folder = Path(folder)
     config = model.peft_config.get(adapter_name)
     if config is None:
         raise AdapterConfigError(f"no adapter named {adapter_name!r}; adapters here: {sorted(model.peft_config)}")
-    tensors = {KEY_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in model.lora_state_dict(adapter_name).items()}
-    header = {"format": "pt", "base_fingerprint": model.base_fingerprint(), **(metadata or {})}
+    files = AdapterFiles(config, model.lora_state_dict(adapter_name), {"base_fingerprint": model.base_fingerprint(), **(metadata or {})})
+    return write_adapter(files, folder, base_model_name_or_path=base_model_name_or_path, dtype=dtype, model_card=model_card)
+
+
+def write_adapter(
+    files: AdapterFiles,
+    folder: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    model_card: str | None = None,
+) -> Path:
+    """Write an in-memory adapter (config, tensors, header metadata) as a PEFT folder, atomically per file."""
+    folder = Path(folder)
+    tensors = {KEY_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in files.state_dict.items()}
+    header = {"format": "pt", **files.metadata}
     for k, v in header.items():
         if not isinstance(v, str):
             raise AdapterConfigError(f"safetensors metadata must be str -> str; {k!r} is {type(v).__name__}")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / ADAPTER_WEIGHTS_NAME, st_save(tensors, metadata=header))
-    atomic_write_json(folder / ADAPTER_CONFIG_NAME, to_peft_config_dict(config, base_model_name_or_path=base_model_name_or_path))
+    atomic_write_json(folder / ADAPTER_CONFIG_NAME, to_peft_config_dict(files.config, base_model_name_or_path=base_model_name_or_path))
     if model_card is None:
         model_card = render_model_card(
             base_model=base_model_name_or_path, tags=["lora", "mnist", "mnist-peft"], title=f"LoRA adapter {folder.name}"

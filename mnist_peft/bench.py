@@ -112,9 +112,142 @@ def bench_merge_unmerge(base: nn.Module, *, reps: int) -> Figure:
                   note="one merge + one unmerge of an r=4 adapter on linear1..3; ratio = ours/peft, target in ms")  # fmt: skip
 
 
+def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
+    from .serving import mixed_forward
+
+    ours, theirs, names = _models(base, n_adapters=10)
+    per_sample = [names[i % len(names)] for i in range(x.shape[0])]
+    with torch.inference_mode():
+        t = time_round_robin(
+            {"base": lambda: base(x), "ours": lambda: mixed_forward(ours, x, per_sample), "peft": lambda: theirs(x, adapter_names=per_sample)},
+            reps=reps,
+        )
+    return _figure("mixed_batch", ours=t["ours"], base=t["base"], peft=t["peft"], target=1.15, unit="s",
+                   note=f"{x.shape[0]} images over 10 r=4 adapters; peft adapter_names= path: {t['peft'] / t['base']:.3f}x base")  # fmt: skip
+
+
+def bench_hot_swap(base: nn.Module, *, reps: int) -> Figure:
+    from .serving import hot_swap
+
+    ours, theirs, names = _models(base, n_adapters=2)
+    a, b = names
+    state = {"ours": a, "peft": a}
+    ours.set_adapter(a)
+    ours.merge()
+    theirs.set_adapter(a)
+    theirs.merge_adapter()
+
+    def ours_swap() -> None:
+        state["ours"] = b if state["ours"] == a else a
+        hot_swap(ours, state["ours"])
+
+    def peft_swap() -> None:
+        state["peft"] = b if state["peft"] == a else a
+        theirs.unmerge_adapter()
+        theirs.set_adapter(state["peft"])
+        theirs.merge_adapter()
+
+    with torch.no_grad():
+        t = time_round_robin({"ours": ours_swap, "peft": peft_swap}, reps=reps * 5, warmup=2)
+    ms = {k: v * 1e3 for k, v in t.items()}
+    return Figure("hot_swap", ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=3.0, unit="ms",
+                  passed=ms["ours"] <= 3.0 and ms["ours"] < ms["peft"],
+                  note="replace the merged r=4 adapter with another loaded one; ratio = ours/peft, target in ms")  # fmt: skip
+
+
+def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
+    import tempfile
+    from pathlib import Path
+
+    from .adapters import load_adapter, save_adapter
+
+    ours, theirs, _ = _models(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "digit-x"
+        save_adapter(ours, folder)
+        target = LoraModel(copy.deepcopy(base))
+        target.base_fingerprint()  # computed once per base and cached, as in a long-lived process
+        samples: dict[str, list[float]] = {"ours": [], "peft": []}
+        for i in range(reps * 5 + 2):
+            t = time.perf_counter()
+            load_adapter(target, folder, "x")
+            t_ours = time.perf_counter() - t
+            target.delete_adapter("x")
+            t = time.perf_counter()
+            theirs.load_adapter(str(folder), adapter_name="x")
+            t_peft = time.perf_counter() - t
+            theirs.delete_adapter("x")
+            if i >= 2:  # warm-up
+                samples["ours"].append(t_ours)
+                samples["peft"].append(t_peft)
+    ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    return Figure("adapter_load", ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=2.0, unit="ms",
+                  passed=ms["ours"] <= 2.0 and ms["ours"] < ms["peft"],
+                  note="read + check + load one r=4 adapter folder into a model; ratio = ours/peft, target in ms")  # fmt: skip
+
+
+def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0) -> Figure:
+    """Our training loop (``fit``) vs a bare loop of the same tensor ops, one epoch at batch 128."""
+    import torch.nn.functional as F
+
+    from .data import MnistSplit, load_mnist
+    from .model import MnistMLP
+    from .train import TrainConfig, _seed_loader_permutation, fit, make_optimizer
+
+    full = load_mnist(train=True, data_dir=data_dir)
+    n = int(len(full) * fraction)
+    data = MnistSplit(full.x[:n], full.y[:n])
+    config = TrainConfig(epochs=1, batch_size=128, lr=2e-3, schedule="onecycle")
+
+    def ours() -> None:
+        torch.manual_seed(0)
+        fit(MnistMLP(), data, config)
+
+    def bare() -> None:
+        torch.manual_seed(0)
+        model = MnistMLP()
+        model.train()
+        params = list(model.parameters())
+        opt = make_optimizer(params, config)
+        steps = -(-n // 128)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+        for idx in _seed_loader_permutation(n).split(128):
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    t = time_round_robin({"base": bare, "ours": ours}, reps=reps, warmup=0)
+    return _figure("train_epoch", ours=t["ours"], base=t["base"], target=1.15, unit="s",
+                   note=f"one epoch ({n} images) at batch 128 with one-cycle Adam; base = a bare loop of the same ops")  # fmt: skip
+
+
+def bench_adapter_file_size(base: nn.Module) -> Figure:
+    import tempfile
+    from pathlib import Path
+
+    from .adapters import ADAPTER_WEIGHTS_NAME, save_adapter
+
+    torch.manual_seed(0)
+    model = LoraModel(copy.deepcopy(base), LoraConfig(r=1, lora_alpha=1, init_lora_weights="seed"))
+    raw = sum(t.numel() * t.element_size() for t in model.lora_state_dict().values())
+    meta = {"digit": "9", "recipe": "seed", "steps": "100", "r": "1", "lora_alpha": "1"}  # what train-adapter writes
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model, Path(tmp) / "a", metadata=meta)
+        size = (Path(tmp) / "a" / ADAPTER_WEIGHTS_NAME).stat().st_size
+    return Figure("adapter_file_size", ours=float(size), peft=None, base=float(raw), ratio=size / raw, target=1.05, unit="bytes",
+                  passed=size / raw <= 1.05, note=f"r=1 adapter on linear1..3: {raw:,} raw tensor bytes, header {size - raw:,} bytes")  # fmt: skip
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
+    "mixed_batch": lambda ctx: bench_mixed_batch(ctx["base"], ctx["x"], reps=ctx["reps"]),
+    "hot_swap": lambda ctx: bench_hot_swap(ctx["base"], reps=ctx["reps"]),
+    "adapter_load": lambda ctx: bench_adapter_load(ctx["base"], reps=ctx["reps"]),
+    "train_epoch": lambda ctx: bench_train_epoch(ctx["data_dir"], reps=max(1, ctx["reps"] // 2), fraction=ctx["train_fraction"]),
+    "adapter_file_size": lambda ctx: bench_adapter_file_size(ctx["base"]),
 }
 
 
@@ -123,6 +256,7 @@ def run_bench(
     base: nn.Module | None = None,
     x: torch.Tensor | None = None,
     reps: int = 7,
+    train_fraction: float = 1.0,
     only: list[str] | None = None,
     data_dir: str | None = None,
     progress: bool = False,
@@ -139,7 +273,7 @@ def run_bench(
     base.eval()
     if x is None:
         x = load_mnist(train=False, data_dir=data_dir).x
-    ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir}
+    ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir, "train_fraction": train_fraction}
     names = only or list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:

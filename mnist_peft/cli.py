@@ -199,6 +199,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .adapters import read_adapter, render_model_card, write_adapter
+    from .combine import combine_adapters
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+    files = [read_adapter(_resolve_adapter(a)) for a in args.adapter]
+    result = combine_adapters(files, args.weight, method=args.method, r=args.r, force=args.force)
+    meta = {"combined_from": ",".join(str(a) for a in args.adapter), "method": args.method}
+    if args.weight:
+        meta["weights"] = ",".join(f"{w:g}" for w in args.weight)
+    base_model = next((f.metadata.get("base_model") for f in files if f.metadata.get("base_model")), None)
+    card = render_model_card(
+        base_model=base_model, tags=["lora", "mnist", "mnist-peft", f"combine-{args.method}"], title=f"combined LoRA adapter ({args.method})",
+        body=f"Combined from {', '.join(args.adapter)} with weights {args.weight or [1.0] * len(args.adapter)} by `{args.method}`; "
+        f"rank {result.config.r}. Relative Frobenius error per layer: {result.relative_error}.",
+    )  # fmt: skip
+    write_adapter(result.to_files(meta), out, model_card=card)
+    payload = {"out": str(out), "method": args.method, "r": result.config.r, "relative_error": result.relative_error}
+    errs = ", ".join(f"{k} {v:.2e}" for k, v in result.relative_error.items())
+    _emit(args, payload, f"combined {len(files)} adapter(s) by {args.method} into rank {result.config.r} at {out}\nrelative Frobenius error: {errs}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .model import MnistMLP
@@ -364,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to save the merged model in")
     _add_common(p, data=False)
     p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser(
+        "combine",
+        help="combine adapters into one (exact cat, or rank-r SVD); also resizes one adapter",
+        description="Combine adapters into one whose delta is the weighted sum of theirs. 'cat' is exact (rank = sum "
+        "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
+        "With a single --adapter and --method svd it resizes that adapter to rank R.",
+    )
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder; repeat for several")
+    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
+    p.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat (exact) or svd (truncated to --r)")
+    p.add_argument("--r", type=int, help="target rank for --method svd")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
+    p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
+    _add_common(p, data=False)
+    p.set_defaults(handler=cmd_combine)
 
     p = sub.add_parser(
         "compare",

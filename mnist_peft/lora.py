@@ -166,6 +166,7 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.forward_mode: ForwardMode = "auto"
+        self.mixed_batch: tuple[list[str], torch.Tensor] | None = None  # (adapters, (N, R) column scales)
         self._unmerged_weight: torch.Tensor | None = None  # the original base weight while merged
         self._merge_buffer: torch.Tensor | None = None  # reused output of merged_weight()
         self._delta_buffer: torch.Tensor | None = None  # reused scratch for B @ A
@@ -265,6 +266,9 @@ class LoraLinear(nn.Module):
 
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed_batch is not None:  # set for one call by serving.mixed_forward
+            names, column_scale = self.mixed_batch
+            return self._forward_fused(x, names, column_scale) if names else self.base_layer(x)
         if self.disable_adapters:
             if self._unmerged_weight is not None:  # merged but switched off: use the original weight
                 return F.linear(x, self._unmerged_weight, self.base_layer.bias)
@@ -291,38 +295,47 @@ class LoraLinear(nn.Module):
             result = result + lora_forward(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
         return result
 
-    def _fused_operands(self, active: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _fused_operands(self, active: list[str], *, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(``[W; A_1; ...]^T`` (in, out + R), ``[b; 0]``, ``[s_1 B_1 | ...]^T`` (R, out)), cached on versions.
+
+        ``scaled=False`` leaves the scalings out of B (the mixed-batch path applies them per sample).
+        """
         w, b = self.base_layer.weight, self.base_layer.bias
         key = (
-            w.data_ptr(), w._version,
+            scaled, w.data_ptr(), w._version,
             None if b is None else (b.data_ptr(), b._version),
             tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version, self.lora_B[n].data_ptr(),
-                   self.lora_B[n]._version, self.effective_scaling(n)) for n in active),
+                   self.lora_B[n]._version, self.effective_scaling(n) if scaled else 1.0) for n in active),
         )  # fmt: skip
         if key != self._fused_key:
             with torch.no_grad():
                 A = torch.cat([self.lora_A[n] for n in active])  # (R, in)
                 weight_t = torch.cat([w, A]).t()  # (in, out + R): one GEMM gives base and x A^T
                 bias = None if b is None else torch.cat([b, b.new_zeros(A.shape[0])])
-                # (R, out): the scaled B's side by side, transposed for the in-place addmm
-                B_t = torch.cat([self.lora_B[n] * self.effective_scaling(n) for n in active], dim=1).t()
+                # (R, out): the (scaled) B's side by side, transposed for the in-place addmm
+                B_t = torch.cat([self.lora_B[n] * self.effective_scaling(n) if scaled else self.lora_B[n] for n in active], dim=1).t()
             self._fused, self._fused_key = (weight_t, bias, B_t), key
             # Hold the source storages so their addresses (part of the key) cannot be reused.
             self._fused_pins = [w.data, None if b is None else b.data] + [self.lora_A[n].data for n in active] + [self.lora_B[n].data for n in active]
         assert self._fused is not None
         return self._fused
 
-    def _forward_fused(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-        weight_t, bias, B_t = self._fused_operands(active)
+    def _forward_fused(self, x: torch.Tensor, active: list[str], column_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """One GEMM for base + x A^T, then the rank-R update added in place.
+
+        ``column_scale`` (N, R) scales each sample's low-rank activations (mixed batches: the
+        scaling of the sample's own adapter on its columns, zeros elsewhere).
+        """
+        weight_t, bias, B_t = self._fused_operands(active, scaled=column_scale is None)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if bias is None:
-            y = x2 @ weight_t  # (N, out + R)
-        else:
-            y = torch.addmm(bias, x2, weight_t)
+        y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)  # (N, out + R)
         out = self.out_features
         result = y[:, :out]  # (N, out) view, row stride out + R
-        result.addmm_(y[:, out:], B_t)  # += (x A^T) (s B)^T, in place
+        low = y[:, out:]  # (N, R) = x A^T
+        if column_scale is not None:
+            low = low * column_scale
+        result.addmm_(low, B_t)  # += (x A^T) (s B)^T, in place
         return result.reshape(*shape, out)
 
     def extra_repr(self) -> str:

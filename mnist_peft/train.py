@@ -104,6 +104,7 @@ class FitResult:
     seconds: float
     final_loss: float
     best_val_accuracy: float | None = None
+    """The best validation score seen (accuracy unless ``fit`` was given another ``val_score``)."""
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -169,6 +170,7 @@ def fit(
     val: MnistSplit | None = None,
     loss_fn: LossFn = _cross_entropy,
     batches: Callable[[int], Iterable[torch.Tensor]] | None = None,
+    val_score: Callable[[nn.Module, MnistSplit], float] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> FitResult:
@@ -181,6 +183,7 @@ def fit(
     Args:
         batches: optional ``epoch -> iterable of index tensors`` replacing the shuffled order
             (adapter recipes use it to mix digits).
+        val_score: ``(model, val) -> score`` to maximise for early stopping (default: accuracy).
     """
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
@@ -219,9 +222,9 @@ def fit(
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.update(1)
             if val is not None and (step % eval_every == 0 or step == total):
-                acc = evaluate(model, val).accuracy
+                acc = val_score(model, val) if val_score is not None else evaluate(model, val).accuracy
                 model.train()
-                history.append({"step": step, "val_accuracy": acc})
+                history.append({"step": step, "val_score": acc})
                 if best_acc is None or acc > best_acc:
                     best_acc, bad_checks = acc, 0
                     best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -303,25 +306,26 @@ class AdapterRecipe:
     """Optimiser steps."""
     batch_size: int = 128
     """Samples per step."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Adam learning rate (peak of the one-cycle schedule)."""
     schedule: str = "onecycle"
     """``none`` or ``onecycle``."""
-    digit_fraction: float = 0.5
+    digit_fraction: float = 0.7
     """Share of each batch drawn from the target digit; the rest replays the other digits.
     1.0 trains on the digit alone (the seed recipe, which forgets the others)."""
-    augment: bool = True
+    augment: bool = False
     """Random small affine transforms (rotation, scale, shift) of every training image."""
-    distill: float = 1.0
-    logit_adjust: bool = True
-    """Add log(batch class prior) to the logits in the CE, so over-sampling the digit does not
-    teach the adapter to predict it more often (balanced-softmax / logit adjustment)."""
+    distill: float = 2.0
     """Weight of a KL term pulling the adapted model toward the base on replayed digits."""
+    logit_adjust: bool = False
+    """Add log(batch class prior) to the logits in the CE, so over-sampling the digit does not
+    shift the prior toward it (balanced softmax). Off by default: on MNIST it also undid most of
+    the digit's gain in our runs."""
     val_size: int = 5000
     """Training images held out for early stopping (0 disables it)."""
     eval_every: int = 50
-    """Steps between validation checks."""
-    patience: int = 4
+    """Steps between validation checks (the recipe's own objective on the held-out split)."""
+    patience: int = 3
     """Checks without gain before stopping early."""
     seed: int = 0
     """Seeds adapter init, batches and augmentation."""
@@ -447,13 +451,10 @@ def train_adapter(
     prior[digit] = k / recipe.batch_size
     log_prior = prior.clamp_min(1e-12).log()
 
-    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if recipe.augment:
-            xb = augment_batch(xb, g)
+    def objective(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = m(xb)
-        # Logit adjustment: batches over-sample the digit, so add log(batch prior) before the CE.
-        # The adapter then learns the digit's features, not a shifted prior (which would turn
-        # other digits' images into false positives of this one).
+        # Optional logit adjustment: batches over-sample the digit; adding log(batch prior) keeps
+        # the adapter from learning that prior.
         loss = F.cross_entropy(logits + log_prior if recipe.logit_adjust else logits, yb)
         if recipe.distill:
             rest = yb != digit
@@ -463,11 +464,21 @@ def train_adapter(
                 loss = loss + recipe.distill * F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
         return loss
 
+    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return objective(m, augment_batch(xb, g) if recipe.augment else xb, yb)
+
+    def val_score(m: nn.Module, split: MnistSplit) -> float:
+        # The held-out objective on a digit-balanced mix like the training batches: the base has
+        # seen these images, so accuracy on them cannot move, but the adapter's objective can.
+        idx = torch.cat([(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]])
+        with torch.no_grad():
+            return -float(objective(m, split.x[idx], split.y[idx]))
+
     cfg = TrainConfig(
         epochs=1e9, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, schedule=recipe.schedule,
         max_steps=recipe.steps, val_size=recipe.val_size, patience=recipe.patience, eval_every=recipe.eval_every,
     )  # fmt: skip
-    fitted = fit(model, train, cfg, params=params, val=val, loss_fn=loss_fn, batches=batches, progress=progress, desc=f"digit-{digit}")
+    fitted = fit(model, train, cfg, params=params, val=val, loss_fn=loss_fn, batches=batches, val_score=val_score, progress=progress, desc=f"digit-{digit}")
     after = evaluate(model, test)
     return model, AdapterTrainResult(
         digit=digit, recipe=name, steps=fitted.steps, seconds=time.perf_counter() - start,
