@@ -58,9 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train_base(args: argparse.Namespace) -> int:
     from .train import evaluate, progress_enabled, train_base
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+    out, _tmp = _out_folder(args)
     start = time.perf_counter()
     model, fit = train_base(
         args.recipe,
@@ -76,7 +74,10 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - start
     result = evaluate(model, data_dir=args.data_dir)
     model.save_pretrained(out)
+    from .fileio import atomic_write_text
     from .model import base_fingerprint
+
+    atomic_write_text(out / "README.md", _base_card(args.recipe, result, fit.steps, base_fingerprint(model)))
 
     payload = {
         "recipe": args.recipe,
@@ -87,41 +88,124 @@ def cmd_train_base(args: argparse.Namespace) -> int:
         "fingerprint": base_fingerprint(model),
         **result.to_dict(),
     }
+    registered = _register(args, out, {"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit})
+    payload["registered"] = registered
+    where = f"{registered['name']}@{registered['version']}" if registered else str(out)
     text = (
         f"trained {args.recipe} recipe: {fit.steps} steps in {train_seconds:.1f} s\n"
         f"test accuracy {result.accuracy:.4f}; wrong per digit 0..9: {_fmt_ints(result.wrong_per_digit)}\n"
-        f"saved to {out} (next: mnist-peft eval --base {out})"
+        f"saved to {where} (next: mnist-peft eval --base {where})"
     )
     _emit(args, payload, text)
     return 0
 
 
-def _resolve_base(arg: str):
-    """``--base``: a folder or a Hub repo id."""
-    from .model import load_base
+def _registry(args: argparse.Namespace):
+    from .registry import AdapterRegistry
 
+    return AdapterRegistry(getattr(args, "root", None))
+
+
+def _registry_path(arg: str, args: argparse.Namespace, kind: str) -> Path | None:
+    """The verified folder of registry entry ``arg`` (``name`` or ``name@N``), if there is one."""
+    from .errors import InvalidNameError
+    from .registry import parse_ref
+
+    try:
+        parse_ref(arg)
+    except InvalidNameError:
+        return None
+    reg = _registry(args)
+    if arg not in reg:
+        return None
+    entry = reg.get(arg)
+    if entry.kind != kind:
+        raise _usage_error(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}")
+    return reg.path(arg)
+
+
+def _resolve_base(arg: str, args: argparse.Namespace):
+    """``--base``: a folder, a registry entry (sha256 and fingerprint checked), or a Hub repo id."""
+    from .model import base_fingerprint, load_base
+
+    if not Path(arg).exists():
+        folder = _registry_path(arg, args, "base")
+        if folder is not None:
+            model = load_base(folder)
+            entry = _registry(args).get(arg)
+            if entry.base_fingerprint and base_fingerprint(model) != entry.base_fingerprint:
+                from .errors import IntegrityError
+
+                raise IntegrityError(f"base {entry.ref!r} does not have the fingerprint the registry recorded", path=folder)
+            return model
     return load_base(arg)
 
 
-def _resolve_adapter(arg: str) -> Path:
-    """``--adapter``: an adapter folder."""
-    return Path(arg)
+def _resolve_adapter(arg: str, args: argparse.Namespace) -> Path:
+    """``--adapter``: a folder or a registry entry (every file's sha256 checked)."""
+    if Path(arg).exists():
+        return Path(arg)
+    folder = _registry_path(arg, args, "lora")
+    if folder is None:
+        raise _usage_error(
+            f"adapter {arg!r} is neither a folder nor an entry of the registry at {str(_registry(args).root)!r} "
+            "(see `mnist-peft registry list`)"
+        )
+    return folder
+
+
+def _register(args: argparse.Namespace, folder: Path, metrics: dict, digit: int | None = None) -> dict | None:
+    """``--register NAME``: add the folder just written to the registry as a new version."""
+    name = getattr(args, "register", None)
+    if not name:
+        return None
+    entry = _registry(args).add(name, folder, metrics=metrics, digit=digit)
+    return {"name": entry.name, "version": entry.version, "root": str(_registry(args).root)}
+
+
+def _out_folder(args: argparse.Namespace) -> tuple[Path, object]:
+    """``--out`` if given (must be empty unless --force); else a temporary folder (with --register)."""
+    import tempfile
+
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()) and not args.force:
+            raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+        return out, None
+    if not getattr(args, "register", None):
+        raise _usage_error("give --out DIR, --register NAME, or both")
+    tmp = tempfile.TemporaryDirectory(prefix="mnist-peft-")
+    return Path(tmp.name) / "out", tmp
 
 
 def _model_from_args(args: argparse.Namespace):
     """The base, with ``--adapter``/``--weight`` loaded as a stack (and merged with ``--merged``)."""
     from .adapters import load_stack
 
-    base = _resolve_base(args.base)
+    base = _resolve_base(args.base, args)
     adapters = getattr(args, "adapter", None) or []
     if not adapters:
         if getattr(args, "weight", None):
             raise _usage_error("--weight needs --adapter")
         return base
-    model = load_stack(base, [_resolve_adapter(a) for a in adapters], args.weight or None, force=args.force)
+    model = load_stack(base, [_resolve_adapter(a, args) for a in adapters], args.weight or None, force=args.force)
     if getattr(args, "merged", False):
         model.merge()
     return model
+
+
+def _base_card(recipe: str, result, steps: int, fingerprint: str) -> str:
+    from .adapters import render_model_card
+
+    rows = ["| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|", "| wrong | " + " | ".join(str(w) for w in result.wrong_per_digit) + " |"]
+    body = (
+        f"The seed's MNIST MLP (784-1000-2000-10, `linear1..3`) trained with mnist-peft's `{recipe}` recipe "
+        f"({steps} steps). Test accuracy **{result.accuracy:.4f}** on {result.n} images.\n\n" + "\n".join(rows)
+        + f"\n\nBase fingerprint: `{fingerprint}`\n\n```python\nfrom mnist_peft import MnistMLP\nmodel = MnistMLP.from_pretrained(REPO_OR_FOLDER)\n```\n"
+    )
+    card = render_model_card(base_model=None, tags=["mnist", "image-classification", "mnist-peft"], title="MNIST MLP base model",
+                             body=body, extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe})  # fmt: skip
+    return card.replace("library_name: peft", "library_name: mnist-peft")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -149,12 +233,14 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from .adapters import digit_model_card, save_adapter
     from .train import progress_enabled, train_adapter
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
-    base = _resolve_base(args.base)
+    if args.resume and not args.out and not args.register and _registry_path(args.resume, args, "lora") is not None:
+        from .registry import parse_ref
+
+        args.register = parse_ref(args.resume)[0]  # continue a registry entry: register its next version
+    out, _tmp = _out_folder(args)
+    base = _resolve_base(args.base, args)
     model, result = train_adapter(
-        base, args.digit, args.recipe, resume=_resolve_adapter(args.resume) if args.resume else None, force=args.force,
+        base, args.digit, args.recipe, resume=_resolve_adapter(args.resume, args) if args.resume else None, force=args.force,
         data_dir=args.data_dir, progress=progress_enabled(args.quiet),
         r=args.r, lora_alpha=args.lora_alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
     )  # fmt: skip
@@ -166,11 +252,14 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
     save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
     d = args.digit
+    registered = _register(args, out, {"accuracy": result.after.accuracy, "wrong_per_digit": result.after.wrong_per_digit,
+                                       "accuracy_before": result.before.accuracy, "wrong_per_digit_before": result.before.wrong_per_digit}, digit=d)  # fmt: skip
     payload = {
         "digit": d, "recipe": result.recipe, "out": str(out), "steps": result.steps, "seconds": round(result.seconds, 2),
         "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_parameters": model.num_lora_parameters(),
-        "before": result.before.to_dict(), "after": result.after.to_dict(),
+        "before": result.before.to_dict(), "after": result.after.to_dict(), "registered": registered,
     }  # fmt: skip
+    where = f"{registered['name']}@{registered['version']}" if registered else str(out)
     text = (
         f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
         f"{result.steps} steps in {result.seconds:.1f} s\n"
@@ -178,7 +267,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         f"accuracy {result.before.accuracy:.4f} -> {result.after.accuracy:.4f}\n"
         f"wrong per digit before: {_fmt_ints(result.before.wrong_per_digit)}\n"
         f"wrong per digit after:  {_fmt_ints(result.after.wrong_per_digit)}\n"
-        f"saved to {out} (next: mnist-peft eval --base {args.base} --adapter {out})"
+        f"saved to {where} (next: mnist-peft eval --base {args.base} --adapter {where})"
     )
     _emit(args, payload, text)
     return 0
@@ -187,12 +276,10 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .model import MnistMLP, base_fingerprint
 
+    out, _ = _out_folder(args)
     model = _model_from_args(args)
     plain = model.merge_and_unload()
     assert isinstance(plain, MnistMLP)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
     plain.save_pretrained(out)
     payload = {"out": str(out), "adapters": args.adapter, "weights": args.weight, "fingerprint": base_fingerprint(plain)}
     _emit(args, payload, f"merged {len(args.adapter)} adapter(s) into {out} (next: mnist-peft eval --base {out})")
@@ -203,9 +290,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     from .adapters import read_adapter, render_model_card, write_adapter
     from .combine import combine_adapters
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise _usage_error(f"output folder {str(out)!r} is not empty; pass --force to overwrite it")
+    out, _ = _out_folder(args)
     files = [read_adapter(_resolve_adapter(a)) for a in args.adapter]
     result = combine_adapters(files, args.weight, method=args.method, r=args.r, force=args.force)
     meta = {"combined_from": ",".join(str(a) for a in args.adapter), "method": args.method}
@@ -224,6 +309,79 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    if args.action == "list":
+        entries = reg.list()
+        payload = {"root": str(reg.root), "entries": [e.to_dict() for e in entries]}
+        rows = [f"{'entry':<20} {'kind':<5} {'digit':>5} {'r':>3} {'alpha':>5} {'fingerprint':<14} {'created'}"]
+        for e in entries:
+            fp = (e.base_fingerprint or "-")[:12]
+            rows.append(f"{e.ref:<20} {e.kind:<5} {'-' if e.digit is None else e.digit:>5} {e.r or '-':>3} "
+                        f"{'-' if e.lora_alpha is None else format(e.lora_alpha, 'g'):>5} {fp:<14} {e.created}")  # fmt: skip
+        rows.append(f"{len(entries)} entries in {reg.root}")
+        _emit(args, payload, "\n".join(rows))
+        return 0
+    if args.action == "verify":
+        problems = reg.verify()
+        payload = {"root": str(reg.root), "entries": len(reg.list()), "ok": not problems, "problems": [{"entry": r, "problem": p} for r, p in problems]}
+        text = "\n".join(f"BAD {r}: {p}" for r, p in problems) or f"all {len(reg.list())} entries verified"
+        _emit(args, payload, text)
+        if problems and not args.json:
+            print(f"error: {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}; re-add or pull them", file=sys.stderr)
+        return 1 if problems else 0
+    if not args.name:
+        raise _usage_error(f"registry {args.action} needs a NAME (or NAME@VERSION)")
+    if args.action == "show":
+        entry = reg.get(args.name)
+        versions = [e.version for e in reg.list() if e.name == entry.name]
+        payload = {**entry.to_dict(), "versions": versions, "folder": str(reg.root / entry.path)}
+        _emit(args, payload, json.dumps(payload, indent=2, sort_keys=True))
+        return 0
+    if args.action == "add":
+        if not args.path:
+            raise _usage_error("registry add needs NAME and PATH (a base or adapter folder)")
+        entry = reg.add(args.name, args.path)
+        _emit(args, entry.to_dict(), f"added {entry.ref} ({entry.kind}) to {reg.root}")
+        return 0
+    gone = reg.remove(args.name)  # rm
+    _emit(args, {"removed": [e.ref for e in gone]}, f"removed {', '.join(e.ref for e in gone)}")
+    return 0
+
+
+def _quiet_hub(args: argparse.Namespace) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
+    from .train import progress_enabled
+
+    if not progress_enabled(getattr(args, "quiet", False)):
+        disable_progress_bars()
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    _quiet_hub(args)
+    res = push_to_hub(args.repo_id, registry=_registry(args), names=args.name, revision=args.revision, private=args.private)
+    payload = {"repo_id": res.repo_id, "commit": res.commit, "pushed": res.pushed}
+    _emit(args, payload, f"pushed {', '.join(res.pushed)} to {res.repo_id} (commit {res.commit[:12]})\n"
+                         f"next: mnist-peft pull --repo-id {res.repo_id} --root OTHER_DIR")  # fmt: skip
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull_from_hub
+
+    _quiet_hub(args)
+    res = pull_from_hub(args.repo_id, registry=_registry(args), names=args.name, revision=args.revision)
+    payload = {"repo_id": res.repo_id, "revision": res.revision, "added": res.added, "unchanged": res.unchanged}
+    text = f"pulled {res.repo_id}@{res.revision[:12]}: added {', '.join(res.added) or 'nothing'}"
+    if res.unchanged:
+        text += f"; already up to date: {', '.join(res.unchanged)}"
+    _emit(args, payload, text + f"\nnext: mnist-peft registry list --root {_registry(args).root}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .model import MnistMLP
@@ -231,7 +389,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .train import progress_enabled
 
     if args.base:
-        base = _resolve_base(args.base)
+        base = _resolve_base(args.base, args)
     else:
         import torch
 
@@ -264,7 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .train import progress_enabled
 
-    base = _resolve_base(args.base) if args.base else None
+    base = _resolve_base(args.base, args) if args.base else None
     figures = run_bench(base=base, reps=args.reps, only=args.only, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
     import platform
 
@@ -300,12 +458,17 @@ def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, data: boo
         )
 
 
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="DIR", help="adapter registry folder (default: $MNIST_PEFT_ADAPTERS, else ./adapters)")
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
-    p.add_argument("--base", required=True, metavar="DIR", help="base model folder or Hub repo id")
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name (e.g. base), or Hub repo id")
     p.add_argument(
         "--adapter", action="append", required=adapter_required, metavar="PATH",
-        help="adapter folder; repeat to stack several",
+        help="adapter folder or registry name (name or name@version); repeat to stack several",
     )  # fmt: skip
+    _add_root(p)
     p.add_argument("--weight", action="append", type=float, metavar="W", help="stack weight of each --adapter, in order (default 1)")
     p.add_argument("--force", action="store_true", help="load adapters even if trained on another base (fingerprint mismatch)")
 
@@ -329,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a fresh base model on the MNIST training set, evaluate it on the test set and save it "
         "(config.json + model.safetensors + README.md).",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the model in")
+    p.add_argument("--out", metavar="DIR", help="folder to save the model in")
+    p.add_argument("--register", metavar="NAME", help="also add the model to the registry under NAME (e.g. base)")
+    _add_root(p)
     p.add_argument("--recipe", choices=["seed", "default"], default="default", help="seed: the seed notebook's recipe (batch 10, 1 epoch, Adam 1e-3); default: ours (batch 128, 5 epochs, one-cycle LR)")
     p.add_argument("--epochs", type=float, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
@@ -362,9 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
         "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes replayed "
         "digits, augmentation and distillation toward the base.",
     )
-    p.add_argument("--base", required=True, metavar="DIR", help="base model folder or Hub repo id")
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
     p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the adapter in")
+    p.add_argument("--out", metavar="DIR", help="folder to save the adapter in")
+    p.add_argument("--register", metavar="NAME", help="also add the adapter to the registry as the next version of NAME")
+    _add_root(p)
     p.add_argument("--recipe", choices=["seed", "replay"], default="replay", help="training recipe (default: replay)")
     p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
@@ -372,7 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="samples per step")
     p.add_argument("--lr", type=float, help="(peak) learning rate")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--resume", metavar="PATH", help="continue training this adapter (incremental update) instead of a fresh one")
+    p.add_argument(
+        "--resume", metavar="PATH",
+        help="continue training this adapter folder or registry entry (incremental update) instead of a fresh one; "
+        "a registry entry with no --out/--register is registered as its next version",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
     p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -397,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
         "With a single --adapter and --method svd it resizes that adapter to rank R.",
     )
-    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder; repeat for several")
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
+    _add_root(p)
     p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
     p.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat (exact) or svd (truncated to --r)")
     p.add_argument("--r", type=int, help="target rank for --method svd")
@@ -407,13 +579,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_combine)
 
     p = sub.add_parser(
+        "registry",
+        help="list, show, verify, add or remove registry entries",
+        description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
+        "file and the base fingerprint. 'verify' checks every file and exits 1 if any entry is bad.",
+    )
+    p.add_argument("action", choices=["list", "show", "verify", "rm", "add"], help="what to do")
+    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add)")
+    p.add_argument("path", nargs="?", metavar="PATH", help="folder to add (add)")
+    _add_root(p)
+    _add_common(p, data=False)
+    p.set_defaults(handler=cmd_registry)
+
+    for name, helptext, desc in (
+        ("push", "push registry entries to a Hugging Face Hub repo",
+         "Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
+         "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
+         "Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT selects another Hub."),
+        ("pull", "pull entries from a Hub repo into the registry",
+         "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. Every file is checked "
+         "against the repo's index.json before anything is added; a failed pull changes nothing."),
+    ):  # fmt: skip
+        p = sub.add_parser(name, help=helptext, description=desc)
+        p.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/mnist-peft")
+        p.add_argument("--name", action="append", metavar="NAME", help="entry to transfer (name or name@version); repeat; default all")
+        p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+        if name == "push":
+            p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_root(p)
+        _add_common(p, data=False)
+        p.set_defaults(handler=cmd_push if name == "push" else cmd_pull)
+
+    p = sub.add_parser(
         "compare",
         help="native LoRA vs peft parity report",
         description="Build native and peft LoRA models from the same base and seed over a grid of cases (r, alpha, "
         "rsLoRA, target subsets) and report max |diff| of forward outputs, gradients, weights after Adam steps, "
         "merged weights, and whether unmerge is exact. Exit code 1 if any case misses its target.",
     )
-    p.add_argument("--base", metavar="DIR", help="base model folder (default: a seeded random MnistMLP)")
+    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
+    _add_root(p)
     p.add_argument("--r", type=int, nargs="+", default=[1, 4, 16], help="ranks to test (default: 1 4 16)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps per case (default: 100)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the forward and training batches (default: 32)")
@@ -428,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time native LoRA against the bare base model and against peft on the same weights, interleaved, "
         "median of several repetitions. Always exits 0 (it is a measurement) unless --strict.",
     )
-    p.add_argument("--base", metavar="DIR", help="base model folder (default: a seeded random MnistMLP)")
+    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
+    _add_root(p)
     p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
@@ -446,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except _UsageError as exc:
         parser.exit(2, f"error: {exc}\n")
+    except BrokenPipeError:  # e.g. `mnist-peft registry list | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (MnistPeftError, ValueError, OSError) as exc:
         if os.environ.get("MNIST_PEFT_DEBUG"):
             raise
