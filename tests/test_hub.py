@@ -1,0 +1,138 @@
+"""Push and pull against a real local Hub: olah for reads, tests/hub_server.py for writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from hub_server import HubServer, free_port
+from mnist_peft.adapters import save_adapter
+from mnist_peft.lora import LoraConfig, LoraModel
+from mnist_peft.registry import AdapterRegistry
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory):
+    server = HubServer.start(tmp_path_factory.mktemp("hub"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def hub_env(hub: HubServer, tmp_path: Path) -> dict[str, str]:
+    return hub.env(tmp_path / "hf-home")
+
+
+@pytest.fixture()
+def registry(tmp_path: Path, trained_base_dir: Path) -> AdapterRegistry:
+    """A registry with a base and two digit adapters."""
+    from mnist_peft.model import load_base
+
+    reg = AdapterRegistry(tmp_path / "local")
+    reg.add("base", trained_base_dir, metrics={"accuracy": 0.9})
+    base = load_base(trained_base_dir)
+    for digit in (3, 9):
+        torch.manual_seed(digit)
+        model = LoraModel(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+        folder = save_adapter(model, tmp_path / f"src-{digit}", metadata={"digit": str(digit)})
+        reg.add(f"digit-{digit}", folder)
+    return reg
+
+
+def _tree_bytes(reg: AdapterRegistry) -> dict[str, bytes]:
+    return {f"{e.name}/{f}": (reg.root / e.path / f).read_bytes() for e in reg.list() for f in e.files}
+
+
+def test_push_then_pull_into_an_empty_root_gives_identical_bytes_and_eval(hub_env, registry: AdapterRegistry, tmp_path: Path, data_root) -> None:
+    pushed = run_cli("push", "--repo-id", "team/mnist-a", "--root", str(registry.root), "--json", env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    assert sorted(json.loads(pushed.stdout)["pushed"]) == ["base@1", "digit-3@1", "digit-9@1"]
+    pulled_root = tmp_path / "pulled"
+    pulled = run_cli("pull", "--repo-id", "team/mnist-a", "--root", str(pulled_root), "--json", env=hub_env)
+    assert pulled.returncode == 0, pulled.stderr
+    other = AdapterRegistry(pulled_root)
+    assert _tree_bytes(other) == _tree_bytes(registry)
+    assert other.verify() == []
+    evals = [
+        run_cli("eval", "--base", "base", "--adapter", "digit-9", "--adapter", "digit-3", "--weight", "1", "--weight", "0.5", "--json", "--root", str(root))
+        for root in (registry.root, pulled_root)
+    ]
+    assert evals[0].returncode == 0, evals[0].stderr
+    assert json.loads(evals[0].stdout) == json.loads(evals[1].stdout)
+    again = run_cli("pull", "--repo-id", "team/mnist-a", "--root", str(pulled_root), "--json", env=hub_env)
+    assert json.loads(again.stdout)["added"] == [] and len(other.list()) == 3
+
+
+_STOCK_PEFT = """
+import sys, torch, peft
+from mnist_peft import MnistMLP
+repo = sys.argv[1]
+model = peft.PeftModel.from_pretrained(MnistMLP.from_pretrained(repo), repo, subfolder="digit-9")
+A = model.base_model.model.linear2.lora_A["default"].weight
+print(float(A.abs().sum()))
+"""
+
+
+def test_stock_peft_loads_an_adapter_from_the_hub_by_repo_id_and_subfolder(hub_env, registry: AdapterRegistry) -> None:
+    assert run_cli("push", "--repo-id", "team/mnist-b", "--root", str(registry.root), env=hub_env).returncode == 0
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", _STOCK_PEFT, "team/mnist-b"], env={**os.environ, **hub_env}, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    local = load_file(str(registry.path("digit-9") / "adapter_model.safetensors"))
+    assert float(proc.stdout.strip()) == pytest.approx(float(local["base_model.model.linear2.lora_A.weight"].abs().sum()), rel=1e-6)
+
+
+def test_revision_pinning_returns_the_old_bytes_after_a_second_push(hub_env, registry: AdapterRegistry, tmp_path: Path, random_base) -> None:
+    first = json.loads(run_cli("push", "--repo-id", "team/mnist-c", "--root", str(registry.root), "--json", env=hub_env).stdout)
+    old = (registry.path("digit-9") / "adapter_model.safetensors").read_bytes()
+    from mnist_peft.model import load_base
+
+    torch.manual_seed(123)
+    model = LoraModel(load_base(registry.path("base")), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    registry.add("digit-9", save_adapter(model, tmp_path / "new-9", metadata={"digit": "9"}))
+    second = run_cli("push", "--repo-id", "team/mnist-c", "--root", str(registry.root), "--name", "digit-9", "--json", env=hub_env)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["commit"] != first["commit"]
+    for revision, expected in ((first["commit"], old), ("main", (registry.path("digit-9") / "adapter_model.safetensors").read_bytes())):
+        root = tmp_path / f"pin-{revision}"
+        pulled = run_cli("pull", "--repo-id", "team/mnist-c", "--revision", revision, "--name", "digit-9", "--root", str(root), env=hub_env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert (AdapterRegistry(root).path("digit-9") / "adapter_model.safetensors").read_bytes() == expected
+    assert old != expected
+
+
+def test_server_down_gives_a_clear_error_and_changes_nothing(registry: AdapterRegistry, tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    index = registry.index_path.read_bytes()
+    for cmd in ("push", "pull"):
+        proc = run_cli(cmd, "--repo-id", "team/down", "--root", str(registry.root), env=env, timeout=120)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {cmd} failed") and "HF_ENDPOINT" in lines[0]
+    assert registry.index_path.read_bytes() == index
+
+
+def test_a_file_tampered_with_on_the_server_is_refused_on_pull(hub: HubServer, hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
+    assert run_cli("push", "--repo-id", "team/mnist-d", "--root", str(registry.root), env=hub_env).returncode == 0
+    entry = registry.get("digit-3")
+    oid = entry.files["adapter_model.safetensors"]["sha256"]
+    obj = hub.lfs_object_path("team/mnist-d", str(oid))
+    data = bytearray(obj.read_bytes())
+    data[-3] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    root = tmp_path / "victim"
+    proc = run_cli("pull", "--repo-id", "team/mnist-d", "--root", str(root), env=hub_env)
+    assert proc.returncode == 1 and "digit-3/adapter_model.safetensors" in proc.stderr and "sha256" in proc.stderr
+    assert AdapterRegistry(root).list() == []  # nothing half-pulled
+    ok = run_cli("pull", "--repo-id", "team/mnist-d", "--root", str(root), "--name", "digit-9", env=hub_env)
+    assert ok.returncode == 0 and [e.name for e in AdapterRegistry(root).list()] == ["digit-9"]

@@ -1,0 +1,182 @@
+"""The adapter registry: versions, integrity, names, locking, crash safety, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from mnist_peft.adapters import save_adapter
+from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
+from mnist_peft.lora import LoraConfig, LoraModel
+from mnist_peft.registry import AdapterRegistry, parse_ref
+
+
+@pytest.fixture()
+def adapter_dir(random_base, tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    model = LoraModel(copy.deepcopy(random_base), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    return save_adapter(model, tmp_path / "src-adapter", metadata={"digit": "7"})
+
+
+@pytest.fixture()
+def base_dir(random_base, tmp_path: Path) -> Path:
+    random_base.save_pretrained(tmp_path / "src-base")
+    return tmp_path / "src-base"
+
+
+def test_add_get_versions_and_metadata(tmp_path: Path, adapter_dir: Path, base_dir: Path, random_base) -> None:
+    from mnist_peft.model import base_fingerprint
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    base = reg.add("base", base_dir)
+    v1 = reg.add("digit-7", adapter_dir, metrics={"accuracy": 0.9})
+    v2 = reg.add("digit-7", adapter_dir)
+    assert (base.kind, v1.kind, v1.version, v2.version) == ("base", "lora", 1, 2)
+    assert v1.digit == 7 and v1.r == 2 and v1.lora_alpha == 4 and v1.metrics == {"accuracy": 0.9}
+    assert v1.base_fingerprint == base.base_fingerprint == base_fingerprint(random_base)
+    assert set(v1.files) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert v1.files["adapter_model.safetensors"]["size"] == (adapter_dir / "adapter_model.safetensors").stat().st_size
+    assert reg.get("digit-7").version == 2 and reg.get("digit-7@1").version == 1
+    assert (reg.path("digit-7@1") / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
+    assert [e.ref for e in reg.list()] == ["base@1", "digit-7@1", "digit-7@2"]
+    with pytest.raises(EntryNotFoundError, match="no version 3"):
+        reg.get("digit-7@3")
+    with pytest.raises(EntryNotFoundError, match="digit-8"):
+        reg.get("digit-8")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "Upper", "", ".hidden", "x..y", "-dash", "a b"])
+def test_names_that_could_escape_or_are_invalid_are_refused(tmp_path: Path, adapter_dir: Path, name: str) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    with pytest.raises(InvalidNameError):
+        reg.add(name, adapter_dir)
+    assert not (tmp_path / "evil").exists() and reg.list() == []
+    with pytest.raises(InvalidNameError):
+        parse_ref("digit-9@0")
+
+
+def test_truncated_or_bit_flipped_files_are_caught_by_verify_and_load(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.add("other", adapter_dir)
+    weights = reg.root / "digit-7/v1/adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit
+    weights.write_bytes(bytes(data))
+    cfg = reg.root / "other/v1/adapter_config.json"
+    cfg.write_bytes(cfg.read_bytes()[:-10])  # truncated
+    problems = dict(reg.verify())
+    assert set(problems) == {"digit-7@1", "other@1"}
+    assert "sha256" in problems["digit-7@1"] and "truncated" in problems["other@1"]
+    with pytest.raises(IntegrityError) as err:
+        reg.path("digit-7")
+    assert err.value.path == weights
+
+
+def test_remove_one_version_or_all(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    for _ in range(3):
+        reg.add("digit-7", adapter_dir)
+    assert [e.ref for e in reg.remove("digit-7@2")] == ["digit-7@2"]
+    assert not (reg.root / "digit-7/v2").exists() and (reg.root / "digit-7/v3").exists()
+    assert reg.add("digit-7", adapter_dir).version == 4  # numbers are never reused
+    reg.remove("digit-7")
+    assert reg.list() == [] and not (reg.root / "digit-7").exists()
+
+
+def test_failed_add_changes_nothing(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    index = reg.index_path.read_bytes()
+    with pytest.raises(RegistryError, match="neither an adapter folder"):
+        reg.add_many([("good", adapter_dir, {}), ("bad", tmp_path, {})])
+    assert reg.index_path.read_bytes() == index and not (reg.root / "good").exists()
+
+
+_ADDER = """
+import sys
+from mnist_peft.registry import AdapterRegistry
+reg = AdapterRegistry(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    reg.add(f"{sys.argv[2]}-{i}", sys.argv[4])
+"""
+
+
+def test_two_processes_adding_50_entries_each_end_with_100(tmp_path: Path, adapter_dir: Path) -> None:
+    root = tmp_path / "reg"
+    procs = [subprocess.Popen([sys.executable, "-c", _ADDER, str(root), who, "50", str(adapter_dir)], cwd=REPO) for who in ("a", "b")]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    reg = AdapterRegistry(root)
+    assert len(reg.list()) == 100 and reg.verify() == []
+
+
+_SLOW_ADDER = """
+import sys, time, shutil
+import mnist_peft.registry as r
+real = shutil.copyfile
+def slow(src, dst, **kw):
+    time.sleep(1.0)
+    return real(src, dst, **kw)
+r.shutil.copyfile = slow
+reg = r.AdapterRegistry(sys.argv[1])
+print("ready", flush=True)
+reg.add("victim", sys.argv[2])
+"""
+
+
+def test_writer_killed_mid_add_leaves_a_valid_index(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("keep", adapter_dir)
+    before = reg.index_path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_ADDER, str(reg.root), str(adapter_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.5)  # inside the second (slowed) file copy, holding the lock
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert reg.index_path.read_bytes() == before
+    assert [e.ref for e in reg.list()] == ["keep@1"] and reg.verify() == []
+    assert reg.add("victim", adapter_dir).version == 1  # the lock was released with the process
+
+
+def test_registry_cli_list_show_verify_rm(tmp_path: Path, adapter_dir: Path, base_dir: Path) -> None:
+    root = str(tmp_path / "reg")
+    assert run_cli("registry", "add", "base", str(base_dir), "--root", root).returncode == 0
+    assert run_cli("registry", "add", "digit-7", str(adapter_dir), "--root", root).returncode == 0
+    listed = json.loads(run_cli("registry", "list", "--root", root, "--json").stdout)
+    assert [(e["name"], e["kind"]) for e in listed["entries"]] == [("base", "base"), ("digit-7", "lora")]
+    shown = json.loads(run_cli("registry", "show", "digit-7", "--root", root, "--json").stdout)
+    assert shown["versions"] == [1] and shown["digit"] == 7
+    assert run_cli("registry", "verify", "--root", root).returncode == 0
+    (tmp_path / "reg/digit-7/v1/adapter_model.safetensors").write_bytes(b"junk")
+    bad = run_cli("registry", "verify", "--root", root)
+    assert bad.returncode == 1 and "digit-7@1" in bad.stdout
+    env = {"MNIST_PEFT_ADAPTERS": root}
+    evaluated = run_cli("eval", "--base", "base", "--adapter", "digit-7", env=env)
+    assert evaluated.returncode == 1 and "truncated" in evaluated.stderr and len(evaluated.stderr.strip().splitlines()) == 1
+    assert run_cli("registry", "rm", "digit-7", env=env).returncode == 0
+    missing = run_cli("eval", "--base", "base", "--adapter", "digit-7", env=env)
+    assert missing.returncode == 2 and "registry" in missing.stderr
+
+
+def test_resume_through_the_registry_registers_version_2(tmp_path: Path, trained_base_dir: Path, data_root) -> None:
+    root = str(tmp_path / "reg")
+    assert run_cli("registry", "add", "base", str(trained_base_dir), "--root", root).returncode == 0
+    first = run_cli("train-adapter", "--base", "base", "--digit", "3", "--register", "digit-3", "--steps", "20", "--root", root, "--json")
+    assert first.returncode == 0, first.stderr
+    second = run_cli("train-adapter", "--base", "base", "--digit", "3", "--resume", "digit-3", "--steps", "20", "--root", root, "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["registered"]["version"] == 2
+    reg = AdapterRegistry(root)
+    v1, v2 = reg.get("digit-3@1"), reg.get("digit-3@2")
+    assert v1.files["adapter_model.safetensors"]["sha256"] != v2.files["adapter_model.safetensors"]["sha256"]
+    assert reg.verify() == []
