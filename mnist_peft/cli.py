@@ -382,6 +382,42 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_svd(args: argparse.Namespace) -> int:
+    from .svd_sweep import rank_sweep
+    from .train import progress_enabled
+
+    base = _resolve_base(args.base, args)
+    sweep = rank_sweep(base, args.digit, args.ranks, steps=args.steps, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    if args.plot:
+        from .plots import plot_curve
+
+        plot_curve([r["r"] for r in sweep["rows"]], {"LoRA from SVD of the fine-tune delta": [r["accuracy"] for r in sweep["rows"]],
+                   "full fine-tune": [sweep["full"]["accuracy"]] * len(sweep["rows"]), "base": [sweep["base"]["accuracy"]] * len(sweep["rows"])},
+                   args.plot, xlabel="rank r", ylabel="test accuracy", title=f"digit {args.digit}: accuracy vs SVD rank", logx=True)  # fmt: skip
+        sweep["plot"] = str(args.plot)
+    d = args.digit
+    rows = [f"{'model':<16} {'params':>9} {'accuracy':>8} {'digit ' + str(d) + ' wrong':>14}  rel. error (linear1/2/3)"]
+    rows.append(f"{'base':<16} {'-':>9} {sweep['base']['accuracy']:>8.4f} {sweep['base']['wrong_per_digit'][d]:>14}")
+    rows.append(f"{'full fine-tune':<16} {sweep['full']['parameters']:>9,} {sweep['full']['accuracy']:>8.4f} {sweep['full']['wrong_per_digit'][d]:>14}")
+    for r in sweep["rows"]:
+        errs = "/".join(f"{e:.3f}" for e in r["relative_error"].values())
+        rows.append(f"{'LoRA r=' + str(r['r']):<16} {r['parameters']:>9,} {r['accuracy']:>8.4f} {r['wrong_per_digit'][d]:>14}  {errs}")
+    _emit(args, sweep, "\n".join(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo, summary_text
+    from .train import progress_enabled
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    log = (lambda s: None) if args.json or args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    summary = run_demo(args.out, config=config, root=getattr(args, "root", None), force=args.force, data_dir=args.data_dir,
+                       progress=progress_enabled(args.quiet), log=log)  # fmt: skip
+    _emit(args, summary, summary_text(summary))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .model import MnistMLP
@@ -423,7 +459,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .train import progress_enabled
 
     base = _resolve_base(args.base, args) if args.base else None
-    figures = run_bench(base=base, reps=args.reps, only=args.only, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    figures = run_bench(base=base, reps=args.reps, only=args.only, train_fraction=args.train_fraction, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
     import platform
 
     import torch
@@ -579,6 +615,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_combine)
 
     p = sub.add_parser(
+        "demo",
+        help="the main job: the seed's experiment and ours, end to end, with a report",
+        description="Reproduce the seed's digit-9 experiment (and its forgetting), evaluate the ten replay adapters "
+        "(from the registry, or trained), a stack and combined adapters, check exact LoRA-off/unmerge, run a short "
+        "parity check against peft and an SVD rank sweep; write report.md and PNG plots to --out. Finished stages "
+        "are skipped on a re-run unless --force.",
+    )
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds; for tests), not the real numbers")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_root(p)
+    _add_common(p)
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser(
+        "svd",
+        help="LoRA by SVD of a full fine-tune: accuracy vs rank",
+        description="Fine-tune every weight of the base on one digit (the replay recipe's data and loss), take "
+        "W_finetuned - W_base per layer, truncate it by SVD to each rank, and report test accuracy per rank next to "
+        "the full fine-tune (the seed's svd.ipynb, as a tool).",
+    )
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
+    p.add_argument("--digit", type=int, default=9, choices=range(10), metavar="D", help="digit to fine-tune on (default 9)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="ranks to extract (default 1 2 4 8 16 32)")
+    p.add_argument("--steps", type=int, default=200, help="full fine-tune steps (default 200)")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of accuracy vs rank")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_root(p)
+    _add_common(p)
+    p.set_defaults(handler=cmd_svd)
+
+    p = sub.add_parser(
         "registry",
         help="list, show, verify, add or remove registry entries",
         description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
@@ -637,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
     _add_root(p)
     p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)")
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

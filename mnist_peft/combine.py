@@ -24,7 +24,7 @@ from .adapters import AdapterFiles
 from .errors import AdapterConfigError, FingerprintMismatchError
 from .lora import LoraConfig, compute_scaling
 
-__all__ = ["CombineResult", "combine_adapters", "resize_adapter", "lora_from_deltas", "truncated_factors"]
+__all__ = ["CombineResult", "combine_adapters", "resize_adapter", "lora_from_deltas", "truncated_factors", "delta_weights"]
 
 
 @dataclass
@@ -165,3 +165,8 @@ def lora_from_deltas(deltas: dict[str, torch.Tensor], r: int) -> CombineResult:
         total = float((s**2).sum())
         errors[module] = math.sqrt(float((s[k:] ** 2).sum()) / total) if total > 0 else 0.0
     return CombineResult(config=LoraConfig(r=r, lora_alpha=r, target_modules=sorted(deltas)), state_dict=state, relative_error=errors)
+
+
+def delta_weights(base: torch.nn.Module, finetuned: torch.nn.Module, modules: Sequence[str] = ("linear1", "linear2", "linear3")) -> dict[str, torch.Tensor]:
+    """``W_finetuned - W_base`` (out, in) per linear module."""
+    return {m: (finetuned.get_submodule(m).weight - base.get_submodule(m).weight).detach() for m in modules}

@@ -32,6 +32,7 @@ __all__ = [
     "ADAPTER_RECIPES",
     "AdapterTrainResult",
     "train_adapter",
+    "finetune_full",
     "augment_batch",
 ]
 
@@ -380,6 +381,15 @@ def _digit_val_score(model: nn.Module, val: MnistSplit, digit: int) -> tuple[flo
     return r.accuracy, r.wrong_per_digit[digit]
 
 
+def _resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -> tuple[str, AdapterRecipe]:
+    name = recipe if isinstance(recipe, str) else "custom"
+    if isinstance(recipe, str):
+        if recipe not in ADAPTER_RECIPES:
+            raise ValueError(f"unknown adapter recipe {recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
+        recipe = ADAPTER_RECIPES[recipe]
+    return name, AdapterRecipe(**{**asdict(recipe), **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def train_adapter(
     base: nn.Module,
     digit: int,
@@ -400,26 +410,14 @@ def train_adapter(
 
     Returns:
         The :class:`LoraModel` with adapter ``default`` trained, and before/after test metrics.
+
+    Example:
+        >>> model, result = train_adapter(load_base("adapters/base/v1"), 9)
+        >>> result.before.wrong_per_digit[9], result.after.wrong_per_digit[9]
     """
     import copy as _copy
 
-    from .data import digit_subset
-
-    name = recipe if isinstance(recipe, str) else "custom"
-    if isinstance(recipe, str):
-        if recipe not in ADAPTER_RECIPES:
-            raise ValueError(f"unknown adapter recipe {recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
-        recipe = ADAPTER_RECIPES[recipe]
-    recipe = AdapterRecipe(**{**asdict(recipe), **{k: v for k, v in overrides.items() if v is not None}})
-    if not 0 <= digit <= 9:
-        raise ValueError(f"digit must be 0..9, got {digit!r}")
-    start = time.perf_counter()
-    test = load_mnist(train=False, data_dir=data_dir)
-    before = evaluate(base, test)
-    train = load_mnist(train=True, data_dir=data_dir)
-    val = None
-    if recipe.val_size:
-        train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
+    name, recipe = _resolve_recipe(recipe, overrides)
     torch.manual_seed(recipe.seed)
     if resume is not None:
         from .adapters import load_adapter
@@ -432,6 +430,48 @@ def train_adapter(
             LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights),
         )
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    return model, _train_on_digit(model, params, base, digit, recipe, name, data_dir=data_dir, progress=progress)
+
+
+def finetune_full(
+    base: nn.Module, digit: int, recipe: str | AdapterRecipe = "replay", *, data_dir: str | None = None, progress: bool = False, **overrides: object
+) -> tuple[nn.Module, AdapterTrainResult]:
+    """Fine-tune every weight of a copy of ``base`` on ``digit`` with an adapter recipe's data and loss.
+
+    Used to extract LoRA factors from ``W_finetuned - W_base`` by SVD (see ``combine.lora_from_deltas``).
+    """
+    import copy as _copy
+
+    name, recipe = _resolve_recipe(recipe, overrides)
+    torch.manual_seed(recipe.seed)
+    model = _copy.deepcopy(base)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return model, _train_on_digit(model, params, base, digit, recipe, f"{name}-full", data_dir=data_dir, progress=progress)
+
+
+def _train_on_digit(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    base: nn.Module,
+    digit: int,
+    recipe: AdapterRecipe,
+    name: str,
+    *,
+    data_dir: str | None,
+    progress: bool,
+) -> AdapterTrainResult:
+    """The per-digit recipe: batches, objective, early stopping; before/after test metrics."""
+    if not 0 <= digit <= 9:
+        raise ValueError(f"digit must be 0..9, got {digit!r}")
+    start = time.perf_counter()
+    test = load_mnist(train=False, data_dir=data_dir)
+    before = evaluate(base, test)
+    train = load_mnist(train=True, data_dir=data_dir)
+    val = None
+    if recipe.val_size:
+        train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     mine = (train.y == digit).nonzero().squeeze(1)
     others = (train.y != digit).nonzero().squeeze(1)
@@ -480,7 +520,7 @@ def train_adapter(
     )  # fmt: skip
     fitted = fit(model, train, cfg, params=params, val=val, loss_fn=loss_fn, batches=batches, val_score=val_score, progress=progress, desc=f"digit-{digit}")
     after = evaluate(model, test)
-    return model, AdapterTrainResult(
+    return AdapterTrainResult(
         digit=digit, recipe=name, steps=fitted.steps, seconds=time.perf_counter() - start,
         stopped_early=fitted.stopped_early, before=before, after=after,
     )  # fmt: skip

@@ -1,0 +1,388 @@
+"""The main job, end to end (``mnist-peft demo``): the seed's experiment, our answer, and the report.
+
+Stages (each result is cached as JSON under ``<out>/stages/``; a re-run skips finished stages unless
+``force``):
+
+1. ``base``: the registry's reference base, or a freshly trained default-recipe base.
+2. ``seed``: the seed notebook's experiment: seed-recipe base, digit-9 adapter with the seed
+   recipe (r=1, A ~ N(0, 1), digit-9 images only), LoRA on / off, parameter counts.
+3. ``replay``: the ten replay adapters (from the registry if they match the base, else trained),
+   each evaluated: the 10 x 10 adapter x digit error-rate table.
+4. ``combine``: a weighted stack, and the ten adapters combined by ``cat`` and by ``svd``.
+5. ``exact``: LoRA off and unmerge give back the base bit for bit.
+6. ``parity``: a short native-vs-peft parity summary.
+7. ``svd``: LoRA extracted by SVD from a full fine-tune, accuracy vs rank.
+
+Then ``report.md`` and the PNG plots are written, and a one-screen summary is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapters import ADAPTER_WEIGHTS_NAME, load_stack, read_adapter, save_adapter
+from .fileio import atomic_write_json, atomic_write_text
+from .lora import LoraModel, lora_layers
+from .model import base_fingerprint, count_parameters, load_base
+from .registry import AdapterRegistry
+from .train import evaluate, train_adapter, train_base
+
+__all__ = ["DemoConfig", "run_demo", "summary_text", "SEED_FACTS"]
+
+# What the seed notebook printed (../shared/seed/FACTS.md).
+SEED_FACTS = {
+    "base_accuracy": 0.953,
+    "base_wrong": [33, 28, 42, 95, 19, 10, 61, 52, 19, 107],
+    "lora_accuracy": 0.843,
+    "lora_wrong": [53, 32, 60, 201, 186, 85, 69, 677, 193, 11],
+    "lora_parameters": 6794,
+    "total_parameters": 2813804,
+}
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo's work; ``quick()`` is a tiny configuration for tests."""
+
+    base_epochs: float | None = None
+    """Epochs of the default base when no registry base exists (None: the recipe's)."""
+    seed_base_epochs: float = 1.0
+    """Epochs of the seed-recipe base (1 = the seed's)."""
+    adapter_steps: int | None = None
+    """Steps of each replay adapter when trained here (None: the recipe's)."""
+    parity_ranks: tuple[int, ...] = (1, 4)
+    parity_steps: int = 20
+    svd_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    svd_steps: int = 200
+    stack: tuple[int, ...] = (3, 9)
+    """Digits of the weighted stack evaluated in the combine stage."""
+    svd_combine_rank: int = 8
+    use_registry: bool = True
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        return cls(base_epochs=0.1, seed_base_epochs=0.05, adapter_steps=15, parity_ranks=(4,), parity_steps=3,
+                   svd_ranks=(1, 2), svd_steps=10, use_registry=False)  # fmt: skip
+
+
+class _Stages:
+    def __init__(self, out: Path, force: bool, log: Callable[[str], None]) -> None:
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.force = force
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+        path = self.dir / f"{name}.json"
+        if path.exists() and not self.force:
+            self.log(f"[{name}] done before, skipped (--force to redo)")
+            return json.loads(path.read_text())
+        self.log(f"[{name}] ...")
+        start = time.perf_counter()
+        result = fn()
+        self.timings[name] = time.perf_counter() - start
+        atomic_write_json(path, result)
+        self.log(f"[{name}] {self.timings[name]:.1f} s")
+        return result
+
+
+def run_demo(
+    out: str | Path = "demo-out",
+    *,
+    config: DemoConfig | None = None,
+    root: str | Path | None = None,
+    force: bool = False,
+    data_dir: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, object]:
+    """Run every stage, write ``report.md`` and the plots to ``out``, return the summary."""
+    cfg = config or DemoConfig()
+    out = Path(out)
+    stages = _Stages(out, force, log)
+    models = out / "models"
+    registry = AdapterRegistry(root) if cfg.use_registry else None
+    start = time.perf_counter()
+
+    # 1. base
+    def stage_base() -> dict:
+        if registry is not None and "base" in registry:
+            path = registry.path("base")
+            model = load_base(path)
+            source = f"registry {registry.get('base').ref}"
+        else:
+            model, _ = train_base("default", data_dir=data_dir, progress=progress, epochs=cfg.base_epochs)
+            path = models / "base"
+            model.save_pretrained(path)
+            source = "trained (default recipe)"
+        r = evaluate(model, data_dir=data_dir)
+        return {"path": str(path), "source": source, "fingerprint": base_fingerprint(model), "eval": r.to_dict()}
+
+    base_info = stages.run("base", stage_base)
+    base = load_base(base_info["path"])
+
+    # 2. the seed's experiment
+    def stage_seed() -> dict:
+        seed_base, _ = train_base("seed", data_dir=data_dir, progress=progress, epochs=cfg.seed_base_epochs)
+        seed_base.save_pretrained(models / "seed-base")
+        model, res = train_adapter(seed_base, 9, "seed", data_dir=data_dir, progress=progress)
+        save_adapter(model, models / "seed-digit-9", metadata={"digit": "9", "recipe": "seed"})
+        with model.disable_adapter():
+            off = evaluate(model, data_dir=data_dir)
+        return {
+            "before": res.before.to_dict(), "lora_on": res.after.to_dict(), "lora_off": off.to_dict(),
+            "lora_off_equals_before": off.wrong_per_digit == res.before.wrong_per_digit and off.confusion == res.before.confusion,
+            "lora_parameters": model.num_lora_parameters(), "total_parameters": count_parameters(model),
+            "base_parameters": count_parameters(seed_base),
+        }  # fmt: skip
+
+    seed = stages.run("seed", stage_seed)
+
+    # 3. the ten replay adapters
+    def adapter_folder(d: int) -> Path:
+        if registry is not None and f"digit-{d}" in registry:
+            entry = registry.get(f"digit-{d}")
+            if entry.base_fingerprint == base_info["fingerprint"]:
+                return registry.path(f"digit-{d}")
+        folder = models / f"digit-{d}"
+        if not (folder / ADAPTER_WEIGHTS_NAME).exists() or force:
+            model, _ = train_adapter(base, d, "replay", data_dir=data_dir, progress=progress, steps=cfg.adapter_steps)
+            save_adapter(model, folder, metadata={"digit": str(d), "recipe": "replay"})
+        return folder
+
+    def stage_replay() -> dict:
+        rows = []
+        for d in range(10):
+            folder = adapter_folder(d)
+            r = evaluate(load_stack(copy.deepcopy(base), [folder]), data_dir=data_dir)
+            rows.append({"digit": d, "folder": str(folder), "eval": r.to_dict()})
+        return {"rows": rows}
+
+    replay = stages.run("replay", stage_replay)
+    folders = [Path(r["folder"]) for r in replay["rows"]]
+
+    # 4. stack and combinations
+    def stage_combine() -> dict:
+        from .combine import combine_adapters
+
+        stack = load_stack(copy.deepcopy(base), [folders[d] for d in cfg.stack], [1.0] * len(cfg.stack))
+        unmerged = evaluate(stack, data_dir=data_dir)
+        stack.merge()
+        merged = evaluate(stack, data_dir=data_dir)
+        files = [read_adapter(f) for f in folders]
+        results = {}
+        for method, r in (("cat", None), ("svd", cfg.svd_combine_rank)):
+            comb = combine_adapters(files, method=method, r=r)
+            model = LoraModel(copy.deepcopy(base))
+            model.add_adapter("combined", comb.config, state_dict=comb.state_dict)
+            results[method] = {"r": comb.config.r, "relative_error": comb.relative_error, "eval": evaluate(model, data_dir=data_dir).to_dict()}
+        return {"stack_digits": list(cfg.stack), "stack_unmerged": unmerged.to_dict(), "stack_merged": merged.to_dict(), **results}
+
+    combined = stages.run("combine", stage_combine)
+
+    # 5. exactness: LoRA off and unmerge
+    def stage_exact() -> dict:
+        model = load_stack(copy.deepcopy(base), [folders[9]])
+        x = torch.randn(256, 784, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y_base = base(x)
+            changed = not torch.equal(model(x), y_base)
+            with model.disable_adapter():
+                off_equal = torch.equal(model(x), y_base)
+            originals = [layer.base_layer.weight.detach().clone() for _, layer in lora_layers(model.model)]
+            for _ in range(100):
+                model.merge()
+                model.unmerge()
+            unmerge_equal = all(torch.equal(a, layer.base_layer.weight) for a, (_, layer) in zip(originals, lora_layers(model.model)))
+        return {"adapter_changes_output": changed, "lora_off_equals_base": off_equal, "unmerge_100_cycles_bit_exact": unmerge_equal}
+
+    exact = stages.run("exact", stage_exact)
+
+    # 6. parity with peft
+    def stage_parity() -> dict:
+        from .data import load_mnist
+        from .peft_compat import default_cases, run_parity
+
+        data = load_mnist(train=True, data_dir=data_dir)
+        n = cfg.parity_steps * 32
+        res = run_parity(base, data.x[:n], data.y[:n], default_cases(cfg.parity_ranks), steps=cfg.parity_steps)
+        return {"cases": [r.to_dict() for r in res], "passed": sum(r.passed for r in res), "total": len(res)}
+
+    parity = stages.run("parity", stage_parity)
+
+    # 7. SVD rank sweep
+    def stage_svd() -> dict:
+        from .svd_sweep import rank_sweep
+
+        return rank_sweep(base, 9, cfg.svd_ranks, steps=cfg.svd_steps, data_dir=data_dir, progress=progress)
+
+    svd = stages.run("svd", stage_svd)
+
+    files = _plots(out, base_info, seed, replay, svd, folders)
+    report = _report(base_info, seed, replay, combined, exact, parity, svd, folders)
+    atomic_write_text(out / "report.md", report)
+    summary = {
+        "out": str(out), "seconds": round(time.perf_counter() - start, 1), "report": str(out / "report.md"), "plots": files,
+        "base_accuracy": base_info["eval"]["accuracy"], "seed_lora_accuracy": seed["lora_on"]["accuracy"],
+        "replay_accuracy": [r["eval"]["accuracy"] for r in replay["rows"]],
+        "replay_target_wrong": [r["eval"]["wrong_per_digit"][r["digit"]] for r in replay["rows"]],
+        "base_wrong": base_info["eval"]["wrong_per_digit"], "exact": exact, "parity": f"{parity['passed']}/{parity['total']}",
+    }  # fmt: skip
+    return summary
+
+
+def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, folders: list[Path]) -> list[str]:
+    from .plots import plot_bars, plot_curve, plot_error_rates, plot_heatmap
+
+    paths = [
+        plot_error_rates({"seed-recipe base": seed["before"]["error_rate_per_digit"]}, out / "error-rates-before.png",
+                         title="Error rate per digit, before LoRA (seed recipe)"),
+        plot_error_rates({"base": seed["before"]["error_rate_per_digit"], "digit-9 LoRA (seed recipe)": seed["lora_on"]["error_rate_per_digit"]},
+                         out / "error-rates-seed-lora.png", title="With the seed's digit-9 LoRA: 9 fixed, the others forgotten"),
+        plot_error_rates({"base": base_info["eval"]["error_rate_per_digit"], "digit-9 LoRA (replay recipe)": replay["rows"][9]["eval"]["error_rate_per_digit"]},
+                         out / "error-rates-replay-lora.png", title="With our digit-9 LoRA (replay recipe)"),
+        plot_heatmap([r["eval"]["error_rate_per_digit"] for r in replay["rows"]], out / "adapter-digit-heatmap.png",
+                     row_labels=[f"digit-{r['digit']}" for r in replay["rows"]], col_labels=[str(d) for d in range(10)],
+                     title="Error rate per test digit (columns) for each replay adapter (rows)"),
+        plot_curve([r["r"] for r in svd["rows"]], {"LoRA by SVD": [r["accuracy"] for r in svd["rows"]],
+                   "full fine-tune": [svd["full"]["accuracy"]] * len(svd["rows"]), "base": [svd["base"]["accuracy"]] * len(svd["rows"])},
+                   out / "svd-accuracy-vs-rank.png", xlabel="rank r", ylabel="test accuracy", title="Digit 9: accuracy vs SVD rank", logx=True),
+    ]  # fmt: skip
+    base_bytes = (Path(base_info["path"]) / "model.safetensors").stat().st_size
+    adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
+    seed_adapter_params = seed["lora_parameters"]
+    paths.append(plot_bars({"base params": seed["base_parameters"], "LoRA r=1 params": seed_adapter_params,
+                            "base file (B)": base_bytes, "adapter file (B)": adapter_bytes},
+                           out / "savings.png", ylabel="count (log scale)", title="What an adapter costs next to its base", logy=True))  # fmt: skip
+    return [str(p) for p in paths]
+
+
+def _fmt(values: list) -> str:
+    return " ".join(str(v) for v in values)
+
+
+def _report(base_info: dict, seed: dict, replay: dict, combined: dict, exact: dict, parity: dict, svd: dict, folders: list[Path]) -> str:
+    f = SEED_FACTS
+    b = base_info["eval"]
+    lines = [
+        "# mnist-peft demo report",
+        "",
+        "## 1. The seed's experiment, reproduced",
+        "",
+        "| | accuracy | wrong per digit 0..9 |",
+        "|---|---|---|",
+        f"| seed notebook, base (printed) | {f['base_accuracy']} | {_fmt(f['base_wrong'])} |",
+        f"| ours, seed-recipe base | {seed['before']['accuracy']:.4f} | {_fmt(seed['before']['wrong_per_digit'])} |",
+        f"| seed notebook, digit-9 LoRA on (printed) | {f['lora_accuracy']} | {_fmt(f['lora_wrong'])} |",
+        f"| ours, digit-9 LoRA on (seed recipe) | {seed['lora_on']['accuracy']:.4f} | {_fmt(seed['lora_on']['wrong_per_digit'])} |",
+        f"| ours, LoRA off | {seed['lora_off']['accuracy']:.4f} | {_fmt(seed['lora_off']['wrong_per_digit'])} |",
+        "",
+        f"LoRA off equals before exactly: **{seed['lora_off_equals_before']}**. LoRA parameters {seed['lora_parameters']:,} "
+        f"(seed: {f['lora_parameters']:,}); total {seed['total_parameters']:,} (seed: {f['total_parameters']:,}); "
+        f"+{100 * seed['lora_parameters'] / seed['base_parameters']:.3f}% (seed: 0.242%).",
+        "",
+        "## 2. Our answer: replay adapters on the default base",
+        "",
+        f"Base ({base_info['source']}): accuracy {b['accuracy']:.4f}; wrong per digit {_fmt(b['wrong_per_digit'])}.",
+        "",
+        "| adapter | digit wrong before | after | change | accuracy before | after | target met (>= 40% fewer, accuracy not lower) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    met = 0
+    for r in replay["rows"]:
+        d, e = r["digit"], r["eval"]
+        w0, w1 = b["wrong_per_digit"][d], e["wrong_per_digit"][d]
+        change = f"{100 * (w1 - w0) / w0:+.0f}%" if w0 else "n/a"
+        ok = w1 <= 0.6 * w0 and e["accuracy"] >= b["accuracy"]
+        met += ok
+        why = "yes" if ok else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped") + ("" if not (w1 > 0.6 * w0 and e["accuracy"] < b["accuracy"]) else " and accuracy dropped")
+        lines.append(f"| digit-{d} | {w0} | {w1} | {change} | {b['accuracy']:.4f} | {e['accuracy']:.4f} | {why} |")
+    lines += [
+        "",
+        f"{met}/10 adapters meet both targets.",
+        "",
+        "### Error rate per test digit (columns) for each adapter (rows)",
+        "",
+        "| adapter | " + " | ".join(str(d) for d in range(10)) + " |",
+        "|---" * 11 + "|",
+    ]
+    lines.append("| base | " + " | ".join(f"{v:.4f}" for v in b["error_rate_per_digit"]) + " |")
+    for r in replay["rows"]:
+        lines.append(f"| digit-{r['digit']} | " + " | ".join(f"{v:.4f}" for v in r["eval"]["error_rate_per_digit"]) + " |")
+    st = combined
+    lines += [
+        "",
+        "## 3. Stacking and combining",
+        "",
+        "| model | accuracy | wrong per digit 0..9 |",
+        "|---|---|---|",
+        f"| stack of digits {st['stack_digits']} (unmerged) | {st['stack_unmerged']['accuracy']:.4f} | {_fmt(st['stack_unmerged']['wrong_per_digit'])} |",
+        f"| same stack, merged | {st['stack_merged']['accuracy']:.4f} | {_fmt(st['stack_merged']['wrong_per_digit'])} |",
+        f"| all ten by `cat` (r={st['cat']['r']}) | {st['cat']['eval']['accuracy']:.4f} | {_fmt(st['cat']['eval']['wrong_per_digit'])} |",
+        f"| all ten by `svd` (r={st['svd']['r']}) | {st['svd']['eval']['accuracy']:.4f} | {_fmt(st['svd']['eval']['wrong_per_digit'])} |",
+        "",
+        f"`svd` relative Frobenius error per layer: {', '.join(f'{k} {v:.3f}' for k, v in st['svd']['relative_error'].items())}.",
+        "",
+        "## 4. Exactness",
+        "",
+        f"- the adapter changes the output: {exact['adapter_changes_output']}",
+        f"- LoRA off gives the base's outputs bit for bit: {exact['lora_off_equals_base']}",
+        f"- 100 merge/unmerge cycles give the base weights back bit for bit: {exact['unmerge_100_cycles_bit_exact']}",
+        "",
+        "## 5. Native LoRA vs peft",
+        "",
+        f"{parity['passed']}/{parity['total']} parity cases pass.",
+        "",
+        "| case | forward max diff | grad max diff | train max diff | merged ulps | unmerge exact | peft unmerge drift |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in parity["cases"]:
+        lines.append(f"| {c['case']} | {c['forward_max_diff']:.1e} | {c['grad_max_diff']:.1e} | {c['train_max_diff']:.1e} | {c['merged_max_ulps']:.0f} | {c['unmerge_exact']} | {c['peft_unmerge_drift']:.1e} |")
+    lines += [
+        "",
+        "## 6. LoRA by SVD of a full fine-tune (digit 9)",
+        "",
+        "| model | parameters | accuracy | digit-9 wrong |",
+        "|---|---|---|---|",
+        f"| base | - | {svd['base']['accuracy']:.4f} | {svd['base']['wrong_per_digit'][9]} |",
+        f"| full fine-tune | {svd['full']['parameters']:,} | {svd['full']['accuracy']:.4f} | {svd['full']['wrong_per_digit'][9]} |",
+    ]
+    for r in svd["rows"]:
+        lines.append(f"| LoRA r={r['r']} | {r['parameters']:,} | {r['accuracy']:.4f} | {r['wrong_per_digit'][9]} |")
+    adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
+    base_bytes = (Path(base_info["path"]) / "model.safetensors").stat().st_size
+    lines += [
+        "",
+        "## 7. Savings",
+        "",
+        f"A replay adapter file is {adapter_bytes:,} bytes against the base's {base_bytes:,} ({100 * adapter_bytes / base_bytes:.2f}%).",
+        "",
+        "Plots: `error-rates-before.png`, `error-rates-seed-lora.png`, `error-rates-replay-lora.png`, "
+        "`adapter-digit-heatmap.png`, `svd-accuracy-vs-rank.png`, `savings.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_text(summary: dict) -> str:
+    """The one-screen summary printed at the end of the demo."""
+    s = summary
+    fixed = [f"{d}:{w0}->{w1}" for d, (w0, w1) in enumerate(zip([s["base_wrong"][d] for d in range(10)], s["replay_target_wrong"]))]
+    return "\n".join([
+        f"mnist-peft demo finished in {s['seconds']} s",
+        f"base accuracy {s['base_accuracy']:.4f}; the seed's digit-9 LoRA drops it to {s['seed_lora_accuracy']:.4f} (forgetting)",
+        f"replay adapters, own-digit wrong before->after: {' '.join(fixed)}",
+        f"replay adapters' overall accuracy: {' '.join(f'{a:.4f}' for a in s['replay_accuracy'])}",
+        f"exact LoRA off / unmerge: {s['exact']['lora_off_equals_base']} / {s['exact']['unmerge_100_cycles_bit_exact']}; peft parity {s['parity']}",
+        f"report: {s['report']}",
+        f"plots: {', '.join(Path(p).name for p in s['plots'])}",
+    ])  # fmt: skip
+

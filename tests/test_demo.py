@@ -1,0 +1,31 @@
+"""The main job on a tiny configuration, end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_path: Path, data_root) -> None:
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--quick", "--out", str(out), "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    for name in ("error-rates-before.png", "error-rates-seed-lora.png", "error-rates-replay-lora.png", "adapter-digit-heatmap.png",
+                 "svd-accuracy-vs-rank.png", "savings.png"):  # fmt: skip
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    report = (out / "report.md").read_text()
+    for heading in ("The seed's experiment", "replay adapters", "Stacking and combining", "Exactness", "Native LoRA vs peft", "SVD"):
+        assert heading in report, heading
+    assert "| seed notebook, base (printed) | 0.953 | 33 28 42 95 19 10 61 52 19 107 |" in report
+    assert report.count("| digit-") >= 20  # the 10-row table and the 10 x 10 table
+    assert summary["exact"] == {"adapter_changes_output": True, "lora_off_equals_base": True, "unmerge_100_cycles_bit_exact": True}
+    seed = json.loads((out / "stages" / "seed.json").read_text())
+    assert seed["lora_off_equals_before"] and seed["lora_parameters"] == 6_794 and seed["total_parameters"] == 2_813_804
+    start = time.perf_counter()
+    again = run_cli("demo", "--quick", "--out", str(out))
+    assert again.returncode == 0 and again.stderr.count("skipped") == 7
+    assert time.perf_counter() - start < 30
