@@ -719,6 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+
+    # Late in training, Adam's moments and small gradients become subnormal floats, which x86 CPUs
+    # handle ~4x slower (the seed recipe: 82 s -> 23 s). Flushing them to zero changes no result a
+    # test set can see. It must happen before PyTorch starts its worker threads, which copy the
+    # setting when they are created: hence here, first thing, and not inside fit().
+    torch.set_flush_denormal(True)
     try:
         return args.handler(args)
     except _UsageError as exc:
