@@ -158,6 +158,13 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
 
 
 # ----------------------------------------------------------------------------- model card
+def _is_repo_id(name: str) -> bool:
+    """``owner/name`` that is not a local path: what a card's ``base_model`` may hold."""
+    import re
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
 def render_model_card(
     *,
     base_model: str | None,
@@ -168,7 +175,7 @@ def render_model_card(
 ) -> str:
     """A model card: YAML front matter the Hub reads, then markdown."""
     lines = ["---", "library_name: peft"]
-    if base_model:
+    if base_model and _is_repo_id(base_model):  # the Hub checks base_model names a model repo
         lines.append(f"base_model: {base_model}")
     lines.append("tags:")
     lines += [f"- {t}" for t in tags]
