@@ -360,6 +360,16 @@ def load_adapter(
     return files
 
 
+def _adapter_name(folder: Path) -> str:
+    """``digit-9`` for ``.../digit-9`` and for a registry version folder ``.../digit-9/v2``."""
+    import re
+
+    name = folder.name
+    if re.fullmatch(r"v\d+", name) and folder.parent.name:
+        name = folder.parent.name
+    return name.replace(".", "_") or "adapter"  # '.' is not allowed in module keys
+
+
 def load_stack(
     base: torch.nn.Module,
     folders: list[str | os.PathLike[str]],
@@ -369,7 +379,8 @@ def load_stack(
 ) -> LoraModel:
     """Wrap ``base`` and load several adapter folders as one active, weighted stack.
 
-    Adapters are named after their folders (``digit-9``, ...; made unique). Everything is read
+    Adapters are named after their folders (``digit-9``, also for a registry's ``digit-9/v2``;
+    made unique). Everything is read
     and checked before anything is applied, so a bad folder leaves ``base`` untouched.
 
     Example:
@@ -385,7 +396,7 @@ def load_stack(
         check_lora_state_dict(base, f.config, f.state_dict, path=str(f.path))
     names: list[str] = []
     for f in files:
-        name = Path(f.path or "adapter").name or "adapter"
+        name = _adapter_name(Path(f.path or "adapter"))
         while name in names:
             name += "_"
         names.append(name)

@@ -62,6 +62,13 @@ def _figure(name: str, *, ours: float, target: float, unit: str, base: float | N
     return Figure(name=name, ours=ours, peft=peft, base=base, ratio=ratio, target=target, unit=unit, passed=passed, note=note)
 
 
+def _ms_figure(name: str, seconds: dict[str, float], *, target: float, note: str) -> Figure:
+    """A figure in ms against peft: ratio = ours/peft; passes at <= target ms and faster than peft."""
+    ms = {k: v * 1e3 for k, v in seconds.items()}
+    return Figure(name, ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=target, unit="ms",
+                  passed=ms["ours"] <= target and ms["ours"] < ms["peft"], note=note + "; ratio = ours/peft, target in ms")  # fmt: skip
+
+
 def _models(base: nn.Module, r: int = 4, n_adapters: int = 1, seed: int = 0):
     """Native and peft models on the same base with the same non-trivial adapter weights."""
     import peft
@@ -106,10 +113,7 @@ def bench_merge_unmerge(base: nn.Module, *, reps: int) -> Figure:
 
     with torch.no_grad():
         t = time_round_robin({"ours": ours_cycle, "peft": peft_cycle}, reps=reps * 5, warmup=3)
-    ms = {k: v * 1e3 for k, v in t.items()}
-    return Figure("merge_unmerge", ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=2.5, unit="ms",
-                  passed=ms["ours"] <= 2.5 and ms["ours"] < ms["peft"],
-                  note="one merge + one unmerge of an r=4 adapter on linear1..3; ratio = ours/peft, target in ms")  # fmt: skip
+    return _ms_figure("merge_unmerge", t, target=2.5, note="one merge + one unmerge of an r=4 adapter on linear1..3")
 
 
 def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
@@ -149,10 +153,7 @@ def bench_hot_swap(base: nn.Module, *, reps: int) -> Figure:
 
     with torch.no_grad():
         t = time_round_robin({"ours": ours_swap, "peft": peft_swap}, reps=reps * 5, warmup=2)
-    ms = {k: v * 1e3 for k, v in t.items()}
-    return Figure("hot_swap", ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=3.0, unit="ms",
-                  passed=ms["ours"] <= 3.0 and ms["ours"] < ms["peft"],
-                  note="replace the merged r=4 adapter with another loaded one; ratio = ours/peft, target in ms")  # fmt: skip
+    return _ms_figure("hot_swap", t, target=3.0, note="replace the merged r=4 adapter with another loaded one")
 
 
 def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
@@ -180,10 +181,8 @@ def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
             if i >= 2:  # warm-up
                 samples["ours"].append(t_ours)
                 samples["peft"].append(t_peft)
-    ms = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-    return Figure("adapter_load", ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=2.0, unit="ms",
-                  passed=ms["ours"] <= 2.0 and ms["ours"] < ms["peft"],
-                  note="read + check + load one r=4 adapter folder into a model; ratio = ours/peft, target in ms")  # fmt: skip
+    return _ms_figure("adapter_load", {k: statistics.median(v) for k, v in samples.items()}, target=2.0,
+                      note="read + check + load one r=4 adapter folder into a model")  # fmt: skip
 
 
 def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0) -> Figure:

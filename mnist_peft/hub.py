@@ -116,7 +116,7 @@ def push_to_hub(
             for fname in e.files:
                 ops.append(CommitOperationAdd(f"{prefix}/{fname}" if prefix else fname, str(registry.root / e.path / fname)))
             remote[e.name] = {**e.to_dict(), "path": prefix}
-        if any(e.get("kind") == "base" for e in remote.values()) and sum(e.get("kind") == "base" for e in remote.values()) > 1:
+        if sum(e.get("kind") == "base" for e in remote.values()) > 1:
             raise RegistryError("the repo would hold two bases; push each base to its own repo")
         index = {"format": 1, "entries": sorted(remote.values(), key=lambda e: str(e["name"]))}
         ops.append(CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
