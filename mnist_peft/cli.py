@@ -120,7 +120,9 @@ def _registry_path(arg: str, args: argparse.Namespace, kind: str) -> Path | None
         return None
     entry = reg.get(arg)
     if entry.kind != kind:
-        raise _usage_error(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}")
+        from .errors import RegistryError
+
+        raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}; pass a {kind} entry")
     return reg.path(arg)
 
 
@@ -147,9 +149,12 @@ def _resolve_adapter(arg: str, args: argparse.Namespace) -> Path:
         return Path(arg)
     folder = _registry_path(arg, args, "lora")
     if folder is None:
-        raise _usage_error(
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(
             f"adapter {arg!r} is neither a folder nor an entry of the registry at {str(_registry(args).root)!r} "
-            "(see `mnist-peft registry list`)"
+            "(see `mnist-peft registry list`)",
+            path=arg,
         )
     return folder
 

@@ -260,7 +260,7 @@ def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, fold
     adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
     seed_adapter_params = seed["lora_parameters"]
     paths.append(plot_bars({"base params": seed["base_parameters"], "LoRA r=1 params": seed_adapter_params,
-                            "base file (B)": base_bytes, "adapter file (B)": adapter_bytes},
+                            "base file (B)": base_bytes, "r=4 adapter file (B)": adapter_bytes},
                            out / "savings.png", ylabel="count (log scale)", title="What an adapter costs next to its base", logy=True))  # fmt: skip
     return [str(p) for p in paths]
 
