@@ -8,7 +8,12 @@ from .data import MnistSplit, digit_subset, ensure_mnist, load_mnist, resolve_da
 from .errors import *  # noqa: F403  (errors.__all__ is part of the public surface)
 from .errors import __all__ as _errors_all
 from .model import MnistMLP, base_fingerprint, count_parameters, load_base
-from .train import BASE_RECIPES, EvalResult, TrainConfig, evaluate, fit, train_base
+from .train import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, EvalResult, TrainConfig, evaluate, fit, train_adapter, train_base
+from .lora import LoraConfig, LoraModel, get_delta_weight
+from .adapters import load_adapter, load_stack, read_adapter, save_adapter
+from .combine import combine_adapters, resize_adapter
+from .registry import AdapterRegistry
+from .serving import hot_swap, mixed_forward
 
 __all__ = [
     "__version__",
@@ -31,5 +36,21 @@ __all__ = [
     "fit",
     "train_base",
     "evaluate",
+    "AdapterRecipe",
+    "ADAPTER_RECIPES",
+    "train_adapter",
+    # LoRA and adapters
+    "LoraConfig",
+    "LoraModel",
+    "get_delta_weight",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "load_stack",
+    "combine_adapters",
+    "resize_adapter",
+    "AdapterRegistry",
+    "mixed_forward",
+    "hot_swap",
     *_errors_all,
 ]
