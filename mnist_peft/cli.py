@@ -565,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a per-digit LoRA adapter and save it in PEFT layout",
         description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
         "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
-        "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes replayed "
-        "digits, augmentation and distillation toward the base.",
+        "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes the digit's images with replayed other "
+        "digits, distilled toward the base.",
     )
     p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
     p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
