@@ -321,10 +321,6 @@ class AdapterRecipe:
     """Random small affine transforms (rotation, scale, shift) of every training image."""
     distill: float = 2.0
     """Weight of a KL term pulling the adapted model toward the base on replayed digits."""
-    logit_adjust: bool = False
-    """Add log(batch class prior) to the logits in the CE, so over-sampling the digit does not
-    shift the prior toward it (balanced softmax). Off by default: on MNIST it also undid most of
-    the digit's gain in our runs."""
     val_size: int = 5000
     """Training images held out for early stopping (0 disables it)."""
     eval_every: int = 50
@@ -345,7 +341,7 @@ ADAPTER_RECIPES: dict[str, AdapterRecipe] = {
     # The seed notebook: only digit-D images, batch 10, 100 steps, r=1, alpha=1, A ~ N(0, 1), Adam 1e-3.
     "seed": AdapterRecipe(
         r=1, lora_alpha=1, init_lora_weights="seed", steps=100, batch_size=10, lr=1e-3, schedule="none",
-        digit_fraction=1.0, augment=False, distill=0.0, logit_adjust=False, val_size=0,
+        digit_fraction=1.0, augment=False, distill=0.0, val_size=0,
     ),  # fmt: skip
     # Ours: digit-D batches mixed with replayed other digits, augmented, distilled toward the base.
     "replay": AdapterRecipe(),
@@ -490,15 +486,9 @@ def _train_on_digit(
             b = others[torch.randint(len(others), (recipe.batch_size - k,), generator=g)]
             yield torch.cat([a, b])
 
-    prior = torch.full((10,), (1 - k / recipe.batch_size) / 9)
-    prior[digit] = k / recipe.batch_size
-    log_prior = prior.clamp_min(1e-12).log()
-
     def objective(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = m(xb)
-        # Optional logit adjustment: batches over-sample the digit; adding log(batch prior) keeps
-        # the adapter from learning that prior.
-        loss = F.cross_entropy(logits + log_prior if recipe.logit_adjust else logits, yb)
+        loss = F.cross_entropy(logits, yb)
         if recipe.distill:
             rest = yb != digit
             if rest.any():

@@ -61,3 +61,20 @@ def test_resume_onto_another_base_is_refused(base, data_root, tmp_path: Path, ra
     save_adapter(model, tmp_path / "a")
     with pytest.raises(FingerprintMismatchError):
         train_adapter(random_base, 1, "replay", data_dir=str(data_root), steps=2, val_size=0, resume=tmp_path / "a")
+
+
+def test_augmentation_keeps_shape_and_background_and_is_seeded(mnist_test) -> None:
+    import torch
+
+    from mnist_peft.data import MNIST_MEAN, MNIST_STD
+    from mnist_peft.train import augment_batch
+
+    x = mnist_test.x[:64]
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    background = -MNIST_MEAN / MNIST_STD  # a black pixel, normalised
+    corners = a.reshape(64, 28, 28)[:, 0, 0]
+    assert torch.allclose(corners, torch.full_like(corners, background), atol=1e-5)
+    assert abs(float(a.mean()) - float(x.mean())) < 0.1  # the same images, moved a little
