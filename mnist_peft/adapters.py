@@ -204,7 +204,7 @@ def digit_model_card(digit: int, result, *, base_model: str | None, config: Lora
         f"{before.wrong_per_digit[digit]} -> {after.wrong_per_digit[digit]} ({result.steps} steps).\n\n"
         + "\n".join(rows)
         + "\n\n```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
-        f"model = PeftModel.from_pretrained(MnistMLP.from_pretrained(BASE), ADAPTER)\n```\n"
+        "model = PeftModel.from_pretrained(MnistMLP.from_pretrained(BASE), ADAPTER)\n```\n"
     )
     extra = {"digit": digit, "recipe": result.recipe, "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
              "wrong_per_digit_before": before.wrong_per_digit, "wrong_per_digit_after": after.wrong_per_digit}  # fmt: skip

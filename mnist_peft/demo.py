@@ -201,7 +201,7 @@ def run_demo(
             for _ in range(100):
                 model.merge()
                 model.unmerge()
-            unmerge_equal = all(torch.equal(a, layer.base_layer.weight) for a, (_, layer) in zip(originals, lora_layers(model.model)))
+            unmerge_equal = all(torch.equal(a, layer.base_layer.weight) for a, (_, layer) in zip(originals, lora_layers(model.model), strict=True))
         return {"adapter_changes_output": changed, "lora_off_equals_base": off_equal, "unmerge_100_cycles_bit_exact": unmerge_equal}
 
     exact = stages.run("exact", stage_exact)

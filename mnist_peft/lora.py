@@ -213,7 +213,7 @@ class LoraLinear(nn.Module):
         """Make ``adapter_names`` the active stack, with optional per-adapter weights (default 1)."""
         weights = [1.0] * len(adapter_names) if weights is None else list(weights)
         self.active_adapters = list(adapter_names)
-        self.adapter_weights = {n: float(w) for n, w in zip(adapter_names, weights)}
+        self.adapter_weights = {n: float(w) for n, w in zip(adapter_names, weights, strict=True)}
 
     def effective_scaling(self, adapter_name: str) -> float:
         """scaling * stack weight; exactly ``scaling`` when the stack weight is 1."""

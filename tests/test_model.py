@@ -32,7 +32,7 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     loaded = MnistMLP.from_pretrained(tmp_path)
     assert loaded.linear1.out_features == 32  # the config carried the sizes
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
 
 

@@ -25,7 +25,7 @@ def test_training_is_deterministic_given_the_seed(data_root) -> None:
     a, _ = train_base("default", data_dir=str(data_root), epochs=0.02, seed=5)
     b, _ = train_base("default", data_dir=str(data_root), epochs=0.02, seed=5)
     c, _ = train_base("default", data_dir=str(data_root), epochs=0.02, seed=6)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.linear1.weight, c.linear1.weight)
 
 
