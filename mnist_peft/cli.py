@@ -296,7 +296,7 @@ def cmd_combine(args: argparse.Namespace) -> int:
     from .combine import combine_adapters
 
     out, _ = _out_folder(args)
-    files = [read_adapter(_resolve_adapter(a)) for a in args.adapter]
+    files = [read_adapter(_resolve_adapter(a, args)) for a in args.adapter]
     result = combine_adapters(files, args.weight, method=args.method, r=args.r, force=args.force)
     meta = {"combined_from": ",".join(str(a) for a in args.adapter), "method": args.method}
     if args.weight:
@@ -746,6 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if os.environ.get("MNIST_PEFT_DEBUG"):
+            raise
+        detail = " ".join(str(exc).split())
+        print(f"error: unexpected {type(exc).__name__}: {detail} (a bug: rerun with MNIST_PEFT_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,3 +59,35 @@ def test_bad_base_path_is_one_line_error_with_exit_1(tmp_path: Path) -> None:
 def test_usage_error_exits_2() -> None:
     proc = run_cli("eval")
     assert proc.returncode == 2 and "--base" in proc.stderr
+
+
+def test_merge_and_combine_cli_on_registry_adapters(tmp_path: Path, data_root: Path) -> None:
+    merged = tmp_path / "merged"
+    proc = run_cli("merge", "--base", "base", "--adapter", "digit-9", "--out", str(merged), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plain = json.loads(run_cli("eval", "--base", str(merged), "--json").stdout)
+    stacked = json.loads(run_cli("eval", "--base", "base", "--adapter", "digit-9", "--json").stdout)
+    assert plain["wrong_per_digit"] == stacked["wrong_per_digit"]
+    combined = tmp_path / "c39"
+    proc = run_cli("combine", "--adapter", "digit-3", "--adapter", "digit-9", "--method", "cat", "--out", str(combined), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["r"] == 8
+    proc = run_cli("combine", "--adapter", str(combined), "--method", "svd", "--r", "2", "--out", str(tmp_path / "small"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    errors = json.loads(proc.stdout)["relative_error"]
+    assert set(errors) == {"linear1", "linear2", "linear3"} and all(0 < e < 1 for e in errors.values())
+    evaluated = run_cli("eval", "--base", "base", "--adapter", str(tmp_path / "small"), "--json")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["n"] == 10_000
+
+
+def test_svd_and_compare_cli(tmp_path: Path, data_root: Path) -> None:
+    plot = tmp_path / "svd.png"
+    proc = run_cli("svd", "--base", "base", "--digit", "9", "--ranks", "1", "2", "--steps", "5", "--plot", str(plot), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [r["r"] for r in out["rows"]] == [1, 2] and out["full"]["parameters"] == 784 * 1000 + 1000 * 2000 + 2000 * 10
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    proc = run_cli("compare", "--r", "4", "--steps", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and len(report["cases"]) == 12 and all(c["forward_max_diff"] == 0.0 for c in report["cases"])
