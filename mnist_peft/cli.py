@@ -140,6 +140,14 @@ def _resolve_base(arg: str, args: argparse.Namespace):
 
                 raise IntegrityError(f"base {entry.ref!r} does not have the fingerprint the registry recorded", path=folder)
             return model
+        if "/" not in arg:  # not a folder, not in the registry, and not owner/name: don't ask the Hub
+            from .errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"base {arg!r} is neither a folder, nor an entry of the registry at {str(_registry(args).root)!r}, nor a Hub "
+                "repo id (owner/name); see `mnist-peft registry list` or train one with `mnist-peft train-base`",
+                path=arg,
+            )
     return load_base(arg)
 
 

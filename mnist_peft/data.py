@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataIntegrityError, DataNotFoundError
-from .fileio import sha256_file
+from .fileio import current_umask, sha256_file
 
 __all__ = [
     "MNIST_MEAN",
@@ -92,6 +92,7 @@ def _unpack(gz_path: Path, dest: Path, expected: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as out:
             try:
                 with gzip.open(gz_path, "rb") as src:

@@ -27,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
-from .fileio import atomic_write_json, sha256_file
+from .fileio import atomic_write_json, current_umask, sha256_file
 
 __all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "NAME_PATTERN"]
 
@@ -250,6 +250,7 @@ class AdapterRegistry:
                         shutil.rmtree(dest)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+                    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
                     try:
                         files = {}
                         for fname in names:

@@ -49,6 +49,12 @@ def test_add_get_versions_and_metadata(tmp_path: Path, adapter_dir: Path, base_d
     assert reg.get("digit-7").version == 2 and reg.get("digit-7@1").version == 1
     assert (reg.path("digit-7@1") / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
     assert [e.ref for e in reg.list()] == ["base@1", "digit-7@1", "digit-7@2"]
+    from mnist_peft.fileio import current_umask
+
+    umask = current_umask()  # atomic writes use temp files, but the result follows the umask like any file
+    assert (reg.root / v1.path).stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (reg.root / v1.path / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert reg.index_path.stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(EntryNotFoundError, match="no version 3"):
         reg.get("digit-7@3")
     with pytest.raises(EntryNotFoundError, match="digit-8"):
