@@ -11,17 +11,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .errors import MnistPeftError
 
 __all__ = ["main", "build_parser"]
-
-Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, Handler] = {}
-
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
     """One JSON object with ``--json``, else human-readable text."""
@@ -77,7 +73,8 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
     from .model import base_fingerprint
 
-    atomic_write_text(out / "README.md", _base_card(args.recipe, result, fit.steps, base_fingerprint(model)))
+    fingerprint = base_fingerprint(model)
+    atomic_write_text(out / "README.md", _base_card(args.recipe, result, fit.steps, fingerprint))
 
     payload = {
         "recipe": args.recipe,
@@ -85,7 +82,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
         "steps": fit.steps,
         "train_seconds": round(train_seconds, 2),
         "stopped_early": fit.stopped_early,
-        "fingerprint": base_fingerprint(model),
+        "fingerprint": fingerprint,
         **result.to_dict(),
     }
     registered = _register(args, out, {"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit})

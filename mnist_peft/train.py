@@ -375,11 +375,6 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((out - MNIST_MEAN) / MNIST_STD).reshape(n, 784)
 
 
-def _digit_val_score(model: nn.Module, val: MnistSplit, digit: int) -> tuple[float, int]:
-    r = evaluate(model, val)
-    return r.accuracy, r.wrong_per_digit[digit]
-
-
 def _resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -> tuple[str, AdapterRecipe]:
     name = recipe if isinstance(recipe, str) else "custom"
     if isinstance(recipe, str):
