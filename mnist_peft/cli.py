@@ -416,6 +416,29 @@ def cmd_svd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_headroom(args: argparse.Namespace) -> int:
+    from .analysis import logit_offset_tradeoff
+
+    model = _model_from_args(args)
+    rows = logit_offset_tradeoff(model, cut=args.cut, data_dir=args.data_dir)
+    met = sum(r.both_met for r in rows)
+    payload = {"cut": args.cut, "rows": [r.to_dict() for r in rows], "both_met": met}
+    pct = f"{args.cut:.0%}"
+    lines = [
+        f"best constant offset on each digit's logit that cuts its test errors by >= {pct} (chosen on the test set)",
+        f"{'digit':>5} {'wrong':>5} {'allowed':>7} {'offset':>7} {'after':>5} {'total wrong':>12}  both targets",
+    ]
+    for r in rows:
+        if r.offset is None:
+            lines.append(f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {'-':>7} {'-':>5} {'-':>12}  no offset meets the cut")
+            continue
+        total = f"{r.total_wrong_before}->{r.total_wrong_after}"
+        lines.append(f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {r.offset:>7.3f} {r.wrong_after:>5} {total:>12}  {'yes' if r.both_met else 'no'}")
+    lines.append(f"{met}/10 digits can meet both targets (cut >= {pct}, overall errors not up) by an offset alone")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo, summary_text
     from .train import progress_enabled
@@ -595,6 +618,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(handler=cmd_train_adapter)
+
+    p = sub.add_parser(
+        "headroom",
+        help="how hard a per-digit target is: the best logit-offset trade per digit",
+        description="For each digit D, find (exactly, over every offset that changes a prediction) the constant "
+        "added to D's logit that cuts D's test errors by at least --cut with the fewest overall errors, and say "
+        "whether that keeps overall accuracy. It is chosen on the test set itself, so it is an optimistic "
+        "reference for the trade 'say D more readily', against which trained adapters can be read.",
+    )
+    _add_model_args(p)
+    p.add_argument("--cut", type=float, default=0.4, help="fraction of the digit's errors to remove (default 0.4)")
+    _add_common(p)
+    p.set_defaults(handler=cmd_headroom)
 
     p = sub.add_parser(
         "merge",

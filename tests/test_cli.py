@@ -19,7 +19,7 @@ def test_info_json_reports_the_seed_parameter_count() -> None:
 def test_version_and_help() -> None:
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("mnist-peft ")
-    for cmd in ("info", "train-base", "eval", "merge", "compare", "bench"):
+    for cmd in ("info", "train-base", "eval", "merge", "compare", "bench", "headroom"):
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0 and "usage: mnist-peft" in proc.stdout, cmd
 

@@ -29,8 +29,23 @@ def test_seed_recipe_fixes_its_digit_and_forgets_the_others(base, data_root) -> 
         assert evaluate(model, data_dir=str(data_root)).confusion == result.before.confusion
 
 
-# The replay recipe trades a little overall accuracy for its digit (see the README's table: up to
-# 0.14 points on the default base); the seed recipe loses 5+ points. This bounds the trade.
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_replay_recipe_on_the_reference_base_fixes_digit_4_without_lowering_accuracy(data_root) -> None:
+    """The README's digit-4 row, retrained: the default recipe on the committed default base.
+
+    Of the ten rows this is one where the accuracy target holds (see ``mnist-peft headroom``: even
+    the best logit offset chosen on the test set keeps accuracy for only digits 1, 4 and 6).
+    """
+    base = load_base(REPO / "adapters" / "base" / "v1")
+    _, result = train_adapter(base, 4, "replay", data_dir=str(data_root))
+    assert result.after.wrong_per_digit[4] <= 0.65 * result.before.wrong_per_digit[4]
+    assert result.after.accuracy >= result.before.accuracy
+
+
+# On the half-epoch test base, 60 steps trade some overall accuracy for the digit on most digits
+# (up to 0.5 points; up to 0.14 on the default base, README); the seed recipe loses 5+. This bounds it.
 REPLAY_MAX_ACCURACY_DROP = 0.005
 
 
