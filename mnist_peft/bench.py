@@ -126,8 +126,21 @@ def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
             {"base": lambda: base(x), "ours": lambda: mixed_forward(ours, x, per_sample), "peft": lambda: theirs(x, adapter_names=per_sample)},
             reps=reps,
         )
+        # Agreement with one sample at a time (peft's forward with that sample's adapter active),
+        # next to the bare base's own batch-of-N vs batch-of-1 difference (float32 sums reordered).
+        n = min(200, x.shape[0])
+        mixed_ours, mixed_peft, batched_base = mixed_forward(ours, x, per_sample)[:n], theirs(x, adapter_names=per_sample)[:n], base(x)[:n]
+        alone, base_alone = [], []
+        for i in range(n):
+            theirs.set_adapter(per_sample[i])
+            alone.append(theirs(x[i : i + 1]))
+            base_alone.append(base(x[i : i + 1]))
+        ref, base_ref = torch.cat(alone), torch.cat(base_alone)
+    diffs = {"ours": float((mixed_ours - ref).abs().max()), "peft": float((mixed_peft - ref).abs().max()), "base": float((batched_base - base_ref).abs().max())}
     return _figure("mixed_batch", ours=t["ours"], base=t["base"], peft=t["peft"], target=1.15, unit="s",
-                   note=f"{x.shape[0]} images over 10 r=4 adapters; peft adapter_names= path: {t['peft'] / t['base']:.3f}x base")  # fmt: skip
+                   note=f"{x.shape[0]} images over 10 r=4 adapters; peft adapter_names= path: {t['peft'] / t['base']:.3f}x base; "
+                   f"max |batch - one sample alone| over {n} images (largest logit {float(ref.abs().max()):.1f}): ours {diffs['ours']:.2g}, "
+                   f"peft {diffs['peft']:.2g}, bare base {diffs['base']:.2g}")  # fmt: skip
 
 
 def bench_hot_swap(base: nn.Module, *, reps: int) -> Figure:
