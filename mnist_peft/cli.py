@@ -527,6 +527,17 @@ def _add_common(p: argparse.ArgumentParser, *, json_flag: bool = True, data: boo
         )
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.4") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]; give a fraction such as 0.4 (40%)")
+    return value
+
+
 def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="adapter registry folder (default: $MNIST_PEFT_ADAPTERS, else ./adapters)")
 
@@ -628,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reference for the trade 'say D more readily', against which trained adapters can be read.",
     )
     _add_model_args(p)
-    p.add_argument("--cut", type=float, default=0.4, help="fraction of the digit's errors to remove (default 0.4)")
+    p.add_argument("--cut", type=_fraction, default=0.4, help="fraction of the digit's errors to remove (default 0.4)")
     _add_common(p)
     p.set_defaults(handler=cmd_headroom)
 

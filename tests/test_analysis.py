@@ -65,4 +65,4 @@ def test_headroom_cli(trained_base_dir: Path, data_root: Path) -> None:
     text = run_cli("headroom", "--base", str(trained_base_dir), "--data-dir", str(data_root))
     assert text.returncode == 0 and "digits can meet both targets" in text.stdout
     bad = run_cli("headroom", "--base", str(trained_base_dir), "--cut", "1.5", "--data-dir", str(data_root))
-    assert bad.returncode == 1 and "cut must be in (0, 1]" in bad.stderr
+    assert bad.returncode == 2 and "--cut: 1.5 is outside (0, 1]" in bad.stderr
