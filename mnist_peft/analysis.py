@@ -34,10 +34,10 @@ class OffsetRow:
     """The model's wrong count over all digits (offset 0)."""
     allowed: int
     """Most wrong on this digit that meets the cut: ``floor((1 - cut) * wrong_before)``."""
-    offset: float | None
-    """The offset added to the digit's logit (None: no offset meets the cut)."""
-    wrong_after: int | None
-    total_wrong_after: int | None
+    offset: float
+    """The offset added to the digit's logit (one large enough always meets the cut)."""
+    wrong_after: int
+    total_wrong_after: int
     """Fewest overall errors of any offset that meets the cut."""
     both_met: bool
     """The cut is met and overall errors do not rise (accuracy not below the model's)."""
@@ -64,7 +64,8 @@ def logit_offset_tradeoff(model: nn.Module, split: MnistSplit | None = None, *, 
     logits = model(split.x).double()
     model.train(was_training)
     y = split.y
-    total_before = int((logits.argmax(1) != y).sum())
+    wrong = logits.argmax(1) != y
+    total_before = int(wrong.sum())
     rows = []
     for d in range(10):
         others = logits.clone()
@@ -73,25 +74,22 @@ def logit_offset_tradeoff(model: nn.Module, split: MnistSplit | None = None, *, 
         threshold = best_other - logits[:, d]  # predicted d iff offset > threshold (ties go to the lower index, as argmax)
         mine = y == d
         other_right = (~mine) & (other_pred == y)  # right as long as the image is not predicted d
-        wrong_before = int((mine & (logits.argmax(1) != y)).sum())
+        wrong_before = int((mine & wrong).sum())
         allowed = int((1 - cut) * wrong_before + 1e-9)
         # Sweep the offset upward through the sorted thresholds: after passing k of them, those k
         # images are predicted d. Errors = digit images not yet passed + other images passed or wrong anyway.
         order = torch.argsort(threshold)
         t, m, r = threshold[order], mine[order].long(), other_right[order].long()
         n_mine, n_right = int(m.sum()), int(r.sum())
-        k = torch.arange(len(t) + 1)
-        passed_mine = torch.cat([k.new_zeros(1), m.cumsum(0)])
-        passed_right = torch.cat([k.new_zeros(1), r.cumsum(0)])
+        passed_mine = torch.cat([m.new_zeros(1), m.cumsum(0)])
+        passed_right = torch.cat([r.new_zeros(1), r.cumsum(0)])
         wrong_d = n_mine - passed_mine
         total = wrong_d + (len(t) - n_mine - n_right) + passed_right
-        # Only offsets that separate distinct thresholds are realisable.
+        # Only offsets that separate distinct thresholds are realisable. Passing all of them (the
+        # last index) leaves no digit image wrong, so some offset always meets the cut.
         distinct = torch.ones(len(t) + 1, dtype=torch.bool)
         distinct[1:-1] = t[1:] > t[:-1]
         ok = distinct & (wrong_d <= allowed)
-        if not ok.any():
-            rows.append(OffsetRow(d, wrong_before, total_before, allowed, None, None, None, False))
-            continue
         cost = torch.where(ok, total, torch.iinfo(total.dtype).max)
         i = int(cost.argmin())
         # The offset: just above the last passed threshold (and below the next one).

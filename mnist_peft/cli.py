@@ -429,9 +429,6 @@ def cmd_headroom(args: argparse.Namespace) -> int:
         f"{'digit':>5} {'wrong':>5} {'allowed':>7} {'offset':>7} {'after':>5} {'total wrong':>12}  both targets",
     ]
     for r in rows:
-        if r.offset is None:
-            lines.append(f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {'-':>7} {'-':>5} {'-':>12}  no offset meets the cut")
-            continue
         total = f"{r.total_wrong_before}->{r.total_wrong_after}"
         lines.append(f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {r.offset:>7.3f} {r.wrong_after:>5} {total:>12}  {'yes' if r.both_met else 'no'}")
     lines.append(f"{met}/10 digits can meet both targets (cut >= {pct}, overall errors not up) by an offset alone")

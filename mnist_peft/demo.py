@@ -309,7 +309,7 @@ def _report(base_info: dict, seed: dict, replay: dict, headroom: list[dict], com
         met += ok
         why = "yes" if ok else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped") + ("" if not (w1 > 0.6 * w0 and e["accuracy"] < b["accuracy"]) else " and accuracy dropped")
         h = headroom[d]
-        ref = "none meets the cut" if h["offset"] is None else f"{h['wrong_after']}, {h['total_wrong_before']} -> {h['total_wrong_after']}"
+        ref = f"{h['wrong_after']}, {h['total_wrong_before']} -> {h['total_wrong_after']}"
         lines.append(f"| digit-{d} | {w0} | {w1} | {change} | {b['accuracy']:.4f} | {e['accuracy']:.4f} | {why} | {ref} |")
     lines += [
         "",
