@@ -20,6 +20,7 @@ __all__ = [
     "AdapterStateError",
     "FingerprintMismatchError",
     "MergeError",
+    "NonFiniteError",
     "RegistryError",
     "InvalidNameError",
     "EntryNotFoundError",
@@ -102,6 +103,15 @@ class FingerprintMismatchError(MnistPeftError, ValueError):
 
 class MergeError(MnistPeftError, ValueError):
     """A safe merge would produce NaN or Inf weights; the model was left untouched."""
+
+
+class NonFiniteError(MnistPeftError, ValueError):
+    """A tensor read from outside (an adapter or base file) holds NaN or Inf; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.path = path
 
 
 class RegistryError(MnistPeftError, ValueError):

@@ -8,18 +8,25 @@ The LoRA equation, for a linear layer with weight W (out, in) and bias b::
 Several adapters can live on one layer, held per name as in PEFT. Active adapters stack with
 per-adapter weights w_i: y = x W^T + b + sum_i w_i * scaling_i * B_i A_i x.
 
+State has one owner. The :class:`LoraModel` holds an :class:`AdapterState` (the active adapters,
+their stack weights, the disable switch, the forward mode, a pending mixed batch) and every
+:class:`LoraLinear` of the model reads that same object; a layer skips active names it does not
+hold, so adapters on different subsets of layers work in every operation. What is merged is a
+fact about each layer's weight, so each layer keeps its ``merged_adapters``; the model's list is
+their union.
+
 Two forward paths compute the same equation:
 - *exact*: the same float operations, in the same order, as ``peft``'s LoRA layer (bit-identical
-  outputs and gradients). Used whenever autograd is recording LoRA parameters, with active
-  dropout, or when asked for with :func:`set_forward_mode`.
-- *fused* (inference): one GEMM against ``[W; A_1; ...; A_k]`` with the bias in the same call,
-  then the rank-R update added in place into the base output. It never materialises a full-size
-  temporary and is cached on the tensors' version counters, so it stays correct when weights,
-  scaling, stack weights or the active set change. It reorders float sums, so it agrees with the
-  exact path to float rounding (see ``peft_compat.FUSED_TOLERANCE``), not bit for bit.
+  outputs and gradients). Used whenever autograd is recording, with active dropout, for dtypes
+  other than fp32/fp64, or when asked for with :func:`set_forward_mode`.
+- *fused* (inference, :mod:`mnist_peft.fused`): one GEMM over buffers the parameters live in, so
+  no edit of any kind can leave it stale. It agrees with the exact path to float rounding (see
+  ``peft_compat.FUSED_TOLERANCE``), not bit for bit.
 
 Merge is out of place and the original weight tensor is kept, so ``unmerge`` restores the base
-weight bit-exactly by putting that tensor back: no subtraction, no drift, any number of cycles.
+weight bit-exactly by putting that tensor back: no subtraction, no drift, any number of cycles. If
+the merged weight was edited in place meanwhile, ``unmerge`` keeps the edit (as peft does, by
+subtraction) instead of discarding it.
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterConfigError, AdapterKeyError, AdapterShapeError, AdapterStateError, MergeError
+from . import fused
+from .errors import AdapterConfigError, AdapterKeyError, AdapterShapeError, AdapterStateError, MergeError, NonFiniteError
 
 __all__ = [
+    "BASE_ADAPTER",
+    "AdapterState",
     "LoraConfig",
     "LoraLinear",
     "LoraModel",
@@ -53,12 +63,26 @@ __all__ = [
 
 InitKind = bool | Literal["gaussian", "seed"]
 DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def _check_finite(value: object, what: str) -> float:
+    """``value`` as a float; a named error if it is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterConfigError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise AdapterConfigError(f"{what} must be finite, got {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
 class LoraConfig:
-    """LoRA hyper-parameters; fields mirror ``peft.LoraConfig`` where they overlap."""
+    """LoRA hyper-parameters; fields mirror ``peft.LoraConfig`` where they overlap.
+
+    Every field is type-checked (a config file is outside input): ``use_rslora: "false"`` is an
+    error, not a truthy string.
+    """
 
     r: int = 8
     """Rank of the update: ``lora_A`` is (r, in), ``lora_B`` is (out, r)."""
@@ -79,14 +103,18 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, (list, tuple, set)) or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise AdapterConfigError(f"target_modules must be a list of module names, got {self.target_modules!r}")
         self.target_modules = sorted(set(self.target_modules))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise AdapterConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not self.lora_alpha > 0:
+        if _check_finite(self.lora_alpha, "lora_alpha") <= 0:
             raise AdapterConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not 0.0 <= _check_finite(self.lora_dropout, "lora_dropout") < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian", "seed"):
+        if not isinstance(self.use_rslora, bool):
+            raise AdapterConfigError(f"use_rslora must be true or false, got {self.use_rslora!r} ({type(self.use_rslora).__name__})")
+        if not any(self.init_lora_weights is v for v in (True, False)) and self.init_lora_weights not in ("gaussian", "seed"):
             raise AdapterConfigError(
                 f"init_lora_weights must be True, False, 'gaussian' or 'seed', got {self.init_lora_weights!r}"
             )
@@ -141,14 +169,38 @@ def init_lora_weights_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: InitKin
             lora_B.zero_()
 
 
-# ----------------------------------------------------------------------------- the layer
+# ----------------------------------------------------------------------------- the state
 ForwardMode = Literal["auto", "exact"]
 
 
-class LoraLinear(nn.Module):
-    """An ``nn.Linear`` (kept as ``base_layer``) with named LoRA adapters."""
+@dataclass
+class AdapterState:
+    """What a :class:`LoraModel` has chosen; one object shared by all its layers.
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    ``active`` and ``weights`` hold every name the model activated, unfiltered: a layer that does
+    not hold an adapter skips it. ``mixed`` is set for one call by :func:`mnist_peft.serving.mixed_forward`:
+    the adapter names of the batch and, per sample, the index of its adapter (-1: none).
+    """
+
+    active: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    disabled: bool = False
+    forward_mode: ForwardMode = "auto"
+    mixed: tuple[list[str], torch.Tensor] | None = None
+
+    def weight(self, name: str) -> float:
+        return self.weights.get(name, 1.0)
+
+
+# ----------------------------------------------------------------------------- the layer
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` (kept as ``base_layer``) with named LoRA adapters.
+
+    The active adapters, stack weights and switches come from ``state`` (the model's
+    :class:`AdapterState`); a layer made on its own gets a state of its own.
+    """
+
+    def __init__(self, base_layer: nn.Linear, state: AdapterState | None = None) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise AdapterConfigError(f"LoRA targets nn.Linear layers, got {type(base_layer).__name__}")
@@ -161,22 +213,20 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
-        self.adapter_weights: dict[str, float] = {}  # stack weight w_i per active adapter
+        self.state = state if state is not None else AdapterState()
         self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-        self.forward_mode: ForwardMode = "auto"
-        self.mixed_batch: tuple[list[str], torch.Tensor] | None = None  # (adapters, (N, R) column scales)
         self._unmerged_weight: torch.Tensor | None = None  # the original base weight while merged
-        self._merge_buffer: torch.Tensor | None = None  # reused output of merged_weight()
-        self._delta_buffer: torch.Tensor | None = None  # reused scratch for B @ A
-        self._fused_key: tuple | None = None
-        self._fused: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
-        self._fused_pins: list[torch.Tensor | None] = []
+        self._merged_snapshot: torch.Tensor | None = None  # the merged weight as merge() wrote it
+        self._layout: fused.FusedLayout | None = None
 
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The model's active adapters that this layer holds."""
+        return [n for n in self.state.active if n in self.lora_A]
 
     # -- adapters
     def update_layer(
@@ -204,90 +254,91 @@ class LoraLinear(nn.Module):
             raise AdapterStateError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling, self.adapter_weights):
+        for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(adapter_name, None)
-        if adapter_name in self.active_adapters:
-            self.active_adapters.remove(adapter_name)
-
-    def set_adapter(self, adapter_names: Sequence[str], weights: Sequence[float] | None = None) -> None:
-        """Make ``adapter_names`` the active stack, with optional per-adapter weights (default 1)."""
-        weights = [1.0] * len(adapter_names) if weights is None else list(weights)
-        self.active_adapters = list(adapter_names)
-        self.adapter_weights = {n: float(w) for n, w in zip(adapter_names, weights, strict=True)}
 
     def effective_scaling(self, adapter_name: str) -> float:
         """scaling * stack weight; exactly ``scaling`` when the stack weight is 1."""
-        w = self.adapter_weights.get(adapter_name, 1.0)
+        w = self.state.weight(adapter_name)
         s = self.scaling[adapter_name]
         return s if w == 1.0 else s * w
 
     # -- merge / unmerge
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
-        """The current weight plus the named adapters' deltas, as a tensor that is not the live one.
+        """The current weight plus the named adapters' deltas, as a new tensor.
 
-        Each delta is :func:`get_delta_weight`'s float ops, so a merged weight has the same bits
-        as peft's. Scratch buffers are reused across merges (no fresh 8 MB allocations per swap);
-        the live weight and the kept original are never written.
+        Each delta is :func:`get_delta_weight`'s float ops added to the weight, as peft merges, so
+        a merged weight has the same bits as peft's. The live weight is never written.
         """
-        weight = self.base_layer.weight.detach()
-        out = self._merge_buffer
-        if out is None or out.shape != weight.shape or out.dtype != weight.dtype or out.data_ptr() == weight.data_ptr():
-            out = torch.empty_like(weight)
-        self._merge_buffer = out
-        delta = self._delta_buffer
-        if delta is None or delta.shape != weight.shape or delta.dtype != weight.dtype:
-            delta = self._delta_buffer = torch.empty_like(weight)
-        src = weight
+        out = self.base_layer.weight.detach()
         for name in adapter_names:
             A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
             if _is_power_of_two(s):
                 # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s
                 # and saves a pass over the (out, in) delta. (s == 1 is the common case.)
-                torch.matmul(B * s if s != 1.0 else B, A, out=delta)
+                delta = B @ A if s == 1.0 else (B * s) @ A
             else:
-                torch.matmul(B, A, out=delta)  # (out, in)
-                delta.mul_(s)
-            torch.add(src, delta, out=out)
-            src = out
+                delta = (B @ A).mul_(s)  # (out, in)
+            out = torch.add(out, delta)
         return out
 
-    def _commit_merge(self, adapter_names: Sequence[str], new_weight: torch.Tensor) -> None:
-        if self._unmerged_weight is None:
-            self._unmerged_weight = self.base_layer.weight.data
-        self.base_layer.weight.data = new_weight
+    def commit_merge(self, adapter_names: Sequence[str], new_weight: torch.Tensor) -> None:
+        """Make ``new_weight`` (from :meth:`merged_weight`) live; the original is kept for unmerge."""
+        with torch.no_grad():
+            # The base to restore: the live weight, or (merging more) the kept one with any edit since.
+            self._unmerged_weight = self.base_layer.weight.data if self._unmerged_weight is None else self.unmerged_weight()
+            self.base_layer.weight.data = new_weight
+            self._merged_snapshot = new_weight.clone()
         self.merged_adapters.extend(adapter_names)
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without merged deltas: the kept original, plus any in-place edit made
+        to the merged weight since (``live - snapshot``, i.e. peft's ``live - delta``)."""
+        live = self.base_layer.weight.detach()
+        original, snapshot = self._unmerged_weight, self._merged_snapshot
+        if original is None or snapshot is None:
+            return live
+        if live.dtype == snapshot.dtype and live.device == snapshot.device and torch.equal(live, snapshot):
+            return original
+        snapshot = snapshot.to(dtype=live.dtype, device=live.device)
+        return original.to(dtype=live.dtype, device=live.device) + (live - snapshot)
+
     def unmerge(self) -> None:
-        """Put the original weight tensor back: bit-exact, idempotent."""
+        """Put the original weight tensor back (bit-exact, idempotent); an edit made while merged is kept."""
         if self._unmerged_weight is not None:
-            self.base_layer.weight.data = self._unmerged_weight
-            self._unmerged_weight = None
+            with torch.no_grad():
+                self.base_layer.weight.data = self.unmerged_weight()
+        self._unmerged_weight = self._merged_snapshot = None
         self.merged_adapters.clear()
 
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mixed_batch is not None:  # set for one call by serving.mixed_forward
-            names, column_scale = self.mixed_batch
-            return self._forward_fused(x, names, column_scale) if names else self.base_layer(x)
-        if self.disable_adapters:
-            if self._unmerged_weight is not None:  # merged but switched off: use the original weight
-                return F.linear(x, self._unmerged_weight, self.base_layer.bias)
+        state = self.state
+        if state.disabled:
+            if self._unmerged_weight is not None:  # merged but switched off: the base weight
+                return F.linear(x, self.unmerged_weight(), self.base_layer.bias)
             return self.base_layer(x)
-        active = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if state.mixed is not None:  # set for one call by serving.mixed_forward
+            return self._forward_mixed(x, *state.mixed)
+        active = [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
         if not active:
             return self.base_layer(x)
-        if self.forward_mode == "exact" or self._needs_exact(active):
+        layout = None if state.forward_mode == "exact" or self._needs_exact(active) else self._fused_layout()
+        if layout is None or not fused.idle_rows_ok(layout, active, self.out_features):
             return self._forward_exact(x, active)
-        return self._forward_fused(x, active)
+        return fused.fused_forward(layout, x, layout.column_scale({n: self.effective_scaling(n) for n in active}))
 
     def _needs_exact(self, active: list[str]) -> bool:
         if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in active):
             return True
-        if torch.is_grad_enabled() and (
+        return torch.is_grad_enabled() and (
             self.base_layer.weight.requires_grad or any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in active)
-        ):
-            return True
-        return _fused_unsupported(self.base_layer.weight)
+        )
+
+    def _fused_layout(self) -> fused.FusedLayout | None:
+        if not fused.fused_supported(self.base_layer.weight):
+            return None
+        return fused.ensure_layout(self)
 
     def _forward_exact(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         result = self.base_layer(x)
@@ -295,48 +346,26 @@ class LoraLinear(nn.Module):
             result = result + lora_forward(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
         return result
 
-    def _fused_operands(self, active: list[str], *, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(``[W; A_1; ...]^T`` (in, out + R), ``[b; 0]``, ``[s_1 B_1 | ...]^T`` (R, out)), cached on versions.
-
-        ``scaled=False`` leaves the scalings out of B (the mixed-batch path applies them per sample).
-        """
-        w, b = self.base_layer.weight, self.base_layer.bias
-        key = (
-            scaled, w.data_ptr(), w._version,
-            None if b is None else (b.data_ptr(), b._version),
-            tuple((n, self.lora_A[n].data_ptr(), self.lora_A[n]._version, self.lora_B[n].data_ptr(),
-                   self.lora_B[n]._version, self.effective_scaling(n) if scaled else 1.0) for n in active),
-        )  # fmt: skip
-        if key != self._fused_key:
-            with torch.no_grad():
-                A = torch.cat([self.lora_A[n] for n in active])  # (R, in)
-                weight_t = torch.cat([w, A]).t()  # (in, out + R): one GEMM gives base and x A^T
-                bias = None if b is None else torch.cat([b, b.new_zeros(A.shape[0])])
-                # (R, out): the (scaled) B's side by side, transposed for the in-place addmm
-                B_t = torch.cat([self.lora_B[n] * self.effective_scaling(n) if scaled else self.lora_B[n] for n in active], dim=1).t()
-            self._fused, self._fused_key = (weight_t, bias, B_t), key
-            # Hold the source storages so their addresses (part of the key) cannot be reused.
-            self._fused_pins = [w.data, None if b is None else b.data] + [self.lora_A[n].data for n in active] + [self.lora_B[n].data for n in active]
-        assert self._fused is not None
-        return self._fused
-
-    def _forward_fused(self, x: torch.Tensor, active: list[str], column_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """One GEMM for base + x A^T, then the rank-R update added in place.
-
-        ``column_scale`` (N, R) scales each sample's low-rank activations (mixed batches: the
-        scaling of the sample's own adapter on its columns, zeros elsewhere).
-        """
-        weight_t, bias, B_t = self._fused_operands(active, scaled=column_scale is None)
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ weight_t if bias is None else torch.addmm(bias, x2, weight_t)  # (N, out + R)
-        out = self.out_features
-        result = y[:, :out]  # (N, out) view, row stride out + R
-        low = y[:, out:]  # (N, R) = x A^T
-        if column_scale is not None:
-            low = low * column_scale
-        result.addmm_(low, B_t)  # += (x A^T) (s B)^T, in place
-        return result.reshape(*shape, out)
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], owner: torch.Tensor) -> torch.Tensor:
+        """Sample i through adapter ``names[owner[i]]`` alone at its scaling (``owner[i] == -1``: the base)."""
+        present = [n for n in names if n in self.lora_A]
+        if not present:
+            return self.base_layer(x)
+        layout = self._fused_layout()
+        if layout is not None:
+            index = {n: i for i, n in enumerate(names)}
+            col_owner = torch.cat([torch.full((self.r[n],), index.get(n, -2), device=owner.device) for n in layout.names])
+            col_scale = layout.column_scale({n: self.scaling[n] for n in present})
+            return fused.fused_forward(layout, x, (owner[:, None] == col_owner[None, :]) * col_scale)  # (N, R)
+        result = self.base_layer(x)
+        for i, name in enumerate(names):
+            if name not in self.lora_A:
+                continue
+            rows = (owner == i).nonzero().squeeze(1)
+            if rows.numel():
+                update = lora_forward(x[rows], self.lora_A[name], self.lora_B[name], self.scaling[name])
+                result = result.index_add(0, rows, update)
+        return result
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.lora_A)}"
@@ -345,11 +374,6 @@ class LoraLinear(nn.Module):
 def _is_power_of_two(s: float) -> bool:
     m, _ = math.frexp(s)
     return s > 0 and m == 0.5 and s >= 2.0**-100  # far from the subnormal range of the products
-
-
-def _fused_unsupported(weight: torch.Tensor) -> bool:
-    """The fused path is for dense fp32/fp64 weights; anything else takes the exact path."""
-    return weight.dtype not in (torch.float32, torch.float64) or weight.layout != torch.strided
 
 
 # ----------------------------------------------------------------------------- injection
@@ -388,6 +412,7 @@ def check_lora_state_dict(
     Raises:
         AdapterKeyError: a key is missing or unexpected (named in the message and as ``.key``).
         AdapterShapeError: a tensor has the wrong shape, e.g. a rank other than ``config.r``.
+        NonFiniteError: a tensor holds NaN or Inf.
     """
     where = f" in {path!r}" if path else ""
     expected: dict[str, tuple[int, int]] = {}
@@ -409,6 +434,13 @@ def check_lora_state_dict(
             )
         if not tensor.is_floating_point():
             raise AdapterShapeError(f"tensor {key!r}{where} has dtype {tensor.dtype}; LoRA weights must be floating point", key=key, path=path)
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
+                "re-train it or load another version",
+                key=key,
+                path=path,
+            )
 
 
 def inject_adapter(
@@ -417,12 +449,14 @@ def inject_adapter(
     adapter_name: str = DEFAULT_ADAPTER,
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
+    state: AdapterState | None = None,
 ) -> list[str]:
     """Wrap every target ``nn.Linear`` of ``model`` in a :class:`LoraLinear` and add an adapter.
 
     Layers already wrapped get the new adapter added. Targets are visited in ``named_modules``
     order (as peft does), so seeded inits match peft's. With ``state_dict`` the weights are
-    checked first (nothing changes if they do not fit) and copied in. Returns the adapted names.
+    checked first (nothing changes if they do not fit) and copied in. New layers share ``state``
+    (default: the state of the model's existing LoRA layers, else a new one). Returns the adapted names.
 
     Raises:
         AdapterConfigError, AdapterKeyError, AdapterShapeError: see :func:`check_lora_state_dict`.
@@ -430,12 +464,14 @@ def inject_adapter(
     targets = find_targets(model, config)
     if state_dict is not None:
         check_lora_state_dict(model, config, state_dict)
+    if state is None:
+        state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child)
         if not isinstance(layer, LoraLinear):
-            layer = LoraLinear(layer)
+            layer = LoraLinear(layer, state)
             setattr(parent, child, layer)
         weights = None if state_dict is None else (state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"])
         layer.update_layer(adapter_name, config, weights)
@@ -454,12 +490,15 @@ def set_forward_mode(model: nn.Module, mode: ForwardMode) -> None:
     if mode not in ("auto", "exact"):
         raise ValueError(f"forward mode must be 'auto' or 'exact', got {mode!r}")
     for _, layer in lora_layers(model):
-        layer.forward_mode = mode
+        layer.state.forward_mode = mode
 
 
 # ----------------------------------------------------------------------------- the model
 class LoraModel(nn.Module):
     """A base model with named LoRA adapters: add, activate, stack, merge, unmerge, unload.
+
+    The model owns the adapter state (:class:`AdapterState`); its layers read it. Adapters may sit
+    on different subsets of the target layers: every operation takes each layer's share.
 
     Example:
         >>> model = LoraModel(MnistMLP(), LoraConfig(r=4, lora_alpha=4))
@@ -471,6 +510,10 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        existing = [layer for _, layer in lora_layers(model)]
+        self.state = existing[0].state if existing else AdapterState()
+        for layer in existing:
+            layer.state = self.state
         for p in model.parameters():  # only LoRA weights train
             p.requires_grad_(False)
         if config is not None:
@@ -482,15 +525,24 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        layers = self._layers()
-        return list(layers[0].active_adapters) if layers else []
+        """The active adapters, in stack order (a copy)."""
+        return list(self.state.active)
+
+    @property
+    def adapter_weights(self) -> dict[str, float]:
+        """The stack weight of each active adapter (a copy)."""
+        return {n: self.state.weight(n) for n in self.state.active}
 
     @property
     def merged_adapters(self) -> list[str]:
-        layers = self._layers()
-        return list(layers[0].merged_adapters) if layers else []
+        """Adapters merged into at least one layer's weight (the union over layers, in merge order)."""
+        seen: list[str] = []
+        for layer in self._layers():
+            seen += [n for n in layer.merged_adapters if n not in seen]
+        return seen
 
-    def _require(self, names: Iterable[str]) -> None:
+    def require_adapters(self, names: Iterable[str]) -> None:
+        """Raise :class:`AdapterStateError` naming the first of ``names`` that is not loaded."""
         for n in names:
             if n not in self.peft_config:
                 raise AdapterStateError(f"no adapter named {n!r}; adapters here: {sorted(self.peft_config)}")
@@ -500,62 +552,78 @@ class LoraModel(nn.Module):
         """Add a new adapter, with fresh weights or ``state_dict``'s; the first one added becomes active.
 
         Raises:
-            AdapterStateError: the name is taken, or adapters are merged.
-            AdapterConfigError, AdapterKeyError, AdapterShapeError: ``state_dict`` does not fit
-                (the model is left unchanged).
+            AdapterStateError: the name is taken or reserved, or adapters are merged.
+            AdapterConfigError, AdapterKeyError, AdapterShapeError, NonFiniteError: ``state_dict``
+                does not fit (the model is left unchanged).
         """
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
+            raise AdapterStateError(f"adapter name {adapter_name!r} is not allowed; use a non-empty name without '.', other than {BASE_ADAPTER!r}")
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         if self.merged_adapters:
             raise AdapterStateError("cannot add an adapter while adapters are merged; call unmerge() first")
-        inject_adapter(self.model, config, adapter_name, state_dict=state_dict)
+        inject_adapter(self.model, config, adapter_name, state_dict=state_dict, state=self.state)
         self.peft_config[adapter_name] = config
         for layer in self._layers():
             if adapter_name in layer.lora_A:
                 layer.lora_A[adapter_name].requires_grad_(True)
                 layer.lora_B[adapter_name].requires_grad_(True)
-        if not self.active_adapters:
+        if not self.state.active:
             self.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._require([adapter_name])
+        """Remove an adapter from every layer (refused while it is merged)."""
+        self.require_adapters([adapter_name])
+        if adapter_name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
         for layer in self._layers():
             if adapter_name in layer.lora_A:
                 layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        if adapter_name in self.state.active:
+            self.state.active = [n for n in self.state.active if n != adapter_name]
+            self.state.weights.pop(adapter_name, None)
 
     def set_adapter(self, adapter_names: str | Sequence[str], weights: Sequence[float] | None = None) -> None:
-        """Activate one adapter, or a stack of several with optional per-adapter weights."""
+        """Activate one adapter, or a stack of several with optional per-adapter weights (default 1).
+
+        Raises:
+            AdapterStateError: an unknown or repeated name, a weight count that does not match,
+                or merged adapters.
+            AdapterConfigError: a weight that is not a finite number.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._require(names)
+        self.require_adapters(names)
+        if len(set(names)) != len(names):
+            raise AdapterStateError(f"adapter names {names} repeat a name; give each adapter once (use its weight to scale it)")
         if weights is not None and len(weights) != len(names):
             raise AdapterStateError(f"got {len(weights)} weights for {len(names)} adapters; give one weight per adapter")
+        values = [1.0] * len(names) if weights is None else [_check_finite(w, f"stack weight of {n!r}") for n, w in zip(names, weights)]
         if self.merged_adapters:
             raise AdapterStateError("cannot change the active adapters while merged; call unmerge() first")
-        for layer in self._layers():
-            layer.set_adapter([n for n in names if n in layer.lora_A], None if weights is None else [w for n, w in zip(names, weights) if n in layer.lora_A])
+        self.state.active = names
+        self.state.weights = dict(zip(names, values, strict=True))
 
     def enable_adapter_layers(self) -> None:
-        for layer in self._layers():
-            layer.disable_adapters = False
+        self.state.disabled = False
 
     def disable_adapter_layers(self) -> None:
         """The seed's switch: the model computes the bare base (merged or not), nothing is lost."""
-        for layer in self._layers():
-            layer.disable_adapters = True
+        self.state.disabled = True
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """``with model.disable_adapter(): ...`` runs the bare base model."""
-        self.disable_adapter_layers()
+        was = self.state.disabled
+        self.state.disabled = True
         try:
             yield
         finally:
-            self.enable_adapter_layers()
+            self.state.disabled = was
 
     # -- merge
     def merge(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
-        """Add the (active, or named) adapters' deltas into the base weights.
+        """Add the (active, or named) adapters' deltas into the base weights of the layers holding them.
 
         Idempotent: adapters already merged are skipped. With ``safe_merge``, every new weight is
         checked for NaN/Inf first and nothing changes if one is found.
@@ -564,7 +632,7 @@ class LoraModel(nn.Module):
             MergeError: ``safe_merge`` found a non-finite merged weight (the model is untouched).
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        self._require(names)
+        self.require_adapters(names)
         plan = []
         for lname, layer in lora_layers(self.model):
             todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
@@ -578,10 +646,10 @@ class LoraModel(nn.Module):
                         "unchanged. Check the adapter's weights (or lower its stack weight)"
                     )
         for _, layer, todo, weight in plan:
-            layer._commit_merge(todo, weight)
+            layer.commit_merge(todo, weight)
 
     def unmerge(self) -> None:
-        """Restore every base weight bit-exactly; idempotent."""
+        """Restore every base weight bit-exactly (keeping edits made while merged); idempotent."""
         for layer in self._layers():
             layer.unmerge()
 
@@ -591,10 +659,11 @@ class LoraModel(nn.Module):
         for name, layer in list(lora_layers(self.model)):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            layer._unmerged_weight = None  # the merged weight stays
-            layer._merge_buffer = layer._delta_buffer = None
+            layer._unmerged_weight = layer._merged_snapshot = None  # the merged weight stays
+            fused.detach_layout(layer)
             setattr(parent, child, layer.base_layer)
         self.peft_config.clear()
+        self.state.active, self.state.weights = [], {}
         return self.model
 
     def merge_and_unload(self) -> nn.Module:
@@ -609,7 +678,7 @@ class LoraModel(nn.Module):
     # -- state
     def lora_state_dict(self, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
         """``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}`` for one adapter."""
-        self._require([adapter_name])
+        self.require_adapters([adapter_name])
         out: dict[str, torch.Tensor] = {}
         for name, layer in lora_layers(self.model):
             if adapter_name in layer.lora_A:
@@ -618,24 +687,18 @@ class LoraModel(nn.Module):
         return out
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The bare base's tensors under their plain names, with original (unmerged) weights."""
+        """The bare base's tensors under their plain names, with unmerged weights."""
         state = {k.replace("base_layer.", ""): v for k, v in self.model.state_dict().items() if "lora_" not in k}
         for name, layer in lora_layers(self.model):
-            if layer._unmerged_weight is not None:
-                state[f"{name}.weight"] = layer._unmerged_weight
+            state[f"{name}.weight"] = layer.unmerged_weight()
         return state
 
     def base_fingerprint(self) -> str:
-        """:func:`mnist_peft.model.base_fingerprint` of the bare base, cached on tensor versions."""
+        """:func:`mnist_peft.model.base_fingerprint` of the bare base, computed now (never cached:
+        an in-place edit through ``.data`` leaves no trace a cache could key on)."""
         from .model import base_fingerprint
 
-        state = self.base_state_dict()
-        key = tuple((k, v.data_ptr(), v._version) for k, v in sorted(state.items()))
-        if getattr(self, "_fingerprint_key", None) != key:
-            self._fingerprint = base_fingerprint(state)
-            self._fingerprint_key = key
-            self._fingerprint_pins = list(state.values())  # keep the addresses in the key unique
-        return self._fingerprint
+        return base_fingerprint(self.base_state_dict())
 
     def num_lora_parameters(self, adapter_name: str = DEFAULT_ADAPTER) -> int:
         return sum(t.numel() for t in self.lora_state_dict(adapter_name).values())

@@ -155,7 +155,7 @@ def test_load_stack_names_and_weights(saved, random_base, tmp_path) -> None:
     model, _, folder = saved
     stack = load_stack(copy.deepcopy(random_base), [folder, folder], [1.0, 0.5])
     assert stack.active_adapters == ["adapter", "adapter_"]
-    assert stack.model.linear1.adapter_weights == {"adapter": 1.0, "adapter_": 0.5}
+    assert stack.adapter_weights == {"adapter": 1.0, "adapter_": 0.5}
     with pytest.raises(AdapterConfigError, match="one --weight per --adapter"):
         load_stack(copy.deepcopy(random_base), [folder], [1.0, 2.0])
 
