@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from .errors import AdapterConfigError, FingerprintMismatchError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
+from .model import base_fingerprint
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -314,8 +315,8 @@ def _read_metadata(raw: bytes) -> dict[str, str]:
     return dict(header.get("__metadata__", {}))
 
 
-def check_fingerprint(files: AdapterFiles, model: LoraModel) -> None:
-    """Refuse an adapter trained on other base weights than ``model``'s.
+def check_fingerprint(files: AdapterFiles, model: LoraModel | str) -> None:
+    """Refuse an adapter trained on other base weights than ``model``'s (or than the fingerprint given).
 
     Raises:
         FingerprintMismatchError: the fingerprints differ (an adapter without one is accepted).
@@ -323,7 +324,7 @@ def check_fingerprint(files: AdapterFiles, model: LoraModel) -> None:
     expected = files.base_fingerprint
     if not expected:
         return
-    actual = model.base_fingerprint()
+    actual = model if isinstance(model, str) else model.base_fingerprint()
     if actual != expected:
         raise FingerprintMismatchError(
             f"adapter {str(files.path)!r} was trained on base {expected[:12]}..., but this base is {actual[:12]}...; "
@@ -389,11 +390,12 @@ def load_stack(
     if weights is not None and len(weights) != len(folders):
         raise AdapterConfigError(f"got {len(weights)} weights for {len(folders)} adapters; give one --weight per --adapter")
     files = [read_adapter(f) for f in folders]
-    model = LoraModel(base)
-    for f in files:
-        if not force:
-            check_fingerprint(f, model)
+    fingerprint = None if force else base_fingerprint(base)
+    for f in files:  # every check before the base is wrapped (and frozen)
+        if fingerprint is not None:
+            check_fingerprint(f, fingerprint)
         check_lora_state_dict(base, f.config, f.state_dict, path=str(f.path))
+    model = LoraModel(base)
     names: list[str] = []
     for f in files:
         name = _adapter_name(Path(f.path or "adapter"))

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from typing import NoReturn
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     out, _ = _out_folder(args)
     model = _model_from_args(args)
-    plain = model.merge_and_unload()
+    plain = model.merge_and_unload(safe_merge=True)
     assert isinstance(plain, MnistMLP)
     plain.save_pretrained(out)
     payload = {"out": str(out), "adapters": args.adapter, "weights": args.weight, "fingerprint": base_fingerprint(plain)}
@@ -550,8 +551,15 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapter_required: bool = Fals
     p.add_argument("--force", action="store_true", help="load adapters even if trained on another base (fingerprint mismatch)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error:`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mnist-peft",
         description="Train, store, merge and share LoRA adapters for an MNIST MLP, on PEFT conventions.",
         epilog="Run `mnist-peft COMMAND --help` for the options of one command.",

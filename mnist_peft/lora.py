@@ -653,9 +653,9 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.unmerge()
 
-    def _unwrap(self, merge: bool) -> nn.Module:
+    def _unwrap(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         if merge:
-            self.merge()
+            self.merge(safe_merge=safe_merge)
         for name, layer in list(lora_layers(self.model)):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -666,9 +666,13 @@ class LoraModel(nn.Module):
         self.state.active, self.state.weights = [], {}
         return self.model
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model (e.g. an ``MnistMLP``)."""
-        return self._unwrap(merge=True)
+    def merge_and_unload(self, *, safe_merge: bool = False) -> nn.Module:
+        """Merge the active adapters and return the plain base model (e.g. an ``MnistMLP``).
+
+        Raises:
+            MergeError: ``safe_merge`` found a non-finite merged weight (the model is untouched).
+        """
+        return self._unwrap(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """Drop every adapter (unmerging first) and return the plain base model."""

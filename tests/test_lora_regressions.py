@@ -1,0 +1,200 @@
+"""The call sequences that once gave silently wrong outputs, each as a plain regression test."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mnist_peft.adapters import load_stack, read_adapter, save_adapter
+from mnist_peft.errors import AdapterStateError, FingerprintMismatchError
+from mnist_peft.lora import LoraConfig, LoraModel, lora_layers, set_forward_mode
+from mnist_peft.model import MnistMLP, base_fingerprint
+from mnist_peft.peft_compat import FUSED_TOLERANCE
+from mnist_peft.serving import mixed_forward
+
+from conftest import run_cli
+
+
+def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:
+    set_forward_mode(model, "exact")
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        set_forward_mode(model, "auto")
+
+
+def _add(model: LoraModel, name: str, seed: int, **kw) -> None:
+    torch.manual_seed(seed)
+    model.add_adapter(name, LoraConfig(init_lora_weights=False, **{"r": 4, "lora_alpha": 8, **kw}))
+
+
+@pytest.fixture()
+def abd(random_base: MnistMLP) -> LoraModel:
+    model = LoraModel(copy.deepcopy(random_base))
+    for i, name in enumerate("abd"):
+        _add(model, name, i)
+    return model.eval()
+
+
+def test_remerging_another_adapter_computes_with_the_new_one(abd: LoraModel) -> None:
+    """Finding 1: a reused merge buffer left the fused path computing with the old adapter."""
+    x = torch.randn(16, 784)
+    abd.set_adapter(["a", "b"])
+    abd.merge(["a"])
+    with torch.no_grad():
+        abd(x)
+    abd.unmerge()
+    abd.set_adapter(["d", "b"])
+    abd.merge(["d"])
+    with torch.no_grad():
+        fused = abd(x)
+    reference = copy.deepcopy(abd)
+    reference.unmerge()
+    expected = _exact(reference, x)  # d and b, unmerged, peft's op order
+    reference.set_adapter(["a", "b"])
+    stale = _exact(reference, x)  # what the stale cache computed
+    assert (expected - stale).abs().max() > 1e-2  # the two answers differ, so the check can fail
+    torch.testing.assert_close(fused, expected, rtol=0, atol=FUSED_TOLERANCE)
+
+
+@pytest.fixture()
+def full_and_l3(random_base: MnistMLP) -> LoraModel:
+    model = LoraModel(copy.deepcopy(random_base))
+    _add(model, "full", 1)
+    _add(model, "l3", 2, target_modules=["linear3"])
+    return model.eval()
+
+
+def test_adapters_on_different_layers_stack_merge_and_unload(full_and_l3: LoraModel) -> None:
+    """Finding 2: model-level state was read from the first layer, which does not hold ``l3``."""
+    model, x = full_and_l3, torch.randn(16, 784)
+    model.set_adapter(["full", "l3"])
+    assert model.active_adapters == ["full", "l3"]
+    stacked = _exact(model, x)
+    model.set_adapter("full")
+    assert (stacked - _exact(model, x)).abs().max() > 1e-2  # l3 matters
+    model.set_adapter(["full", "l3"])
+    plain = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), stacked, rtol=0, atol=1e-4)
+    model.merge(["l3"])
+    assert model.merged_adapters == ["l3"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stacked, rtol=0, atol=1e-4)  # l3 once, from the weight
+    with pytest.raises(AdapterStateError, match="merged"):
+        mixed_forward(model, x, ["l3"] * 16)  # would apply l3 twice
+
+
+def test_cli_merge_of_adapters_on_different_layers_keeps_both(full_and_l3: LoraModel, tmp_path) -> None:
+    """Finding 2, end to end: ``mnist-peft merge`` wrote the same bytes as ``full`` alone."""
+    base = tmp_path / "base"
+    plain = copy.deepcopy(full_and_l3).unload()
+    plain.save_pretrained(base)
+    save_adapter(full_and_l3, tmp_path / "full", "full")
+    save_adapter(full_and_l3, tmp_path / "l3only", "l3")
+    outs = {}
+    for label, adapters in {"full": ["full"], "both": ["full", "l3only"]}.items():
+        args = [a for name in adapters for a in ("--adapter", str(tmp_path / name))]
+        result = run_cli("merge", "--base", str(base), *args, "--out", str(tmp_path / f"merged-{label}"))
+        assert result.returncode == 0, result.stderr
+        outs[label] = MnistMLP.from_pretrained(tmp_path / f"merged-{label}")
+    x = torch.randn(8, 784)
+    full_and_l3.set_adapter(["full", "l3"])
+    with torch.no_grad():
+        assert not torch.equal(outs["full"].linear3.weight, outs["both"].linear3.weight)
+        torch.testing.assert_close(outs["both"](x), full_and_l3(x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("edit", ["lora_B", "base_weight", "base_bias"])
+def test_in_place_edits_through_data_reach_the_fused_path(abd: LoraModel, edit: str) -> None:
+    """Finding 3: ``.data`` edits do not bump ``_version``, so a version-keyed cache went stale."""
+    x = torch.randn(16, 784)
+    with torch.no_grad():
+        before = abd(x)  # builds the fused layout
+    layer = abd.model.linear2
+    if edit == "lora_B":
+        layer.lora_B["a"].data.mul_(10)
+    elif edit == "base_weight":
+        layer.base_layer.weight.data.add_(0.01)
+    else:
+        layer.base_layer.bias.data.add_(1)
+    with torch.no_grad():
+        after = abd(x)
+    expected = _exact(abd, x)
+    assert (expected - before).abs().max() > 1e-2  # the edit matters
+    torch.testing.assert_close(after, expected, rtol=0, atol=FUSED_TOLERANCE)
+
+
+def test_base_fingerprint_follows_data_edits_and_save_records_the_new_base(abd: LoraModel, tmp_path) -> None:
+    """Finding 3: a cached fingerprint made ``save_adapter`` record a base that no longer existed."""
+    first = abd.base_fingerprint()
+    abd.model.linear1.base_layer.weight.data.add_(1)
+    assert abd.base_fingerprint() != first
+    assert abd.base_fingerprint() == base_fingerprint(copy.deepcopy(abd).unload())
+    save_adapter(abd, tmp_path / "a", "a")
+    assert read_adapter(tmp_path / "a").base_fingerprint == abd.base_fingerprint()
+
+
+def test_unmerge_keeps_a_base_edit_made_while_merged(abd: LoraModel) -> None:
+    """Finding 4: unmerge put the original tensor back and silently dropped the edit."""
+    abd.set_adapter("a")
+    original = abd.model.linear1.base_layer.weight.detach().clone()
+    abd.merge()
+    abd.model.linear1.base_layer.weight.data.add_(0.5)
+    abd.unmerge()
+    torch.testing.assert_close(abd.model.linear1.base_layer.weight.detach(), original + 0.5, rtol=0, atol=1e-5)
+    # and with no edit, unmerge stays bit-exact
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(abd.model)}
+    abd.merge()
+    abd.unmerge()
+    assert all(torch.equal(before[n], layer.base_layer.weight) for n, layer in lora_layers(abd.model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_mixed_batch_follows_the_model_dtype(abd: LoraModel, dtype: torch.dtype) -> None:
+    """Finding 4: mixed batches failed on bf16/fp16 models."""
+    model = abd.to(dtype)
+    x = torch.randn(6, 784, dtype=dtype)
+    rows = ["a", None, "__base__", "d", "b", "a"]
+    y = mixed_forward(model, x, rows)
+    assert y.dtype == dtype
+    tolerance = {torch.bfloat16: 0.1, torch.float16: 0.02, torch.float64: 1e-9}[dtype]
+    for i, name in enumerate(rows):
+        if name in (None, "__base__"):
+            with model.disable_adapter(), torch.no_grad():
+                alone = model(x[i : i + 1])
+        else:
+            model.set_adapter(name)
+            alone = _exact(model, x[i : i + 1])
+        torch.testing.assert_close(y[i : i + 1], alone, rtol=0, atol=tolerance * max(1.0, float(alone.abs().max())))
+
+
+def test_mixed_batch_honours_disable_adapter(abd: LoraModel) -> None:
+    x = torch.randn(4, 784)
+    with abd.disable_adapter(), torch.no_grad():
+        base = abd(x)
+        assert torch.equal(mixed_forward(abd, x, ["a", "b", "d", "a"]), base)
+    assert not torch.equal(mixed_forward(abd, x, ["a", "b", "d", "a"]), base)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU machine)")
+def test_mixed_batch_follows_the_model_device(abd: LoraModel) -> None:
+    model = abd.to("cuda")
+    x = torch.randn(4, 784, device="cuda")
+    assert mixed_forward(model, x, ["a", None, "b", "d"]).device.type == "cuda"
+
+
+def test_refused_load_stack_leaves_the_callers_base_trainable(random_base: MnistMLP, abd: LoraModel, tmp_path) -> None:
+    """Finding 4: a refused ``load_stack`` had already frozen the caller's base."""
+    save_adapter(abd, tmp_path / "a", "a")
+    other = copy.deepcopy(random_base)
+    with torch.no_grad():
+        other.linear1.weight.add_(1)  # another base: the fingerprint check refuses
+    assert all(p.requires_grad for p in other.parameters())
+    with pytest.raises(FingerprintMismatchError):
+        load_stack(other, [tmp_path / "a"])
+    assert all(p.requires_grad for p in other.parameters())
+    assert type(other.linear1) is torch.nn.Linear
