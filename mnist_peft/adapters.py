@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import AdapterConfigError, FingerprintMismatchError
+from .errors import AdapterConfigError, AdapterKeyError, FingerprintMismatchError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
 from .model import base_fingerprint
@@ -297,6 +297,13 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
             head, sep, tail = k.partition(f".{part}.")
             if sep and tail != "weight" and tail.endswith(".weight"):
                 k = f"{head}.{part}.weight"
+        if k in state:
+            raise AdapterKeyError(
+                f"{str(w_path)!r} holds two tensors for {k!r} (e.g. with and without an adapter name); "
+                "keep one and re-save the file",
+                key=k,
+                path=w_path,
+            )
         state[k] = t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
     return AdapterFiles(config=config, state_dict=state, metadata=metadata, path=folder)
 

@@ -21,6 +21,7 @@ __all__ = [
     "FingerprintMismatchError",
     "MergeError",
     "NonFiniteError",
+    "TrainConfigError",
     "RegistryError",
     "InvalidNameError",
     "EntryNotFoundError",
@@ -112,6 +113,10 @@ class NonFiniteError(MnistPeftError, ValueError):
         super().__init__(message)
         self.key = key
         self.path = path
+
+
+class TrainConfigError(MnistPeftError, ValueError):
+    """A training configuration or recipe field is invalid (non-finite lr, bad batch size...)."""
 
 
 class RegistryError(MnistPeftError, ValueError):

@@ -63,7 +63,6 @@ class MnistMLP(
         from huggingface_hub import hf_hub_download
         from safetensors.torch import load_model
 
-        model = cls(**model_kwargs)  # type: ignore[arg-type]
         if os.path.isdir(model_id):
             model_file = os.path.join(model_id, WEIGHTS_NAME)
         else:
@@ -76,6 +75,9 @@ class MnistMLP(
                 token=token,
                 local_files_only=local_files_only,
             )
+        # config.json is outside input: check it against the weights' header before allocating.
+        _check_config_against_header(model_kwargs, model_file)
+        model = cls(**model_kwargs)  # type: ignore[arg-type]
         load_model(model, model_file, strict=True, device=map_location)
         return model
 
@@ -84,6 +86,68 @@ class MnistMLP(
         x = self.relu(self.linear1(x))  # (B, hidden1)
         x = self.relu(self.linear2(x))  # (B, hidden2)
         return self.linear3(x)  # (B, 10) logits
+
+
+_SIZE_FIELDS = ("hidden_size_1", "hidden_size_2", "in_features", "num_classes")
+
+
+def expected_shapes(hidden_size_1: int = 1000, hidden_size_2: int = 2000, in_features: int = 784, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes an :class:`MnistMLP` of these sizes has, by state-dict name."""
+    sizes = [(1, in_features, hidden_size_1), (2, hidden_size_1, hidden_size_2), (3, hidden_size_2, num_classes)]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, n_in, n_out in sizes:
+        shapes[f"linear{i}.weight"] = (n_out, n_in)
+        shapes[f"linear{i}.bias"] = (n_out,)
+    return shapes
+
+
+def _check_config_against_header(config: dict[str, object], model_file: str) -> None:
+    """Refuse a config whose sizes are not positive integers or disagree with the weights file.
+
+    Reads only the safetensors header (a few hundred bytes), so an edited ``config.json`` asking
+    for a 400,000-wide layer is refused before anything is allocated.
+    """
+    unknown = sorted(set(config) - set(_SIZE_FIELDS))
+    if unknown:
+        raise ModelLoadError(f"config.json has unknown field(s) {unknown}; an MnistMLP config has {list(_SIZE_FIELDS)}", path=model_file)
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelLoadError(f"config.json field {key}={value!r} must be a positive integer", path=model_file)
+    header = read_safetensors_header(model_file)
+    actual = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    expected = expected_shapes(**config)  # type: ignore[arg-type]
+    if actual != expected:
+        diff = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+        shown = ", ".join(f"{k}: file {actual.get(k)} vs config {expected.get(k)}" for k in diff[:3])
+        raise ModelLoadError(
+            f"config.json does not match {WEIGHTS_NAME} ({shown}); the folder is corrupt or mixed up: re-save or re-download it",
+            path=model_file,
+        )
+
+
+def read_safetensors_header(path: str | os.PathLike[str], *, max_bytes: int = 1 << 24) -> dict[str, dict]:
+    """The JSON header of a safetensors file, read without loading any tensor.
+
+    Raises:
+        ModelLoadError: the file is too short, or its header is not valid JSON of a sane size.
+    """
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelLoadError(f"{str(path)!r} is not a safetensors file (shorter than 8 bytes)", path=path)
+        n = int.from_bytes(head, "little")
+        if n > max_bytes:
+            raise ModelLoadError(f"{str(path)!r} declares a {n:,}-byte header; not a safetensors file we accept", path=path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{str(path)!r} has a corrupt safetensors header ({exc})", path=path) from exc
+    if not isinstance(header, dict) or not all(isinstance(v, dict) and "shape" in v for k, v in header.items() if k != "__metadata__"):
+        raise ModelLoadError(f"{str(path)!r} has a safetensors header of the wrong form", path=path)
+    return header
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -129,6 +193,8 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
         )
     try:
         model = MnistMLP.from_pretrained(str(path_or_repo), **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # hub errors, bad config, bad safetensors: all "cannot load this base"
         raise ModelLoadError(f"cannot load base model {str(path_or_repo)!r}: {exc}", path=p) from exc
     model.eval()

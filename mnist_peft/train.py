@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import TrainConfigError
 from tqdm.auto import tqdm
 
 from .data import MnistSplit, load_mnist, split_validation
@@ -67,8 +70,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.schedule not in ("none", "onecycle"):
             raise ValueError(f"schedule must be 'none' or 'onecycle', got {self.schedule!r}")
         if self.val_size < 0 or self.patience < 1 or self.max_steps < 0 or self.eval_every < 0:
@@ -331,6 +334,8 @@ class AdapterRecipe:
     """Seeds adapter init, batches and augmentation."""
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not 0 < self.digit_fraction <= 1:
             raise ValueError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
         if self.steps < 1 or self.batch_size < 1:

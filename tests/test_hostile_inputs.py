@@ -1,0 +1,120 @@
+"""Files and numbers from outside: checked before anything is allocated, guessed or changed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mnist_peft.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX, load_adapter, read_adapter, save_adapter
+from mnist_peft.errors import AdapterConfigError, AdapterKeyError, AdapterStateError, ModelLoadError, NonFiniteError, TrainConfigError
+from mnist_peft.lora import LoraConfig, LoraModel
+from mnist_peft.model import MnistMLP, load_base
+from mnist_peft.train import AdapterRecipe, TrainConfig
+
+from conftest import run_cli
+
+
+@pytest.fixture()
+def adapter_dir(random_base: MnistMLP, tmp_path):
+    torch.manual_seed(1)
+    model = LoraModel(copy.deepcopy(random_base), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def _state(model: LoraModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_adapter_file_with_non_finite_values_is_refused_and_the_model_is_unchanged(random_base, adapter_dir, bad) -> None:
+    path = adapter_dir / ADAPTER_WEIGHTS_NAME
+    files = read_adapter(adapter_dir)
+    tensors = {KEY_PREFIX + k: v.clone() for k, v in files.state_dict.items()}
+    tensors[KEY_PREFIX + "linear2.lora_B.weight"][3, 1] = bad
+    save_file(tensors, path, metadata=files.metadata)
+    model = LoraModel(copy.deepcopy(random_base))
+    before = _state(model)
+    with pytest.raises(NonFiniteError, match="linear2.lora_B.weight.*NaN or Inf"):
+        load_adapter(model, adapter_dir, "x")
+    assert model.peft_config == {} and before.keys() == _state(model).keys()
+
+
+def test_two_tensors_for_one_key_are_refused(adapter_dir) -> None:
+    files = read_adapter(adapter_dir)
+    tensors = {KEY_PREFIX + k: v for k, v in files.state_dict.items()}
+    tensors[KEY_PREFIX + "linear1.lora_A.default.weight"] = torch.zeros_like(files.state_dict["linear1.lora_A.weight"])
+    save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME)
+    with pytest.raises(AdapterKeyError, match="two tensors for 'linear1.lora_A.weight'"):
+        read_adapter(adapter_dir)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("use_rslora", "false"), ("r", "4"), ("r", 2.0), ("lora_alpha", "8"), ("lora_alpha", float("inf")), ("lora_dropout", float("nan")),
+     ("target_modules", [1, 2]), ("init_lora_weights", 1)],
+)  # fmt: skip
+def test_config_fields_are_type_checked(adapter_dir, field, value) -> None:
+    path = adapter_dir / ADAPTER_CONFIG_NAME
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(AdapterConfigError, match=field):
+        read_adapter(adapter_dir)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_stack_weights_alpha_and_lr_are_named_errors(random_base, bad) -> None:
+    model = LoraModel(copy.deepcopy(random_base), LoraConfig(r=2))
+    with pytest.raises(AdapterConfigError, match="stack weight of 'default' must be finite"):
+        model.set_adapter(["default"], [bad])
+    assert model.adapter_weights == {"default": 1.0}
+    with pytest.raises(AdapterConfigError, match="lora_alpha must be finite"):
+        LoraConfig(lora_alpha=bad)
+    with pytest.raises(TrainConfigError, match="lr must be a finite number"):
+        TrainConfig(lr=bad)
+    with pytest.raises(TrainConfigError, match="lr must be a finite number"):
+        AdapterRecipe(lr=bad)
+    assert not math.isfinite(bad)
+
+
+def test_cli_refuses_a_non_finite_weight(tmp_path) -> None:
+    result = run_cli("eval", "--base", "base", "--adapter", "digit-3", "--weight", "nan", "--json")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "finite" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_repeated_adapter_name_in_a_stack_is_refused(random_base) -> None:
+    model = LoraModel(copy.deepcopy(random_base), LoraConfig(r=2))
+    with pytest.raises(AdapterStateError, match="repeat"):
+        model.set_adapter(["default", "default"])
+
+
+def test_an_edited_base_config_is_refused_before_allocating(random_base, tmp_path, monkeypatch) -> None:
+    random_base.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size_1"] = 400_000  # would be a 4.7 GB model
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the model was constructed before the config was checked")
+
+    monkeypatch.setattr(MnistMLP, "__init__", no_allocation)
+    with pytest.raises(ModelLoadError, match=r"does not match model.safetensors \(linear1.bias: file \(1000,\) vs config \(400000,\)"):
+        load_base(tmp_path)
+    config["hidden_size_1"] = "1000"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="hidden_size_1='1000' must be a positive integer"):
+        load_base(tmp_path)
+
+
+def test_argparse_usage_errors_are_one_line_with_exit_2() -> None:
+    for args in (["eval", "--bogus"], ["no-such-command"], ["train-adapter", "--digit", "x"]):
+        result = run_cli(*args)
+        assert result.returncode == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], result.stderr
