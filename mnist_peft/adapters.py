@@ -348,11 +348,15 @@ def load_adapter(
     *,
     force: bool = False,
     activate: bool = False,
+    base_fingerprint: str | None = None,
 ) -> AdapterFiles:
     """Load an adapter folder into ``model`` under ``adapter_name``.
 
-    Everything is checked before the model changes: keys, shapes, rank, and the base fingerprint
-    the adapter was trained on (refused on mismatch unless ``force``).
+    Everything is checked before the model changes: keys, shapes, rank, finite values, and the base
+    fingerprint the adapter was trained on (refused on mismatch unless ``force``). The model's
+    fingerprint is a sha256 over its base tensors, computed on every call; a server that loads many
+    adapters onto a base it never edits may pass ``base_fingerprint`` (computed once with
+    ``model.base_fingerprint()``) and answers for it staying true.
 
     Raises:
         AdapterKeyError, AdapterShapeError, AdapterConfigError: the files do not fit the model.
@@ -360,7 +364,7 @@ def load_adapter(
     """
     files = folder if isinstance(folder, AdapterFiles) else read_adapter(folder)
     if not force:
-        check_fingerprint(files, model)
+        check_fingerprint(files, model if base_fingerprint is None else base_fingerprint)
     check_lora_state_dict(model.model, files.config, files.state_dict, path=str(files.path) if files.path else None)
     model.add_adapter(adapter_name, files.config, state_dict=files.state_dict)
     if activate:

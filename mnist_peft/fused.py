@@ -5,11 +5,12 @@ How (the contract):
 
 - The layer's parameters *live in* three buffers this module owns (a :class:`FusedLayout`)::
 
-      wa    (out + R, in)   [W; A_1; ...; A_k]       W = wa[:out], A_i = a block of rows
-      bias  (out + R,)      [b; 0]                   b = bias[:out]      (absent without a bias)
+      wa    (out + R', in)  [W; A_1; ...; A_k; 0]    W = wa[:out], A_i = a block of rows
+      bias  (out + R',)     [b; 0]                   b = bias[:out]      (absent without a bias)
       b_cat (out, R)        [B_1 | ... | B_k]        B_i = a block of columns
 
-  Each parameter's ``.data`` is a view into its buffer. Every view is row-major (``B_i`` with a
+  (R' pads R so that out + R' is a multiple of 8: a GEMM 2,004 columns wide runs ~11% slower than
+  one 2,008 wide, measured here with MKL.) Each parameter's ``.data`` is a view into its buffer. Every view is row-major (``B_i`` with a
   row stride of R), so BLAS reads it in place with the same kernel as a compact tensor: the exact
   path keeps peft's bits. An in-place edit by any route
   (``p.data.mul_(10)``, ``p.add_(1)`` under ``no_grad``, an optimizer step, numpy on
@@ -46,6 +47,7 @@ __all__ = ["FusedLayout", "ensure_layout", "fused_supported", "fused_forward", "
 # many idle rows (or a quarter of the layer's outputs, whichever is larger) the exact path, which
 # computes only the active adapters, is cheaper.
 MAX_IDLE_ROWS = 64
+ROW_MULTIPLE = 8
 
 
 def fused_supported(weight: torch.Tensor) -> bool:
@@ -61,8 +63,8 @@ def _signature(t: torch.Tensor) -> tuple:
 class FusedLayout:
     """The buffers one :class:`~mnist_peft.lora.LoraLinear`'s parameters are views of."""
 
-    wa: torch.Tensor  # (out + R, in)
-    bias: torch.Tensor | None  # (out + R,)
+    wa: torch.Tensor  # (out + R', in), R' >= R
+    bias: torch.Tensor | None  # (out + R',)
     b_cat: torch.Tensor  # (out, R)
     names: tuple[str, ...]  # adapters, in column order
     columns: dict[str, slice]  # adapter -> its columns in [0, R)
@@ -109,7 +111,8 @@ def _build(layer: LoraLinear) -> FusedLayout:
     # Plain tensors even when the first forward runs under inference_mode: the parameters are
     # re-pointed into these buffers and must stay usable for training afterwards.
     with torch.inference_mode(False), torch.no_grad():
-        wa = torch.empty(out + rank, w.shape[1], dtype=w.dtype, device=w.device)
+        rows = -(-(out + rank) // ROW_MULTIPLE) * ROW_MULTIPLE
+        wa = torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device)
         b_cat = torch.empty(out, rank, dtype=w.dtype, device=w.device)
         wa[:out].copy_(w)
         columns: dict[str, slice] = {}
@@ -121,7 +124,7 @@ def _build(layer: LoraLinear) -> FusedLayout:
             start += r
         bias = None
         if base.bias is not None:
-            bias = torch.zeros(out + rank, dtype=w.dtype, device=w.device)
+            bias = torch.zeros(rows, dtype=w.dtype, device=w.device)
             bias[:out].copy_(base.bias)
         # Re-point every parameter into the buffers (same Parameter objects: optimizers keep them).
         w.data = wa[:out]
@@ -156,12 +159,12 @@ def fused_forward(layout: FusedLayout, x: torch.Tensor, column_scale: torch.Tens
     One GEMM against ``[W; A_1; ...]`` gives the base output and all low-rank activations; they are
     scaled per column and one small GEMM adds ``(x A^T) B^T`` in place into the base output.
     """
-    out = layout.b_cat.shape[0]
+    out, rank = layout.b_cat.shape
     shape = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    weight_t = layout.wa.t()  # (in, out + R)
-    y = x2 @ weight_t if layout.bias is None else torch.addmm(layout.bias, x2, weight_t)  # (N, out + R)
-    result = y[:, :out]  # (N, out) view, row stride out + R
-    low = y[:, out:] * column_scale  # (N, R): s_i x A_i^T, zero on columns that do not count
+    weight_t = layout.wa.t()  # (in, out + R')
+    y = x2 @ weight_t if layout.bias is None else torch.addmm(layout.bias, x2, weight_t)  # (N, out + R')
+    result = y[:, :out]  # (N, out) view, row stride out + R'
+    low = y[:, out : out + rank] * column_scale  # (N, R): s_i x A_i^T, zero on columns that do not count
     result.addmm_(low, layout.b_cat.t())  # += (s x A^T) B^T, in place
     return result.reshape(*shape, out)

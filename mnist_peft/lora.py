@@ -217,6 +217,7 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._unmerged_weight: torch.Tensor | None = None  # the original base weight while merged
         self._merged_snapshot: torch.Tensor | None = None  # the merged weight as merge() wrote it
+        self._buffers_cache: dict[str, torch.Tensor] = {}  # reused scratch for merges
         self._layout: fused.FusedLayout | None = None
 
     @property
@@ -265,22 +266,36 @@ class LoraLinear(nn.Module):
 
     # -- merge / unmerge
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
-        """The current weight plus the named adapters' deltas, as a new tensor.
+        """The current weight plus the named adapters' deltas, in a tensor that is not the live one.
 
         Each delta is :func:`get_delta_weight`'s float ops added to the weight, as peft merges, so
-        a merged weight has the same bits as peft's. The live weight is never written.
+        a merged weight has the same bits as peft's. The live weight is never written. Scratch
+        buffers are reused across merges (a fresh 8 MB tensor costs more in page faults than the
+        merge itself); nothing outside this layer keeps them: the fused path reads the parameters.
         """
-        out = self.base_layer.weight.detach()
+        weight = self.base_layer.weight.detach()
+        out = self._scratch("merged", weight, avoid=weight)
+        delta = self._scratch("delta", weight, avoid=weight)
+        src = weight
         for name in adapter_names:
             A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
             if _is_power_of_two(s):
                 # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s
                 # and saves a pass over the (out, in) delta. (s == 1 is the common case.)
-                delta = B @ A if s == 1.0 else (B * s) @ A
+                torch.matmul(B if s == 1.0 else B * s, A, out=delta)
             else:
-                delta = (B @ A).mul_(s)  # (out, in)
-            out = torch.add(out, delta)
+                torch.matmul(B, A, out=delta)  # (out, in)
+                delta.mul_(s)
+            torch.add(src, delta, out=out)
+            src = out
         return out
+
+    def _scratch(self, key: str, like: torch.Tensor, *, avoid: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers_cache.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device or buf.data_ptr() == avoid.data_ptr():
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        self._buffers_cache[key] = buf
+        return buf
 
     def commit_merge(self, adapter_names: Sequence[str], new_weight: torch.Tensor) -> None:
         """Make ``new_weight`` (from :meth:`merged_weight`) live; the original is kept for unmerge."""
@@ -288,7 +303,9 @@ class LoraLinear(nn.Module):
             # The base to restore: the live weight, or (merging more) the kept one with any edit since.
             self._unmerged_weight = self.base_layer.weight.data if self._unmerged_weight is None else self.unmerged_weight()
             self.base_layer.weight.data = new_weight
-            self._merged_snapshot = new_weight.clone()
+            snapshot = self._scratch("snapshot", new_weight, avoid=new_weight)
+            snapshot.copy_(new_weight)
+            self._merged_snapshot = snapshot
         self.merged_adapters.extend(adapter_names)
 
     def unmerged_weight(self) -> torch.Tensor:
@@ -660,6 +677,7 @@ class LoraModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             layer._unmerged_weight = layer._merged_snapshot = None  # the merged weight stays
+            layer._buffers_cache.clear()
             fused.detach_layout(layer)
             setattr(parent, child, layer.base_layer)
         self.peft_config.clear()
