@@ -32,16 +32,21 @@ def test_seed_recipe_fixes_its_digit_and_forgets_the_others(base, data_root) -> 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_replay_recipe_on_the_reference_base_improves_digit_4_without_lowering_accuracy(data_root) -> None:
-    """The README's digit-4 row, retrained: the default recipe on the committed default base.
+# What the replay recipe holds on the committed default base, for any digit and seed: it never
+# makes its digit worse, and overall accuracy drops by a bounded amount (the README measures
+# 0.00-0.14 points over all ten digits with seed 0; this allows about twice that). A 20% cut of the
+# digit's errors is NOT guaranteed: digits 0 and 5 missed it (16 -> 15 and similar) in this test.
+REFERENCE_MAX_ACCURACY_DROP = 0.003
 
-    Of the ten rows this is one where the accuracy target holds (see ``mnist-peft headroom``: even
-    the best logit offset chosen on the test set keeps accuracy for only digits 1, 4 and 6).
-    """
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("digit", [0, 5, 9])  # spread over the digits, fixed in advance
+def test_replay_recipe_on_the_reference_base_cuts_the_digit_with_a_bounded_trade(data_root, digit: int, seed: int) -> None:
     base = load_base(REPO / "adapters" / "base" / "v1")
-    _, result = train_adapter(base, 4, "replay", data_dir=str(data_root))
-    assert result.after.wrong_per_digit[4] <= 0.65 * result.before.wrong_per_digit[4]
-    assert result.after.accuracy >= result.before.accuracy
+    _, result = train_adapter(base, digit, "replay", data_dir=str(data_root), seed=seed)
+    before, after = result.before.wrong_per_digit[digit], result.after.wrong_per_digit[digit]
+    assert after <= before, (before, after)
+    assert result.after.accuracy >= result.before.accuracy - REFERENCE_MAX_ACCURACY_DROP
 
 
 # On the half-epoch test base, 60 steps trade some overall accuracy for the digit on most digits
