@@ -62,13 +62,6 @@ def _figure(name: str, *, ours: float, target: float, unit: str, base: float | N
     return Figure(name=name, ours=ours, peft=peft, base=base, ratio=ratio, target=target, unit=unit, passed=passed, note=note)
 
 
-def _ms_figure(name: str, seconds: dict[str, float], *, target: float, note: str) -> Figure:
-    """A figure in ms against peft: ratio = ours/peft; passes at <= target ms and faster than peft."""
-    ms = {k: v * 1e3 for k, v in seconds.items()}
-    return Figure(name, ours=ms["ours"], peft=ms["peft"], base=None, ratio=ms["ours"] / ms["peft"], target=target, unit="ms",
-                  passed=ms["ours"] <= target and ms["ours"] < ms["peft"], note=note + "; ratio = ours/peft, target in ms")  # fmt: skip
-
-
 def _models(base: nn.Module, r: int = 4, n_adapters: int = 1, seed: int = 0):
     """Native and peft models on the same base with the same non-trivial, distinct adapter weights."""
     import peft

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 import time
-from typing import NoReturn
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import MnistPeftError

@@ -68,25 +68,24 @@ class AdapterConfigError(MnistPeftError, ValueError):
     """An adapter configuration is invalid (bad rank, unknown init, missing target module...)."""
 
 
-class AdapterKeyError(MnistPeftError, KeyError):
-    """A state dict misses a key or has an unexpected one; ``key`` names it."""
+class _TensorKeyError(MnistPeftError):
+    """An error about one tensor of a file: ``key`` names it, ``path`` the file (if known)."""
 
     def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.key = key
         self.path = path
+
+
+class AdapterKeyError(_TensorKeyError, KeyError):
+    """A state dict misses a key or has an unexpected one; ``key`` names it."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
 
 
-class AdapterShapeError(MnistPeftError, ValueError):
+class AdapterShapeError(_TensorKeyError, ValueError):
     """A tensor in an adapter file has the wrong shape; ``key`` names it."""
-
-    def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.path = path
 
 
 class AdapterStateError(MnistPeftError, ValueError):
@@ -106,13 +105,8 @@ class MergeError(MnistPeftError, ValueError):
     """A safe merge would produce NaN or Inf weights; the model was left untouched."""
 
 
-class NonFiniteError(MnistPeftError, ValueError):
+class NonFiniteError(_TensorKeyError, ValueError):
     """A tensor read from outside (an adapter or base file) holds NaN or Inf; ``key`` names it."""
-
-    def __init__(self, message: str, *, key: str, path: str | Path | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.path = path
 
 
 class TrainConfigError(MnistPeftError, ValueError):

@@ -9,13 +9,13 @@ How (the contract):
       bias  (out + R',)     [b; 0]                   b = bias[:out]      (absent without a bias)
       b_cat (out, R)        [B_1 | ... | B_k]        B_i = a block of columns
 
-  (R' pads R so that out + R' is a multiple of 8: a GEMM 2,004 columns wide runs ~11% slower than
-  one 2,008 wide, measured here with MKL.) Each parameter's ``.data`` is a view into its buffer. Every view is row-major (``B_i`` with a
-  row stride of R), so BLAS reads it in place with the same kernel as a compact tensor: the exact
-  path keeps peft's bits. An in-place edit by any route
-  (``p.data.mul_(10)``, ``p.add_(1)`` under ``no_grad``, an optimizer step, numpy on
-  ``p.detach()``) writes the buffer itself, so the next forward computes with it: there is nothing
-  to invalidate.
+  (R' pads R so that out + R' is a multiple of 8: a GEMM 2,004 columns wide runs ~11% slower
+  than one 2,008 wide, measured here with MKL.) Each parameter's ``.data`` is a view into its
+  buffer, and every view is row-major (``B_i`` with a row stride of R), so BLAS reads it in place
+  with the same kernel as a compact tensor: the exact path keeps peft's bits. An in-place edit by
+  any route (``p.data.mul_(10)``, ``p.add_(1)`` under ``no_grad``, an optimizer step, numpy on
+  ``p.detach()``) writes the buffer itself, so the next forward computes with it: there is
+  nothing to invalidate.
 - Before every use :meth:`FusedLayout.matches` checks that each parameter still *is* its view:
   same storage address, shape, strides, dtype and device, and the layer holds exactly the
   adapters the layout was built for. Anything else (``p.data = other``, ``model.to(...)``, an
@@ -41,7 +41,7 @@ import torch
 if TYPE_CHECKING:
     from .lora import LoraLinear
 
-__all__ = ["FusedLayout", "ensure_layout", "fused_supported", "fused_forward", "MAX_IDLE_ROWS"]
+__all__ = ["FusedLayout", "ensure_layout", "detach_layout", "fused_supported", "fused_forward", "idle_rows_ok", "MAX_IDLE_ROWS"]
 
 # An adapter that is loaded but not active still costs its rows of A in the one GEMM. Above this
 # many idle rows (or a quarter of the layer's outputs, whichever is larger) the exact path, which

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .errors import TrainConfigError
 from tqdm.auto import tqdm
 
 from .data import MnistSplit, load_mnist, split_validation
+from .errors import TrainConfigError
 from .lora import LoraConfig, LoraModel
 from .model import MnistMLP
 
