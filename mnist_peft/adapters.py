@@ -365,8 +365,7 @@ def load_adapter(
     files = folder if isinstance(folder, AdapterFiles) else read_adapter(folder)
     if not force:
         check_fingerprint(files, model if base_fingerprint is None else base_fingerprint)
-    check_lora_state_dict(model.model, files.config, files.state_dict, path=str(files.path) if files.path else None)
-    model.add_adapter(adapter_name, files.config, state_dict=files.state_dict)
+    model.add_adapter(adapter_name, files.config, state_dict=files.state_dict, source=str(files.path) if files.path else None)
     if activate:
         model.set_adapter(adapter_name)
     return files

@@ -41,13 +41,18 @@ import torch
 if TYPE_CHECKING:
     from .lora import LoraLinear
 
-__all__ = ["FusedLayout", "ensure_layout", "detach_layout", "fused_supported", "fused_forward", "idle_rows_ok", "MAX_IDLE_ROWS"]
+__all__ = ["FusedLayout", "set_data", "ensure_layout", "detach_layout", "fused_supported", "fused_forward", "idle_rows_ok", "MAX_IDLE_ROWS"]
 
 # An adapter that is loaded but not active still costs its rows of A in the one GEMM. Above this
 # many idle rows (or a quarter of the layer's outputs, whichever is larger) the exact path, which
 # computes only the active adapters, is cheaper.
 MAX_IDLE_ROWS = 64
 ROW_MULTIPLE = 8
+
+
+def set_data(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p.data = value``, as this package's own re-pointing (not counted as a user's edit)."""
+    torch._C.TensorBase.data.__set__(p, value)
 
 
 def fused_supported(weight: torch.Tensor) -> bool:
@@ -127,13 +132,14 @@ def _build(layer: LoraLinear) -> FusedLayout:
             bias = torch.zeros(rows, dtype=w.dtype, device=w.device)
             bias[:out].copy_(base.bias)
         # Re-point every parameter into the buffers (same Parameter objects: optimizers keep them).
-        w.data = wa[:out]
+        # The content is copied exactly, so this is no edit: set_data leaves the edit count alone.
+        set_data(w, wa[:out])
         if bias is not None:
-            base.bias.data = bias[:out]
+            set_data(base.bias, bias[:out])
         for name in names:
             cols = columns[name]
-            layer.lora_A[name].data = wa[out + cols.start : out + cols.stop]
-            layer.lora_B[name].data = b_cat[:, cols]
+            set_data(layer.lora_A[name], wa[out + cols.start : out + cols.stop])
+            set_data(layer.lora_B[name], b_cat[:, cols])
     return FusedLayout(wa, bias, b_cat, names, columns, _layer_signatures(layer))
 
 
@@ -143,7 +149,7 @@ def detach_layout(layer: LoraLinear) -> None:
         params = [layer.base_layer.weight, layer.base_layer.bias, *layer.lora_A.values(), *layer.lora_B.values()]
         for p in params:
             if p is not None:
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
+                set_data(p, p.detach().clone(memory_format=torch.contiguous_format))
     layer._layout = None
 
 

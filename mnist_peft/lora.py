@@ -26,7 +26,10 @@ Two forward paths compute the same equation:
 Merge is out of place and the original weight tensor is kept, so ``unmerge`` restores the base
 weight bit-exactly by putting that tensor back: no subtraction, no drift, any number of cycles. If
 the merged weight was edited in place meanwhile, ``unmerge`` keeps the edit (as peft does, by
-subtraction) instead of discarding it.
+subtraction) instead of discarding it. Telling costs nothing when nothing touched the weight: a
+base weight counts reads and writes of its ``.data`` (:class:`_TrackedParameter`) and its version
+counter moves on every other in-place op; only when either moved is the merged weight recomputed
+(bit for bit) and compared. Writes through raw memory (numpy) are not seen.
 """
 
 from __future__ import annotations
@@ -193,6 +196,16 @@ class AdapterState:
 
 
 # ----------------------------------------------------------------------------- the layer
+@dataclass
+class _MergeRecord:
+    """What a merged layer keeps to restore its base weight (see :meth:`LoraLinear.commit_merge`)."""
+
+    original: torch.Tensor  # the base weight unmerge puts back
+    source: torch.Tensor  # the weight the logged merges were applied to
+    log: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # (A, B, scaling), in order
+    token: tuple | None = None  # the live weight's edit token right after the last merge
+
+
 class LoraLinear(nn.Module):
     """An ``nn.Linear`` (kept as ``base_layer``) with named LoRA adapters.
 
@@ -215,9 +228,9 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.state = state if state is not None else AdapterState()
         self.merged_adapters: list[str] = []
-        self._unmerged_weight: torch.Tensor | None = None  # the original base weight while merged
-        self._merged_snapshot: torch.Tensor | None = None  # the merged weight as merge() wrote it
+        self._merge: _MergeRecord | None = None  # while merged: how to restore the base
         self._buffers_cache: dict[str, torch.Tensor] = {}  # reused scratch for merges
+        _track_data_access(base_layer.weight)
         self._layout: fused.FusedLayout | None = None
 
     @property
@@ -271,23 +284,16 @@ class LoraLinear(nn.Module):
         Each delta is :func:`get_delta_weight`'s float ops added to the weight, as peft merges, so
         a merged weight has the same bits as peft's. The live weight is never written. Scratch
         buffers are reused across merges (a fresh 8 MB tensor costs more in page faults than the
-        merge itself); nothing outside this layer keeps them: the fused path reads the parameters.
+        merge itself); neither is ever the live weight.
         """
         weight = self.base_layer.weight.detach()
         out = self._scratch("merged", weight, avoid=weight)
-        delta = self._scratch("delta", weight, avoid=weight)
-        src = weight
-        for name in adapter_names:
+        for i, name in enumerate(adapter_names):
             A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
-            if _is_power_of_two(s):
-                # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s
-                # and saves a pass over the (out, in) delta. (s == 1 is the common case.)
-                torch.matmul(B if s == 1.0 else B * s, A, out=delta)
+            if i == 0:  # the delta straight into the output, then the weight added: two buffers, not three
+                _delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
             else:
-                torch.matmul(B, A, out=delta)  # (out, in)
-                delta.mul_(s)
-            torch.add(src, delta, out=out)
-            src = out
+                out.add_(_delta_weight_into(self._scratch("delta", weight, avoid=weight), A, B, s))
         return out
 
     def _scratch(self, key: str, like: torch.Tensor, *, avoid: torch.Tensor) -> torch.Tensor:
@@ -298,41 +304,62 @@ class LoraLinear(nn.Module):
         return buf
 
     def commit_merge(self, adapter_names: Sequence[str], new_weight: torch.Tensor) -> None:
-        """Make ``new_weight`` (from :meth:`merged_weight`) live; the original is kept for unmerge."""
+        """Make ``new_weight`` (from :meth:`merged_weight`) live; the original is kept for unmerge.
+
+        What unmerge needs to tell an edit made while merged is recorded, not copied: the weight
+        the merges started from, each merged ``(A, B, scaling)`` (small), and the live parameter's
+        edit token (:func:`_edit_token`).
+        """
+        weight = self.base_layer.weight
+        record = self._merge
         with torch.no_grad():
-            # The base to restore: the live weight, or (merging more) the kept one with any edit since.
-            self._unmerged_weight = self.base_layer.weight.data if self._unmerged_weight is None else self.unmerged_weight()
-            self.base_layer.weight.data = new_weight
-            snapshot = self._scratch("snapshot", new_weight, avoid=new_weight)
-            snapshot.copy_(new_weight)
-            self._merged_snapshot = snapshot
+            if record is None or not self._unedited():
+                # First merge, or merging more after an edit: restart the record from the live weight.
+                original = weight.detach() if record is None else self.unmerged_weight()
+                record = _MergeRecord(original=original, source=weight.detach())
+            record.log += [(self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone(), self.effective_scaling(n)) for n in adapter_names]
+            fused.set_data(weight, new_weight)
+        record.token = _edit_token(weight)
+        self._merge = record
         self.merged_adapters.extend(adapter_names)
+
+    def _unedited(self) -> bool:
+        """Whether the live weight is still, provably, what the merges wrote (no access since)."""
+        return self._merge is not None and self._merge.token is not None and self._merge.token == _edit_token(self.base_layer.weight)
 
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight without merged deltas: the kept original, plus any in-place edit made
-        to the merged weight since (``live - snapshot``, i.e. peft's ``live - delta``)."""
+        to the merged weight since (``live - merged``, i.e. peft's ``live - delta``).
+
+        When the live weight was touched (its version moved, or ``.data`` was read or set), the
+        merged weight is recomputed from the record, bit for bit as merge made it, and compared.
+        """
         live = self.base_layer.weight.detach()
-        original, snapshot = self._unmerged_weight, self._merged_snapshot
-        if original is None or snapshot is None:
+        record = self._merge
+        if record is None:
             return live
-        if live.dtype == snapshot.dtype and live.device == snapshot.device and torch.equal(live, snapshot):
-            return original
-        snapshot = snapshot.to(dtype=live.dtype, device=live.device)
-        return original.to(dtype=live.dtype, device=live.device) + (live - snapshot)
+        if self._unedited():
+            return record.original
+        merged = record.source
+        for A, B, s in record.log:  # the same ops as merged_weight: the same bits
+            merged = merged + _delta_weight_into(torch.empty_like(merged), A, B, s)
+        if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
+            return record.original
+        return record.original.to(dtype=live.dtype, device=live.device) + (live - merged.to(dtype=live.dtype, device=live.device))
 
     def unmerge(self) -> None:
         """Put the original weight tensor back (bit-exact, idempotent); an edit made while merged is kept."""
-        if self._unmerged_weight is not None:
+        if self._merge is not None:
             with torch.no_grad():
-                self.base_layer.weight.data = self.unmerged_weight()
-        self._unmerged_weight = self._merged_snapshot = None
+                fused.set_data(self.base_layer.weight, self.unmerged_weight())
+            self._merge = None
         self.merged_adapters.clear()
 
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
         if state.disabled:
-            if self._unmerged_weight is not None:  # merged but switched off: the base weight
+            if self._merge is not None:  # merged but switched off: the base weight
                 return F.linear(x, self.unmerged_weight(), self.base_layer.bias)
             return self.base_layer(x)
         if state.mixed is not None:  # set for one call by serving.mixed_forward
@@ -388,9 +415,57 @@ class LoraLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.lora_A)}"
 
 
+def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """:func:`get_delta_weight` (``(B @ A) * s``, peft's bits) written into ``out``, (out, in)."""
+    if _is_power_of_two(s):
+        # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s and
+        # saves a pass over the (out, in) delta. (s == 1 is the common case.)
+        return torch.matmul(B if s == 1.0 else B * s, A, out=out)
+    return torch.matmul(B, A, out=out).mul_(s)
+
+
 def _is_power_of_two(s: float) -> bool:
     m, _ = math.frexp(s)
     return s > 0 and m == 0.5 and s >= 2.0**-100  # far from the subnormal range of the products
+
+
+class _TrackedParameter(nn.Parameter):
+    """An ``nn.Parameter`` that counts reads and writes of ``.data``.
+
+    An in-place edit through ``p.data`` (``p.data.add_(1)``, common in PEFT code) leaves no trace
+    on ``p._version``: ``.data`` hands out a tensor with a version counter of its own. Counting
+    accesses closes that gap for unmerge's edit check. Reading ``.data`` without writing only
+    sends unmerge down its slower, still exact, path. Not seen: writes through raw memory (numpy
+    on ``p.detach().numpy()``). The class is set on a base weight when it is wrapped and taken
+    back off when the model is unloaded; identity, optimizers and ``isinstance`` are unaffected.
+    """
+
+    @property
+    def data(self) -> torch.Tensor:  # type: ignore[override]
+        self.__dict__["data_accesses"] = self.__dict__.get("data_accesses", 0) + 1
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self.__dict__["data_accesses"] = self.__dict__.get("data_accesses", 0) + 1
+        fused.set_data(self, value)
+
+
+def _track_data_access(p: torch.Tensor) -> None:
+    if type(p) is nn.Parameter:
+        p.__class__ = _TrackedParameter
+
+
+def _untrack_data_access(p: torch.Tensor) -> None:
+    if type(p) is _TrackedParameter:
+        p.__class__ = nn.Parameter
+
+
+def _edit_token(p: torch.Tensor) -> tuple | None:
+    """What changes whenever ``p`` may have been edited in place (None: cannot tell, assume so)."""
+    if type(p) is not _TrackedParameter:
+        return None
+    return (id(p), p._version, p.__dict__.get("data_accesses", 0))
 
 
 # ----------------------------------------------------------------------------- injection
@@ -422,7 +497,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, i
 
 
 def check_lora_state_dict(
-    model: nn.Module, config: LoraConfig, state_dict: dict[str, torch.Tensor], *, path: str | None = None
+    model: nn.Module,
+    config: LoraConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    path: str | None = None,
+    targets: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     """Check ``state_dict`` (keys ``<module>.lora_A.weight`` / ``.lora_B.weight``) against the model.
 
@@ -433,7 +513,7 @@ def check_lora_state_dict(
     """
     where = f" in {path!r}" if path else ""
     expected: dict[str, tuple[int, int]] = {}
-    for name, (out_f, in_f) in find_targets(model, config).items():
+    for name, (out_f, in_f) in (find_targets(model, config) if targets is None else targets).items():
         expected[f"{name}.lora_A.weight"] = (config.r, in_f)
         expected[f"{name}.lora_B.weight"] = (out_f, config.r)
     for key in expected:
@@ -451,13 +531,16 @@ def check_lora_state_dict(
             )
         if not tensor.is_floating_point():
             raise AdapterShapeError(f"tensor {key!r}{where} has dtype {tensor.dtype}; LoRA weights must be floating point", key=key, path=path)
-        if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(
-                f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
-                "re-train it or load another version",
-                key=key,
-                path=path,
-            )
+    # One pass over all the values (a call per tensor costs more than the check itself); the key is
+    # looked up only when something is not finite.
+    if state_dict and not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in state_dict.values()])).all()):
+        key = next(k for k, t in state_dict.items() if not bool(torch.isfinite(t).all()))
+        raise NonFiniteError(
+            f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
+            "re-train it or load another version",
+            key=key,
+            path=path,
+        )
 
 
 def inject_adapter(
@@ -467,20 +550,22 @@ def inject_adapter(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
     state: AdapterState | None = None,
+    source: str | None = None,
 ) -> list[str]:
     """Wrap every target ``nn.Linear`` of ``model`` in a :class:`LoraLinear` and add an adapter.
 
     Layers already wrapped get the new adapter added. Targets are visited in ``named_modules``
     order (as peft does), so seeded inits match peft's. With ``state_dict`` the weights are
     checked first (nothing changes if they do not fit) and copied in. New layers share ``state``
-    (default: the state of the model's existing LoRA layers, else a new one). Returns the adapted names.
+    (default: the state of the model's existing LoRA layers, else a new one); ``source`` names where
+    ``state_dict`` came from, in error messages. Returns the adapted names.
 
     Raises:
         AdapterConfigError, AdapterKeyError, AdapterShapeError: see :func:`check_lora_state_dict`.
     """
     targets = find_targets(model, config)
     if state_dict is not None:
-        check_lora_state_dict(model, config, state_dict)
+        check_lora_state_dict(model, config, state_dict, path=source, targets=targets)
     if state is None:
         state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
     for name in targets:
@@ -565,8 +650,12 @@ class LoraModel(nn.Module):
                 raise AdapterStateError(f"no adapter named {n!r}; adapters here: {sorted(self.peft_config)}")
 
     # -- adapters
-    def add_adapter(self, adapter_name: str, config: LoraConfig, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: LoraConfig, *, state_dict: dict[str, torch.Tensor] | None = None, source: str | None = None
+    ) -> None:
         """Add a new adapter, with fresh weights or ``state_dict``'s; the first one added becomes active.
+
+        ``source`` names where ``state_dict`` came from (a file), for error messages.
 
         Raises:
             AdapterStateError: the name is taken or reserved, or adapters are merged.
@@ -579,23 +668,23 @@ class LoraModel(nn.Module):
             raise AdapterStateError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         if self.merged_adapters:
             raise AdapterStateError("cannot add an adapter while adapters are merged; call unmerge() first")
-        inject_adapter(self.model, config, adapter_name, state_dict=state_dict, state=self.state)
+        targets = inject_adapter(self.model, config, adapter_name, state_dict=state_dict, state=self.state, source=source)
         self.peft_config[adapter_name] = config
-        for layer in self._layers():
-            if adapter_name in layer.lora_A:
-                layer.lora_A[adapter_name].requires_grad_(True)
-                layer.lora_B[adapter_name].requires_grad_(True)
+        for name in targets:
+            layer = self.model.get_submodule(name)
+            layer.lora_A[adapter_name].requires_grad_(True)
+            layer.lora_B[adapter_name].requires_grad_(True)
         if not self.state.active:
             self.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer (refused while it is merged)."""
         self.require_adapters([adapter_name])
-        if adapter_name in self.merged_adapters:
+        layers = [layer for layer in self._layers() if adapter_name in layer.lora_A]
+        if any(adapter_name in layer.merged_adapters for layer in layers):
             raise AdapterStateError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
-        for layer in self._layers():
-            if adapter_name in layer.lora_A:
-                layer.delete_adapter(adapter_name)
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         if adapter_name in self.state.active:
             self.state.active = [n for n in self.state.active if n != adapter_name]
@@ -676,8 +765,9 @@ class LoraModel(nn.Module):
         for name, layer in list(lora_layers(self.model)):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            layer._unmerged_weight = layer._merged_snapshot = None  # the merged weight stays
+            layer._merge = None  # the merged weight stays
             layer._buffers_cache.clear()
+            _untrack_data_access(layer.base_layer.weight)
             fused.detach_layout(layer)
             setattr(parent, child, layer.base_layer)
         self.peft_config.clear()

@@ -153,6 +153,29 @@ def test_unmerge_keeps_a_base_edit_made_while_merged(abd: LoraModel) -> None:
     assert all(torch.equal(before[n], layer.base_layer.weight) for n, layer in lora_layers(abd.model))
 
 
+@pytest.mark.parametrize("touch", ["read_data", "deepcopy", "forward"])
+def test_unmerge_stays_bit_exact_after_touches_that_edit_nothing(abd: LoraModel, touch: str) -> None:
+    """Reading ``.data``, copying the model or running the fused path (which re-points the weight
+    into its buffers) sends unmerge down its checking path; with no edit it still restores exactly."""
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(abd.model)}
+    abd.merge()
+    if touch == "read_data":
+        abd.model.linear2.base_layer.weight.data.sum()
+    elif touch == "deepcopy":
+        copy.deepcopy(abd)
+    else:
+        with torch.no_grad():
+            abd(torch.randn(4, 784))
+    abd.unmerge()
+    assert all(torch.equal(before[n], layer.base_layer.weight) for n, layer in lora_layers(abd.model))
+
+
+def test_unmerged_model_hands_back_plain_parameters(abd: LoraModel) -> None:
+    plain = copy.deepcopy(abd).merge_and_unload()
+    assert all(type(p) is torch.nn.Parameter for p in plain.parameters())
+    assert all(isinstance(layer.base_layer.weight, torch.nn.Parameter) for _, layer in lora_layers(abd.model))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_mixed_batch_follows_the_model_dtype(abd: LoraModel, dtype: torch.dtype) -> None:
     """Finding 4: mixed batches failed on bf16/fp16 models."""

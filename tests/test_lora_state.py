@@ -225,7 +225,7 @@ class LoraStateMachine(RuleBasedStateMachine):
         (self.model.enable_adapter_layers if on else self.model.disable_adapter_layers)()
         self.disabled = not on
 
-    @rule(data=st.data(), op=st.sampled_from(["data_mul", "data_add", "no_grad_add"]), value=st.sampled_from([-1.0, 0.5, 2.0]))
+    @rule(data=st.data(), op=st.sampled_from(["data_mul", "data_add", "no_grad_add", "detach_mul", "data_read"]), value=st.sampled_from([-1.0, 0.5, 2.0]))
     def edit_parameter(self, data, op, value) -> None:
         params = dict(self.model.named_parameters())
         key = data.draw(st.sampled_from(sorted(params)))
@@ -234,9 +234,14 @@ class LoraStateMachine(RuleBasedStateMachine):
             p.data.mul_(value)
         elif op == "data_add":
             p.data.add_(value / 10)
-        else:
+        elif op == "no_grad_add":
             with torch.no_grad():
                 p.add_(value / 10)
+        elif op == "detach_mul":
+            p.detach().mul_(value)
+        else:  # reads .data without writing: nothing changes, unmerge must stay bit-exact
+            p.data.clone()
+            return
         lname = key.split(".")[1]
         if key.endswith("base_layer.weight") and lname in self.w_at_merge:
             self.base_edited.add(lname)  # unmerge must keep the edit: the base becomes live - delta, as in peft
