@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HubError, IntegrityError, RegistryError
 from .fileio import sha256_file
-from .registry import AdapterRegistry, RegistryEntry
+from .registry import AdapterRegistry, RegistryEntry, confine, entry_from_dict, parse_ref
 
 __all__ = ["push_to_hub", "pull_from_hub", "PushResult", "PullResult"]
 
 INDEX_NAME = "index.json"
+PUSH_ATTEMPTS = 8  # commits retried on a conflict (another push landed first), re-reading the index each time
+MAX_REMOTE_INDEX_BYTES = 64 << 20
 
 
 @dataclass
@@ -45,16 +49,48 @@ class PullResult:
     unchanged: list[str]
 
 
-def _hub_error(exc: Exception, repo_id: str, action: str) -> HubError:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
 
-    if isinstance(exc, RepositoryNotFoundError):
-        return HubError(f"{action} failed: repository {repo_id!r} not found at {constants.ENDPOINT}; check the repo id (and HF_TOKEN for private repos)", repo_id=repo_id)
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A connection that could not be made or was cut (no HTTP answer at all)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TransportError", "NetworkError", "ConnectionError", "Timeout", "TimeoutException"})
+
+
+def _hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
+    """One line per kind of failure, naming the fix. Never a server body: it may echo a token."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"{repo_id!r} at {constants.ENDPOINT}"
+    status = _status(exc)
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{action} failed: revision not found in {repo_id!r}; check --revision", repo_id=repo_id)
-    detail = " ".join(str(exc).split())[:300]
-    return HubError(f"{action} failed for {repo_id!r} at {constants.ENDPOINT}: {detail}; check the network, HF_ENDPOINT and HF_TOKEN", repo_id=repo_id)
+        return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return HubError(f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again", repo_id=repo_id)
+    if status in (401, 403):
+        return HubError(
+            f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "
+            "to a token with access to this repo", repo_id=repo_id,
+        )  # fmt: skip
+    if isinstance(exc, RepositoryNotFoundError) or status == 404:
+        return HubError(f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id)
+    if status in (409, 412):
+        return HubError(f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id)
+    if status is not None and status >= 500:
+        return HubError(f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id)
+    if _is_network_error(exc):
+        return HubError(f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id)
+    code = f"HTTP {status}" if status is not None else type(exc).__name__
+    return HubError(f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details", repo_id=repo_id)
 
 
 def _repo_path(entry: RegistryEntry) -> str:
@@ -100,34 +136,42 @@ def push_to_hub(
 
     entries = _selected(registry, names)
     for e in entries:
-        registry.verify_entry(e)
+        registry.verify_entry(e)  # also refuses symlinks and paths outside the root
     api = HfApi(token=token)
+    ops = []
+    for e in entries:
+        prefix, folder = _repo_path(e), registry.folder(e)
+        for fname in e.files:
+            ops.append(CommitOperationAdd(f"{prefix}/{fname}" if prefix else fname, str(confine(folder, fname))))
+    refs = ", ".join(e.ref for e in entries)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        remote: dict[str, dict[str, object]] = {}
-        siblings = api.repo_info(repo_id, revision=revision or "main").siblings or []
-        if any(s.rfilename == INDEX_NAME for s in siblings):  # keep the entries not pushed this time
-            with tempfile.TemporaryDirectory() as tmp:
-                idx = hf_hub_download(repo_id, INDEX_NAME, revision=revision, token=token, local_dir=tmp)
-                remote = {str(e["name"]): e for e in json.loads(Path(idx).read_text())["entries"]}
-        ops = []
-        for e in entries:
-            prefix = _repo_path(e)
-            for fname in e.files:
-                ops.append(CommitOperationAdd(f"{prefix}/{fname}" if prefix else fname, str(registry.root / e.path / fname)))
-            remote[e.name] = {**e.to_dict(), "path": prefix}
-        if sum(e.get("kind") == "base" for e in remote.values()) > 1:
-            raise RegistryError("the repo would hold two bases; push each base to its own repo")
-        index = {"format": 1, "entries": sorted(remote.values(), key=lambda e: str(e["name"]))}
-        ops.append(CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
-        refs = ", ".join(e.ref for e in entries)
-        info = api.create_commit(
-            repo_id, ops, commit_message=commit_message or f"mnist-peft push: {refs}", revision=revision,
-            commit_description=f"Pushed {len(entries)} registry entries: {refs}.",
-        )  # fmt: skip
-    except (RegistryError, IntegrityError):
+        for attempt in range(PUSH_ATTEMPTS):
+            # Read the remote index at the head we commit on, and name that head as the parent: a
+            # concurrent push makes the commit fail (HTTP 412) instead of overwriting its entries.
+            parent = api.repo_info(repo_id, revision=revision or "main").sha
+            remote: dict[str, dict[str, object]] = {}
+            if parent is not None:
+                remote = {n: entry for n, (entry, _) in _remote_index(api, repo_id, parent, token=token, required=False).items()}
+            for e in entries:
+                remote[e.name] = {**e.to_dict(), "path": _repo_path(e)}
+            if sum(entry.get("kind") == "base" for entry in remote.values()) > 1:
+                raise RegistryError("the repo would hold two bases; push each base to its own repo")
+            index = {"format": 1, "entries": sorted(remote.values(), key=lambda entry: str(entry["name"]))}
+            index_op = CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+            try:
+                info = api.create_commit(
+                    repo_id, [*ops, index_op], commit_message=commit_message or f"mnist-peft push: {refs}", revision=revision,
+                    commit_description=f"Pushed {len(entries)} registry entries: {refs}.", parent_commit=parent,
+                )  # fmt: skip
+                break
+            except Exception as exc:
+                if _status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))  # back off, then re-read and re-merge
+    except (RegistryError, IntegrityError, HubError):
         raise
-    except Exception as exc:  # network, HTTP and Hub errors all become one HubError
+    except Exception as exc:  # network, HTTP and Hub errors become one HubError of their kind
         raise _hub_error(exc, repo_id, "push") from exc
     return PushResult(repo_id=repo_id, commit=info.oid, pushed=[e.ref for e in entries])
 
@@ -152,27 +196,31 @@ def pull_from_hub(
     """
     from huggingface_hub import HfApi, snapshot_download
 
+    refs = [parse_ref(n) for n in names] if names else []
+    if any(version is not None for _, version in refs):
+        raise RegistryError(
+            "a bundle repo keeps one version of each entry; pull a version by pulling the commit that holds it "
+            "(--revision), e.g. `mnist-peft pull --repo-id ID --name digit-9 --revision <commit>`"
+        )
     try:
-        sha = HfApi(token=token).repo_info(repo_id, revision=revision or "main").sha or (revision or "main")
+        api = HfApi(token=token)
+        sha = api.repo_info(repo_id, revision=revision or "main").sha or (revision or "main")
+        remote = _remote_index(api, repo_id, sha, token=token, required=True)
+        wanted = [n for n, _ in refs] if names else sorted(remote)
+        unknown = [n for n in wanted if n not in remote]
+        if unknown:
+            raise HubError(f"{repo_id!r} has no entries {unknown}; it has {sorted(remote)}", repo_id=repo_id)
         with tempfile.TemporaryDirectory() as tmp:
-            idx_dir = snapshot_download(repo_id, revision=sha, allow_patterns=[INDEX_NAME], token=token, local_dir=os.path.join(tmp, "idx"))
-            index_file = Path(idx_dir) / INDEX_NAME
-            if not index_file.is_file():
-                raise HubError(f"{repo_id!r} has no {INDEX_NAME} at this revision: it was not pushed by mnist-peft", repo_id=repo_id)
-            remote = {str(e["name"]): e for e in json.loads(index_file.read_text())["entries"]}
-            wanted = list(names) if names else sorted(remote)
-            unknown = [n for n in wanted if n not in remote]
-            if unknown:
-                raise HubError(f"{repo_id!r} has no entries {unknown}; it has {sorted(remote)}", repo_id=repo_id)
-            patterns = [f"{remote[n]['path']}/{f}" if remote[n]["path"] else f for n in wanted for f in remote[n]["files"]]  # type: ignore[union-attr]
+            # Every name below was validated: plain file names, the repo layout's own folders.
+            patterns = [f"{remote[n][1]}/{f}" if remote[n][1] else f for n in wanted for f in remote[n][0]["files"]]  # type: ignore[union-attr]
             snap = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token, local_dir=os.path.join(tmp, "files")))
             items, unchanged = [], []
             for n in wanted:
-                e = remote[n]
-                folder = snap / str(e["path"]) if e["path"] else snap
-                files: dict[str, dict[str, object]] = e["files"]  # type: ignore[assignment]
+                entry, repo_path = remote[n]
+                folder = confine(snap, repo_path) if repo_path else snap
+                files: dict[str, dict[str, object]] = entry["files"]  # type: ignore[assignment]
                 for fname, meta in files.items():
-                    p = folder / fname
+                    p = confine(folder, fname)
                     if not p.is_file() or sha256_file(p) != meta["sha256"]:
                         raise IntegrityError(
                             f"pulled file {n}/{fname} from {repo_id!r} does not match the sha256 in its index (tampered or "
@@ -181,7 +229,8 @@ def pull_from_hub(
                 if _already_there(registry, n, files):
                     unchanged.append(n)
                     continue
-                items.append((n, folder, {"metrics": e.get("metrics"), "digit": e.get("digit"), "files": sorted(files)}))
+                source = {"repo_id": repo_id, "revision": sha}
+                items.append((n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source}))
             added = registry.add_many(items)
     except (HubError, IntegrityError, RegistryError):
         raise
@@ -190,6 +239,51 @@ def pull_from_hub(
     return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged)
 
 
+def _remote_index(api, repo_id: str, revision: str, *, token: str | None, required: bool) -> dict[str, tuple[dict[str, object], str]]:
+    """The repo's ``index.json`` at ``revision``, validated: ``{name: (entry, path in the repo)}``.
+
+    A remote index is a stranger's input: every entry is checked like a local one (names, file
+    names, types, sha256), and its path must be the repo layout's own (``""`` for the base, the
+    entry's name for an adapter) before any file is downloaded or written.
+
+    Raises:
+        HubError: ``required`` and the repo has no index.
+        RegistryError: the index is malformed or names a path it must not.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    where = f"the index of {repo_id!r}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = hf_hub_download(repo_id, INDEX_NAME, revision=revision, token=token, local_dir=tmp)
+        except RemoteEntryNotFoundError:
+            if required:
+                raise HubError(f"{repo_id!r} has no {INDEX_NAME} at this revision: it was not pushed by mnist-peft", repo_id=repo_id) from None
+            return {}
+        raw = Path(path).read_bytes()
+    if len(raw) > MAX_REMOTE_INDEX_BYTES:
+        raise RegistryError(f"{where} is {len(raw):,} bytes, more than an index of adapters needs; refusing it")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{where} is not valid JSON ({exc}); nothing was written") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise RegistryError(f"{where} has no 'entries' list; nothing was written")
+    out: dict[str, tuple[dict[str, object], str]] = {}
+    for item in data["entries"]:
+        entry = entry_from_dict(item, where=where)
+        layout = "" if entry.kind == "base" else entry.name
+        if item.get("path") != layout:
+            raise RegistryError(f"{where}: entry {entry.name!r} has path {item.get('path')!r}, not the repo layout's {layout!r}; nothing was written")
+        if entry.name in out:
+            raise RegistryError(f"{where} lists {entry.name!r} twice; nothing was written")
+        out[entry.name] = ({**item, "files": entry.files, "digit": entry.digit, "metrics": entry.metrics}, layout)
+    return out
+
+
 def _already_there(registry: AdapterRegistry, name: str, files: dict[str, dict[str, object]]) -> bool:
+    if not registry.root.is_dir():  # pulling into a new registry
+        return False
     want = {f: m["sha256"] for f, m in files.items()}
     return any(e.name == name and {f: m["sha256"] for f, m in e.files.items()} == want for e in registry.list())

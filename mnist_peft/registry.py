@@ -11,6 +11,13 @@ Layout (``adapters/`` by default; ``--root`` or ``$MNIST_PEFT_ADAPTERS``)::
 Writes are atomic (files are staged in a temporary folder inside the root and renamed into place;
 ``index.json`` is replaced with a temp file + fsync + rename) and serialised with a file lock, so
 concurrent writers lose nothing and a writer killed mid-way leaves the previous index intact.
+
+Everything read from ``index.json`` is outside input and validated before use (names, versions,
+file names, types); an entry's folder is always ``<name>/v<version>``, derived, and every path the
+registry touches goes through :func:`confine`: no ``..``, no absolute paths, no symlinks below the
+root. The registry deletes only what it created: entry folders it lists, and its own
+``.staging-*`` leftovers. Version numbers are never reused (a per-name high-water mark survives
+``rm``).
 """
 
 from __future__ import annotations
@@ -27,15 +34,20 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
-from .fileio import atomic_write_json, current_umask, sha256_file
+from .fileio import atomic_write_json, current_umask, fsync_dir, sha256_file
 
-__all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "NAME_PATTERN"]
+__all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "confine", "validate_file_name", "NAME_PATTERN"]
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 INDEX_NAME = "index.json"
 LOCK_NAME = ".index.lock"
+STAGING_PREFIX = ".staging-"
+RESERVED_NAMES = frozenset({INDEX_NAME})
 ENV_ROOT = "MNIST_PEFT_ADAPTERS"
 INDEX_FORMAT = 1
+KINDS = ("base", "lora")
 
 
 def default_root() -> Path:
@@ -51,7 +63,42 @@ def validate_name(name: str) -> str:
             "letter or digit (e.g. 'digit-9'), at most 100 characters",
             name=str(name),
         )
+    if name in RESERVED_NAMES:
+        raise InvalidNameError(f"{name!r} is reserved for the registry's own files; pick another name", name=name)
     return name
+
+
+def validate_file_name(fname: object) -> str:
+    """A plain file name (no folder, no ``..``, not hidden): what an entry's files may be called."""
+    if not isinstance(fname, str) or not FILE_NAME_PATTERN.fullmatch(fname) or ".." in fname or len(fname) > 200:
+        raise RegistryError(f"invalid file name {fname!r} in a registry entry: only plain names such as 'adapter_config.json' are allowed")
+    return fname
+
+
+def confine(root: Path, rel: str) -> Path:
+    """``root / rel``, refused unless it stays inside ``root`` with no symlink on the way.
+
+    The one gate for every path the registry and the Hub sync touch below a root: ``rel`` must be
+    relative, made of plain names (no ``..``, ``.`` or empty parts, no backslash or NUL), and no
+    existing component below ``root`` may be a symlink (the root itself may be one).
+
+    Raises:
+        RegistryError: the path would leave the root or pass through a symlink.
+    """
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        raise RegistryError(f"path {rel!r} is not a relative path inside the registry at {str(root)!r}; refusing it")
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise RegistryError(f"path {rel!r} leaves the registry at {str(root)!r} or is malformed; refusing it")
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise RegistryError(
+                f"{str(path)!r} is a symlink; the registry does not follow links (they could point outside {str(root)!r}): "
+                "replace it with a real folder or file"
+            )
+    return path
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -78,6 +125,7 @@ class RegistryEntry:
     lora_alpha: float | None = None
     created: str = ""
     metrics: dict[str, object] = field(default_factory=dict)
+    source: dict[str, str] | None = None  # where a pulled entry came from: {"repo_id", "revision"}
 
     @property
     def ref(self) -> str:
@@ -85,6 +133,67 @@ class RegistryEntry:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _check_files(files: object, where: str) -> dict[str, dict[str, object]]:
+    if not isinstance(files, dict) or not files:
+        raise RegistryError(f"{where}: 'files' must be a non-empty object of file name -> {{sha256, size}}")
+    for fname, meta in files.items():
+        validate_file_name(fname)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not SHA256_PATTERN.fullmatch(meta["sha256"]):
+            raise RegistryError(f"{where}: file {fname!r} lacks a valid sha256")
+        size = meta.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise RegistryError(f"{where}: file {fname!r} has an invalid size {size!r}")
+    return files
+
+
+def entry_from_dict(data: object, *, where: str, path: str | None = None) -> RegistryEntry:
+    """A :class:`RegistryEntry` from index content (outside input), every field checked.
+
+    ``path``: the folder the entry must name (the registry's ``<name>/v<version>``); ``None`` takes
+    the derived one, whatever the data says (a remote index's paths mean the repo's layout).
+
+    Raises:
+        RegistryError: a field is missing, of the wrong type, or names a path it must not.
+    """
+    if not isinstance(data, dict):
+        raise RegistryError(f"{where}: an entry must be a JSON object, got {type(data).__name__}")
+    name = data.get("name")
+    try:
+        validate_name(name)  # type: ignore[arg-type]
+    except InvalidNameError as exc:
+        raise RegistryError(f"{where}: {exc}") from exc
+    where = f"{where} entry {name!r}"
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RegistryError(f"{where}: version must be an integer >= 1, got {version!r}")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise RegistryError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
+    files = _check_files(data.get("files"), where)
+    expected = f"{name}/v{version}"
+    if path is not None and data.get("path") != path:
+        raise RegistryError(f"{where}: path {data.get('path')!r} is not {path!r}; the index was edited or is corrupt: restore it")
+    digit, r, alpha = data.get("digit"), data.get("r"), data.get("lora_alpha")
+    if digit is not None and (isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9):
+        raise RegistryError(f"{where}: digit must be 0..9 or null, got {digit!r}")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise RegistryError(f"{where}: r must be a positive integer or null, got {r!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise RegistryError(f"{where}: lora_alpha must be a number or null, got {alpha!r}")
+    fingerprint = data.get("base_fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not SHA256_PATTERN.fullmatch(fingerprint)):
+        raise RegistryError(f"{where}: base_fingerprint must be a sha256 hex string or null")
+    metrics, created, source = data.get("metrics") or {}, data.get("created") or "", data.get("source")
+    if not isinstance(metrics, dict) or not isinstance(created, str):
+        raise RegistryError(f"{where}: metrics must be an object and created a string")
+    if source is not None and (not isinstance(source, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in source.items())):
+        raise RegistryError(f"{where}: source must be an object of strings or null")
+    return RegistryEntry(
+        name=name, version=version, kind=kind, path=expected, files=files, base_fingerprint=fingerprint,  # type: ignore[arg-type]
+        digit=digit, r=r, lora_alpha=alpha, created=created, metrics=metrics, source=source,
+    )  # fmt: skip
 
 
 def _describe_folder(folder: Path) -> dict[str, object]:
@@ -133,18 +242,46 @@ class AdapterRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / LOCK_NAME), timeout=60)
 
-    def _read_index(self) -> list[RegistryEntry]:
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise RegistryError(
+                f"no registry at {str(self.root)!r} (the folder does not exist): check --root or $MNIST_PEFT_ADAPTERS, "
+                "or create one with `mnist-peft registry add NAME FOLDER --root DIR`"
+            )
+
+    def _read(self) -> tuple[list[RegistryEntry], dict[str, int]]:
+        """The entries and the per-name high-water marks, validated (the index is outside input)."""
+        self._require_root()
         if not self.index_path.exists():
-            return []
+            return [], {}
+        where = f"registry index {str(self.index_path)!r}"
         try:
             data = json.loads(self.index_path.read_text())
-            return [RegistryEntry(**e) for e in data["entries"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RegistryError(f"registry index {str(self.index_path)!r} is unreadable ({exc}); restore it from version control") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{where} is unreadable ({exc}); restore it from version control") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise RegistryError(f"{where} has no 'entries' list; restore it from version control")
+        entries = [entry_from_dict(e, where=where, path=f"{e.get('name')}/v{e.get('version')}" if isinstance(e, dict) else None) for e in data["entries"]]
+        refs = [e.ref for e in entries]
+        if len(set(refs)) != len(refs):
+            raise RegistryError(f"{where} lists a version twice; restore it from version control")
+        marks = data.get("high_water") or {}
+        if not isinstance(marks, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in marks.values()):
+            raise RegistryError(f"{where} has an invalid 'high_water' map; restore it from version control")
+        return entries, dict(marks)
 
-    def _write_index(self, entries: list[RegistryEntry]) -> None:
+    def _read_index(self) -> list[RegistryEntry]:
+        return self._read()[0]
+
+    def _write_index(self, entries: list[RegistryEntry], marks: dict[str, int]) -> None:
         entries = sorted(entries, key=lambda e: (e.name, e.version))
-        atomic_write_json(self.index_path, {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries]})
+        for e in entries:
+            marks[e.name] = max(marks.get(e.name, 0), e.version)
+        atomic_write_json(self.index_path, {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": dict(sorted(marks.items()))})
+
+    def folder(self, entry: RegistryEntry) -> Path:
+        """An entry's folder, ``<root>/<name>/v<version>``, confined (no symlink on the way)."""
+        return confine(self.root, f"{entry.name}/v{entry.version}")
 
     # -- queries
     def list(self) -> list[RegistryEntry]:
@@ -153,9 +290,10 @@ class AdapterRegistry:
     def get(self, ref: str) -> RegistryEntry:
         """The entry for ``name`` (latest version) or ``name@version``."""
         name, version = parse_ref(ref)
-        versions = [e for e in self._read_index() if e.name == name]
+        entries = self._read_index()
+        versions = [e for e in entries if e.name == name]
         if not versions:
-            known = sorted({e.name for e in self._read_index()})
+            known = sorted({e.name for e in entries})
             raise EntryNotFoundError(f"no registry entry {name!r} in {str(self.root)!r}; entries: {known or 'none'} (see `mnist-peft registry list`)", name=name)
         if version is None:
             return max(versions, key=lambda e: e.version)
@@ -176,14 +314,20 @@ class AdapterRegistry:
         entry = self.get(ref)
         if verify:
             self.verify_entry(entry)
-        return self.root / entry.path
+        return self.folder(entry)
 
     # -- integrity
     def verify_entry(self, entry: RegistryEntry) -> None:
-        """Raise :class:`IntegrityError` naming the first missing, resized or altered file."""
-        folder = self.root / entry.path
+        """Raise :class:`IntegrityError` naming the first missing, resized, altered or linked file."""
+        try:
+            folder = self.folder(entry)
+            paths = {fname: confine(self.root, f"{entry.name}/v{entry.version}/{validate_file_name(fname)}") for fname in entry.files}
+        except RegistryError as exc:
+            raise IntegrityError(f"{entry.ref}: {exc}", path=self.root / entry.name) from exc
+        if not folder.is_dir():
+            raise IntegrityError(f"{entry.ref}: folder {str(folder)!r} is missing; re-add or pull the entry again", path=folder)
         for fname, info in entry.files.items():
-            p = folder / fname
+            p = paths[fname]
             if not p.is_file():
                 raise IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p)
             if p.stat().st_size != info["size"]:
@@ -192,7 +336,11 @@ class AdapterRegistry:
                 raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
 
     def verify(self) -> list[tuple[str, str]]:
-        """Check every entry; returns ``(ref, problem)`` for each bad one (empty when all are good)."""
+        """Check every entry; returns ``(ref, problem)`` for each bad one (empty when all are good).
+
+        Raises:
+            RegistryError: the root does not exist, or the index itself is invalid.
+        """
         problems = []
         for entry in self.list():
             try:
@@ -210,18 +358,22 @@ class AdapterRegistry:
         metrics: dict[str, object] | None = None,
         digit: int | None = None,
         files: list[str] | None = None,
+        source: dict[str, str] | None = None,
     ) -> RegistryEntry:
         """Copy a base or adapter folder in as the next version of ``name`` (never overwriting one).
 
         Args:
             files: copy only these file names (default: every file at the folder's top level).
+            source: where the folder came from (e.g. ``{"repo_id": ..., "revision": ...}``).
         """
-        return self.add_many([(name, folder, {"metrics": metrics, "digit": digit, "files": files})])[0]
+        return self.add_many([(name, folder, {"metrics": metrics, "digit": digit, "files": files, "source": source})])[0]
 
     def add_many(self, items: list[tuple[str, str | os.PathLike[str], dict[str, object]]]) -> list[RegistryEntry]:
         """Add several folders under one lock and one index write: all of them or none.
 
-        Each item is ``(name, folder, options)`` with the options of :meth:`add`.
+        Each item is ``(name, folder, options)`` with the options of :meth:`add`. A new version is
+        one above every version the name ever had (removed ones included); a folder in the way
+        that the index does not list is left alone, and the next free number is taken.
         """
         prepared = []
         for name, folder, opts in items:
@@ -233,23 +385,29 @@ class AdapterRegistry:
             if opts.get("digit") is not None:
                 info["digit"] = opts["digit"]
             names = opts.get("files") or sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+            for fname in names:
+                validate_file_name(fname)
             missing = [f for f in names if not (src / f).is_file()]
             if missing:
                 raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
-            prepared.append((name, src, info, names, dict(opts.get("metrics") or {})))
+            prepared.append((name, src, info, names, dict(opts.get("metrics") or {}), opts.get("source")))
         added: list[RegistryEntry] = []
         moved: list[Path] = []
         with self._lock():
-            entries = self._read_index()
+            entries, marks = self._read()
+            self._clean_staging()
             try:
-                for name, src, info, names, metrics in prepared:
-                    version = 1 + max((e.version for e in [*entries, *added] if e.name == name), default=0)
+                for name, src, info, names, metrics, source in prepared:
+                    parent = confine(self.root, name)
+                    if parent.exists() and not parent.is_dir():
+                        raise RegistryError(f"{str(parent)!r} is in the way of entry {name!r} and is not a folder; move it away")
+                    version = 1 + max([marks.get(name, 0), *(e.version for e in [*entries, *added] if e.name == name)])
+                    while confine(self.root, f"{name}/v{version}").exists() or confine(self.root, f"{name}/v{version}").is_symlink():
+                        version += 1  # not ours (the index does not list it): never deleted, skipped
                     rel = f"{name}/v{version}"
-                    dest = self.root / rel
-                    if dest.exists():  # left by a writer killed after the rename, before its index write
-                        shutil.rmtree(dest)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+                    dest = confine(self.root, rel)
+                    parent.mkdir(parents=True, exist_ok=True)
+                    staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
                     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
                     try:
                         files = {}
@@ -258,7 +416,9 @@ class AdapterRegistry:
                             with open(staging / fname, "rb") as f:
                                 os.fsync(f.fileno())
                             files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+                        fsync_dir(staging)
                         os.replace(staging, dest)
+                        fsync_dir(parent)
                     except BaseException:
                         shutil.rmtree(staging, ignore_errors=True)
                         raise
@@ -267,27 +427,43 @@ class AdapterRegistry:
                         name=name, version=version, kind=str(info["kind"]), path=rel, files=files,
                         base_fingerprint=info.get("base_fingerprint"), digit=info.get("digit"), r=info.get("r"),
                         lora_alpha=info.get("lora_alpha"), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        metrics=metrics,
+                        metrics=metrics, source=source,
                     ))  # fmt: skip
-                self._write_index([*entries, *added])
+                self._write_index([*entries, *added], marks)
             except BaseException:
-                for dest in moved:  # nothing of a failed batch stays behind
+                for dest in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)
                     shutil.rmtree(dest, ignore_errors=True)
                 raise
         return added
 
+    def _clean_staging(self) -> None:
+        """Remove ``.staging-*`` leftovers of writers killed mid-add (called under the lock, so
+        no live writer owns one). A link with that name is unlinked, never followed."""
+        for p in self.root.glob(STAGING_PREFIX + "*"):
+            if p.is_symlink() or not p.is_dir():
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
     def remove(self, ref: str) -> list[RegistryEntry]:
-        """Remove ``name@version``, or every version of ``name``; returns what was removed."""
+        """Remove ``name@version``, or every version of ``name``; returns what was removed.
+
+        Every folder is confined before anything changes: an entry whose folder is a symlink is
+        refused, not followed. The version numbers stay used (``name@N`` never names other bytes).
+        """
         name, version = parse_ref(ref)
         with self._lock():
-            entries = self._read_index()
+            entries, marks = self._read()
             gone = [e for e in entries if e.name == name and (version is None or e.version == version)]
             if not gone:
                 self.get(ref)  # raises the not-found error with the known names
-            self._write_index([e for e in entries if e not in gone])  # index first: a crash leaves only orphan files
-            for e in gone:
-                shutil.rmtree(self.root / e.path, ignore_errors=True)
-            parent = self.root / name
-            if parent.is_dir() and not any(parent.iterdir()):
+            folders = [self.folder(e) for e in gone]  # refuses links before anything is written
+            parent = confine(self.root, name)
+            self._write_index([e for e in entries if e not in gone], marks)  # index first: a crash leaves only orphan files
+            for folder in folders:
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+            if parent.is_dir() and not parent.is_symlink() and not any(parent.iterdir()):
                 parent.rmdir()
+            fsync_dir(self.root)
         return gone

@@ -138,10 +138,16 @@ class HubServer:
     def lfs_object_path(self, repo_id: str, oid: str) -> Path:
         return self.repo_path(repo_id) / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
 
+    def head(self, repo_id: str) -> str:
+        return subprocess.run([*GIT, "rev-parse", "HEAD"], cwd=self.repo_path(repo_id), check=True, capture_output=True, text=True).stdout.strip()
+
     def commit(self, repo_id: str, lines: list[dict]) -> str:
         path = self.repo_path(repo_id)
         header = next(line["value"] for line in lines if line["key"] == "header")
         with self._git_lock:
+            parent = header.get("parentCommit")
+            if parent and parent != self.head(repo_id):  # as the real Hub: a commit on a stale parent is refused
+                raise StaleParentError(f"parent commit {parent} is not the head of {repo_id}")
             for line in lines:
                 key, value = line["key"], line["value"]
                 if key == "file":
@@ -172,6 +178,10 @@ class HubServer:
                 message += "\n\n" + header["description"]
             subprocess.run([*GIT, "commit", "-q", "--allow-empty", "-m", message], cwd=path, check=True)
             return subprocess.run([*GIT, "rev-parse", "HEAD"], cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class StaleParentError(Exception):
+    """A commit named a parent that is no longer the branch head (HTTP 412 on the Hub)."""
 
 
 def _safe_join(root: Path, rel: str) -> Path:
@@ -241,6 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(404, {"error": "Repository not found"})
             try:
                 sha = self.hub.commit(m["repo"], lines)
+            except StaleParentError as exc:
+                return self._json(412, {"error": str(exc)})
             except ValueError as exc:
                 return self._json(400, {"error": str(exc)})
             return self._json(200, {"commitUrl": f"{self.hub.endpoint}/{m['repo']}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})

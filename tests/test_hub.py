@@ -133,6 +133,6 @@ def test_a_file_tampered_with_on_the_server_is_refused_on_pull(hub: HubServer, h
     root = tmp_path / "victim"
     proc = run_cli("pull", "--repo-id", "team/mnist-d", "--root", str(root), env=hub_env)
     assert proc.returncode == 1 and "digit-3/adapter_model.safetensors" in proc.stderr and "sha256" in proc.stderr
-    assert AdapterRegistry(root).list() == []  # nothing half-pulled
+    assert not root.exists()  # nothing half-pulled: not even the folder
     ok = run_cli("pull", "--repo-id", "team/mnist-d", "--root", str(root), "--name", "digit-9", env=hub_env)
     assert ok.returncode == 0 and [e.name for e in AdapterRegistry(root).list()] == ["digit-9"]
