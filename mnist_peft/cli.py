@@ -726,14 +726,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("push", "push registry entries to a Hugging Face Hub repo",
          "Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
          "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
-         "Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT selects another Hub."),
+         "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
+         "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
+         "selects another Hub."),
         ("pull", "pull entries from a Hub repo into the registry",
-         "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. Every file is checked "
-         "against the repo's index.json before anything is added; a failed pull changes nothing."),
+         "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
+         "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
+         "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
+         "repo id and commit they came from."),
     ):  # fmt: skip
         p = sub.add_parser(name, help=helptext, description=desc)
         p.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/mnist-peft")
-        p.add_argument("--name", action="append", metavar="NAME", help="entry to transfer (name or name@version); repeat; default all")
+        name_help = (
+            "entry to push (name, or name@version for an older one); repeat; default: the latest of all"
+            if name == "push"
+            else "entry to pull (a name: the repo keeps one version of each; pull an older one with --revision); repeat; default all"
+        )
+        p.add_argument("--name", action="append", metavar="NAME", help=name_help)
         p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
         if name == "push":
             p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
