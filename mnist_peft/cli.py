@@ -124,10 +124,28 @@ def _registry_path(arg: str, args: argparse.Namespace, kind: str) -> Path | None
     return reg.path(arg)
 
 
+def _refuse_ambiguous(arg: str, args: argparse.Namespace) -> None:
+    """A folder in the working directory named like a registry entry must not shadow it silently."""
+    from .errors import InvalidNameError, RegistryError
+
+    if "/" in arg or not Path(arg).exists():
+        return
+    try:
+        in_registry = arg in _registry(args)
+    except (InvalidNameError, RegistryError):
+        return
+    if in_registry:
+        raise _usage_error(
+            f"{arg!r} is both a folder here and an entry of the registry at {str(_registry(args).root)!r}; "
+            f"write ./{arg} for the folder, or {arg}@N for a version of the entry"
+        )
+
+
 def _resolve_base(arg: str, args: argparse.Namespace):
     """``--base``: a folder, a registry entry (sha256 and fingerprint checked), or a Hub repo id."""
     from .model import base_fingerprint, load_base
 
+    _refuse_ambiguous(arg, args)
     if not Path(arg).exists():
         folder = _registry_path(arg, args, "base")
         if folder is not None:
@@ -151,6 +169,7 @@ def _resolve_base(arg: str, args: argparse.Namespace):
 
 def _resolve_adapter(arg: str, args: argparse.Namespace) -> Path:
     """``--adapter``: a folder or a registry entry (every file's sha256 checked)."""
+    _refuse_ambiguous(arg, args)
     if Path(arg).exists():
         return Path(arg)
     folder = _registry_path(arg, args, "lora")

@@ -321,3 +321,14 @@ def test_hub_errors_name_their_kind_and_never_print_the_token(tmp_path: Path, ad
     finally:
         server.shutdown()
     assert os.environ.get("HF_TOKEN") != TOKEN
+
+
+def test_a_folder_named_like_an_entry_does_not_shadow_it_silently(tmp_path: Path, adapter_dir: Path, random_base) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    random_base.save_pretrained(tmp_path / "base-src")
+    reg.add("base", tmp_path / "base-src")
+    reg.add("digit-7", adapter_dir)
+    work = tmp_path / "work"
+    (work / "digit-7").mkdir(parents=True)
+    proc = run_cli("eval", "--base", "base", "--adapter", "digit-7", "--root", str(reg.root), cwd=work)
+    assert proc.returncode == 2 and "both a folder here and an entry" in proc.stderr and "./digit-7" in proc.stderr
