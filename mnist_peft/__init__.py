@@ -4,16 +4,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .adapters import load_adapter, load_stack, read_adapter, save_adapter
+from .combine import combine_adapters, resize_adapter
 from .data import MnistSplit, digit_subset, ensure_mnist, load_mnist, resolve_data_root, split_validation
 from .errors import *  # noqa: F403  (errors.__all__ is part of the public surface)
 from .errors import __all__ as _errors_all
-from .model import MnistMLP, base_fingerprint, count_parameters, load_base
-from .train import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, EvalResult, TrainConfig, evaluate, fit, train_adapter, train_base
 from .lora import LoraConfig, LoraModel, get_delta_weight
-from .adapters import load_adapter, load_stack, read_adapter, save_adapter
-from .combine import combine_adapters, resize_adapter
+from .model import MnistMLP, base_fingerprint, count_parameters, load_base
 from .registry import AdapterRegistry
 from .serving import hot_swap, mixed_forward
+from .train import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, EvalResult, TrainConfig, evaluate, fit, train_adapter, train_base
 
 __all__ = [
     "__version__",

@@ -207,9 +207,21 @@ def digit_model_card(digit: int, result, *, base_model: str | None, config: Lora
         + "\n\n```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
         "model = PeftModel.from_pretrained(MnistMLP.from_pretrained(BASE), ADAPTER)\n```\n"
     )
-    extra = {"digit": digit, "recipe": result.recipe, "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
-             "wrong_per_digit_before": before.wrong_per_digit, "wrong_per_digit_after": after.wrong_per_digit}  # fmt: skip
-    return render_model_card(base_model=base_model, tags=["lora", "mnist", f"digit-{digit}", "mnist-peft"], title=f"digit-{digit} LoRA adapter", body=body, extra_yaml=extra)
+    extra = {
+        "digit": digit,
+        "recipe": result.recipe,
+        "accuracy_before": before.accuracy,
+        "accuracy_after": after.accuracy,
+        "wrong_per_digit_before": before.wrong_per_digit,
+        "wrong_per_digit_after": after.wrong_per_digit,
+    }
+    return render_model_card(
+        base_model=base_model,
+        tags=["lora", "mnist", f"digit-{digit}", "mnist-peft"],
+        title=f"digit-{digit} LoRA adapter",
+        body=body,
+        extra_yaml=extra,
+    )
 
 
 # ----------------------------------------------------------------------------- save / read / load
@@ -299,8 +311,7 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
                 k = f"{head}.{part}.weight"
         if k in state:
             raise AdapterKeyError(
-                f"{str(w_path)!r} holds two tensors for {k!r} (e.g. with and without an adapter name); "
-                "keep one and re-save the file",
+                f"{str(w_path)!r} holds two tensors for {k!r} (e.g. with and without an adapter name); keep one and re-save the file",
                 key=k,
                 path=w_path,
             )

@@ -47,7 +47,9 @@ class OffsetRow:
 
 
 @torch.no_grad()
-def logit_offset_tradeoff(model: nn.Module, split: MnistSplit | None = None, *, cut: float = 0.4, data_dir: str | None = None) -> list[OffsetRow]:
+def logit_offset_tradeoff(
+    model: nn.Module, split: MnistSplit | None = None, *, cut: float = 0.4, data_dir: str | None = None
+) -> list[OffsetRow]:
     """Per digit, the constant logit offset that cuts the digit's errors by ``cut`` at least cost.
 
     Exact: every offset that changes a prediction is considered (one per test image), no grid.
@@ -96,5 +98,7 @@ def logit_offset_tradeoff(model: nn.Module, split: MnistSplit | None = None, *, 
         lo = float(t[i - 1]) if i > 0 else float(t[0]) - 1.0
         hi = float(t[i]) if i < len(t) else lo + 1.0
         offset = (lo + hi) / 2
-        rows.append(OffsetRow(d, wrong_before, total_before, allowed, offset, int(wrong_d[i]), int(total[i]), int(total[i]) <= total_before))
+        rows.append(
+            OffsetRow(d, wrong_before, total_before, allowed, offset, int(wrong_d[i]), int(total[i]), int(total[i]) <= total_before)
+        )
     return rows

@@ -54,7 +54,9 @@ def time_round_robin(fns: dict[str, Callable[[], object]], *, reps: int = 7, war
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _figure(name: str, *, ours: float, target: float, unit: str, base: float | None = None, peft: float | None = None, note: str = "") -> Figure:
+def _figure(
+    name: str, *, ours: float, target: float, unit: str, base: float | None = None, peft: float | None = None, note: str = ""
+) -> Figure:
     """A figure with a base: ratio = ours/base against ``target``, and faster than peft if measured."""
     assert base is not None
     ratio = ours / base
@@ -89,11 +91,22 @@ def _floor_figure(name: str, t: dict[str, float], *, target: float, note: str) -
     """ours / floor (measured in the same run) against ``target``; ms and peft's ms beside it."""
     ms = {k: v * 1e3 for k, v in t.items()}
     ratio = ms["ours"] / ms["floor"]
-    return Figure(name, ours=ms["ours"], peft=ms.get("peft"), base=ms["floor"], ratio=ratio, target=target, unit="ms",
-                  passed=ratio <= target, note=note + f"; ratio = ours / floor; peft {ms['peft'] / ms['floor']:.2f}x floor")  # fmt: skip
+    return Figure(
+        name,
+        ours=ms["ours"],
+        peft=ms.get("peft"),
+        base=ms["floor"],
+        ratio=ratio,
+        target=target,
+        unit="ms",
+        passed=ratio <= target,
+        note=note + f"; ratio = ours / floor; peft {ms['peft'] / ms['floor']:.2f}x floor",
+    )
 
 
-def _against_floor(ours: Callable[[], object], floor: Callable[[], object], peft: Callable[[], object], *, reps: int, warmup: int) -> dict[str, float]:
+def _against_floor(
+    ours: Callable[[], object], floor: Callable[[], object], peft: Callable[[], object], *, reps: int, warmup: int
+) -> dict[str, float]:
     """Ours and its floor interleaved in one round-robin; peft timed in a round of its own.
 
     peft's merge allocates and frees tens of MB per call, which evicts the caches and slowed
@@ -111,7 +124,9 @@ def _merge_floor(model: LoraModel, adapter: str):
     for _, layer in lora_layers(model.model):
         if adapter in layer.lora_A:
             w = layer.base_layer.weight.detach().clone()
-            ops.append((w, layer.lora_B[adapter].detach().contiguous(), layer.lora_A[adapter].detach().contiguous(), layer.scaling[adapter]))
+            ops.append(
+                (w, layer.lora_B[adapter].detach().contiguous(), layer.lora_A[adapter].detach().contiguous(), layer.scaling[adapter])
+            )
 
     def floor() -> None:
         for w, B, A, s in ops:
@@ -124,8 +139,15 @@ def bench_forward_unmerged(base: nn.Module, x: torch.Tensor, *, reps: int) -> Fi
     ours, theirs, _ = _models(base)
     with torch.inference_mode():
         t = time_round_robin({"base": lambda: base(x), "ours": lambda: ours(x), "peft": lambda: theirs(x)}, reps=reps)
-    return _figure("forward_unmerged", ours=t["ours"], base=t["base"], peft=t["peft"], target=1.05, unit="s",
-                   note=f"batch {x.shape[0]}, r=4 on linear1..3, eval; peft/base = {t['peft'] / t['base']:.3f}")  # fmt: skip
+    return _figure(
+        "forward_unmerged",
+        ours=t["ours"],
+        base=t["base"],
+        peft=t["peft"],
+        target=1.05,
+        unit="s",
+        note=f"batch {x.shape[0]}, r=4 on linear1..3, eval; peft/base = {t['peft'] / t['base']:.3f}",
+    )
 
 
 def bench_merge_unmerge(base: nn.Module, *, reps: int) -> Figure:
@@ -141,9 +163,13 @@ def bench_merge_unmerge(base: nn.Module, *, reps: int) -> Figure:
 
     with torch.no_grad():
         t = _against_floor(ours_cycle, _merge_floor(ours, "default"), peft_cycle, reps=reps * 5, warmup=3)
-    return _floor_figure("merge_unmerge", t, target=2.0,
-                         note="one merge + one unmerge (bit-exact, with the check for edits made while merged) of an r=4 adapter "
-                         "on linear1..3; floor = an in-place addmm_ of the same deltas")  # fmt: skip
+    return _floor_figure(
+        "merge_unmerge",
+        t,
+        target=2.0,
+        note="one merge + one unmerge (bit-exact, with the check for edits made while merged) of an r=4 adapter "
+        "on linear1..3; floor = an in-place addmm_ of the same deltas",
+    )
 
 
 def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
@@ -153,7 +179,11 @@ def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
     per_sample = [names[i % len(names)] for i in range(x.shape[0])]
     with torch.inference_mode():
         t = time_round_robin(
-            {"base": lambda: base(x), "ours": lambda: mixed_forward(ours, x, per_sample), "peft": lambda: theirs(x, adapter_names=per_sample)},
+            {
+                "base": lambda: base(x),
+                "ours": lambda: mixed_forward(ours, x, per_sample),
+                "peft": lambda: theirs(x, adapter_names=per_sample),
+            },
             reps=reps,
         )
         # Agreement with one sample at a time (peft's forward with that sample's adapter active),
@@ -166,11 +196,22 @@ def bench_mixed_batch(base: nn.Module, x: torch.Tensor, *, reps: int) -> Figure:
             alone.append(theirs(x[i : i + 1]))
             base_alone.append(base(x[i : i + 1]))
         ref, base_ref = torch.cat(alone), torch.cat(base_alone)
-    diffs = {"ours": float((mixed_ours - ref).abs().max()), "peft": float((mixed_peft - ref).abs().max()), "base": float((batched_base - base_ref).abs().max())}
-    return _figure("mixed_batch", ours=t["ours"], base=t["base"], peft=t["peft"], target=1.10, unit="s",
-                   note=f"{x.shape[0]} images over 10 distinct r=4 adapters; peft adapter_names= path: {t['peft'] / t['base']:.3f}x base; "
-                   f"max |batch - one sample alone| over {n} images (largest logit {float(ref.abs().max()):.1f}): ours {diffs['ours']:.2g}, "
-                   f"peft {diffs['peft']:.2g}, bare base {diffs['base']:.2g}")  # fmt: skip
+    diffs = {
+        "ours": float((mixed_ours - ref).abs().max()),
+        "peft": float((mixed_peft - ref).abs().max()),
+        "base": float((batched_base - base_ref).abs().max()),
+    }
+    return _figure(
+        "mixed_batch",
+        ours=t["ours"],
+        base=t["base"],
+        peft=t["peft"],
+        target=1.10,
+        unit="s",
+        note=f"{x.shape[0]} images over 10 distinct r=4 adapters; peft adapter_names= path: {t['peft'] / t['base']:.3f}x base; "
+        f"max |batch - one sample alone| over {n} images (largest logit {float(ref.abs().max()):.1f}): ours {diffs['ours']:.2g}, "
+        f"peft {diffs['peft']:.2g}, bare base {diffs['base']:.2g}",
+    )
 
 
 def bench_hot_swap(base: nn.Module, *, reps: int) -> Figure:
@@ -198,9 +239,13 @@ def bench_hot_swap(base: nn.Module, *, reps: int) -> Figure:
 
     with torch.no_grad():
         t = _against_floor(ours_swap, _merge_floor(ours, a), peft_swap, reps=reps * 5, warmup=2)
-    return _floor_figure("hot_swap", t, target=2.5,
-                         note="replace the merged r=4 adapter with another loaded one (restore the base bit-exactly, merge the other); "
-                         "floor = an in-place addmm_ merge; peft = hotswap_adapter_from_state_dict (unmerged)")  # fmt: skip
+    return _floor_figure(
+        "hot_swap",
+        t,
+        target=2.5,
+        note="replace the merged r=4 adapter with another loaded one (restore the base bit-exactly, merge the other); "
+        "floor = an in-place addmm_ merge; peft = hotswap_adapter_from_state_dict (unmerged)",
+    )
 
 
 def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
@@ -227,9 +272,13 @@ def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
             theirs.delete_adapter("x")
 
         t = _against_floor(ours_load, lambda: load_file(folder / ADAPTER_WEIGHTS_NAME), peft_load, reps=reps * 5, warmup=2)
-    return _floor_figure("adapter_load", t, target=1.5,
-                         note="read + check + load one r=4 adapter folder into a model (then delete it); "
-                         "floor = safetensors.torch.load_file of the same file; peft with low_cpu_mem_usage=True")  # fmt: skip
+    return _floor_figure(
+        "adapter_load",
+        t,
+        target=1.5,
+        note="read + check + load one r=4 adapter folder into a model (then delete it); "
+        "floor = safetensors.torch.load_file of the same file; peft with low_cpu_mem_usage=True",
+    )
 
 
 def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0) -> Figure:
@@ -265,8 +314,14 @@ def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0)
             sched.step()
 
     t = time_round_robin({"base": bare, "ours": ours}, reps=reps, warmup=0)
-    return _figure("train_epoch", ours=t["ours"], base=t["base"], target=1.15, unit="s",
-                   note=f"one epoch ({n} images) at batch 128 with one-cycle Adam; base = a bare loop of the same ops")  # fmt: skip
+    return _figure(
+        "train_epoch",
+        ours=t["ours"],
+        base=t["base"],
+        target=1.15,
+        unit="s",
+        note=f"one epoch ({n} images) at batch 128 with one-cycle Adam; base = a bare loop of the same ops",
+    )
 
 
 def bench_adapter_file_size(base: nn.Module) -> Figure:
@@ -282,8 +337,17 @@ def bench_adapter_file_size(base: nn.Module) -> Figure:
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, Path(tmp) / "a", metadata=meta)
         size = (Path(tmp) / "a" / ADAPTER_WEIGHTS_NAME).stat().st_size
-    return Figure("adapter_file_size", ours=float(size), peft=None, base=float(raw), ratio=size / raw, target=1.05, unit="bytes",
-                  passed=size / raw <= 1.05, note=f"r=1 adapter on linear1..3: {raw:,} raw tensor bytes, header {size - raw:,} bytes")  # fmt: skip
+    return Figure(
+        "adapter_file_size",
+        ours=float(size),
+        peft=None,
+        base=float(raw),
+        ratio=size / raw,
+        target=1.05,
+        unit="bytes",
+        passed=size / raw <= 1.05,
+        note=f"r=1 adapter on linear1..3: {raw:,} raw tensor bytes, header {size - raw:,} bytes",
+    )
 
 
 FIGURES: dict[str, Callable[..., Figure]] = {

@@ -20,6 +20,7 @@ from .errors import MnistPeftError
 
 __all__ = ["main", "build_parser"]
 
+
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
     """One JSON object with ``--json``, else human-readable text."""
     if getattr(args, "json", False):
@@ -227,14 +228,24 @@ def _model_from_args(args: argparse.Namespace):
 def _base_card(recipe: str, result, steps: int, fingerprint: str) -> str:
     from .adapters import render_model_card
 
-    rows = ["| digit | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|", "| wrong | " + " | ".join(str(w) for w in result.wrong_per_digit) + " |"]
+    rows = [
+        "| digit | " + " | ".join(str(d) for d in range(10)) + " |",
+        "|---" * 11 + "|",
+        "| wrong | " + " | ".join(str(w) for w in result.wrong_per_digit) + " |",
+    ]
     body = (
         f"The seed's MNIST MLP (784-1000-2000-10, `linear1..3`) trained with mnist-peft's `{recipe}` recipe "
-        f"({steps} steps). Test accuracy **{result.accuracy:.4f}** on {result.n} images.\n\n" + "\n".join(rows)
+        f"({steps} steps). Test accuracy **{result.accuracy:.4f}** on {result.n} images.\n\n"
+        + "\n".join(rows)
         + f"\n\nBase fingerprint: `{fingerprint}`\n\n```python\nfrom mnist_peft import MnistMLP\nmodel = MnistMLP.from_pretrained(REPO_OR_FOLDER)\n```\n"
     )
-    card = render_model_card(base_model=None, tags=["mnist", "image-classification", "mnist-peft"], title="MNIST MLP base model",
-                             body=body, extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe})  # fmt: skip
+    card = render_model_card(
+        base_model=None,
+        tags=["mnist", "image-classification", "mnist-peft"],
+        title="MNIST MLP base model",
+        body=body,
+        extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe},
+    )
     return card.replace("library_name: peft", "library_name: mnist-peft")
 
 
@@ -270,25 +281,58 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     out, _tmp = _out_folder(args)
     base = _resolve_base(args.base, args)
     model, result = train_adapter(
-        base, args.digit, args.recipe, resume=_resolve_adapter(args.resume, args) if args.resume else None, force=args.force,
-        data_dir=args.data_dir, progress=progress_enabled(args.quiet),
-        r=args.r, lora_alpha=args.lora_alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-    )  # fmt: skip
+        base,
+        args.digit,
+        args.recipe,
+        resume=_resolve_adapter(args.resume, args) if args.resume else None,
+        force=args.force,
+        data_dir=args.data_dir,
+        progress=progress_enabled(args.quiet),
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     cfg = model.peft_config["default"]
-    meta = {"digit": str(args.digit), "recipe": result.recipe, "steps": str(result.steps), "r": str(cfg.r), "lora_alpha": f"{cfg.lora_alpha:g}"}
+    meta = {
+        "digit": str(args.digit),
+        "recipe": result.recipe,
+        "steps": str(result.steps),
+        "r": str(cfg.r),
+        "lora_alpha": f"{cfg.lora_alpha:g}",
+    }
     if args.resume:
         meta["resumed_from"] = str(args.resume)
     card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
     save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
     d = args.digit
-    registered = _register(args, out, {"accuracy": result.after.accuracy, "wrong_per_digit": result.after.wrong_per_digit,
-                                       "accuracy_before": result.before.accuracy, "wrong_per_digit_before": result.before.wrong_per_digit}, digit=d)  # fmt: skip
+    registered = _register(
+        args,
+        out,
+        {
+            "accuracy": result.after.accuracy,
+            "wrong_per_digit": result.after.wrong_per_digit,
+            "accuracy_before": result.before.accuracy,
+            "wrong_per_digit_before": result.before.wrong_per_digit,
+        },
+        digit=d,
+    )
     payload = {
-        "digit": d, "recipe": result.recipe, "out": str(out), "steps": result.steps, "seconds": round(result.seconds, 2),
-        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_parameters": model.num_lora_parameters(),
-        "before": result.before.to_dict(), "after": result.after.to_dict(), "registered": registered,
-    }  # fmt: skip
+        "digit": d,
+        "recipe": result.recipe,
+        "out": str(out),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_parameters": model.num_lora_parameters(),
+        "before": result.before.to_dict(),
+        "after": result.after.to_dict(),
+        "registered": registered,
+    }
     where = f"{registered['name']}@{registered['version']}" if registered else str(out)
     text = (
         f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
@@ -328,14 +372,20 @@ def cmd_combine(args: argparse.Namespace) -> int:
         meta["weights"] = ",".join(f"{w:g}" for w in args.weight)
     base_model = next((f.metadata.get("base_model") for f in files if f.metadata.get("base_model")), None)
     card = render_model_card(
-        base_model=base_model, tags=["lora", "mnist", "mnist-peft", f"combine-{args.method}"], title=f"combined LoRA adapter ({args.method})",
+        base_model=base_model,
+        tags=["lora", "mnist", "mnist-peft", f"combine-{args.method}"],
+        title=f"combined LoRA adapter ({args.method})",
         body=f"Combined from {', '.join(args.adapter)} with weights {args.weight or [1.0] * len(args.adapter)} by `{args.method}`; "
         f"rank {result.config.r}. Relative Frobenius error per layer: {result.relative_error}.",
-    )  # fmt: skip
+    )
     write_adapter(result.to_files(meta), out, model_card=card)
     payload = {"out": str(out), "method": args.method, "r": result.config.r, "relative_error": result.relative_error}
     errs = ", ".join(f"{k} {v:.2e}" for k, v in result.relative_error.items())
-    _emit(args, payload, f"combined {len(files)} adapter(s) by {args.method} into rank {result.config.r} at {out}\nrelative Frobenius error: {errs}")
+    _emit(
+        args,
+        payload,
+        f"combined {len(files)} adapter(s) by {args.method} into rank {result.config.r} at {out}\nrelative Frobenius error: {errs}",
+    )
     return 0
 
 
@@ -347,14 +397,21 @@ def cmd_registry(args: argparse.Namespace) -> int:
         rows = [f"{'entry':<20} {'kind':<5} {'digit':>5} {'r':>3} {'alpha':>5} {'fingerprint':<14} {'created'}"]
         for e in entries:
             fp = (e.base_fingerprint or "-")[:12]
-            rows.append(f"{e.ref:<20} {e.kind:<5} {'-' if e.digit is None else e.digit:>5} {e.r or '-':>3} "
-                        f"{'-' if e.lora_alpha is None else format(e.lora_alpha, 'g'):>5} {fp:<14} {e.created}")  # fmt: skip
+            rows.append(
+                f"{e.ref:<20} {e.kind:<5} {'-' if e.digit is None else e.digit:>5} {e.r or '-':>3} "
+                f"{'-' if e.lora_alpha is None else format(e.lora_alpha, 'g'):>5} {fp:<14} {e.created}"
+            )
         rows.append(f"{len(entries)} entries in {reg.root}")
         _emit(args, payload, "\n".join(rows))
         return 0
     if args.action == "verify":
         problems = reg.verify()
-        payload = {"root": str(reg.root), "entries": len(reg.list()), "ok": not problems, "problems": [{"entry": r, "problem": p} for r, p in problems]}
+        payload = {
+            "root": str(reg.root),
+            "entries": len(reg.list()),
+            "ok": not problems,
+            "problems": [{"entry": r, "problem": p} for r, p in problems],
+        }
         text = "\n".join(f"BAD {r}: {p}" for r, p in problems) or f"all {len(reg.list())} entries verified"
         _emit(args, payload, text)
         if problems and not args.json:
@@ -394,8 +451,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     _quiet_hub(args)
     res = push_to_hub(args.repo_id, registry=_registry(args), names=args.name, revision=args.revision, private=args.private)
     payload = {"repo_id": res.repo_id, "commit": res.commit, "pushed": res.pushed}
-    _emit(args, payload, f"pushed {', '.join(res.pushed)} to {res.repo_id} (commit {res.commit[:12]})\n"
-                         f"next: mnist-peft pull --repo-id {res.repo_id} --root OTHER_DIR")  # fmt: skip
+    _emit(
+        args,
+        payload,
+        f"pushed {', '.join(res.pushed)} to {res.repo_id} (commit {res.commit[:12]})\n"
+        f"next: mnist-peft pull --repo-id {res.repo_id} --root OTHER_DIR",
+    )
     return 0
 
 
@@ -421,14 +482,26 @@ def cmd_svd(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_curve
 
-        plot_curve([r["r"] for r in sweep["rows"]], {"LoRA from SVD of the fine-tune delta": [r["accuracy"] for r in sweep["rows"]],
-                   "full fine-tune": [sweep["full"]["accuracy"]] * len(sweep["rows"]), "base": [sweep["base"]["accuracy"]] * len(sweep["rows"])},
-                   args.plot, xlabel="rank r", ylabel="test accuracy", title=f"digit {args.digit}: accuracy vs SVD rank", logx=True)  # fmt: skip
+        plot_curve(
+            [r["r"] for r in sweep["rows"]],
+            {
+                "LoRA from SVD of the fine-tune delta": [r["accuracy"] for r in sweep["rows"]],
+                "full fine-tune": [sweep["full"]["accuracy"]] * len(sweep["rows"]),
+                "base": [sweep["base"]["accuracy"]] * len(sweep["rows"]),
+            },
+            args.plot,
+            xlabel="rank r",
+            ylabel="test accuracy",
+            title=f"digit {args.digit}: accuracy vs SVD rank",
+            logx=True,
+        )
         sweep["plot"] = str(args.plot)
     d = args.digit
     rows = [f"{'model':<16} {'params':>9} {'accuracy':>8} {'digit ' + str(d) + ' wrong':>14}  rel. error (linear1/2/3)"]
     rows.append(f"{'base':<16} {'-':>9} {sweep['base']['accuracy']:>8.4f} {sweep['base']['wrong_per_digit'][d]:>14}")
-    rows.append(f"{'full fine-tune':<16} {sweep['full']['parameters']:>9,} {sweep['full']['accuracy']:>8.4f} {sweep['full']['wrong_per_digit'][d]:>14}")
+    rows.append(
+        f"{'full fine-tune':<16} {sweep['full']['parameters']:>9,} {sweep['full']['accuracy']:>8.4f} {sweep['full']['wrong_per_digit'][d]:>14}"
+    )
     for r in sweep["rows"]:
         errs = "/".join(f"{e:.3f}" for e in r["relative_error"].values())
         rows.append(f"{'LoRA r=' + str(r['r']):<16} {r['parameters']:>9,} {r['accuracy']:>8.4f} {r['wrong_per_digit'][d]:>14}  {errs}")
@@ -450,7 +523,9 @@ def cmd_headroom(args: argparse.Namespace) -> int:
     ]
     for r in rows:
         total = f"{r.total_wrong_before}->{r.total_wrong_after}"
-        lines.append(f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {r.offset:>7.3f} {r.wrong_after:>5} {total:>12}  {'yes' if r.both_met else 'no'}")
+        lines.append(
+            f"{r.digit:>5} {r.wrong_before:>5} {r.allowed:>7} {r.offset:>7.3f} {r.wrong_after:>5} {total:>12}  {'yes' if r.both_met else 'no'}"
+        )
     lines.append(f"{met}/10 digits can meet both targets (cut >= {pct}, overall errors not up) by an offset alone")
     _emit(args, payload, "\n".join(lines))
     return 0
@@ -462,8 +537,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
     log = (lambda s: None) if args.json or args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    summary = run_demo(args.out, config=config, root=getattr(args, "root", None), force=args.force, data_dir=args.data_dir,
-                       progress=progress_enabled(args.quiet), log=log)  # fmt: skip
+    summary = run_demo(
+        args.out,
+        config=config,
+        root=getattr(args, "root", None),
+        force=args.force,
+        data_dir=args.data_dir,
+        progress=progress_enabled(args.quiet),
+        log=log,
+    )
     _emit(args, summary, summary_text(summary))
     return 0
 
@@ -484,20 +566,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     data = load_mnist(train=True, data_dir=args.data_dir)
     n = args.steps * args.batch_size
     results = run_parity(
-        base, data.x[:n], data.y[:n], default_cases(tuple(args.r)), steps=args.steps, batch_size=args.batch_size,
-        seed=args.seed, progress=progress_enabled(args.quiet),
-    )  # fmt: skip
+        base,
+        data.x[:n],
+        data.y[:n],
+        default_cases(tuple(args.r)),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=progress_enabled(args.quiet),
+    )
     ok = all(r.passed for r in results)
     from .peft_compat import FORWARD_TOLERANCE, FUSED_TOLERANCE, GRAD_TOLERANCE, MERGE_TOLERANCE_ULPS, TRAIN_TOLERANCE
 
-    tolerances = {"forward": FORWARD_TOLERANCE, "grad": GRAD_TOLERANCE, "train": TRAIN_TOLERANCE,
-                  "merged_ulps": MERGE_TOLERANCE_ULPS, "fused": FUSED_TOLERANCE}  # fmt: skip
+    tolerances = {
+        "forward": FORWARD_TOLERANCE,
+        "grad": GRAD_TOLERANCE,
+        "train": TRAIN_TOLERANCE,
+        "merged_ulps": MERGE_TOLERANCE_ULPS,
+        "fused": FUSED_TOLERANCE,
+    }
     payload = {"passed": ok, "cases": [r.to_dict() for r in results], "tolerances": tolerances}
     rows = [f"{'case':<36} {'init':>5} {'effect':>8} {'fwd':>8} {'fused':>8} {'grad':>8} {'train':>8} {'ulps':>5} {'unmerge':>7} pass"]
     for r in results:
         rows.append(
-            f"{r.case:<36} {str(r.init_equal):>5} {r.adapter_effect:>8.3g} {r.forward_max_diff:>8.2g} {r.fused_max_diff:>8.2g} "
-            f"{r.grad_max_diff:>8.2g} {r.train_max_diff:>8.2g} {r.merged_max_ulps:>5.2g} {str(r.unmerge_exact):>7} {r.passed}"
+            f"{r.case:<36} {r.init_equal!s:>5} {r.adapter_effect:>8.3g} {r.forward_max_diff:>8.2g} {r.fused_max_diff:>8.2g} "
+            f"{r.grad_max_diff:>8.2g} {r.train_max_diff:>8.2g} {r.merged_max_ulps:>5.2g} {r.unmerge_exact!s:>7} {r.passed}"
         )
     rows.append(f"{sum(r.passed for r in results)}/{len(results)} cases pass")
     _emit(args, payload, "\n".join(rows))
@@ -509,17 +602,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .train import progress_enabled
 
     base = _resolve_base(args.base, args) if args.base else None
-    figures = run_bench(base=base, reps=args.reps, only=args.only, train_fraction=args.train_fraction, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    figures = run_bench(
+        base=base,
+        reps=args.reps,
+        only=args.only,
+        train_fraction=args.train_fraction,
+        data_dir=args.data_dir,
+        progress=progress_enabled(args.quiet),
+    )
     import platform
 
     import torch
 
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     payload = {"figures": [f.to_dict() for f in figures], "machine": machine}
     rows = [f"{'figure':<18} {'ours':>10} {'peft':>10} {'base':>10} {'unit':>5} {'ratio':>7} {'target':>7} pass"]
     for f in figures:
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-        rows.append(f"{f.name:<18} {fmt(f.ours):>10} {fmt(f.peft):>10} {fmt(f.base):>10} {f.unit:>5} {f.ratio:>7.3f} {f.target:>7.3g} {f.passed}")
+        rows.append(
+            f"{f.name:<18} {fmt(f.ours):>10} {fmt(f.peft):>10} {fmt(f.base):>10} {f.unit:>5} {f.ratio:>7.3f} {f.target:>7.3g} {f.passed}"
+        )
     _emit(args, payload, "\n".join(rows))
     return 1 if args.strict and not all(f.passed for f in figures) else 0
 
@@ -562,9 +669,12 @@ def _add_root(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser, *, adapter_required: bool = False) -> None:
     p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name (e.g. base), or Hub repo id")
     p.add_argument(
-        "--adapter", action="append", required=adapter_required, metavar="PATH",
+        "--adapter",
+        action="append",
+        required=adapter_required,
+        metavar="PATH",
         help="adapter folder or registry name (name or name@version); repeat to stack several",
-    )  # fmt: skip
+    )
     _add_root(p)
     p.add_argument("--weight", action="append", type=float, metavar="W", help="stack weight of each --adapter, in order (default 1)")
     p.add_argument("--force", action="store_true", help="load adapters even if trained on another base (fingerprint mismatch)")
@@ -586,7 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mnist-peft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("info", help="describe the model and where data lives", description="Describe the MNIST MLP (parameter count, layers) and the data root.")
+    p = sub.add_parser(
+        "info",
+        help="describe the model and where data lives",
+        description="Describe the MNIST MLP (parameter count, layers) and the data root.",
+    )
     _add_common(p)
     p.set_defaults(handler=cmd_info)
 
@@ -599,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="folder to save the model in")
     p.add_argument("--register", metavar="NAME", help="also add the model to the registry under NAME (e.g. base)")
     _add_root(p)
-    p.add_argument("--recipe", choices=["seed", "default"], default="default", help="seed: the seed notebook's recipe (batch 10, 1 epoch, Adam 1e-3); default: ours (batch 128, 5 epochs, one-cycle LR)")
+    p.add_argument(
+        "--recipe",
+        choices=["seed", "default"],
+        default="default",
+        help="seed: the seed notebook's recipe (batch 10, 1 epoch, Adam 1e-3); default: ours (batch 128, 5 epochs, one-cycle LR)",
+    )
     p.add_argument("--epochs", type=float, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
@@ -644,10 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="(peak) learning rate")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument(
-        "--resume", metavar="PATH",
+        "--resume",
+        metavar="PATH",
         help="continue training this adapter folder or registry entry (incremental update) instead of a fresh one; "
         "a registry entry with no --out/--register is registered as its next version",
-    )  # fmt: skip
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
     p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -742,18 +862,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_registry)
 
     for name, helptext, desc in (
-        ("push", "push registry entries to a Hugging Face Hub repo",
-         "Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
-         "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
-         "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
-         "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
-         "selects another Hub."),
-        ("pull", "pull entries from a Hub repo into the registry",
-         "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
-         "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
-         "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
-         "repo id and commit they came from."),
-    ):  # fmt: skip
+        (
+            "push",
+            "push registry entries to a Hugging Face Hub repo",
+            "Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
+            "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
+            "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
+            "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
+            "selects another Hub.",
+        ),
+        (
+            "pull",
+            "pull entries from a Hub repo into the registry",
+            "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
+            "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
+            "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
+            "repo id and commit they came from.",
+        ),
+    ):
         p = sub.add_parser(name, help=helptext, description=desc)
         p.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/mnist-peft")
         name_help = (
@@ -796,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
     _add_root(p)
     p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
-    p.add_argument("--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)")
+    p.add_argument(
+        "--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)"
+    )
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -835,7 +963,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MNIST_PEFT_DEBUG"):
             raise
         detail = " ".join(str(exc).split())
-        print(f"error: unexpected {type(exc).__name__}: {detail} (a bug: rerun with MNIST_PEFT_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(exc).__name__}: {detail} (a bug: rerun with MNIST_PEFT_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -55,7 +55,7 @@ def _scaled_factors(adapters: Sequence[AdapterFiles], weights: Sequence[float]) 
     factors = {}
     for module, (out_f, in_f) in sorted(modules.items()):
         As, Bs = [], []
-        for f, w in zip(adapters, weights):
+        for f, w in zip(adapters, weights, strict=True):
             r, s = f.config.r, compute_scaling(f.config.r, f.config.lora_alpha, f.config.use_rslora)
             A = f.state_dict.get(f"{module}.lora_A.weight")
             B = f.state_dict.get(f"{module}.lora_B.weight")
@@ -167,6 +167,8 @@ def lora_from_deltas(deltas: dict[str, torch.Tensor], r: int) -> CombineResult:
     return CombineResult(config=LoraConfig(r=r, lora_alpha=r, target_modules=sorted(deltas)), state_dict=state, relative_error=errors)
 
 
-def delta_weights(base: torch.nn.Module, finetuned: torch.nn.Module, modules: Sequence[str] = ("linear1", "linear2", "linear3")) -> dict[str, torch.Tensor]:
+def delta_weights(
+    base: torch.nn.Module, finetuned: torch.nn.Module, modules: Sequence[str] = ("linear1", "linear2", "linear3")
+) -> dict[str, torch.Tensor]:
     """``W_finetuned - W_base`` (out, in) per linear module."""
     return {m: (finetuned.get_submodule(m).weight - base.get_submodule(m).weight).detach() for m in modules}

@@ -68,8 +68,16 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(base_epochs=0.1, seed_base_epochs=0.05, adapter_steps=15, parity_ranks=(4,), parity_steps=3,
-                   svd_ranks=(1, 2), svd_steps=10, use_registry=False)  # fmt: skip
+        return cls(
+            base_epochs=0.1,
+            seed_base_epochs=0.05,
+            adapter_steps=15,
+            parity_ranks=(4,),
+            parity_steps=3,
+            svd_ranks=(1, 2),
+            svd_steps=10,
+            use_registry=False,
+        )
 
 
 class _Stages:
@@ -138,11 +146,14 @@ def run_demo(
         with model.disable_adapter():
             off = evaluate(model, data_dir=data_dir)
         return {
-            "before": res.before.to_dict(), "lora_on": res.after.to_dict(), "lora_off": off.to_dict(),
+            "before": res.before.to_dict(),
+            "lora_on": res.after.to_dict(),
+            "lora_off": off.to_dict(),
             "lora_off_equals_before": off.wrong_per_digit == res.before.wrong_per_digit and off.confusion == res.before.confusion,
-            "lora_parameters": model.num_lora_parameters(), "total_parameters": count_parameters(model),
+            "lora_parameters": model.num_lora_parameters(),
+            "total_parameters": count_parameters(model),
             "base_parameters": count_parameters(seed_base),
-        }  # fmt: skip
+        }
 
     seed = stages.run("seed", stage_seed)
 
@@ -187,7 +198,11 @@ def run_demo(
             comb = combine_adapters(files, method=method, r=r)
             model = LoraModel(copy.deepcopy(base))
             model.add_adapter("combined", comb.config, state_dict=comb.state_dict)
-            results[method] = {"r": comb.config.r, "relative_error": comb.relative_error, "eval": evaluate(model, data_dir=data_dir).to_dict()}
+            results[method] = {
+                "r": comb.config.r,
+                "relative_error": comb.relative_error,
+                "eval": evaluate(model, data_dir=data_dir).to_dict(),
+            }
         return {"stack_digits": list(cfg.stack), "stack_unmerged": unmerged.to_dict(), "stack_merged": merged.to_dict(), **results}
 
     combined = stages.run("combine", stage_combine)
@@ -205,7 +220,9 @@ def run_demo(
             for _ in range(100):
                 model.merge()
                 model.unmerge()
-            unmerge_equal = all(torch.equal(a, layer.base_layer.weight) for a, (_, layer) in zip(originals, lora_layers(model.model), strict=True))
+            unmerge_equal = all(
+                torch.equal(a, layer.base_layer.weight) for a, (_, layer) in zip(originals, lora_layers(model.model), strict=True)
+            )
         return {"adapter_changes_output": changed, "lora_off_equals_base": off_equal, "unmerge_100_cycles_bit_exact": unmerge_equal}
 
     exact = stages.run("exact", stage_exact)
@@ -234,12 +251,18 @@ def run_demo(
     report = _report(base_info, seed, replay, headroom, combined, exact, parity, svd, folders)
     atomic_write_text(out / "report.md", report)
     summary = {
-        "out": str(out), "seconds": round(time.perf_counter() - start, 1), "report": str(out / "report.md"), "plots": files,
-        "base_accuracy": base_info["eval"]["accuracy"], "seed_lora_accuracy": seed["lora_on"]["accuracy"],
+        "out": str(out),
+        "seconds": round(time.perf_counter() - start, 1),
+        "report": str(out / "report.md"),
+        "plots": files,
+        "base_accuracy": base_info["eval"]["accuracy"],
+        "seed_lora_accuracy": seed["lora_on"]["accuracy"],
         "replay_accuracy": [r["eval"]["accuracy"] for r in replay["rows"]],
         "replay_target_wrong": [r["eval"]["wrong_per_digit"][r["digit"]] for r in replay["rows"]],
-        "base_wrong": base_info["eval"]["wrong_per_digit"], "exact": exact, "parity": f"{parity['passed']}/{parity['total']}",
-    }  # fmt: skip
+        "base_wrong": base_info["eval"]["wrong_per_digit"],
+        "exact": exact,
+        "parity": f"{parity['passed']}/{parity['total']}",
+    }
     return summary
 
 
@@ -247,25 +270,62 @@ def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, fold
     from .plots import plot_bars, plot_curve, plot_error_rates, plot_heatmap
 
     paths = [
-        plot_error_rates({"seed-recipe base": seed["before"]["error_rate_per_digit"]}, out / "error-rates-before.png",
-                         title="Error rate per digit, before LoRA (seed recipe)"),
-        plot_error_rates({"base": seed["before"]["error_rate_per_digit"], "digit-9 LoRA (seed recipe)": seed["lora_on"]["error_rate_per_digit"]},
-                         out / "error-rates-seed-lora.png", title="With the seed's digit-9 LoRA: 9 fixed, the others forgotten"),
-        plot_error_rates({"base": base_info["eval"]["error_rate_per_digit"], "digit-9 LoRA (replay recipe)": replay["rows"][9]["eval"]["error_rate_per_digit"]},
-                         out / "error-rates-replay-lora.png", title="With our digit-9 LoRA (replay recipe)"),
-        plot_heatmap([r["eval"]["error_rate_per_digit"] for r in replay["rows"]], out / "adapter-digit-heatmap.png",
-                     row_labels=[f"digit-{r['digit']}" for r in replay["rows"]], col_labels=[str(d) for d in range(10)],
-                     title="Error rate per test digit (columns) for each replay adapter (rows)"),
-        plot_curve([r["r"] for r in svd["rows"]], {"LoRA by SVD": [r["accuracy"] for r in svd["rows"]],
-                   "full fine-tune": [svd["full"]["accuracy"]] * len(svd["rows"]), "base": [svd["base"]["accuracy"]] * len(svd["rows"])},
-                   out / "svd-accuracy-vs-rank.png", xlabel="rank r", ylabel="test accuracy", title="Digit 9: accuracy vs SVD rank", logx=True),
-    ]  # fmt: skip
+        plot_error_rates(
+            {"seed-recipe base": seed["before"]["error_rate_per_digit"]},
+            out / "error-rates-before.png",
+            title="Error rate per digit, before LoRA (seed recipe)",
+        ),
+        plot_error_rates(
+            {"base": seed["before"]["error_rate_per_digit"], "digit-9 LoRA (seed recipe)": seed["lora_on"]["error_rate_per_digit"]},
+            out / "error-rates-seed-lora.png",
+            title="With the seed's digit-9 LoRA: 9 fixed, the others forgotten",
+        ),
+        plot_error_rates(
+            {
+                "base": base_info["eval"]["error_rate_per_digit"],
+                "digit-9 LoRA (replay recipe)": replay["rows"][9]["eval"]["error_rate_per_digit"],
+            },
+            out / "error-rates-replay-lora.png",
+            title="With our digit-9 LoRA (replay recipe)",
+        ),
+        plot_heatmap(
+            [r["eval"]["error_rate_per_digit"] for r in replay["rows"]],
+            out / "adapter-digit-heatmap.png",
+            row_labels=[f"digit-{r['digit']}" for r in replay["rows"]],
+            col_labels=[str(d) for d in range(10)],
+            title="Error rate per test digit (columns) for each replay adapter (rows)",
+        ),
+        plot_curve(
+            [r["r"] for r in svd["rows"]],
+            {
+                "LoRA by SVD": [r["accuracy"] for r in svd["rows"]],
+                "full fine-tune": [svd["full"]["accuracy"]] * len(svd["rows"]),
+                "base": [svd["base"]["accuracy"]] * len(svd["rows"]),
+            },
+            out / "svd-accuracy-vs-rank.png",
+            xlabel="rank r",
+            ylabel="test accuracy",
+            title="Digit 9: accuracy vs SVD rank",
+            logx=True,
+        ),
+    ]
     base_bytes = (Path(base_info["path"]) / "model.safetensors").stat().st_size
     adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
     seed_adapter_params = seed["lora_parameters"]
-    paths.append(plot_bars({"base params": seed["base_parameters"], "LoRA r=1 params": seed_adapter_params,
-                            "base file (B)": base_bytes, "r=4 adapter file (B)": adapter_bytes},
-                           out / "savings.png", ylabel="count (log scale)", title="What an adapter costs next to its base", logy=True))  # fmt: skip
+    paths.append(
+        plot_bars(
+            {
+                "base params": seed["base_parameters"],
+                "LoRA r=1 params": seed_adapter_params,
+                "base file (B)": base_bytes,
+                "r=4 adapter file (B)": adapter_bytes,
+            },
+            out / "savings.png",
+            ylabel="count (log scale)",
+            title="What an adapter costs next to its base",
+            logy=True,
+        )
+    )
     return [str(p) for p in paths]
 
 
@@ -273,7 +333,17 @@ def _fmt(values: list) -> str:
     return " ".join(str(v) for v in values)
 
 
-def _report(base_info: dict, seed: dict, replay: dict, headroom: list[dict], combined: dict, exact: dict, parity: dict, svd: dict, folders: list[Path]) -> str:
+def _report(
+    base_info: dict,
+    seed: dict,
+    replay: dict,
+    headroom: list[dict],
+    combined: dict,
+    exact: dict,
+    parity: dict,
+    svd: dict,
+    folders: list[Path],
+) -> str:
     f = SEED_FACTS
     b = base_info["eval"]
     lines = [
@@ -307,7 +377,12 @@ def _report(base_info: dict, seed: dict, replay: dict, headroom: list[dict], com
         change = f"{100 * (w1 - w0) / w0:+.0f}%" if w0 else "n/a"
         ok = w1 <= 0.6 * w0 and e["accuracy"] >= b["accuracy"]
         met += ok
-        why = "yes" if ok else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped") + ("" if not (w1 > 0.6 * w0 and e["accuracy"] < b["accuracy"]) else " and accuracy dropped")
+        why = (
+            "yes"
+            if ok
+            else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped")
+            + ("" if not (w1 > 0.6 * w0 and e["accuracy"] < b["accuracy"]) else " and accuracy dropped")
+        )
         h = headroom[d]
         ref = f"{h['wrong_after']}, {h['total_wrong_before']} -> {h['total_wrong_after']}"
         lines.append(f"| digit-{d} | {w0} | {w1} | {change} | {b['accuracy']:.4f} | {e['accuracy']:.4f} | {why} | {ref} |")
@@ -353,7 +428,9 @@ def _report(base_info: dict, seed: dict, replay: dict, headroom: list[dict], com
         "|---|---|---|---|---|---|---|",
     ]
     for c in parity["cases"]:
-        lines.append(f"| {c['case']} | {c['forward_max_diff']:.1e} | {c['grad_max_diff']:.1e} | {c['train_max_diff']:.1e} | {c['merged_max_ulps']:.0f} | {c['unmerge_exact']} | {c['peft_unmerge_drift']:.1e} |")
+        lines.append(
+            f"| {c['case']} | {c['forward_max_diff']:.1e} | {c['grad_max_diff']:.1e} | {c['train_max_diff']:.1e} | {c['merged_max_ulps']:.0f} | {c['unmerge_exact']} | {c['peft_unmerge_drift']:.1e} |"
+        )
     lines += [
         "",
         "## 6. LoRA by SVD of a full fine-tune (digit 9)",
@@ -383,14 +460,17 @@ def _report(base_info: dict, seed: dict, replay: dict, headroom: list[dict], com
 def summary_text(summary: dict) -> str:
     """The one-screen summary printed at the end of the demo."""
     s = summary
-    fixed = [f"{d}:{w0}->{w1}" for d, (w0, w1) in enumerate(zip([s["base_wrong"][d] for d in range(10)], s["replay_target_wrong"]))]
-    return "\n".join([
-        f"mnist-peft demo finished in {s['seconds']} s",
-        f"base accuracy {s['base_accuracy']:.4f}; the seed's digit-9 LoRA drops it to {s['seed_lora_accuracy']:.4f} (forgetting)",
-        f"replay adapters, own-digit wrong before->after: {' '.join(fixed)}",
-        f"replay adapters' overall accuracy: {' '.join(f'{a:.4f}' for a in s['replay_accuracy'])}",
-        f"exact LoRA off / unmerge: {s['exact']['lora_off_equals_base']} / {s['exact']['unmerge_100_cycles_bit_exact']}; peft parity {s['parity']}",
-        f"report: {s['report']}",
-        f"plots: {', '.join(Path(p).name for p in s['plots'])}",
-    ])  # fmt: skip
-
+    fixed = [
+        f"{d}:{w0}->{w1}" for d, (w0, w1) in enumerate(zip([s["base_wrong"][d] for d in range(10)], s["replay_target_wrong"], strict=True))
+    ]
+    return "\n".join(
+        [
+            f"mnist-peft demo finished in {s['seconds']} s",
+            f"base accuracy {s['base_accuracy']:.4f}; the seed's digit-9 LoRA drops it to {s['seed_lora_accuracy']:.4f} (forgetting)",
+            f"replay adapters, own-digit wrong before->after: {' '.join(fixed)}",
+            f"replay adapters' overall accuracy: {' '.join(f'{a:.4f}' for a in s['replay_accuracy'])}",
+            f"exact LoRA off / unmerge: {s['exact']['lora_off_equals_base']} / {s['exact']['unmerge_100_cycles_bit_exact']}; peft parity {s['parity']}",
+            f"report: {s['report']}",
+            f"plots: {', '.join(Path(p).name for p in s['plots'])}",
+        ]
+    )

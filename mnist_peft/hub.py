@@ -62,7 +62,19 @@ def _is_network_error(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & {"ConnectError", "ConnectTimeout", "ReadTimeout", "TransportError", "NetworkError", "ConnectionError", "Timeout", "TimeoutException"})
+    return bool(
+        names
+        & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "TransportError",
+            "NetworkError",
+            "ConnectionError",
+            "Timeout",
+            "TimeoutException",
+        }
+    )
 
 
 def _hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
@@ -75,20 +87,32 @@ def _hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
     if isinstance(exc, RevisionNotFoundError):
         return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
     if isinstance(exc, RemoteEntryNotFoundError):
-        return HubError(f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again", repo_id=repo_id)
+        return HubError(
+            f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again",
+            repo_id=repo_id,
+        )
     if status in (401, 403):
         return HubError(
             f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "
-            "to a token with access to this repo", repo_id=repo_id,
-        )  # fmt: skip
+            "to a token with access to this repo",
+            repo_id=repo_id,
+        )
     if isinstance(exc, RepositoryNotFoundError) or status == 404:
-        return HubError(f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id)
+        return HubError(
+            f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id
+        )
     if status in (409, 412):
-        return HubError(f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id)
+        return HubError(
+            f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id
+        )
     if status is not None and status >= 500:
-        return HubError(f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id)
+        return HubError(
+            f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id
+        )
     if _is_network_error(exc):
-        return HubError(f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id)
+        return HubError(
+            f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id
+        )
     code = f"HTTP {status}" if status is not None else type(exc).__name__
     return HubError(f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details", repo_id=repo_id)
 
@@ -132,7 +156,7 @@ def push_to_hub(
         IntegrityError: a local file does not match the registry.
         HubError: the Hub cannot be reached or refuses the push.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     entries = _selected(registry, names)
     for e in entries:
@@ -161,9 +185,13 @@ def push_to_hub(
             index_op = CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
             try:
                 info = api.create_commit(
-                    repo_id, [*ops, index_op], commit_message=commit_message or f"mnist-peft push: {refs}", revision=revision,
-                    commit_description=f"Pushed {len(entries)} registry entries: {refs}.", parent_commit=parent,
-                )  # fmt: skip
+                    repo_id,
+                    [*ops, index_op],
+                    commit_message=commit_message or f"mnist-peft push: {refs}",
+                    revision=revision,
+                    commit_description=f"Pushed {len(entries)} registry entries: {refs}.",
+                    parent_commit=parent,
+                )
                 break
             except Exception as exc:
                 if _status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
@@ -213,7 +241,9 @@ def pull_from_hub(
         with tempfile.TemporaryDirectory() as tmp:
             # Every name below was validated: plain file names, the repo layout's own folders.
             patterns = [f"{remote[n][1]}/{f}" if remote[n][1] else f for n in wanted for f in remote[n][0]["files"]]  # type: ignore[union-attr]
-            snap = Path(snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token, local_dir=os.path.join(tmp, "files")))
+            snap = Path(
+                snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token, local_dir=os.path.join(tmp, "files"))
+            )
             items, unchanged = [], []
             for n in wanted:
                 entry, repo_path = remote[n]
@@ -224,13 +254,16 @@ def pull_from_hub(
                     if not p.is_file() or sha256_file(p) != meta["sha256"]:
                         raise IntegrityError(
                             f"pulled file {n}/{fname} from {repo_id!r} does not match the sha256 in its index (tampered or "
-                            "corrupted on the server); nothing was added", path=p,
-                        )  # fmt: skip
+                            "corrupted on the server); nothing was added",
+                            path=p,
+                        )
                 if _already_there(registry, n, files):
                     unchanged.append(n)
                     continue
                 source = {"repo_id": repo_id, "revision": sha}
-                items.append((n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source}))
+                items.append(
+                    (n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source})
+                )
             added = registry.add_many(items)
     except (HubError, IntegrityError, RegistryError):
         raise
@@ -259,7 +292,9 @@ def _remote_index(api, repo_id: str, revision: str, *, token: str | None, requir
             path = hf_hub_download(repo_id, INDEX_NAME, revision=revision, token=token, local_dir=tmp)
         except RemoteEntryNotFoundError:
             if required:
-                raise HubError(f"{repo_id!r} has no {INDEX_NAME} at this revision: it was not pushed by mnist-peft", repo_id=repo_id) from None
+                raise HubError(
+                    f"{repo_id!r} has no {INDEX_NAME} at this revision: it was not pushed by mnist-peft", repo_id=repo_id
+                ) from None
             return {}
         raw = Path(path).read_bytes()
     if len(raw) > MAX_REMOTE_INDEX_BYTES:
@@ -275,7 +310,9 @@ def _remote_index(api, repo_id: str, revision: str, *, token: str | None, requir
         entry = entry_from_dict(item, where=where)
         layout = "" if entry.kind == "base" else entry.name
         if item.get("path") != layout:
-            raise RegistryError(f"{where}: entry {entry.name!r} has path {item.get('path')!r}, not the repo layout's {layout!r}; nothing was written")
+            raise RegistryError(
+                f"{where}: entry {entry.name!r} has path {item.get('path')!r}, not the repo layout's {layout!r}; nothing was written"
+            )
         if entry.name in out:
             raise RegistryError(f"{where} lists {entry.name!r} twice; nothing was written")
         out[entry.name] = ({**item, "files": entry.files, "digit": entry.digit, "metrics": entry.metrics}, layout)

@@ -118,9 +118,7 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise AdapterConfigError(f"use_rslora must be true or false, got {self.use_rslora!r} ({type(self.use_rslora).__name__})")
         if not any(self.init_lora_weights is v for v in (True, False)) and self.init_lora_weights not in ("gaussian", "seed"):
-            raise AdapterConfigError(
-                f"init_lora_weights must be True, False, 'gaussian' or 'seed', got {self.init_lora_weights!r}"
-            )
+            raise AdapterConfigError(f"init_lora_weights must be True, False, 'gaussian' or 'seed', got {self.init_lora_weights!r}")
         if self.bias != "none":
             raise AdapterConfigError(f"bias={self.bias!r} is not supported; use bias='none'")
         if not self.target_modules:
@@ -243,9 +241,7 @@ class LoraLinear(nn.Module):
         return [n for n in self.state.active if n in self.lora_A]
 
     # -- adapters
-    def update_layer(
-        self, adapter_name: str, config: LoraConfig, weights: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add (or re-create) adapter ``adapter_name``: fresh weights drawn per ``config``, or
         ``weights=(A, B)`` copied in (no random draws)."""
         w = self.base_layer.weight
@@ -298,7 +294,13 @@ class LoraLinear(nn.Module):
 
     def _scratch(self, key: str, like: torch.Tensor, *, avoid: torch.Tensor) -> torch.Tensor:
         buf = self._buffers_cache.get(key)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device or buf.data_ptr() == avoid.data_ptr():
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.data_ptr() == avoid.data_ptr()
+        ):
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
         self._buffers_cache[key] = buf
         return buf
@@ -317,7 +319,9 @@ class LoraLinear(nn.Module):
                 # First merge, or merging more after an edit: restart the record from the live weight.
                 original = weight.detach() if record is None else self.unmerged_weight()
                 record = _MergeRecord(original=original, source=weight.detach())
-            record.log += [(self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone(), self.effective_scaling(n)) for n in adapter_names]
+            record.log += [
+                (self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone(), self.effective_scaling(n)) for n in adapter_names
+            ]
             fused.set_data(weight, new_weight)
         record.token = _edit_token(weight)
         self._merge = record
@@ -518,7 +522,9 @@ def check_lora_state_dict(
         expected[f"{name}.lora_B.weight"] = (out_f, config.r)
     for key in expected:
         if key not in state_dict:
-            raise AdapterKeyError(f"adapter weights{where} lack key {key!r} required by target_modules {config.target_modules}", key=key, path=path)
+            raise AdapterKeyError(
+                f"adapter weights{where} lack key {key!r} required by target_modules {config.target_modules}", key=key, path=path
+            )
     for key, tensor in state_dict.items():
         if key not in expected:
             raise AdapterKeyError(
@@ -530,7 +536,9 @@ def check_lora_state_dict(
                 f"tensor {key!r}{where} has shape {tuple(tensor.shape)}, expected {expected[key]}{hint}", key=key, path=path
             )
         if not tensor.is_floating_point():
-            raise AdapterShapeError(f"tensor {key!r}{where} has dtype {tensor.dtype}; LoRA weights must be floating point", key=key, path=path)
+            raise AdapterShapeError(
+                f"tensor {key!r}{where} has dtype {tensor.dtype}; LoRA weights must be floating point", key=key, path=path
+            )
     # One pass over all the values (a call per tensor costs more than the check itself); the key is
     # looked up only when something is not finite.
     if state_dict and not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in state_dict.values()])).all()):
@@ -663,7 +671,9 @@ class LoraModel(nn.Module):
                 does not fit (the model is left unchanged).
         """
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
-            raise AdapterStateError(f"adapter name {adapter_name!r} is not allowed; use a non-empty name without '.', other than {BASE_ADAPTER!r}")
+            raise AdapterStateError(
+                f"adapter name {adapter_name!r} is not allowed; use a non-empty name without '.', other than {BASE_ADAPTER!r}"
+            )
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         if self.merged_adapters:
@@ -704,7 +714,11 @@ class LoraModel(nn.Module):
             raise AdapterStateError(f"adapter names {names} repeat a name; give each adapter once (use its weight to scale it)")
         if weights is not None and len(weights) != len(names):
             raise AdapterStateError(f"got {len(weights)} weights for {len(names)} adapters; give one weight per adapter")
-        values = [1.0] * len(names) if weights is None else [_check_finite(w, f"stack weight of {n!r}") for n, w in zip(names, weights)]
+        values = (
+            [1.0] * len(names)
+            if weights is None
+            else [_check_finite(w, f"stack weight of {n!r}") for n, w in zip(names, weights, strict=True)]
+        )
         if self.merged_adapters:
             raise AdapterStateError("cannot change the active adapters while merged; call unmerge() first")
         self.state.active = names

@@ -91,7 +91,9 @@ class MnistMLP(
 _SIZE_FIELDS = ("hidden_size_1", "hidden_size_2", "in_features", "num_classes")
 
 
-def expected_shapes(hidden_size_1: int = 1000, hidden_size_2: int = 2000, in_features: int = 784, num_classes: int = 10) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    hidden_size_1: int = 1000, hidden_size_2: int = 2000, in_features: int = 784, num_classes: int = 10
+) -> dict[str, tuple[int, ...]]:
     """The tensor shapes an :class:`MnistMLP` of these sizes has, by state-dict name."""
     sizes = [(1, in_features, hidden_size_1), (2, hidden_size_1, hidden_size_2), (3, hidden_size_2, num_classes)]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -180,8 +182,7 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
     p = Path(path_or_repo)
     if p.exists() and not (p / WEIGHTS_NAME).is_file():
         raise ModelLoadError(
-            f"{str(p)!r} is not a base model folder (no model.safetensors); "
-            "create one with `mnist-peft train-base --out DIR`",
+            f"{str(p)!r} is not a base model folder (no model.safetensors); create one with `mnist-peft train-base --out DIR`",
             path=p,
         )
     text = str(path_or_repo)

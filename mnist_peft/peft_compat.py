@@ -62,7 +62,11 @@ class ParityCase:
 
     def config(self, init: bool | str = False) -> LoraConfig:
         return LoraConfig(
-            r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora, target_modules=list(self.target_modules), init_lora_weights=init
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            target_modules=list(self.target_modules),
+            init_lora_weights=init,
         )
 
 

@@ -27,9 +27,7 @@ def _save(fig, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def plot_error_rates(
-    series: dict[str, Sequence[float]], path: str | os.PathLike[str], *, title: str = "Error rate per digit"
-) -> Path:
+def plot_error_rates(series: dict[str, Sequence[float]], path: str | os.PathLike[str], *, title: str = "Error rate per digit") -> Path:
     """Grouped bars: one group per digit 0..9, one bar per named series (e.g. before/after LoRA)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -188,12 +188,24 @@ def entry_from_dict(data: object, *, where: str, path: str | None = None) -> Reg
     metrics, created, source = data.get("metrics") or {}, data.get("created") or "", data.get("source")
     if not isinstance(metrics, dict) or not isinstance(created, str):
         raise RegistryError(f"{where}: metrics must be an object and created a string")
-    if source is not None and (not isinstance(source, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in source.items())):
+    if source is not None and (
+        not isinstance(source, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in source.items())
+    ):
         raise RegistryError(f"{where}: source must be an object of strings or null")
     return RegistryEntry(
-        name=name, version=version, kind=kind, path=expected, files=files, base_fingerprint=fingerprint,  # type: ignore[arg-type]
-        digit=digit, r=r, lora_alpha=alpha, created=created, metrics=metrics, source=source,
-    )  # fmt: skip
+        name=name,
+        version=version,
+        kind=kind,
+        path=expected,
+        files=files,
+        base_fingerprint=fingerprint,  # type: ignore[arg-type]
+        digit=digit,
+        r=r,
+        lora_alpha=alpha,
+        created=created,
+        metrics=metrics,
+        source=source,
+    )
 
 
 def _describe_folder(folder: Path) -> dict[str, object]:
@@ -261,7 +273,10 @@ class AdapterRegistry:
             raise RegistryError(f"{where} is unreadable ({exc}); restore it from version control") from exc
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise RegistryError(f"{where} has no 'entries' list; restore it from version control")
-        entries = [entry_from_dict(e, where=where, path=f"{e.get('name')}/v{e.get('version')}" if isinstance(e, dict) else None) for e in data["entries"]]
+        entries = [
+            entry_from_dict(e, where=where, path=f"{e.get('name')}/v{e.get('version')}" if isinstance(e, dict) else None)
+            for e in data["entries"]
+        ]
         refs = [e.ref for e in entries]
         if len(set(refs)) != len(refs):
             raise RegistryError(f"{where} lists a version twice; restore it from version control")
@@ -277,7 +292,9 @@ class AdapterRegistry:
         entries = sorted(entries, key=lambda e: (e.name, e.version))
         for e in entries:
             marks[e.name] = max(marks.get(e.name, 0), e.version)
-        atomic_write_json(self.index_path, {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": dict(sorted(marks.items()))})
+        atomic_write_json(
+            self.index_path, {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": dict(sorted(marks.items()))}
+        )
 
     def folder(self, entry: RegistryEntry) -> Path:
         """An entry's folder, ``<root>/<name>/v<version>``, confined (no symlink on the way)."""
@@ -294,7 +311,9 @@ class AdapterRegistry:
         versions = [e for e in entries if e.name == name]
         if not versions:
             known = sorted({e.name for e in entries})
-            raise EntryNotFoundError(f"no registry entry {name!r} in {str(self.root)!r}; entries: {known or 'none'} (see `mnist-peft registry list`)", name=name)
+            raise EntryNotFoundError(
+                f"no registry entry {name!r} in {str(self.root)!r}; entries: {known or 'none'} (see `mnist-peft registry list`)", name=name
+            )
         if version is None:
             return max(versions, key=lambda e: e.version)
         for e in versions:
@@ -331,7 +350,9 @@ class AdapterRegistry:
             if not p.is_file():
                 raise IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p)
             if p.stat().st_size != info["size"]:
-                raise IntegrityError(f"{entry.ref}: file {str(p)!r} has {p.stat().st_size} bytes, the index says {info['size']} (truncated?)", path=p)
+                raise IntegrityError(
+                    f"{entry.ref}: file {str(p)!r} has {p.stat().st_size} bytes, the index says {info['size']} (truncated?)", path=p
+                )
             if sha256_file(p) != info["sha256"]:
                 raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
 
@@ -423,12 +444,22 @@ class AdapterRegistry:
                         shutil.rmtree(staging, ignore_errors=True)
                         raise
                     moved.append(dest)
-                    added.append(RegistryEntry(
-                        name=name, version=version, kind=str(info["kind"]), path=rel, files=files,
-                        base_fingerprint=info.get("base_fingerprint"), digit=info.get("digit"), r=info.get("r"),
-                        lora_alpha=info.get("lora_alpha"), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        metrics=metrics, source=source,
-                    ))  # fmt: skip
+                    added.append(
+                        RegistryEntry(
+                            name=name,
+                            version=version,
+                            kind=str(info["kind"]),
+                            path=rel,
+                            files=files,
+                            base_fingerprint=info.get("base_fingerprint"),
+                            digit=info.get("digit"),
+                            r=info.get("r"),
+                            lora_alpha=info.get("lora_alpha"),
+                            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                            metrics=metrics,
+                            source=source,
+                        )
+                    )
                 self._write_index([*entries, *added], marks)
             except BaseException:
                 for dest in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)

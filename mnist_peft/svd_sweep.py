@@ -39,10 +39,19 @@ def rank_sweep(
         model = LoraModel(copy.deepcopy(base))
         model.add_adapter("svd", extracted.config, state_dict=extracted.state_dict)
         metrics = evaluate(model, data_dir=data_dir)
-        rows.append({
-            "r": r, "parameters": model.num_lora_parameters("svd"), "accuracy": metrics.accuracy,
-            "wrong_per_digit": metrics.wrong_per_digit, "relative_error": extracted.relative_error,
-        })  # fmt: skip
-    full = {"accuracy": result.after.accuracy, "wrong_per_digit": result.after.wrong_per_digit, "parameters": sum(d.numel() for d in deltas.values())}
+        rows.append(
+            {
+                "r": r,
+                "parameters": model.num_lora_parameters("svd"),
+                "accuracy": metrics.accuracy,
+                "wrong_per_digit": metrics.wrong_per_digit,
+                "relative_error": extracted.relative_error,
+            }
+        )
+    full = {
+        "accuracy": result.after.accuracy,
+        "wrong_per_digit": result.after.wrong_per_digit,
+        "parameters": sum(d.numel() for d in deltas.values()),
+    }
     base_m = {"accuracy": result.before.accuracy, "wrong_per_digit": result.before.wrong_per_digit, "parameters": count_parameters(base)}
     return {"digit": digit, "steps": result.steps, "base": base_m, "full": full, "rows": rows}

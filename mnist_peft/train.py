@@ -144,7 +144,7 @@ def evaluate(model: nn.Module, split: MnistSplit | None = None, *, data_dir: str
     return EvalResult(
         accuracy=float(conf.diag().sum()) / n,
         wrong_per_digit=[int(w) for w in wrong],
-        error_rate_per_digit=[float(w) / float(t) if t else 0.0 for w, t in zip(wrong, totals)],
+        error_rate_per_digit=[float(w) / float(t) if t else 0.0 for w, t in zip(wrong, totals, strict=True)],
         n=n,
         confusion=conf.tolist(),
     )
@@ -198,7 +198,7 @@ def fit(
     opt = make_optimizer(params, config)
     n = len(train)
     steps_per_epoch = -(-n // config.batch_size)
-    total = int(round(config.epochs * steps_per_epoch))
+    total = round(config.epochs * steps_per_epoch)
     if config.max_steps:
         total = min(total, config.max_steps)
     sched = None
@@ -344,9 +344,18 @@ class AdapterRecipe:
 ADAPTER_RECIPES: dict[str, AdapterRecipe] = {
     # The seed notebook: only digit-D images, batch 10, 100 steps, r=1, alpha=1, A ~ N(0, 1), Adam 1e-3.
     "seed": AdapterRecipe(
-        r=1, lora_alpha=1, init_lora_weights="seed", steps=100, batch_size=10, lr=1e-3, schedule="none",
-        digit_fraction=1.0, augment=False, distill=0.0, val_size=0,
-    ),  # fmt: skip
+        r=1,
+        lora_alpha=1,
+        init_lora_weights="seed",
+        steps=100,
+        batch_size=10,
+        lr=1e-3,
+        schedule="none",
+        digit_fraction=1.0,
+        augment=False,
+        distill=0.0,
+        val_size=0,
+    ),
     # Ours: digit-D batches mixed with replayed other digits, augmented, distilled toward the base.
     "replay": AdapterRecipe(),
 }
@@ -368,7 +377,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     from .data import MNIST_MEAN, MNIST_STD
 
     n = x.shape[0]
-    img = (x.reshape(n, 1, 28, 28) * MNIST_STD + MNIST_MEAN)  # back to [0, 1]: padding is black
+    img = x.reshape(n, 1, 28, 28) * MNIST_STD + MNIST_MEAN  # back to [0, 1]: padding is black
     u = torch.rand(n, 4, generator=generator) * 2 - 1
     angle = u[:, 0] * (12 * torch.pi / 180)
     scale = 1 + 0.1 * u[:, 1]
@@ -432,7 +441,13 @@ def train_adapter(
 
 
 def finetune_full(
-    base: nn.Module, digit: int, recipe: str | AdapterRecipe = "replay", *, data_dir: str | None = None, progress: bool = False, **overrides: object
+    base: nn.Module,
+    digit: int,
+    recipe: str | AdapterRecipe = "replay",
+    *,
+    data_dir: str | None = None,
+    progress: bool = False,
+    **overrides: object,
 ) -> tuple[nn.Module, AdapterTrainResult]:
     """Fine-tune every weight of a copy of ``base`` on ``digit`` with an adapter recipe's data and loss.
 
@@ -473,7 +488,7 @@ def _train_on_digit(
     g = torch.Generator().manual_seed(recipe.seed)
     mine = (train.y == digit).nonzero().squeeze(1)
     others = (train.y != digit).nonzero().squeeze(1)
-    k = max(1, int(round(recipe.batch_size * recipe.digit_fraction))) if recipe.digit_fraction < 1 else recipe.batch_size
+    k = max(1, round(recipe.batch_size * recipe.digit_fraction)) if recipe.digit_fraction < 1 else recipe.batch_size
     teacher = base.eval()
 
     def batches(epoch: int):
@@ -502,17 +517,42 @@ def _train_on_digit(
     def val_score(m: nn.Module, split: MnistSplit) -> float:
         # The held-out objective on a digit-balanced mix like the training batches: the base has
         # seen these images, so accuracy on them cannot move, but the adapter's objective can.
-        idx = torch.cat([(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]])
+        idx = torch.cat(
+            [(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]]
+        )
         with torch.no_grad():
             return -float(objective(m, split.x[idx], split.y[idx]))
 
     cfg = TrainConfig(
-        epochs=1e9, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, schedule=recipe.schedule,
-        max_steps=recipe.steps, val_size=recipe.val_size, patience=recipe.patience, eval_every=recipe.eval_every,
-    )  # fmt: skip
-    fitted = fit(model, train, cfg, params=params, val=val, loss_fn=loss_fn, batches=batches, val_score=val_score, progress=progress, desc=f"digit-{digit}")
+        epochs=1e9,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        schedule=recipe.schedule,
+        max_steps=recipe.steps,
+        val_size=recipe.val_size,
+        patience=recipe.patience,
+        eval_every=recipe.eval_every,
+    )
+    fitted = fit(
+        model,
+        train,
+        cfg,
+        params=params,
+        val=val,
+        loss_fn=loss_fn,
+        batches=batches,
+        val_score=val_score,
+        progress=progress,
+        desc=f"digit-{digit}",
+    )
     after = evaluate(model, test)
     return AdapterTrainResult(
-        digit=digit, recipe=name, steps=fitted.steps, seconds=time.perf_counter() - start,
-        stopped_early=fitted.stopped_early, before=before, after=after,
-    )  # fmt: skip
+        digit=digit,
+        recipe=name,
+        steps=fitted.steps,
+        seconds=time.perf_counter() - start,
+        stopped_early=fitted.stopped_early,
+        before=before,
+        after=after,
+    )

@@ -52,7 +52,9 @@ def trained_base_dir(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     return out
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """The real ``mnist-peft`` in a subprocess (``python -m mnist_peft``)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(

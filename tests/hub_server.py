@@ -28,12 +28,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
-GIT = ["git", "-c", "user.name=mnist-peft test hub", "-c", "user.email=hub@127.0.0.1", "-c", "filter.lfs.clean=", "-c", "filter.lfs.smudge=", "-c", "filter.lfs.process=", "-c", "filter.lfs.required=false"]
+GIT = [
+    "git",
+    "-c",
+    "user.name=mnist-peft test hub",
+    "-c",
+    "user.email=hub@127.0.0.1",
+    "-c",
+    "filter.lfs.clean=",
+    "-c",
+    "filter.lfs.smudge=",
+    "-c",
+    "filter.lfs.process=",
+    "-c",
+    "filter.lfs.required=false",
+]
 
 
 def find_olah() -> str:
     """The ``olah-cli`` executable: ``$MNIST_PEFT_OLAH``, ``.olah-venv/bin/olah-cli``, or on PATH."""
-    candidates = [os.environ.get("MNIST_PEFT_OLAH"), str(Path(__file__).resolve().parent.parent / ".olah-venv/bin/olah-cli"), shutil.which("olah-cli")]
+    candidates = [
+        os.environ.get("MNIST_PEFT_OLAH"),
+        str(Path(__file__).resolve().parent.parent / ".olah-venv/bin/olah-cli"),
+        shutil.which("olah-cli"),
+    ]
     for c in candidates:
         if c and Path(c).is_file():
             return c
@@ -95,7 +113,7 @@ class HubServer:
             "metadata-cache-ttl = 0\n"  # a push must be visible at once, not after 10 minutes
             "\n[accessibility]\noffline = true\n"
         )
-        log = open(self.root / "olah.log", "wb")
+        log = open(self.root / "olah.log", "wb")  # noqa: SIM115 (olah writes to it until stop() closes it)
         self._olah = subprocess.Popen([find_olah(), "-c", str(config)], cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         _wait_for_port(self.olah_port, 60, self._olah)
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -139,7 +157,9 @@ class HubServer:
         return self.repo_path(repo_id) / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
 
     def head(self, repo_id: str) -> str:
-        return subprocess.run([*GIT, "rev-parse", "HEAD"], cwd=self.repo_path(repo_id), check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [*GIT, "rev-parse", "HEAD"], cwd=self.repo_path(repo_id), check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     def commit(self, repo_id: str, lines: list[dict]) -> str:
         path = self.repo_path(repo_id)

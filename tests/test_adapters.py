@@ -58,7 +58,9 @@ def test_we_load_a_folder_written_by_peft_with_identical_outputs(random_base: Mn
     import peft
 
     torch.manual_seed(2)
-    theirs = peft.get_peft_model(copy.deepcopy(random_base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["linear2", "linear1"], init_lora_weights=False)).eval()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(random_base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["linear2", "linear1"], init_lora_weights=False)
+    ).eval()
     theirs.save_pretrained(tmp_path / "peft-adapter")
     ours = LoraModel(copy.deepcopy(random_base))
     files = load_adapter(ours, tmp_path / "peft-adapter", activate=True)
@@ -152,7 +154,7 @@ def test_fingerprint_mismatch_is_refused_unless_forced(saved) -> None:
 
 
 def test_load_stack_names_and_weights(saved, random_base, tmp_path) -> None:
-    model, _, folder = saved
+    _model, _, folder = saved
     stack = load_stack(copy.deepcopy(random_base), [folder, folder], [1.0, 0.5])
     assert stack.active_adapters == ["adapter", "adapter_"]
     assert stack.adapter_weights == {"adapter": 1.0, "adapter_": 0.5}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from mnist_peft.analysis import logit_offset_tradeoff
 from mnist_peft.data import MnistSplit
 from mnist_peft.model import load_base
@@ -51,7 +51,7 @@ def test_a_weaker_cut_never_costs_more(trained_base_dir: Path, mnist_test) -> No
     split = MnistSplit(mnist_test.x[:2000], mnist_test.y[:2000])
     strict = logit_offset_tradeoff(model, split, cut=0.8)
     loose = logit_offset_tradeoff(model, split, cut=0.2)
-    assert all(lo.total_wrong_after <= st.total_wrong_after for lo, st in zip(loose, strict))
+    assert all(lo.total_wrong_after <= st.total_wrong_after for lo, st in zip(loose, strict, strict=True))
     with pytest.raises(ValueError, match="cut must be in"):
         logit_offset_tradeoff(model, split, cut=0)
 

@@ -25,7 +25,11 @@ def _adapter(base: MnistMLP, r: int, alpha: float, seed: int, fp: str = "fp") ->
 
 def _delta(files: AdapterFiles, module: str) -> torch.Tensor:
     c = files.config
-    return get_delta_weight(files.state_dict[f"{module}.lora_A.weight"], files.state_dict[f"{module}.lora_B.weight"], compute_scaling(c.r, c.lora_alpha, c.use_rslora))
+    return get_delta_weight(
+        files.state_dict[f"{module}.lora_A.weight"],
+        files.state_dict[f"{module}.lora_B.weight"],
+        compute_scaling(c.r, c.lora_alpha, c.use_rslora),
+    )
 
 
 MODULES = ("linear1", "linear2", "linear3")

@@ -14,8 +14,14 @@ def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_
     proc = run_cli("demo", "--quick", "--out", str(out), "--json", timeout=600)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    for name in ("error-rates-before.png", "error-rates-seed-lora.png", "error-rates-replay-lora.png", "adapter-digit-heatmap.png",
-                 "svd-accuracy-vs-rank.png", "savings.png"):  # fmt: skip
+    for name in (
+        "error-rates-before.png",
+        "error-rates-seed-lora.png",
+        "error-rates-replay-lora.png",
+        "adapter-digit-heatmap.png",
+        "svd-accuracy-vs-rank.png",
+        "savings.png",
+    ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     report = (out / "report.md").read_text()
     for heading in ("The seed's experiment", "replay adapters", "Stacking and combining", "Exactness", "Native LoRA vs peft", "SVD"):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 
 from mnist_peft.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX, load_adapter, read_adapter, save_adapter
@@ -15,8 +16,6 @@ from mnist_peft.errors import AdapterConfigError, AdapterKeyError, AdapterStateE
 from mnist_peft.lora import LoraConfig, LoraModel
 from mnist_peft.model import MnistMLP, load_base
 from mnist_peft.train import AdapterRecipe, TrainConfig
-
-from conftest import run_cli
 
 
 @pytest.fixture()
@@ -39,7 +38,7 @@ def test_adapter_file_with_non_finite_values_is_refused_and_the_model_is_unchang
     save_file(tensors, path, metadata=files.metadata)
     model = LoraModel(copy.deepcopy(random_base))
     before = _state(model)
-    with pytest.raises(NonFiniteError, match="linear2.lora_B.weight.*NaN or Inf"):
+    with pytest.raises(NonFiniteError, match=r"linear2\.lora_B\.weight.*NaN or Inf"):
         load_adapter(model, adapter_dir, "x")
     assert model.peft_config == {} and before.keys() == _state(model).keys()
 
@@ -49,15 +48,23 @@ def test_two_tensors_for_one_key_are_refused(adapter_dir) -> None:
     tensors = {KEY_PREFIX + k: v for k, v in files.state_dict.items()}
     tensors[KEY_PREFIX + "linear1.lora_A.default.weight"] = torch.zeros_like(files.state_dict["linear1.lora_A.weight"])
     save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME)
-    with pytest.raises(AdapterKeyError, match="two tensors for 'linear1.lora_A.weight'"):
+    with pytest.raises(AdapterKeyError, match=r"two tensors for 'linear1\.lora_A\.weight'"):
         read_adapter(adapter_dir)
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("use_rslora", "false"), ("r", "4"), ("r", 2.0), ("lora_alpha", "8"), ("lora_alpha", float("inf")), ("lora_dropout", float("nan")),
-     ("target_modules", [1, 2]), ("init_lora_weights", 1)],
-)  # fmt: skip
+    [
+        ("use_rslora", "false"),
+        ("r", "4"),
+        ("r", 2.0),
+        ("lora_alpha", "8"),
+        ("lora_alpha", float("inf")),
+        ("lora_dropout", float("nan")),
+        ("target_modules", [1, 2]),
+        ("init_lora_weights", 1),
+    ],
+)
 def test_config_fields_are_type_checked(adapter_dir, field, value) -> None:
     path = adapter_dir / ADAPTER_CONFIG_NAME
     data = json.loads(path.read_text())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
 from hub_server import HubServer, free_port
+
 from mnist_peft.adapters import save_adapter
 from mnist_peft.lora import LoraConfig, LoraModel
 from mnist_peft.registry import AdapterRegistry
@@ -50,7 +50,9 @@ def _tree_bytes(reg: AdapterRegistry) -> dict[str, bytes]:
     return {f"{e.name}/{f}": (reg.root / e.path / f).read_bytes() for e in reg.list() for f in e.files}
 
 
-def test_push_then_pull_into_an_empty_root_gives_identical_bytes_and_eval(hub_env, registry: AdapterRegistry, tmp_path: Path, data_root) -> None:
+def test_push_then_pull_into_an_empty_root_gives_identical_bytes_and_eval(
+    hub_env, registry: AdapterRegistry, tmp_path: Path, data_root
+) -> None:
     pushed = run_cli("push", "--repo-id", "team/mnist-a", "--root", str(registry.root), "--json", env=hub_env)
     assert pushed.returncode == 0, pushed.stderr
     assert sorted(json.loads(pushed.stdout)["pushed"]) == ["base@1", "digit-3@1", "digit-9@1"]
@@ -61,7 +63,22 @@ def test_push_then_pull_into_an_empty_root_gives_identical_bytes_and_eval(hub_en
     assert _tree_bytes(other) == _tree_bytes(registry)
     assert other.verify() == []
     evals = [
-        run_cli("eval", "--base", "base", "--adapter", "digit-9", "--adapter", "digit-3", "--weight", "1", "--weight", "0.5", "--json", "--root", str(root))
+        run_cli(
+            "eval",
+            "--base",
+            "base",
+            "--adapter",
+            "digit-9",
+            "--adapter",
+            "digit-3",
+            "--weight",
+            "1",
+            "--weight",
+            "0.5",
+            "--json",
+            "--root",
+            str(root),
+        )
         for root in (registry.root, pulled_root)
     ]
     assert evals[0].returncode == 0, evals[0].stderr
@@ -84,7 +101,14 @@ def test_stock_peft_loads_an_adapter_from_the_hub_by_repo_id_and_subfolder(hub_e
     assert run_cli("push", "--repo-id", "team/mnist-b", "--root", str(registry.root), env=hub_env).returncode == 0
     import os
 
-    proc = subprocess.run([sys.executable, "-c", _STOCK_PEFT, "team/mnist-b"], env={**os.environ, **hub_env}, capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOCK_PEFT, "team/mnist-b"],
+        env={**os.environ, **hub_env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     from safetensors.torch import load_file
 
@@ -92,7 +116,9 @@ def test_stock_peft_loads_an_adapter_from_the_hub_by_repo_id_and_subfolder(hub_e
     assert float(proc.stdout.strip()) == pytest.approx(float(local["base_model.model.linear2.lora_A.weight"].abs().sum()), rel=1e-6)
 
 
-def test_revision_pinning_returns_the_old_bytes_after_a_second_push(hub_env, registry: AdapterRegistry, tmp_path: Path, random_base) -> None:
+def test_revision_pinning_returns_the_old_bytes_after_a_second_push(
+    hub_env, registry: AdapterRegistry, tmp_path: Path, random_base
+) -> None:
     first = json.loads(run_cli("push", "--repo-id", "team/mnist-c", "--root", str(registry.root), "--json", env=hub_env).stdout)
     old = (registry.path("digit-9") / "adapter_model.safetensors").read_bytes()
     from mnist_peft.model import load_base
@@ -112,7 +138,13 @@ def test_revision_pinning_returns_the_old_bytes_after_a_second_push(hub_env, reg
 
 
 def test_server_down_gives_a_clear_error_and_changes_nothing(registry: AdapterRegistry, tmp_path: Path) -> None:
-    env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env = {
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
     index = registry.index_path.read_bytes()
     for cmd in ("push", "pull"):
         proc = run_cli(cmd, "--repo-id", "team/down", "--root", str(registry.root), env=env, timeout=120)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import run_cli
 
 from mnist_peft.adapters import load_stack, read_adapter, save_adapter
 from mnist_peft.errors import AdapterStateError, FingerprintMismatchError
@@ -13,8 +14,6 @@ from mnist_peft.lora import LoraConfig, LoraModel, lora_layers, set_forward_mode
 from mnist_peft.model import MnistMLP, base_fingerprint
 from mnist_peft.peft_compat import FUSED_TOLERANCE
 from mnist_peft.serving import mixed_forward
-
-from conftest import run_cli
 
 
 def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ SCALE = float(os.environ.get("MNIST_PEFT_PROPERTY_SCALE", "1"))
 
 
 @torch.no_grad()
-def _reference(model: LoraModel, x: torch.Tensor, *, per_row: list[str | None] | None = None, disabled: bool = False, base: dict | None = None) -> torch.Tensor:
+def _reference(
+    model: LoraModel, x: torch.Tensor, *, per_row: list[str | None] | None = None, disabled: bool = False, base: dict | None = None
+) -> torch.Tensor:
     """The output recomputed in float64 from the model's current tensors, naively.
 
     ``per_row``: a mixed batch (row i through adapter ``per_row[i]`` alone at its scaling).
@@ -181,11 +183,15 @@ class LoraStateMachine(RuleBasedStateMachine):
     @rule(data=st.data(), weighted=st.booleans())
     def set_adapter(self, data, weighted) -> None:
         names = data.draw(st.lists(st.sampled_from(self.loaded()), min_size=1, max_size=4, unique=True))
-        weights = data.draw(st.lists(st.sampled_from([-1.5, -0.5, 0.25, 1.0, 2.0]), min_size=len(names), max_size=len(names))) if weighted else None
+        weights = (
+            data.draw(st.lists(st.sampled_from([-1.5, -0.5, 0.25, 1.0, 2.0]), min_size=len(names), max_size=len(names)))
+            if weighted
+            else None
+        )
         if self.merged:
             return self.expect_refusal(lambda: self.model.set_adapter(names, weights), "unmerge")
         self.model.set_adapter(names, weights)
-        self.active, self.weights = list(names), dict(zip(names, weights or [1.0] * len(names)))
+        self.active, self.weights = list(names), dict(zip(names, weights or [1.0] * len(names), strict=True))
 
     @precondition(lambda self: bool(self.model.peft_config))
     @rule(data=st.data(), use_active=st.booleans(), safe=st.booleans())
@@ -198,9 +204,7 @@ class LoraStateMachine(RuleBasedStateMachine):
                 continue
             if not layer.merged_adapters:
                 self.w_at_merge[lname] = layer.base_layer.weight.detach().clone()
-            delta = sum(
-                self.model.state.weight(n) * layer.scaling[n] * (layer.lora_B[n].double() @ layer.lora_A[n].double()) for n in mine
-            )
+            delta = sum(self.model.state.weight(n) * layer.scaling[n] * (layer.lora_B[n].double() @ layer.lora_A[n].double()) for n in mine)
             self.deltas[lname] = delta if not self.deltas[lname].numel() else self.deltas[lname] + delta
         self.model.merge(names, safe_merge=safe)
         self.merged += todo
@@ -210,7 +214,7 @@ class LoraStateMachine(RuleBasedStateMachine):
         before = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(self.model.model) if layer.merged_adapters}
         expected = self.unmerged_base()
         self.model.unmerge()
-        for lname, w_before in before.items():
+        for lname in before:
             w = self.model.model.get_submodule(lname).base_layer.weight
             if lname not in self.base_edited:
                 assert torch.equal(w, self.w_at_merge[lname]), f"{lname}: unmerge must restore the base bit-exactly"
@@ -225,7 +229,11 @@ class LoraStateMachine(RuleBasedStateMachine):
         (self.model.enable_adapter_layers if on else self.model.disable_adapter_layers)()
         self.disabled = not on
 
-    @rule(data=st.data(), op=st.sampled_from(["data_mul", "data_add", "no_grad_add", "detach_mul", "data_read"]), value=st.sampled_from([-1.0, 0.5, 2.0]))
+    @rule(
+        data=st.data(),
+        op=st.sampled_from(["data_mul", "data_add", "no_grad_add", "detach_mul", "data_read"]),
+        value=st.sampled_from([-1.0, 0.5, 2.0]),
+    )
     def edit_parameter(self, data, op, value) -> None:
         params = dict(self.model.named_parameters())
         key = data.draw(st.sampled_from(sorted(params)))

@@ -48,7 +48,7 @@ def test_fingerprint_is_stable_across_save_load_and_changes_with_weights(tmp_pat
 def test_load_base_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_base(tmp_path / "missing")
-    with pytest.raises(ModelLoadError, match="no model.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"no model\.safetensors"):
         load_base(tmp_path)
 
 
@@ -57,7 +57,7 @@ def test_loading_is_strict_about_missing_tensors(tmp_path: Path) -> None:
 
     MnistMLP(hidden_size_1=8, hidden_size_2=8).save_pretrained(tmp_path)
     save_file({"linear1.weight": torch.zeros(8, 784)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match="linear1.bias|Missing"):
+    with pytest.raises(ModelLoadError, match=r"linear1\.bias|Missing"):
         load_base(tmp_path)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from mnist_peft.adapters import save_adapter
 from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
 from mnist_peft.lora import LoraConfig, LoraModel
@@ -144,7 +144,9 @@ def test_writer_killed_mid_add_leaves_a_valid_index(tmp_path: Path, adapter_dir:
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("keep", adapter_dir)
     before = reg.index_path.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_ADDER, str(reg.root), str(adapter_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_ADDER, str(reg.root), str(adapter_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(1.5)  # inside the second (slowed) file copy, holding the lock
     os.kill(proc.pid, signal.SIGKILL)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
 from hub_server import HubServer
+
 from mnist_peft.adapters import save_adapter
 from mnist_peft.errors import IntegrityError, InvalidNameError, RegistryError
 from mnist_peft.lora import LoraConfig, LoraModel
@@ -181,17 +181,27 @@ def _publish(hub: HubServer, repo_id: str, files: dict[str, bytes]) -> None:
     """Put files straight into a repo on the test Hub, as a stranger could."""
     hub.create_repo(repo_id)
     lines = [{"key": "header", "value": {"summary": "hostile"}}]
-    lines += [{"key": "file", "value": {"path": p, "content": base64.b64encode(b).decode(), "encoding": "base64"}} for p, b in files.items()]
+    lines += [
+        {"key": "file", "value": {"path": p, "content": base64.b64encode(b).decode(), "encoding": "base64"}} for p, b in files.items()
+    ]
     hub.commit(repo_id, lines)
 
 
 def _hostile_index(adapter_dir: Path, **override: object) -> tuple[dict[str, bytes], dict]:
     files = {f.name: f.read_bytes() for f in adapter_dir.iterdir() if f.is_file()}
     entry = {
-        "name": "digit-7", "version": 1, "kind": "lora", "path": "digit-7", "digit": 7, "r": 2, "lora_alpha": 4,
-        "base_fingerprint": None, "created": "", "metrics": {},
+        "name": "digit-7",
+        "version": 1,
+        "kind": "lora",
+        "path": "digit-7",
+        "digit": 7,
+        "r": 2,
+        "lora_alpha": 4,
+        "base_fingerprint": None,
+        "created": "",
+        "metrics": {},
         "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in files.items()},
-    }  # fmt: skip
+    }
     entry.update(override)
     repo_files = {f"digit-7/{n}": b for n, b in files.items()}
     return repo_files, {"format": 1, "entries": [entry]}
@@ -206,7 +216,9 @@ def test_a_hostile_remote_index_writes_nothing_anywhere(hub: HubServer, tmp_path
     target.parent.mkdir()
     target.write_text("# the user's shell startup file\n")
     sha = hashlib.sha256(b"echo pwned\n").hexdigest()
-    evil_files = {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in ((f.name, f.read_bytes()) for f in adapter_dir.iterdir())}
+    evil_files = {
+        n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for n, b in ((f.name, f.read_bytes()) for f in adapter_dir.iterdir())
+    }
     overrides = {
         "file_name_traversal": {"files": {**evil_files, "../" * 20 + str(target).lstrip("/"): {"sha256": sha, "size": 11}}},
         "path_traversal": {"path": "../../home"},
@@ -303,7 +315,9 @@ class _Echo(BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = do_PUT = _answer
 
 
-@pytest.mark.parametrize(("status", "words"), [(401, "HF_TOKEN"), (403, "HF_TOKEN"), (404, "not found"), (500, "server error"), (503, "server error")])
+@pytest.mark.parametrize(
+    ("status", "words"), [(401, "HF_TOKEN"), (403, "HF_TOKEN"), (404, "not found"), (500, "server error"), (503, "server error")]
+)
 def test_hub_errors_name_their_kind_and_never_print_the_token(tmp_path: Path, adapter_dir: Path, status: int, words: str) -> None:
     handler = type("Echo", (_Echo,), {"status": status})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -311,9 +325,18 @@ def test_hub_errors_name_their_kind_and_never_print_the_token(tmp_path: Path, ad
     try:
         reg = AdapterRegistry(tmp_path / "reg")
         reg.add("digit-7", adapter_dir)
-        env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf"),
-               "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
-        for args in (["push", "--repo-id", "team/x", "--root", str(reg.root)], ["pull", "--repo-id", "team/x", "--root", str(tmp_path / "new")]):
+        env = {
+            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+            "HF_TOKEN": TOKEN,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_ETAG_TIMEOUT": "2",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+        }
+        for args in (
+            ["push", "--repo-id", "team/x", "--root", str(reg.root)],
+            ["pull", "--repo-id", "team/x", "--root", str(tmp_path / "new")],
+        ):
             proc = run_cli(*args, env=env, timeout=120)
             out = proc.stdout + proc.stderr
             assert proc.returncode == 1 and TOKEN not in out and TOKEN[:12] not in out, out
