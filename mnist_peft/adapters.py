@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import AdapterConfigError, AdapterKeyError, FingerprintMismatchError
+from .errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
 from .model import base_fingerprint
@@ -293,14 +293,16 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
     try:
         data = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterConfigError(f"{str(cfg_path)!r} is not valid JSON ({exc})") from exc
+        raise CorruptFileError(f"{str(cfg_path)!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=cfg_path) from exc
     config = from_peft_config_dict(data, path=cfg_path)
     raw = w_path.read_bytes()
     try:
         tensors = st_load(raw)
         metadata = _read_metadata(raw)
     except (SafetensorError, ValueError) as exc:
-        raise AdapterConfigError(f"{str(w_path)!r} is not a readable safetensors file ({exc}); re-save or re-download it") from exc
+        raise CorruptFileError(
+            f"{str(w_path)!r} is not a readable safetensors file ({exc}); re-save or re-download it", path=w_path
+        ) from exc
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(KEY_PREFIX)
@@ -320,11 +322,11 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
 
 
 def _missing(p: Path, folder: Path) -> FileNotFoundError:
-    from .errors import ModelLoadError
+    from .errors import ModelNotFoundError
 
     if not folder.exists():
-        return ModelLoadError(f"adapter folder {str(folder)!r} does not exist; check the path or the registry name", path=folder)
-    return ModelLoadError(f"{str(folder)!r} is not an adapter folder: {p.name} is missing", path=p)
+        return ModelNotFoundError(f"adapter folder {str(folder)!r} does not exist; check the path or the registry name", path=folder)
+    return ModelNotFoundError(f"{str(folder)!r} is not an adapter folder: {p.name} is missing", path=p)
 
 
 def _read_metadata(raw: bytes) -> dict[str, str]:

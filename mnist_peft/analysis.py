@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .data import MnistSplit, load_mnist
+from .errors import InvalidArgumentError
 
 __all__ = ["OffsetRow", "logit_offset_tradeoff"]
 
@@ -59,7 +60,7 @@ def logit_offset_tradeoff(
         >>> [r.both_met for r in rows]
     """
     if not 0 < cut <= 1:
-        raise ValueError(f"cut must be in (0, 1], got {cut}")
+        raise InvalidArgumentError(f"cut must be in (0, 1], got {cut}")
     split = split if split is not None else load_mnist(train=False, data_dir=data_dir)
     was_training = model.training
     model.eval()

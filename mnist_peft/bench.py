@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .lora import LoraConfig, LoraModel, lora_layers
 
 __all__ = ["Figure", "time_round_robin", "run_bench", "FIGURES"]
@@ -387,5 +388,5 @@ def run_bench(
     names = only or list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
-        raise ValueError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
+        raise InvalidArgumentError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
     return [FIGURES[n](ctx) for n in tqdm(names, desc="bench", disable=not progress, leave=False)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataIntegrityError, DataNotFoundError
+from .errors import DataIntegrityError, DataNotFoundError, InvalidArgumentError
 from .fileio import current_umask, sha256_file
 
 __all__ = [
@@ -208,7 +208,7 @@ def load_mnist(
 def digit_subset(split: MnistSplit, digit: int) -> MnistSplit:
     """The samples of one digit."""
     if not 0 <= digit <= 9:
-        raise ValueError(f"digit must be 0..9, got {digit!r}")
+        raise InvalidArgumentError(f"digit must be 0..9, got {digit!r}")
     mask = split.y == digit
     return MnistSplit(split.x[mask], split.y[mask])
 
@@ -216,7 +216,7 @@ def digit_subset(split: MnistSplit, digit: int) -> MnistSplit:
 def split_validation(split: MnistSplit, n_val: int, *, seed: int = 0) -> tuple[MnistSplit, MnistSplit]:
     """Hold out ``n_val`` random samples (seeded) as a validation split: ``(train, val)``."""
     if not 0 <= n_val < len(split):
-        raise ValueError(f"validation size must be in [0, {len(split)}), got {n_val}")
+        raise InvalidArgumentError(f"validation size must be in [0, {len(split)}), got {n_val}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(split), generator=g)
     val, tr = perm[:n_val], perm[n_val:]

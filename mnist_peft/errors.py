@@ -14,6 +14,10 @@ __all__ = [
     "DataNotFoundError",
     "DataIntegrityError",
     "ModelLoadError",
+    "ModelNotFoundError",
+    "CorruptFileError",
+    "ConfigMismatchError",
+    "InvalidArgumentError",
     "AdapterConfigError",
     "AdapterKeyError",
     "AdapterShapeError",
@@ -53,15 +57,31 @@ class DataIntegrityError(MnistPeftError, ValueError):
         self.path = Path(path)
 
 
-class ModelLoadError(MnistPeftError, FileNotFoundError):
-    """A base model folder or repo id cannot be loaded."""
+class ModelLoadError(MnistPeftError):
+    """A base model or adapter cannot be loaded; the subclasses say why (missing, corrupt, mismatched)."""
 
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.path = path
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # FileNotFoundError would otherwise print errno-style tuples
         return self.args[0]
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The folder, file or repo is not there."""
+
+
+class CorruptFileError(ModelLoadError, ValueError):
+    """A file is there but unreadable: bad JSON, a broken safetensors header, a tensor missing."""
+
+
+class ConfigMismatchError(ModelLoadError, ValueError):
+    """A config disagrees with the weights it sits beside (e.g. sizes vs the safetensors shapes)."""
+
+
+class InvalidArgumentError(MnistPeftError, ValueError):
+    """An argument is out of range or names nothing known (a digit of 12, an unknown figure...)."""
 
 
 class AdapterConfigError(MnistPeftError, ValueError):

@@ -45,7 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .errors import AdapterConfigError, AdapterKeyError, AdapterShapeError, AdapterStateError, MergeError, NonFiniteError
+from .errors import (
+    AdapterConfigError,
+    AdapterKeyError,
+    AdapterShapeError,
+    AdapterStateError,
+    InvalidArgumentError,
+    MergeError,
+    NonFiniteError,
+)
 
 __all__ = [
     "BASE_ADAPTER",
@@ -598,7 +606,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 def set_forward_mode(model: nn.Module, mode: ForwardMode) -> None:
     """``"exact"``: always peft's float ops; ``"auto"``: the fused path for inference."""
     if mode not in ("auto", "exact"):
-        raise ValueError(f"forward mode must be 'auto' or 'exact', got {mode!r}")
+        raise InvalidArgumentError(f"forward mode must be 'auto' or 'exact', got {mode!r}")
     for _, layer in lora_layers(model):
         layer.state.forward_mode = mode
 

@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ConfigMismatchError, CorruptFileError, ModelLoadError, ModelNotFoundError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -111,17 +111,19 @@ def _check_config_against_header(config: dict[str, object], model_file: str) -> 
     """
     unknown = sorted(set(config) - set(_SIZE_FIELDS))
     if unknown:
-        raise ModelLoadError(f"config.json has unknown field(s) {unknown}; an MnistMLP config has {list(_SIZE_FIELDS)}", path=model_file)
+        raise ConfigMismatchError(
+            f"config.json has unknown field(s) {unknown}; an MnistMLP config has {list(_SIZE_FIELDS)}", path=model_file
+        )
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelLoadError(f"config.json field {key}={value!r} must be a positive integer", path=model_file)
+            raise ConfigMismatchError(f"config.json field {key}={value!r} must be a positive integer", path=model_file)
     header = read_safetensors_header(model_file)
     actual = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     expected = expected_shapes(**config)  # type: ignore[arg-type]
     if actual != expected:
         diff = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
         shown = ", ".join(f"{k}: file {actual.get(k)} vs config {expected.get(k)}" for k in diff[:3])
-        raise ModelLoadError(
+        raise ConfigMismatchError(
             f"config.json does not match {WEIGHTS_NAME} ({shown}); the folder is corrupt or mixed up: re-save or re-download it",
             path=model_file,
         )
@@ -138,17 +140,17 @@ def read_safetensors_header(path: str | os.PathLike[str], *, max_bytes: int = 1 
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ModelLoadError(f"{str(path)!r} is not a safetensors file (shorter than 8 bytes)", path=path)
+            raise CorruptFileError(f"{str(path)!r} is not a safetensors file (shorter than 8 bytes)", path=path)
         n = int.from_bytes(head, "little")
         if n > max_bytes:
-            raise ModelLoadError(f"{str(path)!r} declares a {n:,}-byte header; not a safetensors file we accept", path=path)
+            raise CorruptFileError(f"{str(path)!r} declares a {n:,}-byte header; not a safetensors file we accept", path=path)
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{str(path)!r} has a corrupt safetensors header ({exc})", path=path) from exc
+        raise CorruptFileError(f"{str(path)!r} has a corrupt safetensors header ({exc})", path=path) from exc
     if not isinstance(header, dict) or not all(isinstance(v, dict) and "shape" in v for k, v in header.items() if k != "__metadata__"):
-        raise ModelLoadError(f"{str(path)!r} has a safetensors header of the wrong form", path=path)
+        raise CorruptFileError(f"{str(path)!r} has a safetensors header of the wrong form", path=path)
     return header
 
 
@@ -181,14 +183,14 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
     """Load a base model from a folder or Hub repo id, with a clear error when it is not one."""
     p = Path(path_or_repo)
     if p.exists() and not (p / WEIGHTS_NAME).is_file():
-        raise ModelLoadError(
+        raise ModelNotFoundError(
             f"{str(p)!r} is not a base model folder (no model.safetensors); create one with `mnist-peft train-base --out DIR`",
             path=p,
         )
     text = str(path_or_repo)
     looks_like_path = p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
     if not p.exists() and looks_like_path:
-        raise ModelLoadError(
+        raise ModelNotFoundError(
             f"base model folder {str(p)!r} does not exist; create one with `mnist-peft train-base --out DIR`",
             path=p,
         )
@@ -196,7 +198,7 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
         model = MnistMLP.from_pretrained(str(path_or_repo), **kwargs)
     except ModelLoadError:
         raise
-    except Exception as exc:  # hub errors, bad config, bad safetensors: all "cannot load this base"
-        raise ModelLoadError(f"cannot load base model {str(path_or_repo)!r}: {exc}", path=p) from exc
+    except Exception as exc:  # hub errors, a tensor missing from the file...: the file is there but unusable
+        raise CorruptFileError(f"cannot load base model {str(path_or_repo)!r}: {' '.join(str(exc).split())[:300]}", path=p) from exc
     model.eval()
     return model

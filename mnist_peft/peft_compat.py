@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, lora_layers, set_forward_mode
 
 __all__ = [
@@ -263,7 +264,7 @@ def _max_diff(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) ->
     a = {_norm(k): v for k, v in ours.items() if "lora_" in k}
     b = {_norm(k): v for k, v in theirs.items() if "lora_" in k}
     if a.keys() != b.keys() or not a:
-        raise ValueError(f"LoRA tensors do not line up: {sorted(a)} vs {sorted(b)}")
+        raise InvalidArgumentError(f"LoRA tensors do not line up: {sorted(a)} vs {sorted(b)}")
     return max(float((a[k] - b[k]).detach().abs().max()) for k in a)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import MnistSplit, load_mnist, split_validation
-from .errors import TrainConfigError
+from .errors import InvalidArgumentError, TrainConfigError
 from .lora import LoraConfig, LoraModel
 from .model import MnistMLP
 
@@ -66,15 +66,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            raise TrainConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise TrainConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.schedule not in ("none", "onecycle"):
-            raise ValueError(f"schedule must be 'none' or 'onecycle', got {self.schedule!r}")
+            raise TrainConfigError(f"schedule must be 'none' or 'onecycle', got {self.schedule!r}")
         if self.val_size < 0 or self.patience < 1 or self.max_steps < 0 or self.eval_every < 0:
-            raise ValueError("val_size, max_steps and eval_every must be >= 0 and patience >= 1")
+            raise TrainConfigError("val_size, max_steps and eval_every must be >= 0 and patience >= 1")
 
 
 BASE_RECIPES: dict[str, TrainConfig] = {
@@ -193,7 +193,7 @@ def fit(
     """
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
-        raise ValueError("nothing to train: no parameter requires grad")
+        raise TrainConfigError("nothing to train: no parameter requires grad")
     opt: torch.optim.Optimizer
     opt = make_optimizer(params, config)
     n = len(train)
@@ -282,7 +282,7 @@ def train_base(
     """
     if isinstance(recipe, str):
         if recipe not in BASE_RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(BASE_RECIPES)}")
+            raise TrainConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(BASE_RECIPES)}")
         config = BASE_RECIPES[recipe]
     else:
         config = recipe
@@ -336,9 +336,9 @@ class AdapterRecipe:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not 0 < self.digit_fraction <= 1:
-            raise ValueError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
+            raise TrainConfigError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+            raise TrainConfigError("steps and batch_size must be >= 1")
 
 
 ADAPTER_RECIPES: dict[str, AdapterRecipe] = {
@@ -392,7 +392,7 @@ def _resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -
     name = recipe if isinstance(recipe, str) else "custom"
     if isinstance(recipe, str):
         if recipe not in ADAPTER_RECIPES:
-            raise ValueError(f"unknown adapter recipe {recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
+            raise TrainConfigError(f"unknown adapter recipe {recipe!r}; choose one of {', '.join(ADAPTER_RECIPES)}")
         recipe = ADAPTER_RECIPES[recipe]
     return name, AdapterRecipe(**{**asdict(recipe), **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -477,7 +477,7 @@ def _train_on_digit(
 ) -> AdapterTrainResult:
     """The per-digit recipe: batches, objective, early stopping; before/after test metrics."""
     if not 0 <= digit <= 9:
-        raise ValueError(f"digit must be 0..9, got {digit!r}")
+        raise InvalidArgumentError(f"digit must be 0..9, got {digit!r}")
     start = time.perf_counter()
     test = load_mnist(train=False, data_dir=data_dir)
     before = evaluate(base, test)

@@ -12,7 +12,17 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from mnist_peft.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX, load_adapter, read_adapter, save_adapter
-from mnist_peft.errors import AdapterConfigError, AdapterKeyError, AdapterStateError, ModelLoadError, NonFiniteError, TrainConfigError
+from mnist_peft.errors import (
+    AdapterConfigError,
+    AdapterKeyError,
+    AdapterStateError,
+    ConfigMismatchError,
+    CorruptFileError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NonFiniteError,
+    TrainConfigError,
+)
 from mnist_peft.lora import LoraConfig, LoraModel
 from mnist_peft.model import MnistMLP, load_base
 from mnist_peft.train import AdapterRecipe, TrainConfig
@@ -111,11 +121,11 @@ def test_an_edited_base_config_is_refused_before_allocating(random_base, tmp_pat
         raise AssertionError("the model was constructed before the config was checked")
 
     monkeypatch.setattr(MnistMLP, "__init__", no_allocation)
-    with pytest.raises(ModelLoadError, match=r"does not match model.safetensors \(linear1.bias: file \(1000,\) vs config \(400000,\)"):
+    with pytest.raises(ConfigMismatchError, match=r"does not match model.safetensors \(linear1.bias: file \(1000,\) vs config \(400000,\)"):
         load_base(tmp_path)
     config["hidden_size_1"] = "1000"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="hidden_size_1='1000' must be a positive integer"):
+    with pytest.raises(ConfigMismatchError, match="hidden_size_1='1000' must be a positive integer"):
         load_base(tmp_path)
 
 
@@ -125,3 +135,17 @@ def test_argparse_usage_errors_are_one_line_with_exit_2() -> None:
         assert result.returncode == 2, args
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], result.stderr
+
+
+def test_load_errors_say_whether_the_file_is_missing_or_corrupt(random_base, adapter_dir, tmp_path) -> None:
+    with pytest.raises(ModelNotFoundError) as missing:
+        read_adapter(tmp_path / "nowhere")
+    assert isinstance(missing.value, FileNotFoundError) and isinstance(missing.value, ModelLoadError)
+    (adapter_dir / ADAPTER_WEIGHTS_NAME).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken!")
+    with pytest.raises(CorruptFileError, match="not a readable safetensors file") as corrupt:
+        read_adapter(adapter_dir)
+    assert not isinstance(corrupt.value, FileNotFoundError)
+    random_base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"\x02\x00")
+    with pytest.raises(CorruptFileError, match="shorter than 8 bytes"):
+        load_base(tmp_path / "base")
