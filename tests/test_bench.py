@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli
 
 FIGURES = {"forward_unmerged", "merge_unmerge", "mixed_batch", "hot_swap", "adapter_load", "train_epoch", "adapter_file_size"}
 
 
+@pytest.mark.slow
 def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_root) -> None:
     proc = run_cli("bench", "--json", "--reps", "2", "--train-fraction", "0.02", timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,10 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_path: Path, data_root) -> None:

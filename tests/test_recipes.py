@@ -16,6 +16,7 @@ def base(trained_base_dir: Path):
     return load_base(trained_base_dir)
 
 
+@pytest.mark.slow
 def test_seed_recipe_fixes_its_digit_and_forgets_the_others(base, data_root) -> None:
     recipe = ADAPTER_RECIPES["seed"]
     assert (recipe.r, recipe.lora_alpha, recipe.batch_size, recipe.steps, recipe.digit_fraction) == (1, 1, 10, 100, 1.0)
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE_MAX_ACCURACY_DROP = 0.003
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("digit", [0, 5, 9])  # spread over the digits, fixed in advance
 def test_replay_recipe_on_the_reference_base_cuts_the_digit_with_a_bounded_trade(data_root, digit: int, seed: int) -> None:
@@ -54,6 +56,7 @@ def test_replay_recipe_on_the_reference_base_cuts_the_digit_with_a_bounded_trade
 REPLAY_MAX_ACCURACY_DROP = 0.005
 
 
+@pytest.mark.slow
 def test_replay_recipe_briefly_trained_bounds_its_accuracy_trade_far_below_the_seed_recipe(base, data_root) -> None:
     _, seed = train_adapter(base, 8, "seed", data_dir=str(data_root))
     _, result = train_adapter(base, 8, "replay", data_dir=str(data_root), steps=60, val_size=0)
@@ -62,6 +65,7 @@ def test_replay_recipe_briefly_trained_bounds_its_accuracy_trade_far_below_the_s
     assert seed.after.accuracy < result.after.accuracy - 0.02  # forgetting-free next to the seed's recipe
 
 
+@pytest.mark.slow
 def test_resume_starts_from_the_saved_adapter_and_trains_on(base, data_root, tmp_path: Path) -> None:
     """``--resume`` is an incremental update: it starts from the saved weights (not a fresh init)
     with a fresh optimizer, then trains. The optimizer state is not saved in an adapter folder, so
