@@ -301,14 +301,18 @@ class LoraLinear(nn.Module):
         return out
 
     def _scratch(self, key: str, like: torch.Tensor, *, avoid: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer like ``like`` -- reused only while nothing else holds its memory (a
+        ``.data`` handle kept from an earlier merge must never alias a later live weight)."""
         buf = self._buffers_cache.get(key)
-        if (
-            buf is None
-            or buf.shape != like.shape
-            or buf.dtype != like.dtype
-            or buf.device != like.device
-            or buf.data_ptr() == avoid.data_ptr()
-        ):
+        reusable = (
+            buf is not None
+            and buf.shape == like.shape
+            and buf.dtype == like.dtype
+            and buf.device == like.device
+            and buf.data_ptr() != avoid.data_ptr()
+            and _sole_owner(buf)
+        )
+        if not reusable:
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
         self._buffers_cache[key] = buf
         return buf
@@ -382,19 +386,28 @@ class LoraLinear(nn.Module):
         layout = None if state.forward_mode == "exact" or self._needs_exact(active) else self._fused_layout()
         if layout is None or not fused.idle_rows_ok(layout, active, self.out_features):
             return self._forward_exact(x, active)
-        return fused.fused_forward(layout, x, layout.column_scale({n: self.effective_scaling(n) for n in active}))
+        scale = self._column_scale(active, {n: self.effective_scaling(n) for n in active})
+        return fused.fused_forward(layout, x, active, [self.lora_B[n] for n in active], scale)  # type: ignore[return-value]
 
     def _needs_exact(self, active: list[str]) -> bool:
         if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in active):
             return True
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:  # e.g. torch.nn.utils.prune
+            return True
         return torch.is_grad_enabled() and (
-            self.base_layer.weight.requires_grad or any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in active)
+            base.weight.requires_grad or any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in active)
         )
 
     def _fused_layout(self) -> fused.FusedLayout | None:
         if not fused.fused_supported(self.base_layer.weight):
             return None
         return fused.ensure_layout(self)
+
+    def _column_scale(self, used: list[str], scales: dict[str, float]) -> torch.Tensor:
+        """(R_used,) the scaling of each used adapter's columns."""
+        w = self.base_layer.weight
+        return torch.tensor([scales[n] for n in used for _ in range(self.r[n])], dtype=w.dtype, device=w.device)
 
     def _forward_exact(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         result = self.base_layer(x)
@@ -404,15 +417,18 @@ class LoraLinear(nn.Module):
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], owner: torch.Tensor) -> torch.Tensor:
         """Sample i through adapter ``names[owner[i]]`` alone at its scaling (``owner[i] == -1``: the base)."""
-        present = [n for n in names if n in self.lora_A]
-        if not present:
+        used = [n for n in names if n in self.lora_A]
+        if not used:
             return self.base_layer(x)
-        layout = self._fused_layout()
+        layout = None if self.state.forward_mode == "exact" or self._needs_exact([]) else self._fused_layout()
         if layout is not None:
             index = {n: i for i, n in enumerate(names)}
-            col_owner = torch.cat([torch.full((self.r[n],), index.get(n, -2), device=owner.device) for n in layout.names])
-            col_scale = layout.column_scale({n: self.scaling[n] for n in present})
-            return fused.fused_forward(layout, x, (owner[:, None] == col_owner[None, :]) * col_scale)  # (N, R)
+            col_owner = torch.tensor([index[n] for n in used for _ in range(self.r[n])], device=owner.device)
+            scale = (owner[:, None] == col_owner[None, :]) * self._column_scale(used, self.scaling)  # (N, R_used)
+            y = fused.fused_forward(layout, x, used, [self.lora_B[n] for n in used], scale, per_row=True)
+            if y is not None:
+                return y
+        # One adapter at a time, on its own rows only: rows of other adapters are never touched.
         result = self.base_layer(x)
         for i, name in enumerate(names):
             if name not in self.lora_A:
@@ -436,31 +452,60 @@ def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: f
     return torch.matmul(B, A, out=out).mul_(s)
 
 
+def _sole_owner(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the only tensor using its memory (no view, no ``.data`` handle elsewhere)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # a torch without the query: never reuse
+        return False
+    storage = t.untyped_storage()
+    return use_count(storage._cdata) <= 2  # t itself and the `storage` object just made
+
+
 def _is_power_of_two(s: float) -> bool:
     m, _ = math.frexp(s)
     return s > 0 and m == 0.5 and s >= 2.0**-100  # far from the subnormal range of the products
 
 
 class _TrackedParameter(nn.Parameter):
-    """An ``nn.Parameter`` that counts reads and writes of ``.data``.
+    """An ``nn.Parameter`` that counts reads and writes of ``.data`` and switches to trainable.
 
     An in-place edit through ``p.data`` (``p.data.add_(1)``, common in PEFT code) leaves no trace
-    on ``p._version``: ``.data`` hands out a tensor with a version counter of its own. Counting
-    accesses closes that gap for unmerge's edit check. Reading ``.data`` without writing only
-    sends unmerge down its slower, still exact, path. Not seen: writes through raw memory (numpy
-    on ``p.detach().numpy()``). The class is set on a base weight when it is wrapped and taken
-    back off when the model is unloaded; identity, optimizers and ``isinstance`` are unaffected.
+    on ``p._version``: ``.data`` hands out a tensor with a version counter of its own. Fused
+    optimizers (``Adam(fused=True)``) step without bumping it either, but only a parameter that
+    requires grad is stepped. Counting both closes those gaps for unmerge's edit check; a count
+    that moved without an edit only sends unmerge down its slower, still exact, path. Not seen:
+    writes through raw memory (numpy on ``p.detach().numpy()``). The class is set on a base weight
+    when it is wrapped and taken back off when the model is unloaded; identity, optimizers and
+    ``isinstance`` are unaffected.
     """
+
+    def _touch(self) -> None:
+        self.__dict__["touches"] = self.__dict__.get("touches", 0) + 1
 
     @property
     def data(self) -> torch.Tensor:  # type: ignore[override]
-        self.__dict__["data_accesses"] = self.__dict__.get("data_accesses", 0) + 1
+        self._touch()
         return torch._C.TensorBase.data.__get__(self)
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
-        self.__dict__["data_accesses"] = self.__dict__.get("data_accesses", 0) + 1
+        self._touch()
         fused.set_data(self, value)
+
+    @property
+    def requires_grad(self) -> bool:  # type: ignore[override]
+        return torch._C.TensorBase.requires_grad.__get__(self)
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if value:
+            self._touch()
+        torch._C.TensorBase.requires_grad.__set__(self, value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> _TrackedParameter:
+        if requires_grad:
+            self._touch()
+        return super().requires_grad_(requires_grad)
 
 
 def _track_data_access(p: torch.Tensor) -> None:
@@ -474,10 +519,14 @@ def _untrack_data_access(p: torch.Tensor) -> None:
 
 
 def _edit_token(p: torch.Tensor) -> tuple | None:
-    """What changes whenever ``p`` may have been edited in place (None: cannot tell, assume so)."""
-    if type(p) is not _TrackedParameter:
+    """What changes whenever ``p`` may have been edited in place (None: cannot tell, assume so).
+
+    A weight that requires grad or holds a gradient may be stepped by an optimizer that leaves no
+    trace, so it has no token.
+    """
+    if type(p) is not _TrackedParameter or p.requires_grad or p.grad is not None:
         return None
-    return (id(p), p._version, p.__dict__.get("data_accesses", 0))
+    return (id(p), p._version, p.__dict__.get("touches", 0))
 
 
 # ----------------------------------------------------------------------------- injection
@@ -761,6 +810,8 @@ class LoraModel(nn.Module):
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self.require_adapters(names)
+        if len(set(names)) != len(names):
+            raise AdapterStateError(f"adapter names {names} repeat a name; merge each adapter once")
         plan = []
         for lname, layer in lora_layers(self.model):
             todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
@@ -816,8 +867,10 @@ class LoraModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for name, layer in lora_layers(self.model):
             if adapter_name in layer.lora_A:
-                out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach()
-                out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach()
+                # Copies: lora_A is a view into the fused buffers, which hold the base weight and
+                # the other adapters too (torch.save of a view writes its whole storage).
+                out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach().clone()
+                out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach().clone()
         return out
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:

@@ -213,3 +213,98 @@ def test_refused_load_stack_leaves_the_callers_base_trainable(random_base: Mnist
         load_stack(other, [tmp_path / "a"])
     assert all(p.requires_grad for p in other.parameters())
     assert type(other.linear1) is torch.nn.Linear
+
+
+# ----------------------------------------------------------------------------- found by an adversarial review
+@pytest.mark.parametrize("fused_optimizer", [True, False])
+def test_an_optimizer_step_on_the_base_while_merged_survives_unmerge(abd: LoraModel, fused_optimizer: bool) -> None:
+    """Fused optimizers step without bumping ``_version``; unmerge must still keep the step."""
+    w = abd.model.linear2.base_layer.weight
+    original = w.detach().clone()
+    abd.set_adapter("a")
+    abd.merge()
+    merged = w.detach().clone()
+    w.requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=0.1, fused=fused_optimizer)
+    abd.train()
+    abd(torch.randn(4, 784)).sum().backward()
+    opt.step()
+    abd.eval()
+    w.requires_grad_(False)
+    w.grad = None
+    stepped = w.detach().clone()
+    assert not torch.equal(stepped, merged)  # the step did something
+    abd.unmerge()
+    torch.testing.assert_close(w.detach(), original + (stepped - merged), rtol=0, atol=1e-6)
+
+
+def test_a_data_handle_kept_from_an_earlier_merge_never_aliases_a_later_live_weight(abd: LoraModel) -> None:
+    w = abd.model.linear2.base_layer.weight
+    original = w.detach().clone()
+    abd.merge()
+    handle = w.data
+    abd.unmerge()
+    abd.merge()
+    assert handle.data_ptr() != w.data_ptr()
+    handle.add_(1.0)  # writes only the stale tensor
+    abd.unmerge()
+    assert torch.equal(w.detach(), original)
+
+
+def test_state_dict_taken_while_merged_is_not_overwritten_by_a_later_merge(abd: LoraModel) -> None:
+    from mnist_peft.serving import hot_swap
+
+    hot_swap(abd, "a")
+    taken = abd.state_dict()["model.linear2.base_layer.weight"]
+    copy_of_taken = taken.clone()
+    hot_swap(abd, "b")
+    assert torch.equal(taken, copy_of_taken)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 3e38])
+def test_an_unused_adapter_cannot_poison_the_fused_path_or_other_rows(abd: LoraModel, poison: float) -> None:
+    x = torch.randn(5, 784)
+    abd.set_adapter("a")
+    expected = _exact(abd, x)
+    with torch.no_grad():
+        abd.model.linear1.lora_A["b"].fill_(poison)  # b: loaded, not active
+        fused = abd(x)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, expected, rtol=0, atol=FUSED_TOLERANCE)
+    rows = mixed_forward(abd, x, ["a", None, "d", "b", "a"])
+    assert torch.isfinite(rows[[0, 1, 2, 4]]).all()  # only b's own row may be non-finite
+
+
+def test_merging_a_name_twice_is_refused(abd: LoraModel) -> None:
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(abd.model)}
+    with pytest.raises(AdapterStateError, match="repeat"):
+        abd.merge(["a", "a"])
+    assert abd.merged_adapters == [] and all(torch.equal(before[n], layer.base_layer.weight) for n, layer in lora_layers(abd.model))
+
+
+def test_parameters_stay_ordinary_tensors_after_a_fused_forward(abd: LoraModel, tmp_path) -> None:
+    from torch.nn.utils import parameters_to_vector
+
+    before = parameters_to_vector(abd.parameters()).clone()
+    with torch.no_grad():
+        abd(torch.randn(2, 784))  # re-points W and A into the fused buffers
+    assert torch.equal(parameters_to_vector(abd.parameters()), before)
+    torch.save(abd.lora_state_dict("a"), tmp_path / "a.pt")
+    raw = sum(t.numel() * t.element_size() for t in abd.lora_state_dict("a").values())
+    assert (tmp_path / "a.pt").stat().st_size < raw + 4096  # not the shared buffer with the base in it
+
+
+def test_hooks_on_the_base_layer_are_honoured(abd: LoraModel) -> None:
+    from torch.nn.utils import prune
+
+    layer, h = abd.model.linear2, torch.randn(3, 1000)
+    with torch.no_grad():
+        unpruned = layer(h)
+    prune.l1_unstructured(layer.base_layer, "weight", amount=0.5)  # the weight is now made by a pre-hook
+    with torch.no_grad():
+        auto = layer(h)
+    set_forward_mode(abd, "exact")
+    with torch.no_grad():
+        exact = layer(h)
+    assert (auto - unpruned).abs().max() > 1e-3  # pruning matters
+    assert torch.equal(auto, exact)  # the hook sends the layer down the exact path
