@@ -27,7 +27,7 @@ from .errors import HubError, IntegrityError, RegistryError
 from .fileio import sha256_file
 from .registry import AdapterRegistry, RegistryEntry, confine, entry_from_dict, parse_ref
 
-__all__ = ["push_to_hub", "pull_from_hub", "PushResult", "PullResult"]
+__all__ = ["push_to_hub", "pull_from_hub", "hub_error", "PushResult", "PullResult"]
 
 INDEX_NAME = "index.json"
 PUSH_ATTEMPTS = 8  # commits retried on a conflict (another push landed first), re-reading the index each time
@@ -77,12 +77,17 @@ def _is_network_error(exc: BaseException) -> bool:
     )
 
 
-def _hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
+def hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
     """One line per kind of failure, naming the fix. Never a server body: it may echo a token."""
     from huggingface_hub import constants
     from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"{repo_id!r} at {constants.ENDPOINT}"
+    cause: BaseException | None = exc  # downloads wrap the HTTP failure (e.g. in LocalEntryNotFoundError)
+    while cause is not None and _status(cause) is None and not isinstance(cause, (RepositoryNotFoundError, RevisionNotFoundError)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        exc = cause
     status = _status(exc)
     if isinstance(exc, RevisionNotFoundError):
         return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
@@ -200,7 +205,7 @@ def push_to_hub(
     except (RegistryError, IntegrityError, HubError):
         raise
     except Exception as exc:  # network, HTTP and Hub errors become one HubError of their kind
-        raise _hub_error(exc, repo_id, "push") from exc
+        raise hub_error(exc, repo_id, "push") from exc
     return PushResult(repo_id=repo_id, commit=info.oid, pushed=[e.ref for e in entries])
 
 
@@ -268,7 +273,7 @@ def pull_from_hub(
     except (HubError, IntegrityError, RegistryError):
         raise
     except Exception as exc:
-        raise _hub_error(exc, repo_id, "pull") from exc
+        raise hub_error(exc, repo_id, "pull") from exc
     return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged)
 
 
@@ -301,8 +306,8 @@ def _remote_index(api, repo_id: str, revision: str, *, token: str | None, requir
         raise RegistryError(f"{where} is {len(raw):,} bytes, more than an index of adapters needs; refusing it")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{where} is not valid JSON ({exc}); nothing was written") from exc
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # bad JSON, huge numbers, deep nesting
+        raise RegistryError(f"{where} is not a usable JSON index ({type(exc).__name__}); nothing was written") from exc
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise RegistryError(f"{where} has no 'entries' list; nothing was written")
     out: dict[str, tuple[dict[str, object], str]] = {}

@@ -198,7 +198,12 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
         model = MnistMLP.from_pretrained(str(path_or_repo), **kwargs)
     except ModelLoadError:
         raise
-    except Exception as exc:  # hub errors, a tensor missing from the file...: the file is there but unusable
+    except Exception as exc:
+        if not p.exists():  # a Hub repo id: one line of the failure's kind, never the server's body
+            from .hub import hub_error
+
+            raise hub_error(exc, str(path_or_repo), "loading the base") from exc
+        # A local folder whose files are there but unusable (e.g. a tensor missing from the file).
         raise CorruptFileError(f"cannot load base model {str(path_or_repo)!r}: {' '.join(str(exc).split())[:300]}", path=p) from exc
     model.eval()
     return model

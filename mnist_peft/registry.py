@@ -22,12 +22,14 @@ root. The registry deletes only what it created: entry folders it lists, and its
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,8 @@ SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 INDEX_NAME = "index.json"
 LOCK_NAME = ".index.lock"
 STAGING_PREFIX = ".staging-"
+STAGING_MARKER = ".mnist-peft-staging"  # inside every staging folder this registry makes
+MAX_VERSION = 10**9  # a version number beyond this is not one the registry wrote
 RESERVED_NAMES = frozenset({INDEX_NAME})
 ENV_ROOT = "MNIST_PEFT_ADAPTERS"
 INDEX_FORMAT = 1
@@ -143,7 +147,7 @@ def _check_files(files: object, where: str) -> dict[str, dict[str, object]]:
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not SHA256_PATTERN.fullmatch(meta["sha256"]):
             raise RegistryError(f"{where}: file {fname!r} lacks a valid sha256")
         size = meta.get("size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 50:
             raise RegistryError(f"{where}: file {fname!r} has an invalid size {size!r}")
     return files
 
@@ -166,8 +170,8 @@ def entry_from_dict(data: object, *, where: str, path: str | None = None) -> Reg
         raise RegistryError(f"{where}: {exc}") from exc
     where = f"{where} entry {name!r}"
     version = data.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise RegistryError(f"{where}: version must be an integer >= 1, got {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise RegistryError(f"{where}: version must be an integer from 1 to {MAX_VERSION:,}, got {str(version)[:40]!r}")
     kind = data.get("kind")
     if kind not in KINDS:
         raise RegistryError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
@@ -250,9 +254,13 @@ class AdapterRegistry:
     def index_path(self) -> Path:
         return self.root / INDEX_NAME
 
-    def _lock(self) -> FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / LOCK_NAME), timeout=60)
+    def _lock(self, *, create: bool = False) -> FileLock:
+        """The writers' lock; only ``add`` may create the root (any other write needs a registry)."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        else:
+            self._require_root()
+        return FileLock(str(confine(self.root, LOCK_NAME)), timeout=60)
 
     def _require_root(self) -> None:
         if not self.root.is_dir():
@@ -264,13 +272,14 @@ class AdapterRegistry:
     def _read(self) -> tuple[list[RegistryEntry], dict[str, int]]:
         """The entries and the per-name high-water marks, validated (the index is outside input)."""
         self._require_root()
-        if not self.index_path.exists():
+        index = confine(self.root, INDEX_NAME)  # never read through a link
+        if not index.exists():
             return [], {}
-        where = f"registry index {str(self.index_path)!r}"
+        where = f"registry index {str(index)!r}"
         try:
-            data = json.loads(self.index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RegistryError(f"{where} is unreadable ({exc}); restore it from version control") from exc
+            data = json.loads(index.read_text())
+        except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # bad JSON, huge numbers, deep nesting
+            raise RegistryError(f"{where} is unreadable ({type(exc).__name__}); restore it from version control") from exc
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise RegistryError(f"{where} has no 'entries' list; restore it from version control")
         entries = [
@@ -281,9 +290,14 @@ class AdapterRegistry:
         if len(set(refs)) != len(refs):
             raise RegistryError(f"{where} lists a version twice; restore it from version control")
         marks = data.get("high_water") or {}
-        if not isinstance(marks, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in marks.values()):
+        if not isinstance(marks, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION for v in marks.values()
+        ):
             raise RegistryError(f"{where} has an invalid 'high_water' map; restore it from version control")
-        return entries, dict(marks)
+        marks = dict(marks)
+        for e in entries:  # an index written before the marks existed: every version read is used
+            marks[e.name] = max(marks.get(e.name, 0), e.version)
+        return entries, marks
 
     def _read_index(self) -> list[RegistryEntry]:
         return self._read()[0]
@@ -408,13 +422,15 @@ class AdapterRegistry:
             names = opts.get("files") or sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
             for fname in names:
                 validate_file_name(fname)
+                if (src / fname).is_symlink():
+                    raise RegistryError(f"cannot add {str(src / fname)!r}: it is a symlink; copy the file itself into the folder")
             missing = [f for f in names if not (src / f).is_file()]
             if missing:
                 raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
             prepared.append((name, src, info, names, dict(opts.get("metrics") or {}), opts.get("source")))
         added: list[RegistryEntry] = []
-        moved: list[Path] = []
-        with self._lock():
+        moved: list[tuple[str, int]] = []
+        with self._lock(create=True):
             entries, marks = self._read()
             self._clean_staging()
             try:
@@ -423,27 +439,33 @@ class AdapterRegistry:
                     if parent.exists() and not parent.is_dir():
                         raise RegistryError(f"{str(parent)!r} is in the way of entry {name!r} and is not a folder; move it away")
                     version = 1 + max([marks.get(name, 0), *(e.version for e in [*entries, *added] if e.name == name)])
-                    while confine(self.root, f"{name}/v{version}").exists() or confine(self.root, f"{name}/v{version}").is_symlink():
+                    while os.path.lexists(confine(self.root, f"{name}/v{version}")):
                         version += 1  # not ours (the index does not list it): never deleted, skipped
                     rel = f"{name}/v{version}"
-                    dest = confine(self.root, rel)
-                    parent.mkdir(parents=True, exist_ok=True)
+                    parent.mkdir(exist_ok=True)
                     staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
                     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
+                    (staging / STAGING_MARKER).touch()
                     try:
                         files = {}
                         for fname in names:
-                            shutil.copyfile(src / fname, staging / fname)
+                            shutil.copyfile(src / fname, staging / fname, follow_symlinks=False)
                             with open(staging / fname, "rb") as f:
                                 os.fsync(f.fileno())
                             files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+                        (staging / STAGING_MARKER).unlink()
                         fsync_dir(staging)
-                        os.replace(staging, dest)
-                        fsync_dir(parent)
+                        with _entry_dir_fd(self.root, name) as name_fd, _dir_fd(self.root) as root_fd:
+                            if name_fd is None:
+                                raise RegistryError(f"{str(parent)!r} vanished while adding {name!r}; try again")
+                            # Relative to a folder opened without following links: a link swapped in
+                            # after the checks above cannot redirect the rename.
+                            os.replace(staging.name, f"v{version}", src_dir_fd=root_fd, dst_dir_fd=name_fd)
+                            os.fsync(name_fd)
                     except BaseException:
                         shutil.rmtree(staging, ignore_errors=True)
                         raise
-                    moved.append(dest)
+                    moved.append((name, version))
                     added.append(
                         RegistryEntry(
                             name=name,
@@ -462,25 +484,25 @@ class AdapterRegistry:
                     )
                 self._write_index([*entries, *added], marks)
             except BaseException:
-                for dest in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)
-                    shutil.rmtree(dest, ignore_errors=True)
+                for name, version in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)
+                    _remove_version(self.root, name, version)
                 raise
         return added
 
     def _clean_staging(self) -> None:
-        """Remove ``.staging-*`` leftovers of writers killed mid-add (called under the lock, so
-        no live writer owns one). A link with that name is unlinked, never followed."""
+        """Remove staging folders of writers killed mid-add (called under the lock, so no live
+        writer owns one). Only real folders holding this registry's marker are removed: a link or
+        a folder of the user's that happens to be named ``.staging-*`` is left alone."""
         for p in self.root.glob(STAGING_PREFIX + "*"):
-            if p.is_symlink() or not p.is_dir():
-                p.unlink(missing_ok=True)
-            else:
+            if p.is_dir() and not p.is_symlink() and (p / STAGING_MARKER).is_file():
                 shutil.rmtree(p, ignore_errors=True)
 
     def remove(self, ref: str) -> list[RegistryEntry]:
         """Remove ``name@version``, or every version of ``name``; returns what was removed.
 
         Every folder is confined before anything changes: an entry whose folder is a symlink is
-        refused, not followed. The version numbers stay used (``name@N`` never names other bytes).
+        refused, not followed, and the deletion itself works relative to folders opened without
+        following links. The version numbers stay used (``name@N`` never names other bytes).
         """
         name, version = parse_ref(ref)
         with self._lock():
@@ -488,13 +510,55 @@ class AdapterRegistry:
             gone = [e for e in entries if e.name == name and (version is None or e.version == version)]
             if not gone:
                 self.get(ref)  # raises the not-found error with the known names
-            folders = [self.folder(e) for e in gone]  # refuses links before anything is written
-            parent = confine(self.root, name)
+            for e in gone:
+                self.folder(e)  # refuses links before anything is written
+            with _entry_dir_fd(self.root, name):
+                pass  # the name folder opens without following links (or is already gone)
             self._write_index([e for e in entries if e not in gone], marks)  # index first: a crash leaves only orphan files
-            for folder in folders:
-                if folder.is_dir() and not folder.is_symlink():
-                    shutil.rmtree(folder, ignore_errors=True)
-            if parent.is_dir() and not parent.is_symlink() and not any(parent.iterdir()):
-                parent.rmdir()
+            for e in gone:
+                _remove_version(self.root, name, e.version)
             fsync_dir(self.root)
         return gone
+
+
+@contextlib.contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _entry_dir_fd(root: Path, name: str) -> Iterator[int | None]:
+    """``root/name`` opened without following a link (``None`` if it does not exist).
+
+    Raises:
+        RegistryError: it is a symlink or not a folder.
+    """
+    with _dir_fd(root) as root_fd:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+        except FileNotFoundError:
+            yield None
+            return
+        except OSError as exc:  # ELOOP (a link) or ENOTDIR
+            raise RegistryError(f"{str(root / name)!r} is a symlink or not a folder; the registry does not follow links") from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+
+def _remove_version(root: Path, name: str, version: int) -> None:
+    """Delete ``root/name/v<version>`` and then ``root/name`` if empty, never through a link."""
+    with _entry_dir_fd(root, name) as name_fd:
+        if name_fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(f"v{version}", dir_fd=name_fd)  # fd-based: refuses a link at v<version> itself
+        empty = not os.listdir(name_fd)
+    if empty:
+        with _dir_fd(root) as root_fd, contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=root_fd)

@@ -155,17 +155,25 @@ def test_reserved_names_and_a_missing_root(tmp_path: Path, adapter_dir: Path) ->
 
 
 def test_staging_leftovers_of_killed_writers_are_cleaned_on_the_next_write(tmp_path: Path, adapter_dir: Path) -> None:
+    from mnist_peft.registry import STAGING_MARKER
+
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    leftover = reg.root / ".staging-killed"
+    leftover = reg.root / ".staging-killed"  # what a writer killed mid-copy leaves: its marker is still inside
     leftover.mkdir()
+    (leftover / STAGING_MARKER).touch()
     (leftover / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    users = reg.root / ".staging-notes"  # the user's own folder with that prefix: not ours
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     outside = tmp_path / "outside"
     outside.mkdir()
+    (outside / STAGING_MARKER).touch()
     (outside / "keep.txt").write_text("keep")
     (reg.root / ".staging-link").symlink_to(outside)
     reg.add("digit-8", adapter_dir)
-    assert not leftover.exists() and not (reg.root / ".staging-link").exists()
+    assert not leftover.exists()
+    assert (users / "notes.txt").read_text() == "mine" and (reg.root / ".staging-link").is_symlink()
     assert (outside / "keep.txt").read_text() == "keep"
 
 
@@ -310,7 +318,8 @@ class _Echo(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     do_GET = do_POST = do_HEAD = do_PUT = _answer
 
@@ -355,3 +364,102 @@ def test_a_folder_named_like_an_entry_does_not_shadow_it_silently(tmp_path: Path
     (work / "digit-7").mkdir(parents=True)
     proc = run_cli("eval", "--base", "base", "--adapter", "digit-7", "--root", str(reg.root), cwd=work)
     assert proc.returncode == 2 and "both a folder here and an entry" in proc.stderr and "./digit-7" in proc.stderr
+
+
+def test_a_registry_written_before_high_water_marks_still_never_reuses_a_version(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.add("digit-7", adapter_dir)
+    data = json.loads(reg.index_path.read_text())
+    del data["high_water"]  # as an index from before this field existed
+    reg.index_path.write_text(json.dumps(data))
+    reg.remove("digit-7@2")
+    assert reg.add("digit-7", adapter_dir).version == 3
+
+
+def test_a_writer_on_a_missing_root_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="no registry at"):
+        AdapterRegistry(tmp_path / "typo").remove("digit-7")
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("payload", ['{"entries": [{"version": 1' + "0" * 5000 + "}]}", "[" * 100000 + "]" * 100000])
+def test_absurd_index_content_is_a_registry_error(tmp_path: Path, adapter_dir: Path, payload: str) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.index_path.write_text(payload)
+    with pytest.raises(RegistryError, match="unreadable"):
+        reg.list()
+
+
+def test_a_huge_version_number_is_refused_not_an_os_error(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    data = json.loads(reg.index_path.read_text())
+    data["entries"][0]["version"] = 10**300
+    data["entries"][0]["path"] = f"digit-7/v{10**300}"
+    reg.index_path.write_text(json.dumps(data))
+    with pytest.raises(RegistryError, match="version must be an integer"):
+        reg.verify()
+
+
+def test_symlinks_inside_a_source_folder_are_not_copied(tmp_path: Path, adapter_dir: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("PRIVATE KEY")
+    (adapter_dir / "README.md").unlink()
+    (adapter_dir / "README.md").symlink_to(secret)
+    reg = AdapterRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="symlink"):
+        reg.add("digit-7", adapter_dir)
+    assert not (reg.root / "digit-7").exists()
+
+
+def test_a_symlinked_index_is_refused(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(reg.index_path.read_text())
+    reg.index_path.unlink()
+    reg.index_path.symlink_to(elsewhere)
+    with pytest.raises(RegistryError, match="symlink"):
+        reg.list()
+
+
+def test_remove_does_not_follow_a_link_swapped_in_after_its_checks(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    victim = tmp_path / "victim"
+    (victim / "v1").mkdir(parents=True)
+    (victim / "v1" / "precious.txt").write_text("keep")
+    real_write = AdapterRegistry._write_index
+
+    def swap_then_write(self, entries, marks):  # the race: between the checks and the deletion
+        real_write(self, entries, marks)
+        (self.root / "digit-7" / "v1" / "adapter_config.json").unlink()
+        for f in (self.root / "digit-7" / "v1").iterdir():
+            f.unlink()
+        (self.root / "digit-7" / "v1").rmdir()
+        (self.root / "digit-7").rmdir()
+        (self.root / "digit-7").symlink_to(victim)
+
+    monkeypatch.setattr(AdapterRegistry, "_write_index", swap_then_write)
+    with pytest.raises(RegistryError, match="symlink"):
+        reg.remove("digit-7")
+    assert (victim / "v1" / "precious.txt").read_text() == "keep"
+
+
+def test_loading_a_base_from_a_hub_that_echoes_the_token_never_prints_it(tmp_path: Path) -> None:
+    handler = type("Echo", (_Echo,), {"status": 401})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {
+            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+            "HF_TOKEN": TOKEN,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_XET": "1",
+        }
+        proc = run_cli("eval", "--base", "team/base", "--root", str(tmp_path), env=env, timeout=120)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1 and TOKEN[:12] not in proc.stdout + proc.stderr and "HF_TOKEN" in proc.stderr, proc.stderr
