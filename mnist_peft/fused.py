@@ -178,11 +178,8 @@ def fused_forward(
     else:  # only the used adapters' columns, in their order: an unused adapter's values never enter
         low = torch.cat([y[:, out + layout.rows[n].start : out + layout.rows[n].stop] for n in used], dim=1)  # (N, R_used)
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), dim=1)  # (out, R_used)
-    if per_row:
-        if not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(b_cat).all())):
-            return None
-        low = torch.where(scale != 0, low * scale, 0)  # (N, R_used); 0 where the row does not own the column
-    else:
-        low = low * scale
+    if per_row and not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(b_cat).all())):
+        return None  # with every term finite, a 0 scale gives an exact 0: rows cannot leak into each other
+    low = low * scale  # (N, R_used)
     result.addmm_(low, b_cat.t())  # += (s x A^T) B^T, in place
     return result.reshape(*shape, out)
