@@ -106,83 +106,23 @@ def _registry(args: argparse.Namespace):
 
 
 def _registry_path(arg: str, args: argparse.Namespace, kind: str) -> Path | None:
-    """The verified folder of registry entry ``arg`` (``name`` or ``name@N``), if there is one."""
-    from .errors import InvalidNameError
-    from .registry import parse_ref
+    from .refs import registry_folder
 
-    try:
-        parse_ref(arg)
-    except InvalidNameError:
-        return None
-    reg = _registry(args)
-    if arg not in reg:
-        return None
-    entry = reg.get(arg)
-    if entry.kind != kind:
-        from .errors import RegistryError
-
-        raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}; pass a {kind} entry")
-    return reg.path(arg)
-
-
-def _refuse_ambiguous(arg: str, args: argparse.Namespace) -> None:
-    """A folder in the working directory named like a registry entry must not shadow it silently."""
-    from .errors import InvalidNameError, RegistryError
-
-    if "/" in arg or not Path(arg).exists():
-        return
-    try:
-        in_registry = arg in _registry(args)
-    except (InvalidNameError, RegistryError):
-        return
-    if in_registry:
-        raise _usage_error(
-            f"{arg!r} is both a folder here and an entry of the registry at {str(_registry(args).root)!r}; "
-            f"write ./{arg} for the folder, or {arg}@N for a version of the entry"
-        )
+    return registry_folder(arg, _registry(args), kind)
 
 
 def _resolve_base(arg: str, args: argparse.Namespace):
-    """``--base``: a folder, a registry entry (sha256 and fingerprint checked), or a Hub repo id."""
-    from .model import base_fingerprint, load_base
+    """``--base``: see :func:`mnist_peft.refs.resolve_base`."""
+    from .refs import resolve_base
 
-    _refuse_ambiguous(arg, args)
-    if not Path(arg).exists():
-        folder = _registry_path(arg, args, "base")
-        if folder is not None:
-            model = load_base(folder)
-            entry = _registry(args).get(arg)
-            if entry.base_fingerprint and base_fingerprint(model) != entry.base_fingerprint:
-                from .errors import IntegrityError
-
-                raise IntegrityError(f"base {entry.ref!r} does not have the fingerprint the registry recorded", path=folder)
-            return model
-        if "/" not in arg:  # not a folder, not in the registry, and not owner/name: don't ask the Hub
-            from .errors import ModelLoadError
-
-            raise ModelLoadError(
-                f"base {arg!r} is neither a folder, nor an entry of the registry at {str(_registry(args).root)!r}, nor a Hub "
-                "repo id (owner/name); see `mnist-peft registry list` or train one with `mnist-peft train-base`",
-                path=arg,
-            )
-    return load_base(arg)
+    return resolve_base(arg, _registry(args))
 
 
 def _resolve_adapter(arg: str, args: argparse.Namespace) -> Path:
-    """``--adapter``: a folder or a registry entry (every file's sha256 checked)."""
-    _refuse_ambiguous(arg, args)
-    if Path(arg).exists():
-        return Path(arg)
-    folder = _registry_path(arg, args, "lora")
-    if folder is None:
-        from .errors import ModelLoadError
+    """``--adapter``: see :func:`mnist_peft.refs.resolve_adapter`."""
+    from .refs import resolve_adapter
 
-        raise ModelLoadError(
-            f"adapter {arg!r} is neither a folder nor an entry of the registry at {str(_registry(args).root)!r} "
-            "(see `mnist-peft registry list`)",
-            path=arg,
-        )
-    return folder
+    return resolve_adapter(arg, _registry(args))
 
 
 def _register(args: argparse.Namespace, folder: Path, metrics: dict, digit: int | None = None) -> dict | None:

@@ -31,6 +31,7 @@ from .adapters import ADAPTER_WEIGHTS_NAME, load_stack, read_adapter, save_adapt
 from .fileio import atomic_write_json, atomic_write_text
 from .lora import LoraModel, lora_layers
 from .model import base_fingerprint, count_parameters, load_base
+from .refs import registry_folder
 from .registry import AdapterRegistry
 from .train import evaluate, train_adapter, train_base
 
@@ -118,12 +119,15 @@ def run_demo(
     stages = _Stages(out, force, log)
     models = out / "models"
     registry = AdapterRegistry(root) if cfg.use_registry else None
+    if registry is not None and not registry.root.is_dir():  # no registry here: the demo trains what it needs
+        log(f"no registry at {str(registry.root)!r}: training the base and the adapters instead")
+        registry = None
     start = time.perf_counter()
 
     # 1. base
     def stage_base() -> dict:
-        if registry is not None and "base" in registry:
-            path = registry.path("base")
+        path = None if registry is None else registry_folder("base", registry, "base")
+        if path is not None:
             model = load_base(path)
             source = f"registry {registry.get('base').ref}"
         else:
@@ -159,10 +163,9 @@ def run_demo(
 
     # 3. the ten replay adapters
     def adapter_folder(d: int) -> Path:
-        if registry is not None and f"digit-{d}" in registry:
-            entry = registry.get(f"digit-{d}")
-            if entry.base_fingerprint == base_info["fingerprint"]:
-                return registry.path(f"digit-{d}")
+        folder = None if registry is None else registry_folder(f"digit-{d}", registry, "lora")
+        if folder is not None and registry.get(f"digit-{d}").base_fingerprint == base_info["fingerprint"]:
+            return folder
         folder = models / f"digit-{d}"
         if not (folder / ADAPTER_WEIGHTS_NAME).exists() or force:
             model, _ = train_adapter(base, d, "replay", data_dir=data_dir, progress=progress, steps=cfg.adapter_steps)

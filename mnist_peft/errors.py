@@ -18,6 +18,7 @@ __all__ = [
     "CorruptFileError",
     "ConfigMismatchError",
     "InvalidArgumentError",
+    "AmbiguousReferenceError",
     "AdapterConfigError",
     "AdapterKeyError",
     "AdapterShapeError",
@@ -82,6 +83,14 @@ class ConfigMismatchError(ModelLoadError, ValueError):
 
 class InvalidArgumentError(MnistPeftError, ValueError):
     """An argument is out of range or names nothing known (a digit of 12, an unknown figure...)."""
+
+
+class AmbiguousReferenceError(InvalidArgumentError):
+    """A name matches both a folder and a registry entry; ``ref`` is the name."""
+
+    def __init__(self, message: str, *, ref: str) -> None:
+        super().__init__(message)
+        self.ref = ref
 
 
 class AdapterConfigError(MnistPeftError, ValueError):

@@ -363,7 +363,7 @@ def test_a_folder_named_like_an_entry_does_not_shadow_it_silently(tmp_path: Path
     work = tmp_path / "work"
     (work / "digit-7").mkdir(parents=True)
     proc = run_cli("eval", "--base", "base", "--adapter", "digit-7", "--root", str(reg.root), cwd=work)
-    assert proc.returncode == 2 and "both a folder here and an entry" in proc.stderr and "./digit-7" in proc.stderr
+    assert proc.returncode == 1 and "both a folder here and an entry" in proc.stderr and "./digit-7" in proc.stderr
 
 
 def test_a_registry_written_before_high_water_marks_still_never_reuses_a_version(tmp_path: Path, adapter_dir: Path) -> None:
