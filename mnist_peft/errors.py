@@ -32,6 +32,8 @@ __all__ = [
     "EntryNotFoundError",
     "IntegrityError",
     "HubError",
+    "http_status",
+    "hub_error",
 ]
 
 
@@ -182,3 +184,78 @@ class HubError(MnistPeftError, OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+# ----------------------------------------------------------------------------- Hub failures
+def http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A connection that could not be made or was cut (no HTTP answer at all)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(
+        names
+        & {
+            "ConnectError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "TransportError",
+            "NetworkError",
+            "ConnectionError",
+            "Timeout",
+            "TimeoutException",
+        }
+    )
+
+
+def hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
+    """A :class:`HubError` of the failure's kind (credentials, not found, conflict, server error,
+    network), one line naming the fix. Never a server body: it may echo the token."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"{repo_id!r} at {constants.ENDPOINT}"
+    cause: BaseException | None = exc  # downloads wrap the HTTP failure (e.g. in LocalEntryNotFoundError)
+    while cause is not None and http_status(cause) is None and not isinstance(cause, (RepositoryNotFoundError, RevisionNotFoundError)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        exc = cause
+    status = http_status(exc)
+    if isinstance(exc, RevisionNotFoundError):
+        return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
+    if isinstance(exc, RemoteEntryNotFoundError):
+        return HubError(
+            f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again",
+            repo_id=repo_id,
+        )
+    if status in (401, 403):
+        return HubError(
+            f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "
+            "to a token with access to this repo",
+            repo_id=repo_id,
+        )
+    if isinstance(exc, RepositoryNotFoundError) or status == 404:
+        return HubError(
+            f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id
+        )
+    if status in (409, 412):
+        return HubError(
+            f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id
+        )
+    if status is not None and status >= 500:
+        return HubError(
+            f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id
+        )
+    if _is_network_error(exc):
+        return HubError(
+            f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id
+        )
+    code = f"HTTP {status}" if status is not None else type(exc).__name__
+    return HubError(f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details", repo_id=repo_id)

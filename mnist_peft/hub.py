@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HubError, IntegrityError, RegistryError
+from .errors import HubError, IntegrityError, RegistryError, http_status, hub_error
 from .fileio import sha256_file
 from .registry import AdapterRegistry, RegistryEntry, confine, entry_from_dict, parse_ref
 
-__all__ = ["push_to_hub", "pull_from_hub", "hub_error", "PushResult", "PullResult"]
+__all__ = ["push_to_hub", "pull_from_hub", "PushResult", "PullResult"]
 
 INDEX_NAME = "index.json"
 PUSH_ATTEMPTS = 8  # commits retried on a conflict (another push landed first), re-reading the index each time
@@ -47,79 +47,6 @@ class PullResult:
     revision: str
     added: list[str]
     unchanged: list[str]
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """A connection that could not be made or was cut (no HTTP answer at all)."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if isinstance(exc, (ConnectionError, TimeoutError, LocalEntryNotFoundError)):
-        return True
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(
-        names
-        & {
-            "ConnectError",
-            "ConnectTimeout",
-            "ReadTimeout",
-            "TransportError",
-            "NetworkError",
-            "ConnectionError",
-            "Timeout",
-            "TimeoutException",
-        }
-    )
-
-
-def hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
-    """One line per kind of failure, naming the fix. Never a server body: it may echo a token."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    where = f"{repo_id!r} at {constants.ENDPOINT}"
-    cause: BaseException | None = exc  # downloads wrap the HTTP failure (e.g. in LocalEntryNotFoundError)
-    while cause is not None and _status(cause) is None and not isinstance(cause, (RepositoryNotFoundError, RevisionNotFoundError)):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        exc = cause
-    status = _status(exc)
-    if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return HubError(
-            f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again",
-            repo_id=repo_id,
-        )
-    if status in (401, 403):
-        return HubError(
-            f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "
-            "to a token with access to this repo",
-            repo_id=repo_id,
-        )
-    if isinstance(exc, RepositoryNotFoundError) or status == 404:
-        return HubError(
-            f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id
-        )
-    if status in (409, 412):
-        return HubError(
-            f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id
-        )
-    if status is not None and status >= 500:
-        return HubError(
-            f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id
-        )
-    if _is_network_error(exc):
-        return HubError(
-            f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id
-        )
-    code = f"HTTP {status}" if status is not None else type(exc).__name__
-    return HubError(f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details", repo_id=repo_id)
 
 
 def _repo_path(entry: RegistryEntry) -> str:
@@ -199,7 +126,7 @@ def push_to_hub(
                 )
                 break
             except Exception as exc:
-                if _status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                if http_status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))  # back off, then re-read and re-merge
     except (RegistryError, IntegrityError, HubError):

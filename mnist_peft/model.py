@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from .errors import ConfigMismatchError, CorruptFileError, ModelLoadError, ModelNotFoundError
+from .errors import ConfigMismatchError, CorruptFileError, ModelLoadError, ModelNotFoundError, hub_error
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -200,8 +200,6 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
         raise
     except Exception as exc:
         if not p.exists():  # a Hub repo id: one line of the failure's kind, never the server's body
-            from .hub import hub_error
-
             raise hub_error(exc, str(path_or_repo), "loading the base") from exc
         # A local folder whose files are there but unusable (e.g. a tensor missing from the file).
         raise CorruptFileError(f"cannot load base model {str(path_or_repo)!r}: {' '.join(str(exc).split())[:300]}", path=p) from exc

@@ -1,0 +1,36 @@
+"""The README's layer table is true: a module imports only from its own layer or the ones below."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+LAYERS = [
+    ["errors", "fileio"],
+    ["data", "model"],
+    ["lora", "fused"],
+    ["peft_compat"],
+    ["adapters", "combine"],
+    ["train", "analysis", "svd_sweep"],
+    ["registry", "hub", "refs"],
+    ["serving"],
+    ["bench", "demo", "plots", "cli", "__main__", "__init__"],
+]
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it() -> None:
+    rank = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+    modules = sorted(p.stem for p in (REPO / "mnist_peft").glob("*.py"))
+    assert [m for m in modules if m not in rank] == []  # a new module gets a row in the README table
+    upward = []
+    for m in modules:
+        text = Path(REPO / "mnist_peft" / f"{m}.py").read_text()
+        for imp in set(re.findall(r"from \.(\w+) import", text)):
+            if rank[imp] > rank[m]:
+                upward.append(f"{m} imports {imp}")
+    assert upward == []
+    readme = (REPO / "README.md").read_text()
+    for layer in LAYERS[:-1]:
+        assert all(f"`{m}`" in readme for m in layer)
