@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .cards import digit_model_card, render_model_card
 from .errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
@@ -156,72 +157,6 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
     if "r" not in kwargs or "target_modules" not in kwargs:
         raise AdapterConfigError(f"adapter config{where} lacks 'r' or 'target_modules'; is this a LoRA adapter_config.json?")
     return LoraConfig(**kwargs)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------- model card
-def _is_repo_id(name: str) -> bool:
-    """``owner/name`` that is not a local path: what a card's ``base_model`` may hold."""
-    import re
-
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
-
-
-def render_model_card(
-    *,
-    base_model: str | None,
-    tags: list[str],
-    title: str,
-    body: str = "",
-    extra_yaml: dict[str, object] | None = None,
-) -> str:
-    """A model card: YAML front matter the Hub reads, then markdown."""
-    lines = ["---", "library_name: peft"]
-    if base_model and _is_repo_id(base_model):  # the Hub checks base_model names a model repo
-        lines.append(f"base_model: {base_model}")
-    lines.append("tags:")
-    lines += [f"- {t}" for t in tags]
-    for key, value in (extra_yaml or {}).items():
-        lines.append(f"{key}: {json.dumps(value)}")
-    lines += ["---", "", f"# {title}", ""]
-    if body:
-        lines.append(body.rstrip() + "\n")
-    return "\n".join(lines)
-
-
-def digit_model_card(digit: int, result, *, base_model: str | None, config: LoraConfig) -> str:
-    """The model card of a per-digit adapter: YAML metadata, then before/after per-digit table."""
-    before, after = result.before, result.after
-    rows = ["| digit | wrong before | wrong after | error rate before | error rate after |", "|---|---|---|---|---|"]
-    for d in range(10):
-        mark = " **(target)**" if d == digit else ""
-        rows.append(
-            f"| {d}{mark} | {before.wrong_per_digit[d]} | {after.wrong_per_digit[d]} | "
-            f"{before.error_rate_per_digit[d]:.4f} | {after.error_rate_per_digit[d]:.4f} |"
-        )
-    body = (
-        f"LoRA adapter (r={config.r}, lora_alpha={config.lora_alpha:g}, target_modules={config.target_modules}) trained "
-        f"with mnist-peft's `{result.recipe}` recipe to fix digit {digit} of an MNIST MLP.\n\n"
-        f"Test accuracy {before.accuracy:.4f} -> {after.accuracy:.4f}; digit {digit} wrong "
-        f"{before.wrong_per_digit[digit]} -> {after.wrong_per_digit[digit]} ({result.steps} steps).\n\n"
-        + "\n".join(rows)
-        + "\n\n```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
-        "model = PeftModel.from_pretrained(MnistMLP.from_pretrained(BASE), ADAPTER)\n```\n"
-    )
-    extra = {
-        "digit": digit,
-        "recipe": result.recipe,
-        "accuracy_before": before.accuracy,
-        "accuracy_after": after.accuracy,
-        "wrong_per_digit_before": before.wrong_per_digit,
-        "wrong_per_digit_after": after.wrong_per_digit,
-    }
-    return render_model_card(
-        base_model=base_model,
-        tags=["lora", "mnist", f"digit-{digit}", "mnist-peft"],
-        title=f"digit-{digit} LoRA adapter",
-        body=body,
-        extra_yaml=extra,
-    )
 
 
 # ----------------------------------------------------------------------------- save / read / load

@@ -72,11 +72,12 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     train_seconds = time.perf_counter() - start
     result = evaluate(model, data_dir=args.data_dir)
     model.save_pretrained(out)
+    from .cards import base_model_card
     from .fileio import atomic_write_text
     from .model import base_fingerprint
 
     fingerprint = base_fingerprint(model)
-    atomic_write_text(out / "README.md", _base_card(args.recipe, result, fit.steps, fingerprint))
+    atomic_write_text(out / "README.md", base_model_card(args.recipe, result, fit.steps, fingerprint))
 
     payload = {
         "recipe": args.recipe,
@@ -165,30 +166,6 @@ def _model_from_args(args: argparse.Namespace):
     return model
 
 
-def _base_card(recipe: str, result, steps: int, fingerprint: str) -> str:
-    from .adapters import render_model_card
-
-    rows = [
-        "| digit | " + " | ".join(str(d) for d in range(10)) + " |",
-        "|---" * 11 + "|",
-        "| wrong | " + " | ".join(str(w) for w in result.wrong_per_digit) + " |",
-    ]
-    body = (
-        f"The seed's MNIST MLP (784-1000-2000-10, `linear1..3`) trained with mnist-peft's `{recipe}` recipe "
-        f"({steps} steps). Test accuracy **{result.accuracy:.4f}** on {result.n} images.\n\n"
-        + "\n".join(rows)
-        + f"\n\nBase fingerprint: `{fingerprint}`\n\n```python\nfrom mnist_peft import MnistMLP\nmodel = MnistMLP.from_pretrained(REPO_OR_FOLDER)\n```\n"
-    )
-    card = render_model_card(
-        base_model=None,
-        tags=["mnist", "image-classification", "mnist-peft"],
-        title="MNIST MLP base model",
-        body=body,
-        extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe},
-    )
-    return card.replace("library_name: peft", "library_name: mnist-peft")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from .plots import plot_error_rates
     from .train import evaluate
@@ -211,7 +188,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapters import digit_model_card, save_adapter
+    from .adapters import save_adapter
+    from .cards import digit_model_card
     from .train import progress_enabled, train_adapter
 
     if args.resume and not args.out and not args.register and _registry_path(args.resume, args, "lora") is not None:
@@ -301,7 +279,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_combine(args: argparse.Namespace) -> int:
-    from .adapters import read_adapter, render_model_card, write_adapter
+    from .adapters import read_adapter, write_adapter
+    from .cards import render_model_card
     from .combine import combine_adapters
 
     out, _ = _out_folder(args)

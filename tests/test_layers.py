@@ -12,7 +12,7 @@ LAYERS = [
     ["data", "model"],
     ["lora", "fused"],
     ["peft_compat"],
-    ["adapters", "combine"],
+    ["cards", "adapters", "combine"],
     ["train", "analysis", "svd_sweep"],
     ["registry", "hub", "refs"],
     ["serving"],
