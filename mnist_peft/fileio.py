@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["current_umask", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "sha256_bytes"]
+__all__ = [
+    "read_regular_file",
+    "current_umask",
+    "fsync_dir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "sha256_file",
+    "sha256_bytes",
+]
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of the regular file at ``path``.
+
+    Opened without blocking and checked to be a regular file before it is read, so a FIFO or a
+    device planted under an expected name is refused instead of hanging the reader.
+
+    Raises:
+        FileNotFoundError: nothing is there; IsADirectoryError / OSError: something other than a
+        regular file is.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
+        chunks = []
+        while chunk := os.read(fd, max(st.st_size, 1 << 16)):
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -69,6 +69,7 @@ __all__ = [
     "check_lora_state_dict",
     "find_targets",
     "lora_layers",
+    "valid_adapter_name",
     "set_forward_mode",
 ]
 
@@ -202,6 +203,51 @@ class AdapterState:
 
 
 # ----------------------------------------------------------------------------- the layer
+def valid_adapter_name(name: object) -> bool:
+    """Whether ``name`` can name an adapter: a non-empty ``str`` without '.', not starting with '_',
+    not :data:`BASE_ADAPTER`, and not an attribute of the dicts that hold the weights ('keys',
+    'training', ...: such a name would replace the attribute and break the layer)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "." not in name
+        and not name.startswith("_")
+        and name != BASE_ADAPTER
+        and not hasattr(_ATTRIBUTES_PROBE, name)
+    )
+
+
+class _AdapterParameters(nn.ParameterDict):
+    """``nn.ParameterDict`` (adapter name -> Parameter) whose item assignment and deletion go
+    straight to the parameter table when nothing else could be affected: ``Module.__setattr__``'s
+    generic search costs more than the rest of adding one layer's adapter. Anything unusual (a
+    name that is also an attribute, a non-Parameter value, global registration hooks) takes
+    ``nn.ParameterDict``'s own path."""
+
+    def __setitem__(self, key: str, value: object) -> None:
+        if (
+            type(value) is nn.Parameter
+            and isinstance(key, str)
+            and key not in self.__dict__
+            and not hasattr(type(self), key)
+            and not getattr(nn.modules.module, "_global_parameter_registration_hooks", True)
+        ):
+            self._keys[key] = None
+            self._parameters[key] = value
+        else:
+            super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key in self._parameters and key in self._keys:
+            del self._keys[key]
+            del self._parameters[key]
+        else:
+            super().__delitem__(key)
+
+
+_ATTRIBUTES_PROBE = _AdapterParameters()  # an empty one: its attributes are the names adapters cannot take
+
+
 @dataclass
 class _MergeRecord:
     """What a merged layer keeps to restore its base weight (see :meth:`LoraLinear.commit_merge`)."""
@@ -226,9 +272,9 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.lora_A = nn.ParameterDict()  # name -> (r, in)
-        self.lora_B = nn.ParameterDict()  # name -> (out, r)
-        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = _AdapterParameters()  # name -> (r, in)
+        self.lora_B = _AdapterParameters()  # name -> (out, r)
+        self.lora_dropout: dict[str, float] = {}  # name -> dropout probability (applied as F.dropout, as nn.Dropout does)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -258,11 +304,10 @@ class LoraLinear(nn.Module):
             B = torch.empty(self.out_features, config.r, dtype=w.dtype, device=w.device)
             init_lora_weights_(A, B, config.init_lora_weights)
         else:
-            A = weights[0].to(dtype=w.dtype, device=w.device, copy=True)
-            B = weights[1].to(dtype=w.dtype, device=w.device, copy=True)
+            A, B = (t.clone() if t.dtype == w.dtype and t.device == w.device else t.to(dtype=w.dtype, device=w.device) for t in weights)
         self.lora_A[adapter_name] = nn.Parameter(A)
         self.lora_B[adapter_name] = nn.Parameter(B)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = config.lora_dropout
         self.r[adapter_name] = config.r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
@@ -270,9 +315,9 @@ class LoraLinear(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise AdapterStateError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
-        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+        for d in (self.lora_A, self.lora_B):
             del d[adapter_name]
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.lora_dropout, self.r, self.lora_alpha, self.scaling):
             d.pop(adapter_name, None)
 
     def effective_scaling(self, adapter_name: str) -> float:
@@ -390,7 +435,7 @@ class LoraLinear(nn.Module):
         return fused.fused_forward(layout, x, active, [self.lora_B[n] for n in active], scale)  # type: ignore[return-value]
 
     def _needs_exact(self, active: list[str]) -> bool:
-        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in active):
+        if self.training and any(self.lora_dropout[n] > 0 for n in active):
             return True
         base = self.base_layer
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:  # e.g. torch.nn.utils.prune
@@ -409,10 +454,15 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         return torch.tensor([scales[n] for n in used for _ in range(self.r[n])], dtype=w.dtype, device=w.device)
 
+    def _dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What ``nn.Dropout(p)`` would do (identity at p = 0, as peft's ``nn.Identity``)."""
+        p = self.lora_dropout[name]
+        return F.dropout(x, p, self.training) if p > 0 else x
+
     def _forward_exact(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         result = self.base_layer(x)
         for name in active:
-            result = result + lora_forward(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
+            result = result + lora_forward(self._dropout(name, x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
         return result
 
     def _forward_mixed(self, x: torch.Tensor, names: list[str], owner: torch.Tensor) -> torch.Tensor:
@@ -530,8 +580,54 @@ def _edit_token(p: torch.Tensor) -> tuple | None:
 
 
 # ----------------------------------------------------------------------------- injection
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` order (pre-order, each module once), without descending into a
+    :class:`LoraLinear`: its children (base layer, LoRA weights, dropout) are never targets, and
+    skipping them makes the walk several times cheaper (loading an adapter walks the model)."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if module._modules and not isinstance(module, LoraLinear):
+            prefix = f"{name}." if name else ""
+            stack.extend((prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None)
+
+
 def _match(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _target_modules(model: nn.Module, config: LoraConfig, lora: list[LoraLinear] | None = None) -> dict[str, nn.Linear | LoraLinear]:
+    """``{name: module}`` of the target layers in module order (see :func:`find_targets`); every
+    :class:`LoraLinear` met on the way is appended to ``lora`` (one walk serves both)."""
+    found: dict[str, nn.Linear | LoraLinear] = {}
+    hit: set[str] = set()
+    plain = {t for t in config.target_modules if "." not in t}  # matched by a name's last part
+    dotted = [t for t in config.target_modules if "." in t]
+    for name, module in _walk(model):
+        if lora is not None and isinstance(module, LoraLinear):
+            lora.append(module)
+        last = name.rpartition(".")[2]
+        matched = [last] if last in plain else []
+        if dotted:
+            matched += [t for t in dotted if name == t or name.endswith("." + t)]
+        if not matched:
+            continue
+        if not isinstance(module, (nn.Linear, LoraLinear)):
+            raise AdapterConfigError(
+                f"target module {name!r} is a {type(module).__name__}, not nn.Linear; LoRA here adapts linear layers only"
+            )
+        found[name] = module
+        hit.update(matched)
+    missing = [t for t in config.target_modules if t not in hit]
+    if missing:
+        linear = [n for n, m in _walk(model) if isinstance(m, (nn.Linear, LoraLinear))]
+        raise AdapterConfigError(f"target module(s) {missing} not found in {type(model).__name__}; its linear layers are {linear}")
+    return found
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, int]]:
@@ -540,21 +636,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, i
     Raises:
         AdapterConfigError: a target module is missing or not an ``nn.Linear``.
     """
-    found: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if name.endswith("base_layer") or not _match(name, config.target_modules):
-            continue
-        if isinstance(module, (nn.Linear, LoraLinear)):
-            found[name] = (module.out_features, module.in_features)
-        else:
-            raise AdapterConfigError(
-                f"target module {name!r} is a {type(module).__name__}, not nn.Linear; LoRA here adapts linear layers only"
-            )
-    missing = [t for t in config.target_modules if not any(_match(n, [t]) for n in found)]
-    if missing:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("base_layer")]
-        raise AdapterConfigError(f"target module(s) {missing} not found in {type(model).__name__}; its linear layers are {linear}")
-    return found
+    return {name: (m.out_features, m.in_features) for name, m in _target_modules(model, config).items()}
 
 
 def check_lora_state_dict(
@@ -572,9 +654,15 @@ def check_lora_state_dict(
         AdapterShapeError: a tensor has the wrong shape, e.g. a rank other than ``config.r``.
         NonFiniteError: a tensor holds NaN or Inf.
     """
+    _check_keys(config, state_dict, find_targets(model, config) if targets is None else targets, path)
+    if state_dict:
+        _check_values_finite(torch.cat([t.reshape(-1) for t in state_dict.values()]), state_dict, path)
+
+
+def _check_keys(config: LoraConfig, state_dict: dict[str, torch.Tensor], targets: dict[str, tuple[int, int]], path: str | None) -> None:
     where = f" in {path!r}" if path else ""
     expected: dict[str, tuple[int, int]] = {}
-    for name, (out_f, in_f) in (find_targets(model, config) if targets is None else targets).items():
+    for name, (out_f, in_f) in targets.items():
         expected[f"{name}.lora_A.weight"] = (config.r, in_f)
         expected[f"{name}.lora_B.weight"] = (out_f, config.r)
     for key in expected:
@@ -587,7 +675,7 @@ def check_lora_state_dict(
             raise AdapterKeyError(
                 f"unexpected key {key!r}{where}: it matches no target module {config.target_modules} of the model", key=key, path=path
             )
-        if tuple(tensor.shape) != expected[key]:
+        if tensor.shape != expected[key]:  # torch.Size is a tuple
             hint = f" (config says r={config.r})" if config.r in expected[key] else ""
             raise AdapterShapeError(
                 f"tensor {key!r}{where} has shape {tuple(tensor.shape)}, expected {expected[key]}{hint}", key=key, path=path
@@ -596,16 +684,26 @@ def check_lora_state_dict(
             raise AdapterShapeError(
                 f"tensor {key!r}{where} has dtype {tensor.dtype}; LoRA weights must be floating point", key=key, path=path
             )
-    # One pass over all the values (a call per tensor costs more than the check itself); the key is
-    # looked up only when something is not finite.
-    if state_dict and not bool(torch.isfinite(torch.cat([t.reshape(-1) for t in state_dict.values()])).all()):
-        key = next(k for k, t in state_dict.items() if not bool(torch.isfinite(t).all()))
-        raise NonFiniteError(
-            f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
-            "re-train it or load another version",
-            key=key,
-            path=path,
-        )
+
+
+def _check_values_finite(flat: torch.Tensor, tensors: dict[str, torch.Tensor], path: str | None) -> None:
+    """Raise :class:`NonFiniteError` naming the first of ``tensors`` (whose values ``flat`` holds,
+    concatenated) with a NaN or Inf.
+
+    One sum over all the values: a NaN or Inf anywhere makes it non-finite, so a finite sum proves
+    every value finite (six times cheaper than ``isfinite``). A non-finite sum (also a mere
+    overflow of large finite values) is settled value by value.
+    """
+    if bool(flat.sum().isfinite()) or bool(torch.isfinite(flat).all()):
+        return
+    key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    where = f" in {path!r}" if path else ""
+    raise NonFiniteError(
+        f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
+        "re-train it or load another version",
+        key=key,
+        path=path,
+    )
 
 
 def inject_adapter(
@@ -626,28 +724,41 @@ def inject_adapter(
     ``state_dict`` came from, in error messages. Returns the adapted names.
 
     Raises:
-        AdapterConfigError, AdapterKeyError, AdapterShapeError: see :func:`check_lora_state_dict`.
+        AdapterConfigError, AdapterKeyError, AdapterShapeError, NonFiniteError: see :func:`check_lora_state_dict`.
     """
-    targets = find_targets(model, config)
+    return _inject(model, _target_modules(model, config), config, adapter_name, state_dict=state_dict, state=state, source=source)
+
+
+def _inject(
+    model: nn.Module,
+    modules: dict[str, nn.Linear | LoraLinear],
+    config: LoraConfig,
+    adapter_name: str,
+    *,
+    state_dict: dict[str, torch.Tensor] | None,
+    state: AdapterState | None,
+    source: str | None,
+) -> list[str]:
     if state_dict is not None:
-        check_lora_state_dict(model, config, state_dict, path=source, targets=targets)
+        check_lora_state_dict(
+            model, config, state_dict, path=source, targets={n: (m.out_features, m.in_features) for n, m in modules.items()}
+        )
     if state is None:
         state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
+    for name, module in modules.items():
+        layer = module
         if not isinstance(layer, LoraLinear):
-            layer = LoraLinear(layer, state)
-            setattr(parent, child, layer)
-        weights = None if state_dict is None else (state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"])
-        layer.update_layer(adapter_name, config, weights)
-    return list(targets)
+            layer = LoraLinear(module, state)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        pair = None if state_dict is None else (state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"])
+        layer.update_layer(adapter_name, config, pair)
+    return list(modules)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     """``(name, layer)`` for every :class:`LoraLinear` in ``model``."""
-    for name, module in model.named_modules():
+    for name, module in _walk(model):
         if isinstance(module, LoraLinear):
             yield name, module
 
@@ -708,6 +819,9 @@ class LoraModel(nn.Module):
             seen += [n for n in layer.merged_adapters if n not in seen]
         return seen
 
+    def _any_merged(self) -> bool:
+        return any(layer.merged_adapters for _, layer in lora_layers(self.model))
+
     def require_adapters(self, names: Iterable[str]) -> None:
         """Raise :class:`AdapterStateError` naming the first of ``names`` that is not loaded."""
         for n in names:
@@ -727,22 +841,21 @@ class LoraModel(nn.Module):
             AdapterConfigError, AdapterKeyError, AdapterShapeError, NonFiniteError: ``state_dict``
                 does not fit (the model is left unchanged).
         """
-        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER or "." in adapter_name:
+        if not valid_adapter_name(adapter_name):
             raise AdapterStateError(
-                f"adapter name {adapter_name!r} is not allowed; use a non-empty name without '.', other than {BASE_ADAPTER!r}"
+                f"adapter name {adapter_name!r} is not allowed; use a non-empty name without '.' that does not start with '_', "
+                f"other than {BASE_ADAPTER!r} and the attribute names of a parameter dict ('keys', 'training', ...)"
             )
         if adapter_name in self.peft_config:
             raise AdapterStateError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
-        if self.merged_adapters:
+        lora: list[LoraLinear] = []
+        modules = _target_modules(self.model, config, lora)
+        if any(layer.merged_adapters for layer in lora):
             raise AdapterStateError("cannot add an adapter while adapters are merged; call unmerge() first")
-        targets = inject_adapter(self.model, config, adapter_name, state_dict=state_dict, state=self.state, source=source)
-        self.peft_config[adapter_name] = config
-        for name in targets:
-            layer = self.model.get_submodule(name)
-            layer.lora_A[adapter_name].requires_grad_(True)
-            layer.lora_B[adapter_name].requires_grad_(True)
-        if not self.state.active:
-            self.set_adapter(adapter_name)
+        _inject(self.model, modules, config, adapter_name, state_dict=state_dict, state=self.state, source=source)
+        self.peft_config[adapter_name] = config  # its weights are new Parameters, trainable
+        if not self.state.active:  # what set_adapter(adapter_name) does; its checks were just made
+            self.state.active, self.state.weights = [adapter_name], {adapter_name: 1.0}
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer (refused while it is merged)."""
@@ -776,7 +889,7 @@ class LoraModel(nn.Module):
             if weights is None
             else [_check_finite(w, f"stack weight of {n!r}") for n, w in zip(names, weights, strict=True)]
         )
-        if self.merged_adapters:
+        if self._any_merged():
             raise AdapterStateError("cannot change the active adapters while merged; call unmerge() first")
         self.state.active = names
         self.state.weights = dict(zip(names, values, strict=True))

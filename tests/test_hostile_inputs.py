@@ -149,3 +149,56 @@ def test_load_errors_say_whether_the_file_is_missing_or_corrupt(random_base, ada
     (tmp_path / "base" / "model.safetensors").write_bytes(b"\x02\x00")
     with pytest.raises(CorruptFileError, match="shorter than 8 bytes"):
         load_base(tmp_path / "base")
+
+
+def test_large_finite_values_whose_sum_overflows_are_accepted(random_base, adapter_dir) -> None:
+    """The finiteness check sums all values first; an overflowing sum must not refuse finite weights."""
+    files = read_adapter(adapter_dir)
+    tensors = {KEY_PREFIX + k: torch.full_like(v, 3.0e38) for k, v in files.state_dict.items()}
+    save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata=files.metadata)
+    assert not torch.cat([t.reshape(-1) for t in tensors.values()]).sum().isfinite()  # the fast check alone would refuse
+    model = LoraModel(copy.deepcopy(random_base))
+    load_adapter(model, adapter_dir, "x")
+    assert torch.equal(model.lora_state_dict("x")["linear1.lora_A.weight"], tensors[KEY_PREFIX + "linear1.lora_A.weight"])
+
+
+@pytest.mark.parametrize("name", ["keys", "training", "update", "forward", "_keys", "_parameters", "__base__", "a.b", ""])
+def test_adapter_names_that_would_replace_an_attribute_are_refused_before_any_change(random_base, name) -> None:
+    """A name like 'training' or '_keys' used to replace the layer's own attribute and break it."""
+    model = LoraModel(copy.deepcopy(random_base), LoraConfig(r=2))
+    before = _state(model)
+    with pytest.raises(AdapterStateError, match="is not allowed"):
+        model.add_adapter(name, LoraConfig(r=2))
+    assert list(model.peft_config) == ["default"] and before.keys() == _state(model).keys()
+    model.add_adapter("keys-ok", LoraConfig(r=2))  # the layers still work
+    assert all(layer.training is model.training for layer in model._layers())
+
+
+def test_load_stack_renames_a_folder_whose_name_cannot_name_an_adapter(random_base, adapter_dir, tmp_path) -> None:
+    from mnist_peft.adapters import load_stack
+
+    folder = adapter_dir.rename(tmp_path / "keys")
+    model = load_stack(copy.deepcopy(random_base), [folder])
+    assert model.active_adapters == ["keys-adapter"]
+
+
+def test_a_fifo_planted_as_the_weights_file_is_refused_without_blocking(adapter_dir) -> None:
+    import os
+    import threading
+
+    (adapter_dir / ADAPTER_WEIGHTS_NAME).unlink()
+    os.mkfifo(adapter_dir / ADAPTER_WEIGHTS_NAME)  # opening it for reading would wait for a writer forever
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_adapter(adapter_dir)
+        except BaseException as exc:
+            raised.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    assert not reader.is_alive(), "read_adapter blocked on a FIFO"
+    assert len(raised) == 1 and isinstance(raised[0], ModelNotFoundError), raised
+    assert "cannot be read" in str(raised[0]) and "regular file" in str(raised[0])

@@ -190,3 +190,38 @@ def test_invalid_configs_are_refused(bad: dict) -> None:
 
 def test_target_modules_are_sorted() -> None:
     assert LoraConfig(target_modules=["linear3", "linear1"]).target_modules == ["linear1", "linear3"]
+
+
+def test_dotted_target_names_adapt_only_the_layer_they_name() -> None:
+    """``target_modules`` entries match a module's whole name or a dotted suffix of it, as in peft."""
+    from torch import nn
+
+    from mnist_peft.lora import LoraLinear
+
+    net = nn.ModuleDict({"a": nn.ModuleDict({"linear1": nn.Linear(4, 3)}), "b": nn.ModuleDict({"linear1": nn.Linear(4, 3)})})
+    model = LoraModel(net, LoraConfig(r=2, target_modules=["a.linear1"]))
+    assert isinstance(net["a"]["linear1"], LoraLinear) and isinstance(net["b"]["linear1"], nn.Linear)
+    assert sorted(model.lora_state_dict()) == ["a.linear1.lora_A.weight", "a.linear1.lora_B.weight"]
+    both = LoraModel(
+        nn.ModuleDict({"a": nn.ModuleDict({"linear1": nn.Linear(4, 3)}), "b": nn.Linear(4, 3)}),
+        LoraConfig(r=2, target_modules=["linear1", "b"]),
+    )
+    assert sorted({k.split(".lora_")[0] for k in both.lora_state_dict()}) == ["a.linear1", "b"]
+    with pytest.raises(AdapterConfigError, match=r"\['c.linear1'\] not found"):
+        LoraModel(nn.ModuleDict({"a": nn.ModuleDict({"linear1": nn.Linear(4, 3)})}), LoraConfig(r=2, target_modules=["c.linear1"]))
+
+
+def test_adapter_weights_dict_behaves_as_a_parameter_dict() -> None:
+    """The fast item assignment keeps everything a ParameterDict promises."""
+    from mnist_peft.lora import _AdapterParameters
+
+    d = _AdapterParameters()
+    p = torch.nn.Parameter(torch.ones(2))
+    d["x"] = p
+    d["y"] = torch.zeros(3)  # a plain tensor is wrapped, as nn.ParameterDict does
+    assert list(d) == ["x", "y"] and d["x"] is p and isinstance(d["y"], torch.nn.Parameter)
+    assert [n for n, _ in d.named_parameters()] == ["x", "y"] and list(d.state_dict()) == ["x", "y"]
+    del d["x"]
+    assert list(d) == ["y"] and "x" not in dict(d.named_parameters())
+    with pytest.raises(KeyError):
+        d["keys"] = torch.nn.Parameter(torch.ones(1))  # falls back to nn.ParameterDict, which refuses it
