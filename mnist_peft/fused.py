@@ -156,16 +156,12 @@ def idle_rows_ok(layout: FusedLayout, used: Sequence[str], out_features: int) ->
 
 
 def fused_forward(
-    layout: FusedLayout, x: torch.Tensor, used: Sequence[str], lora_B: Sequence[torch.Tensor], scale: torch.Tensor, *, per_row: bool = False
-) -> torch.Tensor | None:
+    layout: FusedLayout, x: torch.Tensor, used: Sequence[str], lora_B: Sequence[torch.Tensor], scale: torch.Tensor
+) -> torch.Tensor:
     """``x W^T + b + sum_i s_i (x A_i^T) B_i^T`` over the ``used`` adapters (their B's in ``lora_B``).
 
-    ``scale`` holds each used column's s_i: (R_used,), or (N, R_used) with ``per_row`` (mixed
-    batches: a row's own adapter's scaling on its columns, 0 elsewhere). One GEMM against
-    ``[W; A_1; ...]`` gives the base output and the low-rank activations; one small GEMM adds
-    ``(s x A^T) B^T`` in place. Returns ``None`` when a per-row batch holds non-finite values in its
-    low-rank terms: one tenant's NaN would reach every row through the shared GEMM (0 * NaN), so
-    the caller takes the per-adapter path instead.
+    ``scale`` (R_used,) holds each used column's s_i. One GEMM against ``[W; A_1; ...]`` gives the
+    base output and the low-rank activations; one small GEMM adds ``(s x A^T) B^T`` in place.
     """
     out = layout.out
     shape = x.shape[:-1]
@@ -178,8 +174,6 @@ def fused_forward(
     else:  # only the used adapters' columns, in their order: an unused adapter's values never enter
         low = torch.cat([y[:, out + layout.rows[n].start : out + layout.rows[n].stop] for n in used], dim=1)  # (N, R_used)
     b_cat = lora_B[0] if len(lora_B) == 1 else torch.cat(list(lora_B), dim=1)  # (out, R_used)
-    if per_row and not (bool(torch.isfinite(low).all()) and bool(torch.isfinite(b_cat).all())):
-        return None  # with every term finite, a 0 scale gives an exact 0: rows cannot leak into each other
     low = low * scale  # (N, R_used)
     result.addmm_(low, b_cat.t())  # += (s x A^T) B^T, in place
     return result.reshape(*shape, out)

@@ -188,15 +188,16 @@ class AdapterState:
     """What a :class:`LoraModel` has chosen; one object shared by all its layers.
 
     ``active`` and ``weights`` hold every name the model activated, unfiltered: a layer that does
-    not hold an adapter skips it. ``mixed`` is set for one call by :func:`mnist_peft.serving.mixed_forward`:
-    the adapter names of the batch and, per sample, the index of its adapter (-1: none).
+    not hold an adapter skips it. ``mixed`` is set for one call by :func:`mnist_peft.serving.mixed_forward`
+    on a batch it has put in adapter order: ``(name, start, stop)``, the rows of each adapter's
+    samples (rows in no block run through the bare base).
     """
 
     active: list[str] = field(default_factory=list)
     weights: dict[str, float] = field(default_factory=dict)
     disabled: bool = False
     forward_mode: ForwardMode = "auto"
-    mixed: tuple[list[str], torch.Tensor] | None = None
+    mixed: list[tuple[str, int, int]] | None = None
 
     def weight(self, name: str) -> float:
         return self.weights.get(name, 1.0)
@@ -424,7 +425,7 @@ class LoraLinear(nn.Module):
                 return F.linear(x, self.unmerged_weight(), self.base_layer.bias)
             return self.base_layer(x)
         if state.mixed is not None:  # set for one call by serving.mixed_forward
-            return self._forward_mixed(x, *state.mixed)
+            return self._forward_mixed(x, state.mixed)
         active = [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
         if not active:
             return self.base_layer(x)
@@ -432,7 +433,7 @@ class LoraLinear(nn.Module):
         if layout is None or not fused.idle_rows_ok(layout, active, self.out_features):
             return self._forward_exact(x, active)
         scale = self._column_scale(active, {n: self.effective_scaling(n) for n in active})
-        return fused.fused_forward(layout, x, active, [self.lora_B[n] for n in active], scale)  # type: ignore[return-value]
+        return fused.fused_forward(layout, x, active, [self.lora_B[n] for n in active], scale)
 
     def _needs_exact(self, active: list[str]) -> bool:
         if self.training and any(self.lora_dropout[n] > 0 for n in active):
@@ -465,28 +466,20 @@ class LoraLinear(nn.Module):
             result = result + lora_forward(self._dropout(name, x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
         return result
 
-    def _forward_mixed(self, x: torch.Tensor, names: list[str], owner: torch.Tensor) -> torch.Tensor:
-        """Sample i through adapter ``names[owner[i]]`` alone at its scaling (``owner[i] == -1``: the base)."""
-        used = [n for n in names if n in self.lora_A]
-        if not used:
-            return self.base_layer(x)
-        layout = None if self.state.forward_mode == "exact" or self._needs_exact([]) else self._fused_layout()
-        if layout is not None:
-            index = {n: i for i, n in enumerate(names)}
-            col_owner = torch.tensor([index[n] for n in used for _ in range(self.r[n])], device=owner.device)
-            scale = (owner[:, None] == col_owner[None, :]) * self._column_scale(used, self.scaling)  # (N, R_used)
-            y = fused.fused_forward(layout, x, used, [self.lora_B[n] for n in used], scale, per_row=True)
-            if y is not None:
-                return y
-        # One adapter at a time, on its own rows only: rows of other adapters are never touched.
+    def _forward_mixed(self, x: torch.Tensor, blocks: list[tuple[str, int, int]]) -> torch.Tensor:
+        """Rows ``start:stop`` through adapter ``name`` alone at its scaling, for each block; other rows
+        through the bare base. Each block's update is added to its own rows only, in place."""
         result = self.base_layer(x)
-        for i, name in enumerate(names):
-            if name not in self.lora_A:
+        exact = self.state.forward_mode == "exact"
+        for name, start, stop in blocks:
+            if name not in self.lora_A or start == stop:
                 continue
-            rows = (owner == i).nonzero().squeeze(1)
-            if rows.numel():
-                update = lora_forward(x[rows], self.lora_A[name], self.lora_B[name], self.scaling[name])
-                result = result.index_add(0, rows, update)
+            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            rows = x[start:stop]
+            if exact or result.dim() != 2:  # peft's ops on the block (its mixed batches do the same)
+                result[start:stop] += lora_forward(rows, A, B, s)
+            else:  # (s x A^T) B^T added in place by one rank-r GEMM
+                result[start:stop].addmm_((rows @ A.t()).mul_(s), B.t())
         return result
 
     def extra_repr(self) -> str:
