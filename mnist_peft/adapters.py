@@ -251,7 +251,8 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
                 key=k,
                 path=w_path,
             )
-        state[k] = t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
+        # Narrow floats (fp16, bf16, float8) are widened: the checks and the copy into the model work in float32.
+        state[k] = t.to(torch.float32) if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t
     return AdapterFiles(config=config, state_dict=state, metadata=metadata, path=folder)
 
 

@@ -7,6 +7,7 @@ Each figure times ours, the bare base and/or ``peft`` on the same weights, inter
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -370,6 +371,71 @@ def bench_adapter_file_size(base: nn.Module) -> Figure:
     )
 
 
+def _registry_of(root, n: int, source, entry_template: dict[str, object]):
+    """A registry of ``n`` one-version entries ``tenant-00000``... as a real one looks on disk (a
+    folder per entry holding the adapter's files, hard-linked: the index cost is what is measured,
+    not ``n`` copies), indexed through the registry's own store in one transaction."""
+    from .registry import AdapterRegistry
+
+    reg = AdapterRegistry(root)
+    reg.root.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        name = f"tenant-{i:05d}"
+        folder = reg.root / name / "v1"
+        folder.mkdir(parents=True)
+        for f in source.iterdir():
+            os.link(f, folder / f.name)
+        rows.append({**entry_template, "name": name, "version": 1, "path": f"{name}/v1"})
+    reg._writable_store().write(add=rows, marks={r["name"]: 1 for r in rows})
+    return reg
+
+
+def bench_registry(kind: str, *, reps: int, entries: int) -> Figure:
+    """``registry.add`` (a new version of one entry) or ``registry.get`` at ``entries`` entries, as a
+    ratio to the same call at 10 entries; both registries measured in this run, interleaved."""
+    import tempfile
+    from pathlib import Path
+
+    from .adapters import save_adapter
+    from .model import MnistMLP
+    from .registry import AdapterRegistry
+
+    torch.manual_seed(0)
+    model = LoraModel(MnistMLP(), LoraConfig(r=4, lora_alpha=4, init_lora_weights=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = save_adapter(model, Path(tmp) / "src", metadata={"digit": "7"})
+        template = AdapterRegistry(Path(tmp) / "template").add("tenant-00000", source).to_dict()
+        small = _registry_of(Path(tmp) / "small", 10, source, template)
+        large = _registry_of(Path(tmp) / "large", entries, source, template)
+        picks = {
+            id(small): [f"tenant-{i:05d}" for i in range(10)],
+            id(large): [f"tenant-{i:05d}" for i in range(0, entries, max(1, entries // 10))],
+        }
+        calls = {id(small): 0, id(large): 0}
+
+        def call(reg: AdapterRegistry) -> None:
+            names = picks[id(reg)]
+            name = names[calls[id(reg)] % len(names)]
+            calls[id(reg)] += 1
+            reg.add(name, source) if kind == "add" else reg.get(name)
+
+        t = time_round_robin({"ours": lambda: call(large), "base": lambda: call(small)}, reps=reps * (1 if kind == "add" else 5), warmup=2)
+    return _figure(
+        f"registry_{kind}",
+        ours=t["ours"],
+        base=t["base"],
+        target=2.0,
+        unit="s",
+        note=f"registry.{kind} at {entries:,} entries / at 10 entries"
+        + (
+            " (a new version of an existing entry: copy, fsync, sha256, one index transaction)"
+            if kind == "add"
+            else " (latest version of a name)"
+        ),
+    )
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
@@ -378,6 +444,8 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "adapter_load": lambda ctx: bench_adapter_load(ctx["base"], reps=ctx["reps"]),
     "train_epoch": lambda ctx: bench_train_epoch(ctx["data_dir"], reps=max(1, ctx["reps"] // 2), fraction=ctx["train_fraction"]),
     "adapter_file_size": lambda ctx: bench_adapter_file_size(ctx["base"]),
+    "registry_add": lambda ctx: bench_registry("add", reps=ctx["reps"], entries=ctx["registry_entries"]),
+    "registry_get": lambda ctx: bench_registry("get", reps=ctx["reps"], entries=ctx["registry_entries"]),
 }
 
 
@@ -390,6 +458,7 @@ def run_bench(
     only: list[str] | None = None,
     data_dir: str | None = None,
     progress: bool = False,
+    registry_entries: int = 10_000,
 ) -> list[Figure]:
     """Measure every figure (or ``only`` those named) in this one run."""
     from tqdm.auto import tqdm
@@ -403,7 +472,7 @@ def run_bench(
     base.eval()
     if x is None:
         x = load_mnist(train=False, data_dir=data_dir).x
-    ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir, "train_fraction": train_fraction}
+    ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir, "train_fraction": train_fraction, "registry_entries": registry_entries}
     names = only or list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:

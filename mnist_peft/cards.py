@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .lora import LoraConfig
 
-__all__ = ["render_model_card", "digit_model_card", "base_model_card"]
+__all__ = ["render_model_card", "digit_model_card", "base_model_card", "hub_adapter_card", "card_body"]
 
 
 def _is_repo_id(name: str) -> bool:
@@ -102,3 +102,51 @@ def base_model_card(recipe: str, result, steps: int, fingerprint: str) -> str:
         extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe},
     )
     return card.replace("library_name: peft", "library_name: mnist-peft")
+
+
+def card_body(card: str) -> str:
+    """A card's markdown without its YAML front matter."""
+    if card.startswith("---"):
+        end = card.find("\n---", 3)
+        if end != -1:
+            return card[end + 4 :].lstrip("\n")
+    return card
+
+
+def hub_adapter_card(
+    *, repo_id: str, base_repo_id: str, name: str, version: int, digit: int | None, metrics: dict[str, object], body: str
+) -> str:
+    """The card of an adapter published as its own Hub repo, in the metadata the Hub reads: the base
+    model and the adapter relation (so the repo shows in the base's adapter tree), ``library_name:
+    peft``, the pipeline, tags, and the test accuracy as ``model-index`` eval results."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = []
+    accuracy = metrics.get("accuracy")
+    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+        results.append(
+            EvalResult(
+                task_type="image-classification",
+                dataset_type="mnist",
+                dataset_name="MNIST",
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_value=float(accuracy),
+            )
+        )
+    tags = ["lora", "mnist", "mnist-peft"] + ([f"digit-{digit}"] if digit is not None else [])
+    data = ModelCardData(
+        base_model=base_repo_id,
+        base_model_relation="adapter",
+        library_name="peft",
+        pipeline_tag="image-classification",
+        tags=tags,
+        model_name=repo_id,
+        eval_results=results or None,
+    )
+    intro = (
+        f"LoRA adapter `{name}` (registry version {version}, git tag `v{version}`) for [{base_repo_id}](../{base_repo_id}).\n\n"
+        "```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
+        f'model = PeftModel.from_pretrained(MnistMLP.from_pretrained("{base_repo_id}"), "{repo_id}", revision="v{version}")\n```\n'
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {repo_id}\n\n{intro}\n{body}"))

@@ -336,6 +336,10 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if problems and not args.json:
             print(f"error: {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}; re-add or pull them", file=sys.stderr)
         return 1 if problems else 0
+    if args.action == "export":
+        target = reg.export_index(args.name)  # NAME is the output file here (default <root>/index.json)
+        _emit(args, {"index": str(target), "entries": len(reg.list())}, f"wrote {target}")
+        return 0
     if not args.name:
         raise _usage_error(f"registry {args.action} needs a NAME (or NAME@VERSION)")
     if args.action == "show":
@@ -365,9 +369,18 @@ def _quiet_hub(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .hub import push_adapters_to_hub, push_to_hub
 
     _quiet_hub(args)
+    if args.per_adapter:
+        if args.revision:
+            raise _usage_error("--per-adapter pushes to each repo's main branch and tags versions; drop --revision")
+        results = push_adapters_to_hub(args.repo_id, registry=_registry(args), names=args.name, private=args.private)
+        payload = {"repos": [{"repo_id": r.repo_id, "commit": r.commit, "pushed": r.pushed} for r in results]}
+        lines = [f"{r.repo_id}: {', '.join(r.pushed) or 'up to date'}" for r in results]
+        lines.append(f"next: mnist-peft pull --repo-id {results[-1].repo_id} --name NAME@VERSION --root OTHER_DIR")
+        _emit(args, payload, "\n".join(lines))
+        return 0
     res = push_to_hub(args.repo_id, registry=_registry(args), names=args.name, revision=args.revision, private=args.private)
     payload = {"repo_id": res.repo_id, "commit": res.commit, "pushed": res.pushed}
     _emit(
@@ -526,6 +539,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reps=args.reps,
         only=args.only,
         train_fraction=args.train_fraction,
+        registry_entries=args.registry_entries,
         data_dir=args.data_dir,
         progress=progress_enabled(args.quiet),
     )
@@ -771,10 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
         "registry",
         help="list, show, verify, add or remove registry entries",
         description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
-        "file and the base fingerprint. 'verify' checks every file and exits 1 if any entry is bad.",
+        "file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file and exits 1 if any entry "
+        "is bad. 'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
     )
-    p.add_argument("action", choices=["list", "show", "verify", "rm", "add"], help="what to do")
-    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add)")
+    p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "export"], help="what to do")
+    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add); the output file (export)")
     p.add_argument("path", nargs="?", metavar="PATH", help="folder to add (add)")
     _add_root(p)
     _add_common(p, data=False)
@@ -804,12 +819,19 @@ def build_parser() -> argparse.ArgumentParser:
         name_help = (
             "entry to push (name, or name@version for an older one); repeat; default: the latest of all"
             if name == "push"
-            else "entry to pull (a name: the repo keeps one version of each; pull an older one with --revision); repeat; default all"
+            else "entry to pull; repeat; default all. NAME@N pulls tag vN of a per-adapter repo (a bundle repo keeps one "
+            "version of each entry: pull an older one with --revision)"
         )
         p.add_argument("--name", action="append", metavar="NAME", help=name_help)
         p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
         if name == "push":
             p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+            p.add_argument(
+                "--per-adapter",
+                action="store_true",
+                help="also publish each adapter as its own repo ID-NAME, Hub-native: the adapter at the root, a card with "
+                "base_model: ID and base_model_relation: adapter, every registry version as a tag vN (the base goes to ID)",
+            )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_root(p)
         _add_common(p, data=False)
@@ -843,6 +865,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
     p.add_argument(
         "--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)"
+    )
+    p.add_argument(
+        "--registry-entries",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="size of the large registry in the registry_add/registry_get figures (default 10000; compared with 10)",
     )
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")

@@ -8,12 +8,20 @@ Repo layout, so that stock tools read it::
     digit-9/adapter_config.json ...  one adapter per subfolder, PEFT layout
                                      (``PeftModel.from_pretrained(base, repo_id, subfolder="digit-9")``)
 
+With ``per_adapter`` (``mnist-peft push --per-adapter``) each adapter is also published as a repo
+of its own, ``<repo_id>-<name>``, the way the Hub itself lists adapters: the adapter at the root,
+``base_model_name_or_path`` = the base's repo id, a card with ``base_model``, ``base_model_relation:
+adapter``, ``library_name: peft``, ``pipeline_tag`` and ``model-index`` eval results, and every
+registry version as a git tag (``v1``, ``v2``, ...): ``PeftModel.from_pretrained(base, adapter_repo,
+revision="v2")``, ``mnist-peft pull --repo-id <adapter repo> --name digit-9@2``.
+
 Authentication is ``huggingface_hub``'s own (``HF_TOKEN`` or ``hf auth login``); the token is never
 printed or stored in the registry. ``HF_ENDPOINT`` points the client at another Hub.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,7 +35,7 @@ from .errors import HubError, IntegrityError, RegistryError, http_status, hub_er
 from .fileio import sha256_file
 from .registry import AdapterRegistry, RegistryEntry, confine, entry_from_dict, parse_ref
 
-__all__ = ["push_to_hub", "pull_from_hub", "PushResult", "PullResult"]
+__all__ = ["push_to_hub", "push_adapters_to_hub", "adapter_repo_id", "pull_from_hub", "PushResult", "PullResult"]
 
 INDEX_NAME = "index.json"
 PUSH_ATTEMPTS = 8  # commits retried on a conflict (another push landed first), re-reading the index each time
@@ -136,6 +144,109 @@ def push_to_hub(
     return PushResult(repo_id=repo_id, commit=info.oid, pushed=[e.ref for e in entries])
 
 
+def adapter_repo_id(repo_id: str, name: str) -> str:
+    """The repo an adapter is published to by a per-adapter push: ``<repo_id>-<name>``."""
+    return f"{repo_id}-{name}"
+
+
+def push_adapters_to_hub(
+    repo_id: str,
+    *,
+    registry: AdapterRegistry,
+    names: Sequence[str] | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+) -> list[PushResult]:
+    """Publish the base to ``repo_id`` and each adapter (every version) to a repo of its own.
+
+    The base (the registry's one base; every adapter must have been trained on it) goes to
+    ``repo_id`` as :func:`push_to_hub` puts it. Each adapter goes to :func:`adapter_repo_id`, one
+    commit per registry version, oldest first, each tagged ``v<N>``; versions whose tag is there
+    already are skipped (a version number never names other bytes). The uploaded
+    ``adapter_config.json`` names the base repo, and ``README.md`` is a card the Hub understands.
+
+    Raises:
+        RegistryError: no base, several bases, or an adapter trained on another base.
+        IntegrityError: a local file does not match the registry.
+        HubError: the Hub cannot be reached or refuses a commit.
+    """
+    selected = _selected(registry, names)
+    bases = [e for e in registry.list() if e.kind == "base"]
+    latest_bases = {e.name: e for e in bases}
+    if len(latest_bases) != 1:
+        raise RegistryError(
+            f"a per-adapter push needs exactly one base in the registry (the repo {repo_id!r} the adapters point to); "
+            f"found {sorted(latest_bases) or 'none'}: add the base with `mnist-peft registry add base FOLDER`"
+        )
+    base = next(iter(latest_bases.values()))
+    adapters = sorted({e.name for e in selected if e.kind == "lora"})
+    versions = {n: [e for e in registry.list() if e.name == n] for n in adapters}
+    for entry in (e for vs in versions.values() for e in vs):
+        if entry.base_fingerprint and base.base_fingerprint and entry.base_fingerprint != base.base_fingerprint:
+            raise RegistryError(f"{entry.ref} was trained on another base than {base.ref}; push it with its own base to another repo")
+        registry.verify_entry(entry)
+    results = [push_to_hub(repo_id, registry=registry, names=[base.ref], private=private, token=token)]
+    for name in adapters:
+        results.append(_push_adapter_repo(adapter_repo_id(repo_id, name), repo_id, registry, versions[name], private, token))
+    return results
+
+
+def _push_adapter_repo(
+    repo_id: str, base_repo_id: str, registry: AdapterRegistry, versions: list[RegistryEntry], private: bool | None, token: str | None
+) -> PushResult:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .adapters import ADAPTER_CONFIG_NAME, MODEL_CARD_NAME
+    from .cards import card_body, hub_adapter_card
+
+    api = HfApi(token=token)
+    pushed, commit = [], ""
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        tags = {ref.name for ref in api.list_repo_refs(repo_id).tags}
+        for entry in versions:
+            if f"v{entry.version}" in tags:
+                continue
+            folder = registry.folder(entry)
+            contents: dict[str, bytes] = {}
+            for fname in entry.files:
+                contents[fname] = confine(folder, fname).read_bytes()
+            if ADAPTER_CONFIG_NAME in contents:
+                config = json.loads(contents[ADAPTER_CONFIG_NAME])
+                config["base_model_name_or_path"] = base_repo_id
+                contents[ADAPTER_CONFIG_NAME] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+            old_card = contents.get(MODEL_CARD_NAME, b"").decode("utf-8", "replace")
+            contents[MODEL_CARD_NAME] = hub_adapter_card(
+                repo_id=repo_id,
+                base_repo_id=base_repo_id,
+                name=entry.name,
+                version=entry.version,
+                digit=entry.digit,
+                metrics=entry.metrics,
+                body=card_body(old_card),
+            ).encode()
+            files = {f: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for f, b in contents.items()}
+            index = {"format": 1, "layout": "adapter", "base": base_repo_id, "entries": [{**entry.to_dict(), "files": files, "path": ""}]}
+            ops = [CommitOperationAdd(f, b) for f, b in sorted(contents.items())]
+            ops.append(CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
+            for attempt in range(PUSH_ATTEMPTS):
+                parent = api.repo_info(repo_id, revision="main").sha
+                try:
+                    commit = api.create_commit(repo_id, ops, commit_message=f"mnist-peft push: {entry.ref}", parent_commit=parent).oid
+                    break
+                except Exception as exc:
+                    if http_status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                        raise
+                    time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))
+            api.create_tag(repo_id, tag=f"v{entry.version}", revision=commit, tag_message=f"{entry.ref}")
+            pushed.append(entry.ref)
+    except (RegistryError, IntegrityError, HubError):
+        raise
+    except Exception as exc:
+        raise hub_error(exc, repo_id, "push") from exc
+    return PushResult(repo_id=repo_id, commit=commit, pushed=pushed)
+
+
 def pull_from_hub(
     repo_id: str,
     *,
@@ -157,15 +268,30 @@ def pull_from_hub(
     from huggingface_hub import HfApi, snapshot_download
 
     refs = [parse_ref(n) for n in names] if names else []
-    if any(version is not None for _, version in refs):
-        raise RegistryError(
-            "a bundle repo keeps one version of each entry; pull a version by pulling the commit that holds it "
-            "(--revision), e.g. `mnist-peft pull --repo-id ID --name digit-9 --revision <commit>`"
-        )
+    pinned = [(n, v) for n, v in refs if v is not None]
+    if pinned:  # name@N: the tag v<N> of a per-adapter repo
+        if len(refs) != 1 or revision is not None:
+            raise RegistryError(
+                "name@N pulls the tag vN of a per-adapter repo: give exactly one --name and no --revision "
+                "(a bundle repo keeps one version of each entry: pull an older one with --revision <commit>)"
+            )
+        revision = f"v{pinned[0][1]}"
     try:
         api = HfApi(token=token)
+        if pinned and revision not in {t.name for t in api.list_repo_refs(repo_id).tags}:
+            raise HubError(
+                f"{repo_id!r} has no tag {revision!r}, so no {pinned[0][0]}@{pinned[0][1]}: versions are tags only in per-adapter "
+                "repos (push --per-adapter); a bundle repo keeps one version of each entry: pull an older one with --revision <commit>",
+                repo_id=repo_id,
+            )
         sha = api.repo_info(repo_id, revision=revision or "main").sha or (revision or "main")
         remote = _remote_index(api, repo_id, sha, token=token, required=True)
+        for n, v in pinned:
+            if n in remote and remote[n][0].get("version") != v:
+                raise RegistryError(
+                    f"tag {revision!r} of {repo_id!r} holds {n}@{remote[n][0].get('version')}, not {n}@{v}; the repo's tags "
+                    "do not follow its registry versions, so nothing was pulled"
+                )
         wanted = [n for n, _ in refs] if names else sorted(remote)
         unknown = [n for n in wanted if n not in remote]
         if unknown:
@@ -192,7 +318,7 @@ def pull_from_hub(
                 if _already_there(registry, n, files):
                     unchanged.append(n)
                     continue
-                source = {"repo_id": repo_id, "revision": sha}
+                source = {"repo_id": repo_id, "revision": sha, **({"tag": revision} if pinned else {})}
                 items.append(
                     (n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source})
                 )
@@ -237,10 +363,15 @@ def _remote_index(api, repo_id: str, revision: str, *, token: str | None, requir
         raise RegistryError(f"{where} is not a usable JSON index ({type(exc).__name__}); nothing was written") from exc
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         raise RegistryError(f"{where} has no 'entries' list; nothing was written")
+    one_adapter = data.get("layout") == "adapter"  # a per-adapter repo: one adapter, at the root
+    if one_adapter and len(data["entries"]) != 1:
+        raise RegistryError(f"{where} says it holds one adapter but lists {len(data['entries'])} entries; nothing was written")
     out: dict[str, tuple[dict[str, object], str]] = {}
     for item in data["entries"]:
         entry = entry_from_dict(item, where=where)
-        layout = "" if entry.kind == "base" else entry.name
+        if one_adapter and entry.kind != "lora":
+            raise RegistryError(f"{where} says it holds one adapter, but {entry.name!r} is a {entry.kind}; nothing was written")
+        layout = "" if entry.kind == "base" or one_adapter else entry.name
         if item.get("path") != layout:
             raise RegistryError(
                 f"{where}: entry {entry.name!r} has path {item.get('path')!r}, not the repo layout's {layout!r}; nothing was written"

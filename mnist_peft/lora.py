@@ -189,15 +189,15 @@ class AdapterState:
 
     ``active`` and ``weights`` hold every name the model activated, unfiltered: a layer that does
     not hold an adapter skips it. ``mixed`` is set for one call by :func:`mnist_peft.serving.mixed_forward`
-    on a batch it has put in adapter order: ``(name, start, stop)``, the rows of each adapter's
-    samples (rows in no block run through the bare base).
+    on a batch of N samples it has put in adapter order: ``(N, [(name, start, stop), ...])``, the
+    rows of each adapter's samples (rows in no block run through the bare base).
     """
 
     active: list[str] = field(default_factory=list)
     weights: dict[str, float] = field(default_factory=dict)
     disabled: bool = False
     forward_mode: ForwardMode = "auto"
-    mixed: list[tuple[str, int, int]] | None = None
+    mixed: tuple[int, list[tuple[str, int, int]]] | None = None
 
     def weight(self, name: str) -> float:
         return self.weights.get(name, 1.0)
@@ -229,6 +229,8 @@ class _AdapterParameters(nn.ParameterDict):
         if (
             type(value) is nn.Parameter
             and isinstance(key, str)
+            and key
+            and "." not in key
             and key not in self.__dict__
             and not hasattr(type(self), key)
             and not getattr(nn.modules.module, "_global_parameter_registration_hooks", True)
@@ -425,7 +427,7 @@ class LoraLinear(nn.Module):
                 return F.linear(x, self.unmerged_weight(), self.base_layer.bias)
             return self.base_layer(x)
         if state.mixed is not None:  # set for one call by serving.mixed_forward
-            return self._forward_mixed(x, state.mixed)
+            return self._forward_mixed(x, *state.mixed)
         active = [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
         if not active:
             return self.base_layer(x)
@@ -466,9 +468,19 @@ class LoraLinear(nn.Module):
             result = result + lora_forward(self._dropout(name, x), self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
         return result
 
-    def _forward_mixed(self, x: torch.Tensor, blocks: list[tuple[str, int, int]]) -> torch.Tensor:
+    def _forward_mixed(self, x: torch.Tensor, n: int, blocks: list[tuple[str, int, int]]) -> torch.Tensor:
         """Rows ``start:stop`` through adapter ``name`` alone at its scaling, for each block; other rows
-        through the bare base. Each block's update is added to its own rows only, in place."""
+        through the bare base. Each block's update is added to its own rows only, in place.
+
+        Raises:
+            AdapterStateError: the layer's input does not hold one row per sample of the batch (a
+                model that folds tokens into the batch dimension): rows and samples would not match.
+        """
+        if x.dim() == 0 or x.shape[0] != n:
+            raise AdapterStateError(
+                f"a mixed batch of {n} samples reached a LoRA layer as input of shape {tuple(x.shape)}: mixed batches need "
+                "layers that see one row per sample along the first dimension; run each adapter's samples as their own batch"
+            )
         result = self.base_layer(x)
         exact = self.state.forward_mode == "exact"
         for name, start, stop in blocks:
@@ -699,6 +711,27 @@ def _check_values_finite(flat: torch.Tensor, tensors: dict[str, torch.Tensor], p
     )
 
 
+def _check_fits_dtypes(state_dict: dict[str, torch.Tensor], modules: dict[str, nn.Linear | LoraLinear], path: str | None) -> None:
+    """Refuse values that would turn into Inf when cast to a layer's narrower dtype (e.g. 1e300 in a
+    float64 file loaded into a float32 model). Only tensors whose dtype differs are looked at."""
+    for name, module in modules.items():
+        dtype = (module.base_layer if isinstance(module, LoraLinear) else module).weight.dtype
+        if not dtype.is_floating_point:
+            continue
+        limit = torch.finfo(dtype).max
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            t = state_dict[key]
+            if t.dtype != dtype and t.numel() and float(t.abs().max()) > limit:
+                where = f" in {path!r}" if path else ""
+                raise NonFiniteError(
+                    f"tensor {key!r}{where} holds values beyond {dtype}'s range (max {limit:.3g}); loaded into this model they "
+                    "would become Inf: load it into a model of a wider dtype, or re-save the adapter",
+                    key=key,
+                    path=path,
+                )
+
+
 def inject_adapter(
     model: nn.Module,
     config: LoraConfig,
@@ -719,6 +752,8 @@ def inject_adapter(
     Raises:
         AdapterConfigError, AdapterKeyError, AdapterShapeError, NonFiniteError: see :func:`check_lora_state_dict`.
     """
+    if not valid_adapter_name(adapter_name):
+        raise AdapterStateError(f"adapter name {adapter_name!r} is not allowed; see valid_adapter_name()")
     return _inject(model, _target_modules(model, config), config, adapter_name, state_dict=state_dict, state=state, source=source)
 
 
@@ -736,6 +771,7 @@ def _inject(
         check_lora_state_dict(
             model, config, state_dict, path=source, targets={n: (m.out_features, m.in_features) for n, m in modules.items()}
         )
+        _check_fits_dtypes(state_dict, modules, source)
     if state is None:
         state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
     for name, module in modules.items():

@@ -82,7 +82,7 @@ class MnistMLP(
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], -1)  # (B, 784); accepts (B, 1, 28, 28) too
+        x = x.flatten(1)  # (B, 784); accepts (B, 1, 28, 28) too, and an empty batch
         x = self.relu(self.linear1(x))  # (B, hidden1)
         x = self.relu(self.linear2(x))  # (B, hidden2)
         return self.linear3(x)  # (B, 10) logits

@@ -2,21 +2,28 @@
 
 Layout (``adapters/`` by default; ``--root`` or ``$MNIST_PEFT_ADAPTERS``)::
 
-    index.json            every entry: name, version, kind, digit, r, lora_alpha, base_fingerprint,
-                          files {name: {sha256, size}}, created, metrics, path
+    index.db              the index (SQLite, see :mod:`mnist_peft.index_store`): every entry's name,
+                          version, kind, digit, r, lora_alpha, base_fingerprint, files {name:
+                          {sha256, size}}, created, metrics, source, path; and high-water marks
     base/v1/              a base model folder (config.json, model.safetensors, README.md)
     digit-9/v1/           an adapter folder in PEFT layout
     digit-9/v2/           a newer version; v1 is kept
+    .staging/             folders being written (renamed into place when complete)
+
+``index.json`` is the same index as one JSON document, the exchange format: written by
+``mnist-peft registry export`` (and into Hub repos by ``push``); a registry made before
+``index.db`` is read from it and moves to ``index.db`` on its first write.
 
 Writes are atomic (files are staged in a temporary folder inside the root and renamed into place;
-``index.json`` is replaced with a temp file + fsync + rename) and serialised with a file lock, so
-concurrent writers lose nothing and a writer killed mid-way leaves the previous index intact.
+the index changes in one transaction) and serialised with a file lock, so concurrent writers lose
+nothing and a writer killed mid-way leaves the previous index intact. Looking up a name and adding
+a version cost the same at 10,000 entries as at 10.
 
-Everything read from ``index.json`` is outside input and validated before use (names, versions,
+Everything read from the index is outside input and validated before use (names, versions,
 file names, types); an entry's folder is always ``<name>/v<version>``, derived, and every path the
 registry touches goes through :func:`confine`: no ``..``, no absolute paths, no symlinks below the
 root. The registry deletes only what it created: entry folders it lists, and its own
-``.staging-*`` leftovers. Version numbers are never reused (a per-name high-water mark survives
+leftovers in ``.staging/``. Version numbers are never reused (a per-name high-water mark survives
 ``rm``).
 """
 
@@ -24,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import re
 import shutil
@@ -36,21 +42,24 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
-from .fileio import atomic_write_json, current_umask, fsync_dir, sha256_file
+from .fileio import current_umask, fsync_dir, sha256_file
+from .index_store import INDEX_FORMAT, IndexStore, JsonIndex, SqliteIndex
 
 __all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "confine", "validate_file_name", "NAME_PATTERN"]
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-INDEX_NAME = "index.json"
+INDEX_NAME = "index.json"  # the exchange format (export, Hub repos, registries made before index.db)
+DB_NAME = "index.db"
+IMPORTED_NAME = "index.json.imported"  # an old index.json, kept after its move to index.db
 LOCK_NAME = ".index.lock"
-STAGING_PREFIX = ".staging-"
+STAGING_DIR = ".staging"
+STAGING_PREFIX = "add-"
 STAGING_MARKER = ".mnist-peft-staging"  # inside every staging folder this registry makes
 MAX_VERSION = 10**9  # a version number beyond this is not one the registry wrote
-RESERVED_NAMES = frozenset({INDEX_NAME})
+RESERVED_NAMES = frozenset({INDEX_NAME, DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal", IMPORTED_NAME})
 ENV_ROOT = "MNIST_PEFT_ADAPTERS"
-INDEX_FORMAT = 1
 KINDS = ("base", "lora")
 
 
@@ -252,7 +261,8 @@ class AdapterRegistry:
     # -- index
     @property
     def index_path(self) -> Path:
-        return self.root / INDEX_NAME
+        """The file the index lives in: ``index.db`` (or ``index.json`` for a registry made before it)."""
+        return self._store().path
 
     def _lock(self, *, create: bool = False) -> FileLock:
         """The writers' lock; only ``add`` may create the root (any other write needs a registry)."""
@@ -269,46 +279,62 @@ class AdapterRegistry:
                 "or create one with `mnist-peft registry add NAME FOLDER --root DIR`"
             )
 
-    def _read(self) -> tuple[list[RegistryEntry], dict[str, int]]:
-        """The entries and the per-name high-water marks, validated (the index is outside input)."""
+    def _store(self) -> IndexStore:
+        """``index.db``; ``index.json`` for a registry made before ``index.db`` (until its first write)."""
+        db = SqliteIndex(confine(self.root, DB_NAME))  # never opened through a link
+        if not db.exists():
+            legacy = JsonIndex(confine(self.root, INDEX_NAME))
+            if legacy.exists():
+                return legacy
+        return db
+
+    def _writable_store(self) -> IndexStore:
+        """The store writes go to (under the lock): a registry still on ``index.json`` moves to
+        ``index.db`` first, its entries validated on the way; the JSON file is kept, renamed."""
+        store = self._store()
+        if isinstance(store, SqliteIndex):
+            return store
+        entries, marks = self._read()
+        db = SqliteIndex(confine(self.root, DB_NAME))
+        db.load({"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": marks})
+        os.replace(store.path, confine(self.root, IMPORTED_NAME))
+        fsync_dir(self.root)
+        return db
+
+    def _read(self, name: str | None = None) -> tuple[list[RegistryEntry], dict[str, int]]:
+        """The entries and high-water marks (of one name), validated (the index is outside input)."""
         self._require_root()
-        index = confine(self.root, INDEX_NAME)  # never read through a link
-        if not index.exists():
+        store = self._store()
+        if not store.exists():
             return [], {}
-        where = f"registry index {str(index)!r}"
-        try:
-            data = json.loads(index.read_text())
-        except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # bad JSON, huge numbers, deep nesting
-            raise RegistryError(f"{where} is unreadable ({type(exc).__name__}); restore it from version control") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-            raise RegistryError(f"{where} has no 'entries' list; restore it from version control")
+        where = f"registry index {str(store.path)!r}"
         entries = [
             entry_from_dict(e, where=where, path=f"{e.get('name')}/v{e.get('version')}" if isinstance(e, dict) else None)
-            for e in data["entries"]
+            for e in store.entries(name)
         ]
         refs = [e.ref for e in entries]
         if len(set(refs)) != len(refs):
-            raise RegistryError(f"{where} lists a version twice; restore it from version control")
-        marks = data.get("high_water") or {}
-        if not isinstance(marks, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION for v in marks.values()
+            raise RegistryError(f"{where} lists a version twice; restore it from a backup")
+        marks = store.marks(name)
+        if not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_VERSION for k, v in marks.items()
         ):
-            raise RegistryError(f"{where} has an invalid 'high_water' map; restore it from version control")
+            raise RegistryError(f"{where} has an invalid 'high_water' map; restore it from a backup")
         marks = dict(marks)
         for e in entries:  # an index written before the marks existed: every version read is used
             marks[e.name] = max(marks.get(e.name, 0), e.version)
-        return entries, marks
+        return entries, marks  # type: ignore[return-value]
 
     def _read_index(self) -> list[RegistryEntry]:
         return self._read()[0]
 
-    def _write_index(self, entries: list[RegistryEntry], marks: dict[str, int]) -> None:
-        entries = sorted(entries, key=lambda e: (e.name, e.version))
-        for e in entries:
-            marks[e.name] = max(marks.get(e.name, 0), e.version)
-        atomic_write_json(
-            self.index_path, {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": dict(sorted(marks.items()))}
-        )
+    def export_index(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the index as one ``index.json`` document (the exchange format) to ``path``
+        (default: ``<root>/index.json``); every entry is validated first."""
+        entries, marks = self._read()
+        target = confine(self.root, INDEX_NAME) if path is None else Path(path)
+        JsonIndex(target).load({"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": marks})
+        return target
 
     def folder(self, entry: RegistryEntry) -> Path:
         """An entry's folder, ``<root>/<name>/v<version>``, confined (no symlink on the way)."""
@@ -321,10 +347,9 @@ class AdapterRegistry:
     def get(self, ref: str) -> RegistryEntry:
         """The entry for ``name`` (latest version) or ``name@version``."""
         name, version = parse_ref(ref)
-        entries = self._read_index()
-        versions = [e for e in entries if e.name == name]
+        versions = self._read(name)[0]
         if not versions:
-            known = sorted({e.name for e in entries})
+            known = sorted({e.name for e in self._read_index()})
             raise EntryNotFoundError(
                 f"no registry entry {name!r} in {str(self.root)!r}; entries: {known or 'none'} (see `mnist-peft registry list`)", name=name
             )
@@ -431,7 +456,14 @@ class AdapterRegistry:
         added: list[RegistryEntry] = []
         moved: list[tuple[str, int]] = []
         with self._lock(create=True):
-            entries, marks = self._read()
+            store = self._writable_store()
+            entries, marks = [], {}
+            for name in dict.fromkeys(item[0] for item in prepared):  # only the names being added are read
+                some, their_marks = self._read(name)
+                entries += some
+                marks.update(their_marks)
+            staging_root = confine(self.root, STAGING_DIR)
+            staging_root.mkdir(exist_ok=True)
             self._clean_staging()
             try:
                 for name, src, info, names, metrics, source in prepared:
@@ -443,7 +475,7 @@ class AdapterRegistry:
                         version += 1  # not ours (the index does not list it): never deleted, skipped
                     rel = f"{name}/v{version}"
                     parent.mkdir(exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
+                    staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=STAGING_PREFIX))
                     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
                     (staging / STAGING_MARKER).touch()
                     try:
@@ -455,12 +487,12 @@ class AdapterRegistry:
                             files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
                         (staging / STAGING_MARKER).unlink()
                         fsync_dir(staging)
-                        with _entry_dir_fd(self.root, name) as name_fd, _dir_fd(self.root) as root_fd:
+                        with _entry_dir_fd(self.root, name) as name_fd, _dir_fd(staging_root) as staging_fd:
                             if name_fd is None:
                                 raise RegistryError(f"{str(parent)!r} vanished while adding {name!r}; try again")
                             # Relative to a folder opened without following links: a link swapped in
                             # after the checks above cannot redirect the rename.
-                            os.replace(staging.name, f"v{version}", src_dir_fd=root_fd, dst_dir_fd=name_fd)
+                            os.replace(staging.name, f"v{version}", src_dir_fd=staging_fd, dst_dir_fd=name_fd)
                             os.fsync(name_fd)
                     except BaseException:
                         shutil.rmtree(staging, ignore_errors=True)
@@ -482,7 +514,8 @@ class AdapterRegistry:
                             source=source,
                         )
                     )
-                self._write_index([*entries, *added], marks)
+                new_marks = {e.name: max(marks.get(e.name, 0), e.version) for e in added}
+                store.write(add=[e.to_dict() for e in added], marks=new_marks)
             except BaseException:
                 for name, version in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)
                     _remove_version(self.root, name, version)
@@ -492,8 +525,8 @@ class AdapterRegistry:
     def _clean_staging(self) -> None:
         """Remove staging folders of writers killed mid-add (called under the lock, so no live
         writer owns one). Only real folders holding this registry's marker are removed: a link or
-        a folder of the user's that happens to be named ``.staging-*`` is left alone."""
-        for p in self.root.glob(STAGING_PREFIX + "*"):
+        a folder of the user's that happens to be in ``.staging/`` is left alone."""
+        for p in confine(self.root, STAGING_DIR).glob(STAGING_PREFIX + "*"):
             if p.is_dir() and not p.is_symlink() and (p / STAGING_MARKER).is_file():
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -506,15 +539,17 @@ class AdapterRegistry:
         """
         name, version = parse_ref(ref)
         with self._lock():
-            entries, marks = self._read()
-            gone = [e for e in entries if e.name == name and (version is None or e.version == version)]
+            store = self._writable_store()
+            entries, marks = self._read(name)
+            gone = [e for e in entries if version is None or e.version == version]
             if not gone:
                 self.get(ref)  # raises the not-found error with the known names
             for e in gone:
                 self.folder(e)  # refuses links before anything is written
             with _entry_dir_fd(self.root, name):
                 pass  # the name folder opens without following links (or is already gone)
-            self._write_index([e for e in entries if e not in gone], marks)  # index first: a crash leaves only orphan files
+            # The index first: a crash leaves only orphan files. The marks keep the removed versions used.
+            store.write(remove=[(e.name, e.version) for e in gone], marks={name: marks.get(name, 0)})
             for e in gone:
                 _remove_version(self.root, name, e.version)
             fsync_dir(self.root)

@@ -43,7 +43,7 @@ def mixed_forward(model: LoraModel, x: torch.Tensor, adapter_names: Sequence[str
     names = sorted({n for n in rows if n is not None})
     model.require_adapters(names)
     index = {n: i for i, n in enumerate(names)}
-    owner = torch.tensor([index[n] if n is not None else -1 for n in rows])  # (N,)
+    owner = torch.tensor([index[n] if n is not None else -1 for n in rows], dtype=torch.long)  # (N,)
     counts = torch.bincount(owner + 1, minlength=len(names) + 1).tolist()  # base rows first, then each adapter's
     blocks, start = [], counts[0]
     for name, count in zip(names, counts[1:], strict=True):
@@ -51,7 +51,7 @@ def mixed_forward(model: LoraModel, x: torch.Tensor, adapter_names: Sequence[str
         start += count
     in_order = bool((owner[1:] >= owner[:-1]).all())
     perm = None if in_order else torch.argsort(owner, stable=True).to(x.device)
-    model.state.mixed = blocks
+    model.state.mixed = (len(rows), blocks)
     try:
         with torch.inference_mode():
             y = model(x if perm is None else x.index_select(0, perm))

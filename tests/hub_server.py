@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -161,6 +162,21 @@ class HubServer:
             [*GIT, "rev-parse", "HEAD"], cwd=self.repo_path(repo_id), check=True, capture_output=True, text=True
         ).stdout.strip()
 
+    def tag(self, repo_id: str, tag: str, revision: str) -> tuple[int, str]:
+        """``git tag`` as the Hub's tag endpoint does it: 409 if the tag exists, 404 for an unknown repo or revision."""
+        path = self.repo_path(repo_id)
+        if not path.exists():
+            return 404, "Repository not found"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag):
+            return 400, f"invalid tag {tag!r}"
+        with self._git_lock:
+            if subprocess.run([*GIT, "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], cwd=path, capture_output=True).returncode == 0:
+                return 409, f"tag {tag} already exists"
+            done = subprocess.run([*GIT, "tag", tag, revision], cwd=path, capture_output=True, text=True)
+            if done.returncode != 0:
+                return 404, f"revision {revision} not found"
+        return 200, ""
+
     def commit(self, repo_id: str, lines: list[dict]) -> str:
         path = self.repo_path(repo_id)
         header = next(line["value"] for line in lines if line["key"] == "header")
@@ -264,6 +280,11 @@ class _Handler(BaseHTTPRequestHandler):
                     entry["actions"] = {"upload": {"href": f"{self.hub.endpoint}/lfs-upload/{obj['oid']}", "header": {}}}
                 objects.append(entry)
             return self._json(200, {"transfer": "basic", "objects": objects}, "application/vnd.git-lfs+json")
+        m = re.fullmatch(rf"/api/models/{_REPO}/tag/(?P<rev>[^/]+)", path)
+        if m:
+            body = json.loads(self._body())
+            status, message = self.hub.tag(m["repo"], str(body.get("tag", "")), urllib.parse.unquote(m["rev"]))
+            return self._json(status, {"error": message} if status != 200 else {})
         m = re.fullmatch(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", path)
         if m:
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]

@@ -7,12 +7,22 @@ import json
 import pytest
 from conftest import run_cli
 
-FIGURES = {"forward_unmerged", "merge_unmerge", "mixed_batch", "hot_swap", "adapter_load", "train_epoch", "adapter_file_size"}
+FIGURES = {
+    "forward_unmerged",
+    "merge_unmerge",
+    "mixed_batch",
+    "hot_swap",
+    "adapter_load",
+    "train_epoch",
+    "adapter_file_size",
+    "registry_add",
+    "registry_get",
+}
 
 
 @pytest.mark.slow
 def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_root) -> None:
-    proc = run_cli("bench", "--json", "--reps", "2", "--train-fraction", "0.02", timeout=600)
+    proc = run_cli("bench", "--json", "--reps", "2", "--train-fraction", "0.02", "--registry-entries", "300", timeout=600)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     figures = {f["name"]: f for f in out["figures"]}
@@ -26,6 +36,8 @@ def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_ro
         assert figures[name]["unit"] == "s" and figures[name]["peft"] > 0 and figures[name]["base"] > 0
     for name in ("merge_unmerge", "hot_swap", "adapter_load"):
         assert figures[name]["unit"] == "ms" and figures[name]["peft"] > 0
+    for name in ("registry_add", "registry_get"):
+        assert figures[name]["unit"] == "s" and figures[name]["base"] > 0 and "at 300 entries / at 10 entries" in figures[name]["note"]
     size = figures["adapter_file_size"]
     assert size["base"] == 6_794 * 4 and size["ours"] > size["base"]  # raw tensor bytes of an r=1 adapter
     assert out["machine"]["cpu_count"] >= 1

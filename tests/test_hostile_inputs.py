@@ -202,3 +202,37 @@ def test_a_fifo_planted_as_the_weights_file_is_refused_without_blocking(adapter_
     assert not reader.is_alive(), "read_adapter blocked on a FIFO"
     assert len(raised) == 1 and isinstance(raised[0], ModelNotFoundError), raised
     assert "cannot be read" in str(raised[0]) and "regular file" in str(raised[0])
+
+
+def test_values_that_overflow_the_models_dtype_are_refused(random_base, adapter_dir) -> None:
+    """A float64 file with 1e300 passes the finiteness check but would be Inf in a float32 model."""
+    files = read_adapter(adapter_dir)
+    tensors = {KEY_PREFIX + k: v.double() for k, v in files.state_dict.items()}
+    tensors[KEY_PREFIX + "linear3.lora_A.weight"][0, 0] = 1e300
+    save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata=files.metadata)
+    model = LoraModel(copy.deepcopy(random_base))
+    with pytest.raises(NonFiniteError, match=r"linear3\.lora_A\.weight.*beyond torch.float32's range"):
+        load_adapter(model, adapter_dir, "x")
+    assert model.peft_config == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_float8_adapter_files_load_widened(random_base, adapter_dir, dtype) -> None:
+    files = read_adapter(adapter_dir)
+    tensors = {KEY_PREFIX + k: v.to(dtype) for k, v in files.state_dict.items()}
+    save_file(tensors, adapter_dir / ADAPTER_WEIGHTS_NAME, metadata=files.metadata)
+    model = LoraModel(copy.deepcopy(random_base))
+    load_adapter(model, adapter_dir, "x")
+    assert torch.equal(model.lora_state_dict("x")["linear2.lora_B.weight"], tensors[KEY_PREFIX + "linear2.lora_B.weight"].float())
+
+
+def test_inject_adapter_refuses_a_bad_name_before_wrapping_anything(random_base) -> None:
+    from torch import nn
+
+    from mnist_peft.lora import inject_adapter
+
+    net = copy.deepcopy(random_base)
+    for name in ("a.b", "", "keys"):
+        with pytest.raises(AdapterStateError, match="not allowed"):
+            inject_adapter(net, LoraConfig(r=2), name)
+        assert all(type(m) is nn.Linear for m in (net.linear1, net.linear2, net.linear3))

@@ -168,3 +168,71 @@ def test_a_file_tampered_with_on_the_server_is_refused_on_pull(hub: HubServer, h
     assert not root.exists()  # nothing half-pulled: not even the folder
     ok = run_cli("pull", "--repo-id", "team/mnist-d", "--root", str(root), "--name", "digit-9", env=hub_env)
     assert ok.returncode == 0 and [e.name for e in AdapterRegistry(root).list()] == ["digit-9"]
+
+
+_PEFT_BY_TAG = """
+import sys, torch
+from peft import PeftModel
+from mnist_peft import MnistMLP
+base_id, adapter_id, revision = sys.argv[1:4]
+model = PeftModel.from_pretrained(MnistMLP.from_pretrained(base_id), adapter_id, revision=revision)
+print(model.peft_config["default"].base_model_name_or_path)
+print(float(model.base_model.model.linear2.lora_A["default"].weight.abs().sum()))
+"""
+
+
+def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
+    """push --per-adapter: base at ID, each adapter at ID-NAME with its versions as tags v1, v2;
+    stock peft loads a tag; pull NAME@N fetches that tag; a second push adds only the new version."""
+    import os
+
+    from huggingface_hub import HfApi, ModelCard
+    from safetensors.torch import load_file
+
+    from mnist_peft.model import load_base
+
+    torch.manual_seed(77)
+    model = LoraModel(load_base(registry.path("base")), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    registry.add("digit-9", save_adapter(model, tmp_path / "new-9", metadata={"digit": "9"}), metrics={"accuracy": 0.9876})
+    pushed = run_cli("push", "--repo-id", "team/per", "--per-adapter", "--root", str(registry.root), "--json", env=hub_env)
+    assert pushed.returncode == 0, pushed.stderr
+    repos = {r["repo_id"]: r["pushed"] for r in json.loads(pushed.stdout)["repos"]}
+    assert repos == {"team/per": ["base@1"], "team/per-digit-3": ["digit-3@1"], "team/per-digit-9": ["digit-9@1", "digit-9@2"]}
+
+    api = HfApi(endpoint=hub_env["HF_ENDPOINT"])  # this process imported huggingface_hub before HF_ENDPOINT was set
+    assert sorted(t.name for t in api.list_repo_refs("team/per-digit-9").tags) == ["v1", "v2"]
+    card = ModelCard.load(api.hf_hub_download("team/per-digit-9", "README.md", revision="v2", cache_dir=tmp_path / "cache"))
+    assert card.data.base_model == "team/per" and card.data.base_model_relation == "adapter"
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-classification" and "digit-9" in card.data.tags
+    assert card.data.eval_results[0].metric_type == "accuracy" and card.data.eval_results[0].metric_value == pytest.approx(0.9876)
+
+    for revision, version in (("v1", 1), ("v2", 2)):
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEFT_BY_TAG, "team/per", "team/per-digit-9", revision],
+            env={**os.environ, **hub_env},
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        config_base, total = proc.stdout.split()
+        local = load_file(str(registry.path(f"digit-9@{version}") / "adapter_model.safetensors"))
+        assert config_base == "team/per"
+        assert float(total) == pytest.approx(float(local["base_model.model.linear2.lora_A.weight"].abs().sum()), rel=1e-6)
+
+    root = tmp_path / "pulled"
+    pulled = run_cli("pull", "--repo-id", "team/per-digit-9", "--name", "digit-9@1", "--root", str(root), "--json", env=hub_env)
+    assert pulled.returncode == 0, pulled.stderr
+    entry = AdapterRegistry(root).get("digit-9")
+    assert entry.source["repo_id"] == "team/per-digit-9" and entry.source["tag"] == "v1" and len(entry.source["revision"]) == 40
+    got = (AdapterRegistry(root).path("digit-9") / "adapter_model.safetensors").read_bytes()
+    assert got == (registry.path("digit-9@1") / "adapter_model.safetensors").read_bytes()
+    wrong = run_cli("pull", "--repo-id", "team/per-digit-9", "--name", "digit-9@7", "--root", str(root), env=hub_env)
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+
+    registry.add("digit-9", save_adapter(model, tmp_path / "third-9", metadata={"digit": "9"}))
+    again = run_cli("push", "--repo-id", "team/per", "--per-adapter", "--root", str(registry.root), "--json", env=hub_env)
+    assert again.returncode == 0, again.stderr
+    repos = {r["repo_id"]: r["pushed"] for r in json.loads(again.stdout)["repos"]}
+    assert repos["team/per-digit-9"] == ["digit-9@3"] and repos["team/per-digit-3"] == []

@@ -14,7 +14,7 @@ LAYERS = [
     ["peft_compat"],
     ["cards", "adapters", "combine"],
     ["train", "analysis", "svd_sweep"],
-    ["registry", "hub", "refs"],
+    ["index_store", "registry", "hub", "refs"],
     ["serving"],
     ["bench", "demo", "plots", "cli", "__main__", "__init__"],
 ]

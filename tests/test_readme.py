@@ -31,4 +31,4 @@ def test_readme_python_tour_runs(tmp_path: Path, data_root) -> None:
     finally:
         hub.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "out" / "pulled" / "index.json").is_file()
+    assert (tmp_path / "out" / "pulled" / "index.db").is_file()

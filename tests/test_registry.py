@@ -188,3 +188,81 @@ def test_resume_through_the_registry_registers_version_2(tmp_path: Path, trained
     v1, v2 = reg.get("digit-3@1"), reg.get("digit-3@2")
     assert v1.files["adapter_model.safetensors"]["sha256"] != v2.files["adapter_model.safetensors"]["sha256"]
     assert reg.verify() == []
+
+
+# ----------------------------------------------------------------------------- the index store
+def test_the_index_lives_in_sqlite_and_exports_as_index_json(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir, metrics={"accuracy": 0.9})
+    reg.add("digit-7", adapter_dir)
+    reg.remove("digit-7@2")
+    assert reg.index_path.name == "index.db" and not (reg.root / "index.json").exists()
+    proc = run_cli("registry", "export", "--root", str(reg.root))
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads((reg.root / "index.json").read_text())
+    assert document["format"] == 1 and document["high_water"] == {"digit-7": 2}
+    assert [e["path"] for e in document["entries"]] == ["digit-7/v1"] and document["entries"][0]["metrics"] == {"accuracy": 0.9}
+    assert reg.index_path.name == "index.db"  # the export does not become the index
+    assert reg.add("digit-7", adapter_dir).version == 3  # the mark survived rm, in the database
+
+
+def test_a_registry_made_before_index_db_moves_to_it_on_its_first_write(tmp_path: Path, adapter_dir: Path) -> None:
+    """An index.json registry (as earlier versions wrote) is read as it is; the first write moves it."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.add("digit-7", adapter_dir)
+    reg.remove("digit-7@2")
+    reg.export_index()
+    for f in reg.root.glob("index.db*"):
+        f.unlink()  # now exactly an old-style registry: index.json only
+    assert reg.index_path.name == "index.json" and [e.ref for e in reg.list()] == ["digit-7@1"]
+    before = (reg.root / "index.json").read_bytes()
+    assert reg.add("digit-8", adapter_dir).version == 1
+    assert reg.index_path.name == "index.db" and (reg.root / "index.json.imported").read_bytes() == before
+    assert [e.ref for e in reg.list()] == ["digit-7@1", "digit-8@1"]
+    assert reg.add("digit-7", adapter_dir).version == 3  # its high-water mark came along
+
+
+def test_a_tampered_database_row_is_a_clear_error(tmp_path: Path, adapter_dir: Path) -> None:
+    import sqlite3
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    with sqlite3.connect(reg.index_path) as c:  # a row whose body names another entry than its key
+        c.execute("UPDATE entries SET body = replace(body, '\"digit-7\"', '\"digit-8\"')")
+    with pytest.raises(RegistryError, match="names another entry"):
+        reg.get("digit-7")
+    with sqlite3.connect(reg.index_path) as c:
+        c.execute("UPDATE entries SET body = '{not json'")
+    with pytest.raises(RegistryError, match="unreadable"):
+        reg.list()
+
+
+def test_a_symlinked_write_ahead_log_is_refused(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    outside = tmp_path / "outside-wal"
+    outside.write_bytes(b"")
+    wal = reg.root / "index.db-wal"
+    if wal.exists():
+        wal.unlink()
+    wal.symlink_to(outside)
+    with pytest.raises(RegistryError, match="symlink"):
+        reg.add("digit-8", adapter_dir)
+    assert outside.read_bytes() == b""
+
+
+def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
+    """What keeps the registry's cost flat at scale: get and add query one name, never the whole index."""
+    from mnist_peft.index_store import SqliteIndex
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    for name in ("a", "b", "c"):
+        reg.add(name, adapter_dir)
+    asked: list[str | None] = []
+    real = SqliteIndex.entries
+    monkeypatch.setattr(SqliteIndex, "entries", lambda self, name=None: asked.append(name) or real(self, name))
+    reg.get("b")
+    reg.add("c", adapter_dir)
+    reg.remove("a")
+    assert asked and None not in asked, asked

@@ -23,6 +23,14 @@ from mnist_peft.lora import LoraConfig, LoraModel
 from mnist_peft.registry import AdapterRegistry, confine
 
 
+def _edit_index(reg: AdapterRegistry, change) -> None:
+    """Tamper with the index as someone with write access to it would: the raw document, unchecked."""
+    store = reg._store()
+    document = store.dump()
+    change(document)
+    store.load(document)
+
+
 @pytest.fixture()
 def adapter_dir(random_base, tmp_path: Path) -> Path:
     torch.manual_seed(1)
@@ -59,9 +67,7 @@ def test_an_index_path_outside_its_entry_is_refused_by_verify_rm_and_push(tmp_pa
     (victim / "precious.txt").write_text("keep me")
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    data = json.loads(reg.index_path.read_text())
-    data["entries"][0]["path"] = bad_path if not bad_path.startswith("/") else str(victim)
-    reg.index_path.write_text(json.dumps(data))
+    _edit_index(reg, lambda data: data["entries"][0].update(path=bad_path if not bad_path.startswith("/") else str(victim)))
     before = _snapshot(tmp_path)
     for args in (["registry", "verify"], ["registry", "rm", "digit-7"], ["registry", "list"], ["push", "--repo-id", "team/x"]):
         proc = run_cli(*args, "--root", str(reg.root), env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})
@@ -76,9 +82,7 @@ def test_an_index_path_outside_its_entry_is_refused_by_verify_rm_and_push(tmp_pa
 def test_fields_of_the_wrong_type_give_a_clear_error_not_a_crash(tmp_path: Path, adapter_dir: Path, field: str, value: object) -> None:
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    data = json.loads(reg.index_path.read_text())
-    data["entries"][0][field] = value
-    reg.index_path.write_text(json.dumps(data))
+    _edit_index(reg, lambda data: data["entries"][0].update({field: value}))
     proc = run_cli("registry", "list", "--root", str(reg.root))
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
@@ -123,7 +127,7 @@ def test_add_never_deletes_a_folder_the_index_does_not_list(tmp_path: Path, adap
     entry = reg.add("digit-7", adapter_dir)
     assert entry.version == 3 and (mine / "notes.txt").read_text() == "a user's own file"
     # After a lost index ("entries": {}), the folders on disk are not overwritten either.
-    reg.index_path.write_text(json.dumps({"format": 1, "entries": []}))
+    _edit_index(reg, lambda data: data.update(entries=[], high_water={}))
     again = reg.add("digit-7", adapter_dir)
     assert again.version == 4 and (reg.root / "digit-7" / "v1").is_dir() and (mine / "notes.txt").exists()
 
@@ -159,21 +163,21 @@ def test_staging_leftovers_of_killed_writers_are_cleaned_on_the_next_write(tmp_p
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    leftover = reg.root / ".staging-killed"  # what a writer killed mid-copy leaves: its marker is still inside
+    leftover = reg.root / ".staging" / "add-killed"  # what a writer killed mid-copy leaves: its marker is still inside
     leftover.mkdir()
     (leftover / STAGING_MARKER).touch()
     (leftover / "adapter_model.safetensors").write_bytes(b"x" * 1000)
-    users = reg.root / ".staging-notes"  # the user's own folder with that prefix: not ours
+    users = reg.root / ".staging" / "add-notes"  # the user's own folder with that prefix: not ours
     users.mkdir()
     (users / "notes.txt").write_text("mine")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / STAGING_MARKER).touch()
     (outside / "keep.txt").write_text("keep")
-    (reg.root / ".staging-link").symlink_to(outside)
+    (reg.root / ".staging" / "add-link").symlink_to(outside)
     reg.add("digit-8", adapter_dir)
     assert not leftover.exists()
-    assert (users / "notes.txt").read_text() == "mine" and (reg.root / ".staging-link").is_symlink()
+    assert (users / "notes.txt").read_text() == "mine" and (reg.root / ".staging" / "add-link").is_symlink()
     assert (outside / "keep.txt").read_text() == "keep"
 
 
@@ -370,9 +374,7 @@ def test_a_registry_written_before_high_water_marks_still_never_reuses_a_version
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
     reg.add("digit-7", adapter_dir)
-    data = json.loads(reg.index_path.read_text())
-    del data["high_water"]  # as an index from before this field existed
-    reg.index_path.write_text(json.dumps(data))
+    _edit_index(reg, lambda data: data.pop("high_water"))  # as an index from before this field existed
     reg.remove("digit-7@2")
     assert reg.add("digit-7", adapter_dir).version == 3
 
@@ -395,10 +397,7 @@ def test_absurd_index_content_is_a_registry_error(tmp_path: Path, adapter_dir: P
 def test_a_huge_version_number_is_refused_not_an_os_error(tmp_path: Path, adapter_dir: Path) -> None:
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    data = json.loads(reg.index_path.read_text())
-    data["entries"][0]["version"] = 10**300
-    data["entries"][0]["path"] = f"digit-7/v{10**300}"
-    reg.index_path.write_text(json.dumps(data))
+    _edit_index(reg, lambda data: data["entries"][0].update(version=10**300, path=f"digit-7/v{10**300}"))
     with pytest.raises(RegistryError, match="version must be an integer"):
         reg.verify()
 
@@ -417,8 +416,8 @@ def test_symlinks_inside_a_source_folder_are_not_copied(tmp_path: Path, adapter_
 def test_a_symlinked_index_is_refused(tmp_path: Path, adapter_dir: Path) -> None:
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
-    elsewhere = tmp_path / "elsewhere.json"
-    elsewhere.write_text(reg.index_path.read_text())
+    elsewhere = tmp_path / "elsewhere.db"
+    elsewhere.write_bytes(reg.index_path.read_bytes())
     reg.index_path.unlink()
     reg.index_path.symlink_to(elsewhere)
     with pytest.raises(RegistryError, match="symlink"):
@@ -431,18 +430,19 @@ def test_remove_does_not_follow_a_link_swapped_in_after_its_checks(tmp_path: Pat
     victim = tmp_path / "victim"
     (victim / "v1").mkdir(parents=True)
     (victim / "v1" / "precious.txt").write_text("keep")
-    real_write = AdapterRegistry._write_index
+    from mnist_peft.index_store import SqliteIndex
 
-    def swap_then_write(self, entries, marks):  # the race: between the checks and the deletion
-        real_write(self, entries, marks)
-        (self.root / "digit-7" / "v1" / "adapter_config.json").unlink()
-        for f in (self.root / "digit-7" / "v1").iterdir():
+    real_write = SqliteIndex.write
+
+    def swap_then_write(self, **changes):  # the race: between the checks and the deletion
+        real_write(self, **changes)
+        for f in (reg.root / "digit-7" / "v1").iterdir():
             f.unlink()
-        (self.root / "digit-7" / "v1").rmdir()
-        (self.root / "digit-7").rmdir()
-        (self.root / "digit-7").symlink_to(victim)
+        (reg.root / "digit-7" / "v1").rmdir()
+        (reg.root / "digit-7").rmdir()
+        (reg.root / "digit-7").symlink_to(victim)
 
-    monkeypatch.setattr(AdapterRegistry, "_write_index", swap_then_write)
+    monkeypatch.setattr(SqliteIndex, "write", swap_then_write)
     with pytest.raises(RegistryError, match="symlink"):
         reg.remove("digit-7")
     assert (victim / "v1" / "precious.txt").read_text() == "keep"

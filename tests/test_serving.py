@@ -88,3 +88,28 @@ def test_hot_swap_restores_base_bytes_and_merges_the_new_adapter(multi, random_b
     torch.testing.assert_close(multi(x), expected_a1, rtol=0, atol=1e-4)
     multi.unmerge()
     assert all(torch.equal(originals[n], layer.base_layer.weight) for n, layer in lora_layers(multi.model))
+
+
+def test_mixed_batch_refuses_a_model_whose_layers_do_not_see_one_row_per_sample() -> None:
+    """A model folding tokens into the batch dimension would mix samples' adapters: refused, not wrong."""
+    from torch import nn
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, t, f = x.shape
+            return self.fc(x.reshape(n * t, f)).reshape(n, t, -1)
+
+    model = LoraModel(Tokens())
+    for name in ("a", "b"):
+        model.add_adapter(name, LoraConfig(r=2, init_lora_weights=False, target_modules=["fc"]))
+    with pytest.raises(AdapterStateError, match="one row per sample"):
+        mixed_forward(model.eval(), torch.randn(4, 3, 6), ["b", None, "a", "a"])
+    assert model.state.mixed is None
+
+
+def test_an_empty_mixed_batch_gives_an_empty_answer(multi) -> None:
+    assert mixed_forward(multi, torch.randn(0, 784), []).shape == (0, 10)
