@@ -11,9 +11,10 @@ from .errors import *  # noqa: F403  (errors.__all__ is part of the public surfa
 from .errors import __all__ as _errors_all
 from .lora import LoraConfig, LoraModel, get_delta_weight
 from .model import MnistMLP, base_fingerprint, count_parameters, load_base
+from .recipes import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, BaseRecipe, Recipe, register_recipe, train_adapter, train_base
 from .registry import AdapterRegistry
 from .serving import hot_swap, mixed_forward
-from .train import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, EvalResult, TrainConfig, evaluate, fit, train_adapter, train_base
+from .train import EvalResult, TrainConfig, evaluate, fit
 
 __all__ = [
     "__version__",
@@ -38,6 +39,9 @@ __all__ = [
     "evaluate",
     "AdapterRecipe",
     "ADAPTER_RECIPES",
+    "Recipe",
+    "BaseRecipe",
+    "register_recipe",
     "train_adapter",
     # LoRA and adapters
     "LoraConfig",

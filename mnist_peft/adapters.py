@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ KEY_PREFIX = "base_model.model."
 # peft.LoraConfig keys we do not model. Their neutral values are accepted silently; any other
 # value asks for a feature we do not implement, which is refused rather than silently ignored.
 _NEUTRAL_PEFT_KEYS: dict[str, tuple[object, ...]] = {
-    "peft_type": ("LORA",),
+    "peft_type": (),  # chose the reader (ADAPTER_TYPES)
     "task_type": (None,),
     "inference_mode": (True, False),
     "base_model_name_or_path": (),  # any value
@@ -135,12 +136,28 @@ def to_peft_config_dict(config: LoraConfig, *, base_model_name_or_path: str | No
 
 
 def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[str] | None = None) -> LoraConfig:
-    """A :class:`LoraConfig` from ``adapter_config.json`` content (ours or peft's).
+    """The adapter config from ``adapter_config.json`` content (ours or peft's), read by the
+    reader registered for its ``peft_type`` in :data:`ADAPTER_TYPES` (a config without one is LoRA).
 
     Raises:
-        AdapterConfigError: a field asks for a feature we do not implement, or is invalid.
+        AdapterConfigError: not a JSON object, an adapter type we do not implement, a field that
+            asks for a feature we do not implement, or an invalid value.
     """
     where = f" in {str(path)!r}" if path else ""
+    if not isinstance(data, dict):
+        raise AdapterConfigError(f"adapter config{where} must be a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type", "LORA")
+    reader = ADAPTER_TYPES.get(peft_type) if isinstance(peft_type, str) else None
+    if reader is None:
+        raise AdapterConfigError(
+            f"peft_type={peft_type!r}{where} is not supported: mnist_peft implements {sorted(ADAPTER_TYPES)}; "
+            "load this adapter with peft itself"
+        )
+    return reader(data, where)
+
+
+def _lora_config_from_dict(data: dict[str, object], where: str) -> LoraConfig:
+    """``peft_type: LORA``: every key checked against what our LoRA models (see ``_NEUTRAL_PEFT_KEYS``)."""
     known = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias"}
     kwargs = {k: v for k, v in data.items() if k in known}
     for key, value in data.items():
@@ -157,6 +174,11 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
     if "r" not in kwargs or "target_modules" not in kwargs:
         raise AdapterConfigError(f"adapter config{where} lacks 'r' or 'target_modules'; is this a LoRA adapter_config.json?")
     return LoraConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# Adapter types by ``peft_type``: the reader of each one's config. A second type (IA3, DoRA) is a
+# config class and layer beside ``lora`` plus its reader here; any other type is refused by name.
+ADAPTER_TYPES: dict[str, Callable[[dict[str, object], str], LoraConfig]] = {"LORA": _lora_config_from_dict}
 
 
 # ----------------------------------------------------------------------------- save / read / load

@@ -308,7 +308,7 @@ def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0)
 
     from .data import MnistSplit, load_mnist
     from .model import MnistMLP
-    from .train import TrainConfig, _seed_loader_permutation, fit, make_optimizer
+    from .train import TrainConfig, fit, make_optimizer, seed_loader_permutation
 
     full = load_mnist(train=True, data_dir=data_dir)
     n = int(len(full) * fraction)
@@ -327,7 +327,7 @@ def bench_train_epoch(data_dir: str | None, *, reps: int, fraction: float = 1.0)
         opt = make_optimizer(params, config)
         steps = -(-n // 128)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
-        for idx in _seed_loader_permutation(n).split(128):
+        for idx in seed_loader_permutation(n).split(128):
             loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

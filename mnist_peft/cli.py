@@ -11,14 +11,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
 from .errors import MnistPeftError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "COMMANDS", "command"]
 
 
 def _emit(args: argparse.Namespace, payload: dict, text: str) -> None:
@@ -33,7 +34,45 @@ def _fmt_ints(values: Sequence[int]) -> str:
     return " ".join(str(v) for v in values)
 
 
+# ----------------------------------------------------------------------------- the command table
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help texts, the function that adds its arguments, and its handler."""
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}  # in the order ``mnist-peft --help`` lists them
+
+
+def command(name: str, *, help: str, description: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated ``cmd_*`` handler as subcommand ``name``: adding a command is its
+    arguments function and its handler, side by side, and nothing else."""
+
+    def register(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise RuntimeError(f"two commands named {name!r}")
+        COMMANDS[name] = Command(name, help, description, arguments, handler)
+        return handler
+
+    return register
+
+
 # ----------------------------------------------------------------------------- commands
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+
+
+@command(
+    "info",
+    help="describe the model and where data lives",
+    description="Describe the MNIST MLP (parameter count, layers) and the data root.",
+    arguments=_info_arguments,
+)
 def cmd_info(args: argparse.Namespace) -> int:
     from .data import resolve_data_root
     from .model import MnistMLP, count_parameters
@@ -53,8 +92,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="folder to save the model in")
+    p.add_argument("--register", metavar="NAME", help="also add the model to the registry under NAME (e.g. base)")
+    _add_root(p)
+    _add_recipe(p, "base", default="default")
+    p.add_argument("--epochs", type=float, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
+    p.add_argument("--seed", type=int, help="override the recipe's random seed")
+    p.add_argument("--val-size", type=int, help="hold out this many training images for early stopping")
+    p.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+@command(
+    "train-base",
+    help="train a base MnistMLP and save it",
+    description="Train a fresh base model on the MNIST training set, evaluate it on the test set and save it "
+    "(config.json + model.safetensors + README.md).",
+    arguments=_train_base_arguments,
+)
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from .train import evaluate, progress_enabled, train_base
+    from .recipes import train_base
+    from .train import evaluate, progress_enabled
 
     out, _tmp = _out_folder(args)
     start = time.perf_counter()
@@ -166,6 +229,20 @@ def _model_from_args(args: argparse.Namespace):
     return model
 
 
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--merged", action="store_true", help="merge the adapters into the weights before evaluating")
+    p.add_argument("--plot", metavar="PNG", help="also write a bar chart of per-digit error rates")
+    _add_common(p)
+
+
+@command(
+    "eval",
+    help="test accuracy and per-digit errors of a model (optionally with adapters)",
+    description="Evaluate a base model, alone or with one or more LoRA adapters stacked on it, on the 10,000 "
+    "MNIST test images: accuracy, wrong count and error rate per digit, confusion matrix.",
+    arguments=_eval_arguments,
+)
 def cmd_eval(args: argparse.Namespace) -> int:
     from .plots import plot_error_rates
     from .train import evaluate
@@ -185,12 +262,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
+    p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
+    p.add_argument("--out", metavar="DIR", help="folder to save the adapter in")
+    p.add_argument("--register", metavar="NAME", help="also add the adapter to the registry as the next version of NAME")
+    _add_root(p)
+    _add_recipe(p, "adapter", default="replay")
+    p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="samples per step")
+    p.add_argument("--lr", type=float, help="(peak) learning rate")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue training this adapter folder or registry entry (incremental update) instead of a fresh one; "
+        "a registry entry with no --out/--register is registered as its next version",
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
+    p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+@command(
+    "train-adapter",
+    help="train a per-digit LoRA adapter and save it in PEFT layout",
+    description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
+    "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
+    "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes the digit's images with replayed other "
+    "digits, distilled toward the base.",
+    arguments=_train_adapter_arguments,
+)
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters import save_adapter
     from .cards import digit_model_card
-    from .train import progress_enabled, train_adapter
+    from .recipes import train_adapter
+    from .train import progress_enabled
 
     if args.resume and not args.out and not args.register and _registry_path(args.resume, args, "lora") is not None:
         from .registry import parse_ref
@@ -265,6 +377,19 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the merged model in")
+    _add_common(p, data=False)
+
+
+@command(
+    "merge",
+    help="merge adapters into the base and save a plain model",
+    description="Merge one or more adapters (weighted) into the base weights and save the result as a plain "
+    "MnistMLP folder that needs no adapter code to load.",
+    arguments=_merge_arguments,
+)
 def cmd_merge(args: argparse.Namespace) -> int:
     from .model import MnistMLP, base_fingerprint
 
@@ -278,6 +403,25 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _combine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
+    _add_root(p)
+    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
+    p.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat (exact) or svd (truncated to --r)")
+    p.add_argument("--r", type=int, help="target rank for --method svd")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
+    p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
+    _add_common(p, data=False)
+
+
+@command(
+    "combine",
+    help="combine adapters into one (exact cat, or rank-r SVD); also resizes one adapter",
+    description="Combine adapters into one whose delta is the weighted sum of theirs. 'cat' is exact (rank = sum "
+    "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
+    "With a single --adapter and --method svd it resizes that adapter to rank R.",
+    arguments=_combine_arguments,
+)
 def cmd_combine(args: argparse.Namespace) -> int:
     from .adapters import read_adapter, write_adapter
     from .cards import render_model_card
@@ -308,6 +452,22 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "export"], help="what to do")
+    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add); the output file (export)")
+    p.add_argument("path", nargs="?", metavar="PATH", help="folder to add (add)")
+    _add_root(p)
+    _add_common(p, data=False)
+
+
+@command(
+    "registry",
+    help="list, show, verify, add or remove registry entries",
+    description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
+    "file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file and exits 1 if any entry "
+    "is bad. 'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
+    arguments=_registry_arguments,
+)
 def cmd_registry(args: argparse.Namespace) -> int:
     reg = _registry(args)
     if args.action == "list":
@@ -368,6 +528,42 @@ def _quiet_hub(args: argparse.Namespace) -> None:
         disable_progress_bars()
 
 
+def _hub_arguments(push: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/mnist-peft")
+        name_help = (
+            "entry to push (name, or name@version for an older one); repeat; default: the latest of all"
+            if push
+            else "entry to pull; repeat; default all. NAME@N pulls tag vN of a per-adapter repo (a bundle repo keeps one "
+            "version of each entry: pull an older one with --revision)"
+        )
+        p.add_argument("--name", action="append", metavar="NAME", help=name_help)
+        p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
+        if push:
+            p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+            p.add_argument(
+                "--per-adapter",
+                action="store_true",
+                help="also publish each adapter as its own repo ID-NAME, Hub-native: the adapter at the root, a card with "
+                "base_model: ID and base_model_relation: adapter, every registry version as a tag vN (the base goes to ID)",
+            )
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_root(p)
+        _add_common(p, data=False)
+
+    return arguments
+
+
+@command(
+    "push",
+    help="push registry entries to a Hugging Face Hub repo",
+    description="Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
+    "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
+    "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
+    "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
+    "selects another Hub.",
+    arguments=_hub_arguments(push=True),
+)
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_adapters_to_hub, push_to_hub
 
@@ -392,6 +588,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "pull",
+    help="pull entries from a Hub repo into the registry",
+    description="Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
+    "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
+    "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
+    "repo id and commit they came from.",
+    arguments=_hub_arguments(push=False),
+)
 def cmd_pull(args: argparse.Namespace) -> int:
     from .hub import pull_from_hub
 
@@ -405,6 +610,25 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _svd_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
+    p.add_argument("--digit", type=int, default=9, choices=range(10), metavar="D", help="digit to fine-tune on (default 9)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="ranks to extract (default 1 2 4 8 16 32)")
+    p.add_argument("--steps", type=int, default=200, help="full fine-tune steps (default 200)")
+    p.add_argument("--plot", metavar="PNG", help="write a plot of accuracy vs rank")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_root(p)
+    _add_common(p)
+
+
+@command(
+    "svd",
+    help="LoRA by SVD of a full fine-tune: accuracy vs rank",
+    description="Fine-tune every weight of the base on one digit (the replay recipe's data and loss), take "
+    "W_finetuned - W_base per layer, truncate it by SVD to each rank, and report test accuracy per rank next to "
+    "the full fine-tune (the seed's svd.ipynb, as a tool).",
+    arguments=_svd_arguments,
+)
 def cmd_svd(args: argparse.Namespace) -> int:
     from .svd_sweep import rank_sweep
     from .train import progress_enabled
@@ -441,6 +665,21 @@ def cmd_svd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _headroom_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--cut", type=_fraction, default=0.4, help="fraction of the digit's errors to remove (default 0.4)")
+    _add_common(p)
+
+
+@command(
+    "headroom",
+    help="how hard a per-digit target is: the best logit-offset trade per digit",
+    description="For each digit D, find (exactly, over every offset that changes a prediction) the constant "
+    "added to D's logit that cuts D's test errors by at least --cut with the fewest overall errors, and say "
+    "whether that keeps overall accuracy. It is chosen on the test set itself, so it is an optimistic "
+    "reference for the trade 'say D more readily', against which trained adapters can be read.",
+    arguments=_headroom_arguments,
+)
 def cmd_headroom(args: argparse.Namespace) -> int:
     from .analysis import logit_offset_tradeoff
 
@@ -463,6 +702,24 @@ def cmd_headroom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds; for tests), not the real numbers")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_root(p)
+    _add_common(p)
+
+
+@command(
+    "demo",
+    help="the main job: the seed's experiment and ours, end to end, with a report",
+    description="Reproduce the seed's digit-9 experiment (and its forgetting), evaluate the ten replay adapters "
+    "(from the registry, or trained), a stack and combined adapters, check exact LoRA-off/unmerge, run a short "
+    "parity check against peft and an SVD rank sweep; write report.md and PNG plots to --out. Finished stages "
+    "are skipped on a re-run unless --force.",
+    arguments=_demo_arguments,
+)
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo, summary_text
     from .train import progress_enabled
@@ -482,6 +739,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
+    _add_root(p)
+    p.add_argument("--r", type=int, nargs="+", default=[1, 4, 16], help="ranks to test (default: 1 4 16)")
+    p.add_argument("--steps", type=int, default=100, help="Adam steps per case (default: 100)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the forward and training batches (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the base (if random) and the adapters")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+@command(
+    "compare",
+    help="native LoRA vs peft parity report",
+    description="Build native and peft LoRA models from the same base and seed over a grid of cases (r, alpha, "
+    "rsLoRA, target subsets) and report max |diff| of forward outputs, gradients, weights after Adam steps, "
+    "merged weights, and whether unmerge is exact. Exit code 1 if any case misses its target.",
+    arguments=_compare_arguments,
+)
 def cmd_compare(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .model import MnistMLP
@@ -529,6 +805,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
+    _add_root(p)
+    p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
+    p.add_argument(
+        "--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)"
+    )
+    p.add_argument(
+        "--registry-entries",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="size of the large registry in the registry_add/registry_get figures (default 10000; compared with 10)",
+    )
+    p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+@command(
+    "bench",
+    help="performance figures, each as a ratio measured in this run",
+    description="Time native LoRA against the bare base model and against peft on the same weights, interleaved, "
+    "median of several repetitions. Always exits 0 (it is a measurement) unless --strict.",
+    arguments=_bench_arguments,
+)
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .train import progress_enabled
@@ -595,6 +898,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _add_recipe(p: argparse.ArgumentParser, kind: str, *, default: str) -> None:
+    """``--recipe``: the choices are the registered recipes of ``kind`` (:mod:`mnist_peft.recipes`)."""
+    from .recipes import get_recipe, recipe_names
+
+    names = recipe_names(kind)  # type: ignore[arg-type]
+    described = "; ".join(f"{n}: {get_recipe(kind, n).summary}" for n in names)  # type: ignore[arg-type]
+    p.add_argument("--recipe", choices=names, default=default, help=f"{described} (default: {default})")
+
+
 def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="adapter registry folder (default: $MNIST_PEFT_ADAPTERS, else ./adapters)")
 
@@ -621,6 +933,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mnist-peft`` parser: one subcommand per entry of :data:`COMMANDS`."""
     parser = _Parser(
         prog="mnist-peft",
         description="Train, store, merge and share LoRA adapters for an MNIST MLP, on PEFT conventions.",
@@ -628,256 +941,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mnist-peft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser(
-        "info",
-        help="describe the model and where data lives",
-        description="Describe the MNIST MLP (parameter count, layers) and the data root.",
-    )
-    _add_common(p)
-    p.set_defaults(handler=cmd_info)
-
-    p = sub.add_parser(
-        "train-base",
-        help="train a base MnistMLP and save it",
-        description="Train a fresh base model on the MNIST training set, evaluate it on the test set and save it "
-        "(config.json + model.safetensors + README.md).",
-    )
-    p.add_argument("--out", metavar="DIR", help="folder to save the model in")
-    p.add_argument("--register", metavar="NAME", help="also add the model to the registry under NAME (e.g. base)")
-    _add_root(p)
-    p.add_argument(
-        "--recipe",
-        choices=["seed", "default"],
-        default="default",
-        help="seed: the seed notebook's recipe (batch 10, 1 epoch, Adam 1e-3); default: ours (batch 128, 5 epochs, one-cycle LR)",
-    )
-    p.add_argument("--epochs", type=float, help="override the recipe's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
-    p.add_argument("--seed", type=int, help="override the recipe's random seed")
-    p.add_argument("--val-size", type=int, help="hold out this many training images for early stopping")
-    p.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(handler=cmd_train_base)
-
-    p = sub.add_parser(
-        "eval",
-        help="test accuracy and per-digit errors of a model (optionally with adapters)",
-        description="Evaluate a base model, alone or with one or more LoRA adapters stacked on it, on the 10,000 "
-        "MNIST test images: accuracy, wrong count and error rate per digit, confusion matrix.",
-    )
-    _add_model_args(p)
-    p.add_argument("--merged", action="store_true", help="merge the adapters into the weights before evaluating")
-    p.add_argument("--plot", metavar="PNG", help="also write a bar chart of per-digit error rates")
-    _add_common(p)
-    p.set_defaults(handler=cmd_eval)
-
-    p = sub.add_parser(
-        "train-adapter",
-        help="train a per-digit LoRA adapter and save it in PEFT layout",
-        description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
-        "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
-        "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes the digit's images with replayed other "
-        "digits, distilled toward the base.",
-    )
-    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
-    p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
-    p.add_argument("--out", metavar="DIR", help="folder to save the adapter in")
-    p.add_argument("--register", metavar="NAME", help="also add the adapter to the registry as the next version of NAME")
-    _add_root(p)
-    p.add_argument("--recipe", choices=["seed", "replay"], default="replay", help="training recipe (default: replay)")
-    p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, help="samples per step")
-    p.add_argument("--lr", type=float, help="(peak) learning rate")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument(
-        "--resume",
-        metavar="PATH",
-        help="continue training this adapter folder or registry entry (incremental update) instead of a fresh one; "
-        "a registry entry with no --out/--register is registered as its next version",
-    )
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
-    p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(handler=cmd_train_adapter)
-
-    p = sub.add_parser(
-        "headroom",
-        help="how hard a per-digit target is: the best logit-offset trade per digit",
-        description="For each digit D, find (exactly, over every offset that changes a prediction) the constant "
-        "added to D's logit that cuts D's test errors by at least --cut with the fewest overall errors, and say "
-        "whether that keeps overall accuracy. It is chosen on the test set itself, so it is an optimistic "
-        "reference for the trade 'say D more readily', against which trained adapters can be read.",
-    )
-    _add_model_args(p)
-    p.add_argument("--cut", type=_fraction, default=0.4, help="fraction of the digit's errors to remove (default 0.4)")
-    _add_common(p)
-    p.set_defaults(handler=cmd_headroom)
-
-    p = sub.add_parser(
-        "merge",
-        help="merge adapters into the base and save a plain model",
-        description="Merge one or more adapters (weighted) into the base weights and save the result as a plain "
-        "MnistMLP folder that needs no adapter code to load.",
-    )
-    _add_model_args(p, adapter_required=True)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the merged model in")
-    _add_common(p, data=False)
-    p.set_defaults(handler=cmd_merge)
-
-    p = sub.add_parser(
-        "combine",
-        help="combine adapters into one (exact cat, or rank-r SVD); also resizes one adapter",
-        description="Combine adapters into one whose delta is the weighted sum of theirs. 'cat' is exact (rank = sum "
-        "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
-        "With a single --adapter and --method svd it resizes that adapter to rank R.",
-    )
-    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
-    _add_root(p)
-    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
-    p.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat (exact) or svd (truncated to --r)")
-    p.add_argument("--r", type=int, help="target rank for --method svd")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
-    p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
-    _add_common(p, data=False)
-    p.set_defaults(handler=cmd_combine)
-
-    p = sub.add_parser(
-        "demo",
-        help="the main job: the seed's experiment and ours, end to end, with a report",
-        description="Reproduce the seed's digit-9 experiment (and its forgetting), evaluate the ten replay adapters "
-        "(from the registry, or trained), a stack and combined adapters, check exact LoRA-off/unmerge, run a short "
-        "parity check against peft and an SVD rank sweep; write report.md and PNG plots to --out. Finished stages "
-        "are skipped on a re-run unless --force.",
-    )
-    p.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default: demo-out)")
-    p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds; for tests), not the real numbers")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    _add_root(p)
-    _add_common(p)
-    p.set_defaults(handler=cmd_demo)
-
-    p = sub.add_parser(
-        "svd",
-        help="LoRA by SVD of a full fine-tune: accuracy vs rank",
-        description="Fine-tune every weight of the base on one digit (the replay recipe's data and loss), take "
-        "W_finetuned - W_base per layer, truncate it by SVD to each rank, and report test accuracy per rank next to "
-        "the full fine-tune (the seed's svd.ipynb, as a tool).",
-    )
-    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
-    p.add_argument("--digit", type=int, default=9, choices=range(10), metavar="D", help="digit to fine-tune on (default 9)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="ranks to extract (default 1 2 4 8 16 32)")
-    p.add_argument("--steps", type=int, default=200, help="full fine-tune steps (default 200)")
-    p.add_argument("--plot", metavar="PNG", help="write a plot of accuracy vs rank")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_root(p)
-    _add_common(p)
-    p.set_defaults(handler=cmd_svd)
-
-    p = sub.add_parser(
-        "registry",
-        help="list, show, verify, add or remove registry entries",
-        description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
-        "file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file and exits 1 if any entry "
-        "is bad. 'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
-    )
-    p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "export"], help="what to do")
-    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add); the output file (export)")
-    p.add_argument("path", nargs="?", metavar="PATH", help="folder to add (add)")
-    _add_root(p)
-    _add_common(p, data=False)
-    p.set_defaults(handler=cmd_registry)
-
-    for name, helptext, desc in (
-        (
-            "push",
-            "push registry entries to a Hugging Face Hub repo",
-            "Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
-            "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
-            "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
-            "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
-            "selects another Hub.",
-        ),
-        (
-            "pull",
-            "pull entries from a Hub repo into the registry",
-            "Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
-            "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
-            "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
-            "repo id and commit they came from.",
-        ),
-    ):
-        p = sub.add_parser(name, help=helptext, description=desc)
-        p.add_argument("--repo-id", required=True, metavar="ID", help="Hub repository, e.g. your-name/mnist-peft")
-        name_help = (
-            "entry to push (name, or name@version for an older one); repeat; default: the latest of all"
-            if name == "push"
-            else "entry to pull; repeat; default all. NAME@N pulls tag vN of a per-adapter repo (a bundle repo keeps one "
-            "version of each entry: pull an older one with --revision)"
-        )
-        p.add_argument("--name", action="append", metavar="NAME", help=name_help)
-        p.add_argument("--revision", metavar="REV", help="branch, tag or commit (default: main)")
-        if name == "push":
-            p.add_argument("--private", action="store_true", default=None, help="create the repo as private")
-            p.add_argument(
-                "--per-adapter",
-                action="store_true",
-                help="also publish each adapter as its own repo ID-NAME, Hub-native: the adapter at the root, a card with "
-                "base_model: ID and base_model_relation: adapter, every registry version as a tag vN (the base goes to ID)",
-            )
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        _add_root(p)
-        _add_common(p, data=False)
-        p.set_defaults(handler=cmd_push if name == "push" else cmd_pull)
-
-    p = sub.add_parser(
-        "compare",
-        help="native LoRA vs peft parity report",
-        description="Build native and peft LoRA models from the same base and seed over a grid of cases (r, alpha, "
-        "rsLoRA, target subsets) and report max |diff| of forward outputs, gradients, weights after Adam steps, "
-        "merged weights, and whether unmerge is exact. Exit code 1 if any case misses its target.",
-    )
-    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
-    _add_root(p)
-    p.add_argument("--r", type=int, nargs="+", default=[1, 4, 16], help="ranks to test (default: 1 4 16)")
-    p.add_argument("--steps", type=int, default=100, help="Adam steps per case (default: 100)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size of the forward and training batches (default: 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the base (if random) and the adapters")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(handler=cmd_compare)
-
-    p = sub.add_parser(
-        "bench",
-        help="performance figures, each as a ratio measured in this run",
-        description="Time native LoRA against the bare base model and against peft on the same weights, interleaved, "
-        "median of several repetitions. Always exits 0 (it is a measurement) unless --strict.",
-    )
-    p.add_argument("--base", metavar="DIR", help="base model folder or registry name (default: a seeded random MnistMLP)")
-    _add_root(p)
-    p.add_argument("--reps", type=int, default=7, help="repetitions per figure (median is reported; default 7)")
-    p.add_argument(
-        "--train-fraction", type=float, default=1.0, help="share of the training set in the train_epoch figure (default 1: one full epoch)"
-    )
-    p.add_argument(
-        "--registry-entries",
-        type=int,
-        default=10_000,
-        metavar="N",
-        help="size of the large registry in the registry_add/registry_get figures (default 10000; compared with 10)",
-    )
-    p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(handler=cmd_bench)
+    for c in COMMANDS.values():
+        p = sub.add_parser(c.name, help=c.help, description=c.description)
+        c.arguments(p)
+        p.set_defaults(handler=c.handler)
     return parser
 
 

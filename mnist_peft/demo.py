@@ -31,9 +31,10 @@ from .adapters import ADAPTER_WEIGHTS_NAME, load_stack, read_adapter, save_adapt
 from .fileio import atomic_write_json, atomic_write_text
 from .lora import LoraModel, lora_layers
 from .model import base_fingerprint, count_parameters, load_base
+from .recipes import train_adapter, train_base
 from .refs import registry_folder
 from .registry import AdapterRegistry
-from .train import evaluate, train_adapter, train_base
+from .train import evaluate
 
 __all__ = ["DemoConfig", "run_demo", "summary_text", "SEED_FACTS"]
 

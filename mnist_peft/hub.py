@@ -206,6 +206,7 @@ def _push_adapter_repo(
         tags = {ref.name for ref in api.list_repo_refs(repo_id).tags}
         for entry in versions:
             if f"v{entry.version}" in tags:
+                _check_published(api, repo_id, entry, token)
                 continue
             folder = registry.folder(entry)
             contents: dict[str, bytes] = {}
@@ -245,6 +246,23 @@ def _push_adapter_repo(
     except Exception as exc:
         raise hub_error(exc, repo_id, "push") from exc
     return PushResult(repo_id=repo_id, commit=commit, pushed=pushed)
+
+
+def _check_published(api, repo_id: str, entry: RegistryEntry, token: str | None) -> None:
+    """A version whose tag exists is skipped only if the tag holds its bytes (the weights; the config
+    and card are rewritten on push): a tag is never moved, and other bytes are never called vN."""
+    from .adapters import ADAPTER_CONFIG_NAME, MODEL_CARD_NAME
+
+    remote = _remote_index(api, repo_id, f"v{entry.version}", token=token, required=True)
+    files = remote[entry.name][0]["files"] if entry.name in remote else {}
+    ours = {f: m["sha256"] for f, m in entry.files.items() if f not in (ADAPTER_CONFIG_NAME, MODEL_CARD_NAME)}
+    theirs = {f: m["sha256"] for f, m in files.items() if f not in (ADAPTER_CONFIG_NAME, MODEL_CARD_NAME)}  # type: ignore[union-attr]
+    if ours != theirs:
+        raise RegistryError(
+            f"tag v{entry.version} of {repo_id!r} holds other weights than the local {entry.ref}; tags are never moved. "
+            "(A pulled entry gets the next local version number, so a registry that pulled from elsewhere numbers "
+            "differently): push to another repo id"
+        )
 
 
 def pull_from_hub(

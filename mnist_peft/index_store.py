@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Protocol
 from .errors import RegistryError
 from .fileio import atomic_write_json, current_umask, read_regular_file
 
-__all__ = ["IndexStore", "SqliteIndex", "JsonIndex", "INDEX_FORMAT"]
+__all__ = ["IndexStore", "SqliteIndex", "JsonIndex", "IndexMovedError", "INDEX_FORMAT"]
 
 INDEX_FORMAT = 1  # the index.json document: {"format", "entries": [...], "high_water": {name: version}}
 _SCHEMA = (
@@ -69,6 +70,11 @@ class IndexStore(Protocol):
         ...
 
 
+class IndexMovedError(RegistryError):
+    """An ``index.json`` vanished between choosing it and reading it (moved to ``index.db`` by a
+    writer meanwhile): the reader chooses again."""
+
+
 def _unreadable(path: Path, exc: BaseException) -> RegistryError:
     return RegistryError(f"registry index {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); restore it from a backup")
 
@@ -82,22 +88,43 @@ class SqliteIndex:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def create(self, document: dict[str, object] | None = None) -> None:
+        """Make the database, with its tables, WAL mode, the umask's file mode and ``document``'s
+        content, under a temporary name, then rename it into place: ``index.db`` is never seen
+        half-made (a writer killed meanwhile leaves the old index, or none, in force)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".index-new-", suffix=".db")
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            staged = SqliteIndex(Path(tmp))
+            with closing(sqlite3.connect(tmp, isolation_level=None)) as c:
+                c.execute("PRAGMA journal_mode=WAL")
+                for statement in _SCHEMA:
+                    c.execute(statement)
+            os.chmod(tmp, 0o666 & ~current_umask())  # a normal file follows the umask
+            staged.load(document or {"format": INDEX_FORMAT, "entries": [], "high_water": {}})
+            with closing(sqlite3.connect(tmp)) as c:  # fold the log into the file before it moves
+                c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            os.replace(tmp, self.path)
+        finally:
+            for leftover in (tmp, f"{tmp}-wal", f"{tmp}-shm"):
+                if os.path.lexists(leftover):
+                    os.unlink(leftover)
+
     @contextmanager
     def _connect(self, *, create: bool = False) -> Iterator[sqlite3.Connection]:
         for companion in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             if companion.is_symlink():  # SQLite would write through it
                 raise RegistryError(f"{str(companion)!r} is a symlink; the registry does not follow links: replace it with the real file")
-        if not create and not self.path.is_file():
-            raise RegistryError(f"registry index {str(self.path)!r} is missing")
-        new = not self.path.exists()
+        if not self.path.is_file():  # never created here by connecting: see create()
+            raise RegistryError(f"registry index {str(self.path)!r} is missing or not a file; restore it from a backup")
         try:
             connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         except sqlite3.Error as exc:
             raise _unreadable(self.path, exc) from exc
         with closing(connection):
             try:
-                if new:
-                    os.chmod(self.path, 0o666 & ~current_umask())  # a normal file follows the umask
+                if create:  # a writer: WAL (a no-op once set), whatever an older writer left
                     connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
                 yield connection
@@ -218,13 +245,17 @@ class JsonIndex:
     def exists(self) -> bool:
         return self.path.is_file() or self.path.is_symlink()
 
+    def exported(self) -> bool:
+        """Whether this file is an export of an ``index.db`` (never an index in its own right)."""
+        return self._document().get("exported") is True
+
     def _document(self) -> dict[str, object]:
         if self.path.is_symlink():
             raise RegistryError(f"{str(self.path)!r} is a symlink; the registry does not follow links: replace it with the real file")
         try:
             document = json.loads(read_regular_file(str(self.path)))
         except FileNotFoundError:
-            return {"format": INDEX_FORMAT, "entries": [], "high_water": {}}
+            raise IndexMovedError(f"registry index {str(self.path)!r} is gone (moved to index.db meanwhile?)") from None
         except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:  # bad JSON, huge numbers, deep nesting
             raise _unreadable(self.path, exc) from exc
         _document_parts(self.path, document)
@@ -253,4 +284,5 @@ class JsonIndex:
     def load(self, document: dict[str, object]) -> None:
         entries, marks = _document_parts(self.path, document)
         entries = sorted(entries, key=_sort_key)
-        atomic_write_json(self.path, {"format": INDEX_FORMAT, "entries": entries, "high_water": dict(sorted(marks.items()))})
+        flag = {"exported": True} if document.get("exported") is True else {}
+        atomic_write_json(self.path, {"format": INDEX_FORMAT, **flag, "entries": entries, "high_water": dict(sorted(marks.items()))})

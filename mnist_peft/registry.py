@@ -43,7 +43,7 @@ from filelock import FileLock
 
 from .errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
 from .fileio import current_umask, fsync_dir, sha256_file
-from .index_store import INDEX_FORMAT, IndexStore, JsonIndex, SqliteIndex
+from .index_store import INDEX_FORMAT, IndexMovedError, IndexStore, JsonIndex, SqliteIndex
 
 __all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "confine", "validate_file_name", "NAME_PATTERN"]
 
@@ -282,9 +282,16 @@ class AdapterRegistry:
     def _store(self) -> IndexStore:
         """``index.db``; ``index.json`` for a registry made before ``index.db`` (until its first write)."""
         db = SqliteIndex(confine(self.root, DB_NAME))  # never opened through a link
+        if os.path.lexists(db.path) and not db.exists():
+            raise RegistryError(f"{str(db.path)!r} is not a regular file; the registry index must be one: restore it from a backup")
         if not db.exists():
             legacy = JsonIndex(confine(self.root, INDEX_NAME))
             if legacy.exists():
+                if legacy.exported():
+                    raise RegistryError(
+                        f"{str(db.path)!r} is missing and {str(legacy.path)!r} is only an export of it (it may be stale): "
+                        "restore index.db from a backup"
+                    )
                 return legacy
         return db
 
@@ -292,19 +299,28 @@ class AdapterRegistry:
         """The store writes go to (under the lock): a registry still on ``index.json`` moves to
         ``index.db`` first, its entries validated on the way; the JSON file is kept, renamed."""
         store = self._store()
-        if isinstance(store, SqliteIndex):
+        if isinstance(store, SqliteIndex) and store.exists():
             return store
-        entries, marks = self._read()
+        document: dict[str, object] = {"format": INDEX_FORMAT, "entries": [], "high_water": {}}
+        if isinstance(store, JsonIndex):
+            entries, marks = self._read()
+            document = {"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": marks}
         db = SqliteIndex(confine(self.root, DB_NAME))
-        db.load({"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": marks})
-        os.replace(store.path, confine(self.root, IMPORTED_NAME))
+        db.create(document)  # made aside and renamed in: readers see the old index or the new one
+        if isinstance(store, JsonIndex):
+            os.replace(store.path, confine(self.root, IMPORTED_NAME))
         fsync_dir(self.root)
         return db
 
     def _read(self, name: str | None = None) -> tuple[list[RegistryEntry], dict[str, int]]:
         """The entries and high-water marks (of one name), validated (the index is outside input)."""
         self._require_root()
-        store = self._store()
+        try:
+            return self._read_from(self._store(), name)
+        except IndexMovedError:  # a writer moved index.json to index.db just now: read that
+            return self._read_from(self._store(), name)
+
+    def _read_from(self, store: IndexStore, name: str | None) -> tuple[list[RegistryEntry], dict[str, int]]:
         if not store.exists():
             return [], {}
         where = f"registry index {str(store.path)!r}"
@@ -333,7 +349,15 @@ class AdapterRegistry:
         (default: ``<root>/index.json``); every entry is validated first."""
         entries, marks = self._read()
         target = confine(self.root, INDEX_NAME) if path is None else Path(path)
-        JsonIndex(target).load({"format": INDEX_FORMAT, "entries": [e.to_dict() for e in entries], "high_water": marks})
+        if (
+            path is not None
+            and target.resolve().is_relative_to(self.root.resolve())
+            and target.resolve() != (self.root / INDEX_NAME).resolve()
+        ):
+            raise RegistryError(
+                f"refusing to export to {str(target)!r}: inside the registry only {INDEX_NAME} may be written (the rest is the registry's own)"
+            )
+        JsonIndex(target).load({"format": INDEX_FORMAT, "exported": True, "entries": [e.to_dict() for e in entries], "high_water": marks})
         return target
 
     def folder(self, entry: RegistryEntry) -> Path:
@@ -463,6 +487,10 @@ class AdapterRegistry:
                 entries += some
                 marks.update(their_marks)
             staging_root = confine(self.root, STAGING_DIR)
+            if os.path.lexists(staging_root) and not staging_root.is_dir():
+                raise RegistryError(
+                    f"{str(staging_root)!r} is in the way of the registry's staging folder and is not a folder; move it away"
+                )
             staging_root.mkdir(exist_ok=True)
             self._clean_staging()
             try:
@@ -539,11 +567,11 @@ class AdapterRegistry:
         """
         name, version = parse_ref(ref)
         with self._lock():
-            store = self._writable_store()
             entries, marks = self._read(name)
             gone = [e for e in entries if version is None or e.version == version]
             if not gone:
-                self.get(ref)  # raises the not-found error with the known names
+                self.get(ref)  # raises the not-found error with the known names (before any change)
+            store = self._writable_store()
             for e in gone:
                 self.folder(e)  # refuses links before anything is written
             with _entry_dir_fd(self.root, name):

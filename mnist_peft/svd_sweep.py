@@ -10,7 +10,8 @@ from torch import nn
 from .combine import delta_weights, lora_from_deltas
 from .lora import LoraModel
 from .model import count_parameters
-from .train import evaluate, finetune_full
+from .recipes import finetune_full
+from .train import evaluate
 
 __all__ = ["rank_sweep"]
 

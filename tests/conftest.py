@@ -44,7 +44,7 @@ def random_base() -> MnistMLP:
 @pytest.fixture(scope="session")
 def trained_base_dir(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """A briefly trained base (1/2 epoch of the default recipe), saved with save_pretrained."""
-    from mnist_peft.train import train_base
+    from mnist_peft.recipes import train_base
 
     model, _ = train_base("default", data_dir=str(data_root), epochs=0.5)
     out = tmp_path_factory.mktemp("base")

@@ -25,7 +25,8 @@ from mnist_peft.errors import (
 )
 from mnist_peft.lora import LoraConfig, LoraModel
 from mnist_peft.model import MnistMLP, load_base
-from mnist_peft.train import AdapterRecipe, TrainConfig
+from mnist_peft.recipes import AdapterRecipe
+from mnist_peft.train import TrainConfig
 
 
 @pytest.fixture()

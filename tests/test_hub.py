@@ -236,3 +236,19 @@ def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, re
     assert again.returncode == 0, again.stderr
     repos = {r["repo_id"]: r["pushed"] for r in json.loads(again.stdout)["repos"]}
     assert repos["team/per-digit-9"] == ["digit-9@3"] and repos["team/per-digit-3"] == []
+
+
+def test_a_per_adapter_push_never_calls_other_bytes_by_an_existing_tag(hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
+    """A second registry whose digit-3@1 is other weights cannot publish them as the repo's v1."""
+    from mnist_peft.model import load_base
+
+    assert run_cli("push", "--repo-id", "team/tagged", "--per-adapter", "--root", str(registry.root), env=hub_env).returncode == 0
+    other = AdapterRegistry(tmp_path / "other")
+    other.add("base", registry.path("base"))
+    torch.manual_seed(4242)
+    model = LoraModel(load_base(registry.path("base")), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    other.add("digit-3", save_adapter(model, tmp_path / "other-3", metadata={"digit": "3"}))
+    clash = run_cli("push", "--repo-id", "team/tagged", "--per-adapter", "--root", str(other.root), "--name", "digit-3", env=hub_env)
+    assert clash.returncode == 1 and "tag v1 of 'team/tagged-digit-3' holds other weights" in clash.stderr, clash.stderr
+    same = run_cli("push", "--repo-id", "team/tagged", "--per-adapter", "--root", str(registry.root), "--json", env=hub_env)
+    assert same.returncode == 0 and all(r["pushed"] == [] for r in json.loads(same.stdout)["repos"][1:]), same.stdout

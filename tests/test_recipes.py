@@ -8,7 +8,7 @@ import pytest
 
 from mnist_peft.errors import FingerprintMismatchError
 from mnist_peft.model import load_base
-from mnist_peft.train import ADAPTER_RECIPES, train_adapter
+from mnist_peft.recipes import ADAPTER_RECIPES, train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_augmentation_keeps_shape_and_background_and_is_seeded(mnist_test) -> No
     import torch
 
     from mnist_peft.data import MNIST_MEAN, MNIST_STD
-    from mnist_peft.train import augment_batch
+    from mnist_peft.recipes import augment_batch
 
     x = mnist_test.x[:64]
     a = augment_batch(x, torch.Generator().manual_seed(1))

@@ -206,15 +206,22 @@ def test_the_index_lives_in_sqlite_and_exports_as_index_json(tmp_path: Path, ada
     assert reg.add("digit-7", adapter_dir).version == 3  # the mark survived rm, in the database
 
 
+def _make_old_style(reg: AdapterRegistry) -> None:
+    """Turn ``reg`` into a registry as earlier versions wrote it: index.json only (no export flag)."""
+    document = json.loads(reg.export_index().read_text())
+    del document["exported"]
+    (reg.root / "index.json").write_text(json.dumps(document))
+    for f in reg.root.glob("index.db*"):
+        f.unlink()
+
+
 def test_a_registry_made_before_index_db_moves_to_it_on_its_first_write(tmp_path: Path, adapter_dir: Path) -> None:
     """An index.json registry (as earlier versions wrote) is read as it is; the first write moves it."""
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
     reg.add("digit-7", adapter_dir)
     reg.remove("digit-7@2")
-    reg.export_index()
-    for f in reg.root.glob("index.db*"):
-        f.unlink()  # now exactly an old-style registry: index.json only
+    _make_old_style(reg)
     assert reg.index_path.name == "index.json" and [e.ref for e in reg.list()] == ["digit-7@1"]
     before = (reg.root / "index.json").read_bytes()
     assert reg.add("digit-8", adapter_dir).version == 1
@@ -266,3 +273,51 @@ def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter
     reg.add("c", adapter_dir)
     reg.remove("a")
     assert asked and None not in asked, asked
+
+
+def test_a_migration_stopped_midway_leaves_the_old_index_in_force(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
+    """The database is made aside and renamed in: a writer stopped while making it changes nothing."""
+    from mnist_peft.index_store import SqliteIndex
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.add("digit-7", adapter_dir)
+    _make_old_style(reg)
+
+    def interrupted(self, document):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SqliteIndex, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reg.add("digit-8", adapter_dir)
+    monkeypatch.undo()
+    assert sorted(p.name for p in reg.root.glob("index*")) == ["index.json"]
+    assert [e.ref for e in reg.list()] == ["digit-7@1", "digit-7@2"]
+    assert reg.add("digit-7", adapter_dir).version == 3
+
+
+def test_a_failed_rm_on_an_old_style_registry_changes_nothing(tmp_path: Path, adapter_dir: Path) -> None:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    _make_old_style(reg)
+    before = (reg.root / "index.json").read_bytes()
+    with pytest.raises(EntryNotFoundError):
+        reg.remove("nosuch")
+    assert sorted(p.name for p in reg.root.glob("index*")) == ["index.json"] and (reg.root / "index.json").read_bytes() == before
+
+
+def test_an_export_is_never_taken_for_the_index(tmp_path: Path, adapter_dir: Path) -> None:
+    """With index.db gone, a (possibly stale) export is refused, not read as the index; an export
+    into the registry's own files is refused; an index.db that is a folder is an error."""
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    with pytest.raises(RegistryError, match=r"only index\.json may be written"):
+        reg.export_index(reg.root / "index.db")
+    assert reg.get("digit-7").version == 1
+    reg.export_index()
+    (reg.root / "index.db").unlink()
+    with pytest.raises(RegistryError, match="only an export"):
+        reg.list()
+    (reg.root / "index.db").mkdir()
+    with pytest.raises(RegistryError, match="not a regular file"):
+        reg.list()

@@ -8,7 +8,8 @@ from torch import nn
 
 from mnist_peft.data import MnistSplit
 from mnist_peft.model import MnistMLP
-from mnist_peft.train import BASE_RECIPES, TrainConfig, evaluate, fit, train_base
+from mnist_peft.recipes import BASE_RECIPES, train_base
+from mnist_peft.train import TrainConfig, evaluate, fit
 
 SHORT_RUN_ACCURACY = 0.90  # 10k images, 2 epochs at batch 128: measured ~0.93 on the test set
 
@@ -62,9 +63,26 @@ def test_evaluate_counts_per_digit_errors_and_confusion(mnist_test) -> None:
 
 
 def test_recipes_are_the_seed_and_ours() -> None:
-    seed = BASE_RECIPES["seed"]
+    seed = BASE_RECIPES["seed"].config
     assert (seed.batch_size, seed.epochs, seed.lr, seed.seed, seed.schedule) == (10, 1, 1e-3, 0, "none")
-    with pytest.raises(ValueError, match="unknown recipe"):
+    with pytest.raises(ValueError, match="unknown base recipe 'fast'; choose one of seed, default"):
         train_base("fast")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_a_registered_recipe_becomes_a_cli_choice() -> None:
+    """Adding a recipe is one call: the CLI's --recipe choices are read from the recipe registry."""
+    from mnist_peft.cli import build_parser
+    from mnist_peft.recipes import _RECIPES, BaseRecipe, register_recipe
+
+    recipe = register_recipe(BaseRecipe("tiny-test", "a test's own", TrainConfig(epochs=0.01, batch_size=256)))
+    try:
+        args = build_parser().parse_args(["train-base", "--recipe", "tiny-test", "--out", "x"])
+        assert args.recipe == "tiny-test"
+        with pytest.raises(ValueError, match="exists already"):
+            register_recipe(recipe)
+    finally:
+        del _RECIPES["base"]["tiny-test"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-base", "--recipe", "tiny-test", "--out", "x"])
