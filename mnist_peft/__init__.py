@@ -1,20 +1,67 @@
 """mnist_peft: LoRA adapter management on Hugging Face PEFT conventions, proven on MNIST."""
+# ruff: noqa: F405  (the public names below resolve lazily through __getattr__; ruff cannot see them)
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapters import load_adapter, load_stack, read_adapter, save_adapter
-from .combine import combine_adapters, resize_adapter
-from .data import MnistSplit, digit_subset, ensure_mnist, load_mnist, resolve_data_root, split_validation
-from .errors import *  # noqa: F403  (errors.__all__ is part of the public surface)
+from .errors import *  # noqa: F403  (errors.__all__ is part of the public surface; it needs no torch)
 from .errors import __all__ as _errors_all
-from .lora import LoraConfig, LoraModel, get_delta_weight
-from .model import MnistMLP, base_fingerprint, count_parameters, load_base
-from .recipes import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, BaseRecipe, Recipe, register_recipe, train_adapter, train_base
-from .registry import AdapterRegistry
-from .serving import hot_swap, mixed_forward
-from .train import EvalResult, TrainConfig, evaluate, fit
+
+# Everything else is imported on first use (PEP 562), so that ``import mnist_peft`` and commands
+# that need no tensors (``mnist-peft registry list``, ``push``) do not pay for importing torch.
+_LAZY = {
+    "load_adapter": "adapters",
+    "load_stack": "adapters",
+    "read_adapter": "adapters",
+    "save_adapter": "adapters",
+    "combine_adapters": "combine",
+    "resize_adapter": "combine",
+    "MnistSplit": "data",
+    "digit_subset": "data",
+    "ensure_mnist": "data",
+    "load_mnist": "data",
+    "resolve_data_root": "data",
+    "split_validation": "data",
+    "LoraConfig": "lora",
+    "LoraModel": "lora",
+    "get_delta_weight": "lora",
+    "MnistMLP": "model",
+    "base_fingerprint": "model",
+    "count_parameters": "model",
+    "load_base": "model",
+    "ADAPTER_RECIPES": "recipes",
+    "BASE_RECIPES": "recipes",
+    "AdapterRecipe": "recipes",
+    "BaseRecipe": "recipes",
+    "Recipe": "recipes",
+    "register_recipe": "recipes",
+    "train_adapter": "recipes",
+    "train_base": "recipes",
+    "AdapterRegistry": "registry",
+    "hot_swap": "serving",
+    "mixed_forward": "serving",
+    "EvalResult": "train",
+    "TrainConfig": "train",
+    "evaluate": "train",
+    "fit": "train",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mnist_peft' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "__version__",

@@ -44,19 +44,22 @@ class Command:
     description: str
     arguments: Callable[[argparse.ArgumentParser], None]
     handler: Callable[[argparse.Namespace], int]
+    tensors: bool = True
+    """Whether it computes with torch (then denormals are flushed before torch starts its threads);
+    the registry and push commands do not, and start without importing torch at all."""
 
 
 COMMANDS: dict[str, Command] = {}  # in the order ``mnist-peft --help`` lists them
 
 
-def command(name: str, *, help: str, description: str, arguments: Callable[[argparse.ArgumentParser], None]):
+def command(name: str, *, help: str, description: str, arguments: Callable[[argparse.ArgumentParser], None], tensors: bool = True):
     """Register the decorated ``cmd_*`` handler as subcommand ``name``: adding a command is its
     arguments function and its handler, side by side, and nothing else."""
 
     def register(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         if name in COMMANDS:
             raise RuntimeError(f"two commands named {name!r}")
-        COMMANDS[name] = Command(name, help, description, arguments, handler)
+        COMMANDS[name] = Command(name, help, description, arguments, handler, tensors)
         return handler
 
     return register
@@ -88,6 +91,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     lines = [f"mnist-peft {__version__}", f"parameters: {payload['parameters']:,}"]
     lines += [f"  {n}: weight {o} x {i}" for n, (o, i) in layers.items()]
     lines.append(f"data root: {payload['data_root']}")
+    from .recipes import get_recipe, recipe_names
+
+    payload["recipes"] = {kind: {n: get_recipe(kind, n).summary for n in recipe_names(kind)} for kind in ("base", "adapter")}
+    for kind, recipes in payload["recipes"].items():  # type: ignore[union-attr]
+        lines += [f"{kind} recipe {n}: {summary}" for n, summary in recipes.items()]
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -287,6 +295,35 @@ def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
+def _save_trained_adapter(args: argparse.Namespace, model, result, out: Path) -> dict | None:
+    """Write the adapter (metadata, card, --dtype) to ``out`` and register it if asked."""
+    import torch
+
+    from .adapters import save_adapter
+    from .cards import digit_model_card
+
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    cfg = model.peft_config["default"]
+    meta = {
+        "digit": str(args.digit),
+        "recipe": result.recipe,
+        "steps": str(result.steps),
+        "r": str(cfg.r),
+        "lora_alpha": f"{cfg.lora_alpha:g}",
+    }
+    if args.resume:
+        meta["resumed_from"] = str(args.resume)
+    card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
+    save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
+    metrics = {
+        "accuracy": result.after.accuracy,
+        "wrong_per_digit": result.after.wrong_per_digit,
+        "accuracy_before": result.before.accuracy,
+        "wrong_per_digit_before": result.before.wrong_per_digit,
+    }
+    return _register(args, out, metrics, digit=args.digit)
+
+
 @command(
     "train-adapter",
     help="train a per-digit LoRA adapter and save it in PEFT layout",
@@ -297,10 +334,6 @@ def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_train_adapter_arguments,
 )
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    import torch
-
-    from .adapters import save_adapter
-    from .cards import digit_model_card
     from .recipes import train_adapter
     from .train import progress_enabled
 
@@ -325,31 +358,9 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
     )
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     cfg = model.peft_config["default"]
-    meta = {
-        "digit": str(args.digit),
-        "recipe": result.recipe,
-        "steps": str(result.steps),
-        "r": str(cfg.r),
-        "lora_alpha": f"{cfg.lora_alpha:g}",
-    }
-    if args.resume:
-        meta["resumed_from"] = str(args.resume)
-    card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
-    save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
+    registered = _save_trained_adapter(args, model, result, out)
     d = args.digit
-    registered = _register(
-        args,
-        out,
-        {
-            "accuracy": result.after.accuracy,
-            "wrong_per_digit": result.after.wrong_per_digit,
-            "accuracy_before": result.before.accuracy,
-            "wrong_per_digit_before": result.before.wrong_per_digit,
-        },
-        digit=d,
-    )
     payload = {
         "digit": d,
         "recipe": result.recipe,
@@ -467,6 +478,7 @@ def _registry_arguments(p: argparse.ArgumentParser) -> None:
     "file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file and exits 1 if any entry "
     "is bad. 'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
     arguments=_registry_arguments,
+    tensors=False,
 )
 def cmd_registry(args: argparse.Namespace) -> int:
     reg = _registry(args)
@@ -563,6 +575,7 @@ def _hub_arguments(push: bool) -> Callable[[argparse.ArgumentParser], None]:
     "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
     "selects another Hub.",
     arguments=_hub_arguments(push=True),
+    tensors=False,
 )
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_adapters_to_hub, push_to_hub
@@ -596,6 +609,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
     "repo id and commit they came from.",
     arguments=_hub_arguments(push=False),
+    tensors=False,
 )
 def cmd_pull(args: argparse.Namespace) -> int:
     from .hub import pull_from_hub
@@ -898,13 +912,37 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _RecipeChoices:
+    """``--recipe``'s choices: the registered recipes of one kind, looked up only when argparse
+    checks a value or prints help (so commands that train nothing never import the recipes)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def _names(self) -> list[str]:
+        from .recipes import recipe_names
+
+        return recipe_names(self.kind)  # type: ignore[arg-type]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
 def _add_recipe(p: argparse.ArgumentParser, kind: str, *, default: str) -> None:
     """``--recipe``: the choices are the registered recipes of ``kind`` (:mod:`mnist_peft.recipes`)."""
-    from .recipes import get_recipe, recipe_names
-
-    names = recipe_names(kind)  # type: ignore[arg-type]
-    described = "; ".join(f"{n}: {get_recipe(kind, n).summary}" for n in names)  # type: ignore[arg-type]
-    p.add_argument("--recipe", choices=names, default=default, help=f"{described} (default: {default})")
+    p.add_argument(
+        "--recipe",
+        choices=_RecipeChoices(kind),  # type: ignore[arg-type]
+        metavar="NAME",  # argparse would list the choices in the usage line, importing them on every run
+        default=default,
+        help=f"a registered {kind} recipe: %(choices)s (default: %(default)s; `mnist-peft info` describes them)",
+    )
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -952,13 +990,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    import torch
+    if COMMANDS[args.command].tensors:
+        import torch
 
-    # Late in training, Adam's moments and small gradients become subnormal floats, which x86 CPUs
-    # handle ~4x slower (the seed recipe: 82 s -> 23 s). Flushing them to zero changes no result a
-    # test set can see. It must happen before PyTorch starts its worker threads, which copy the
-    # setting when they are created: hence here, first thing, and not inside fit().
-    torch.set_flush_denormal(True)
+        # Late in training, Adam's moments and small gradients become subnormal floats, which x86 CPUs
+        # handle ~4x slower (the seed recipe: 82 s -> 23 s). Flushing them to zero changes no result a
+        # test set can see. It must happen before PyTorch starts its worker threads, which copy the
+        # setting when they are created: hence here, first thing, and not inside fit().
+        torch.set_flush_denormal(True)
     try:
         return args.handler(args)
     except _UsageError as exc:

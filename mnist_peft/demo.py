@@ -115,39 +115,76 @@ def run_demo(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, object]:
     """Run every stage, write ``report.md`` and the plots to ``out``, return the summary."""
-    cfg = config or DemoConfig()
     out = Path(out)
-    stages = _Stages(out, force, log)
-    models = out / "models"
+    cfg = config or DemoConfig()
     registry = AdapterRegistry(root) if cfg.use_registry else None
     if registry is not None and not registry.root.is_dir():  # no registry here: the demo trains what it needs
         log(f"no registry at {str(registry.root)!r}: training the base and the adapters instead")
         registry = None
-    start = time.perf_counter()
+    stages, demo, start = _Stages(out, force, log), _Demo(cfg, out, registry, force, data_dir, progress), time.perf_counter()
+    base_info = demo.base_info = stages.run("base", demo.stage_base)
+    demo.base = load_base(base_info["path"])
+    seed = stages.run("seed", demo.stage_seed)
+    replay = stages.run("replay", demo.stage_replay)
+    demo.folders = folders = [Path(r["folder"]) for r in replay["rows"]]
+    from .analysis import logit_offset_tradeoff  # the logit-offset reference for the same target (one pass: not cached)
 
-    # 1. base
-    def stage_base() -> dict:
+    headroom = [r.to_dict() for r in logit_offset_tradeoff(demo.base, data_dir=data_dir)]
+    combined = stages.run("combine", demo.stage_combine)
+    exact = stages.run("exact", demo.stage_exact)
+    parity = stages.run("parity", demo.stage_parity)
+    svd = stages.run("svd", demo.stage_svd)
+    files = _plots(out, base_info, seed, replay, svd, folders)
+    atomic_write_text(out / "report.md", _report(base_info, seed, replay, headroom, combined, exact, parity, svd, folders))
+    return {
+        "out": str(out),
+        "seconds": round(time.perf_counter() - start, 1),
+        "report": str(out / "report.md"),
+        "plots": files,
+        "base_accuracy": base_info["eval"]["accuracy"],
+        "seed_lora_accuracy": seed["lora_on"]["accuracy"],
+        "replay_accuracy": [r["eval"]["accuracy"] for r in replay["rows"]],
+        "replay_target_wrong": [r["eval"]["wrong_per_digit"][r["digit"]] for r in replay["rows"]],
+        "base_wrong": base_info["eval"]["wrong_per_digit"],
+        "exact": exact,
+        "parity": f"{parity['passed']}/{parity['total']}",
+    }
+
+
+class _Demo:
+    """One demo run: its settings, what earlier stages produced, and a method per stage."""
+
+    def __init__(
+        self, cfg: DemoConfig, out: Path, registry: AdapterRegistry | None, force: bool, data_dir: str | None, progress: bool
+    ) -> None:
+        self.cfg, self.registry, self.force, self.data_dir, self.progress = cfg, registry, force, data_dir, progress
+        self.models = out / "models"
+        self.base_info: dict = {}
+        self.base: torch.nn.Module | None = None
+        self.folders: list[Path] = []
+
+    def stage_base(self) -> dict:
+        """1. The registry's base, or a freshly trained default-recipe one."""
+        registry, data_dir = self.registry, self.data_dir
         path = None if registry is None else registry_folder("base", registry, "base")
         if path is not None:
             model = load_base(path)
             source = f"registry {registry.get('base').ref}"
         else:
-            model, _ = train_base("default", data_dir=data_dir, progress=progress, epochs=cfg.base_epochs)
-            path = models / "base"
+            model, _ = train_base("default", data_dir=data_dir, progress=self.progress, epochs=self.cfg.base_epochs)
+            path = self.models / "base"
             model.save_pretrained(path)
             source = "trained (default recipe)"
         r = evaluate(model, data_dir=data_dir)
         return {"path": str(path), "source": source, "fingerprint": base_fingerprint(model), "eval": r.to_dict()}
 
-    base_info = stages.run("base", stage_base)
-    base = load_base(base_info["path"])
-
-    # 2. the seed's experiment
-    def stage_seed() -> dict:
-        seed_base, _ = train_base("seed", data_dir=data_dir, progress=progress, epochs=cfg.seed_base_epochs)
-        seed_base.save_pretrained(models / "seed-base")
+    def stage_seed(self) -> dict:
+        """2. The seed's experiment: seed-recipe base, digit-9 seed adapter, LoRA on and off."""
+        data_dir, progress = self.data_dir, self.progress
+        seed_base, _ = train_base("seed", data_dir=data_dir, progress=progress, epochs=self.cfg.seed_base_epochs)
+        seed_base.save_pretrained(self.models / "seed-base")
         model, res = train_adapter(seed_base, 9, "seed", data_dir=data_dir, progress=progress)
-        save_adapter(model, models / "seed-digit-9", metadata={"digit": "9", "recipe": "seed"})
+        save_adapter(model, self.models / "seed-digit-9", metadata={"digit": "9", "recipe": "seed"})
         with model.disable_adapter():
             off = evaluate(model, data_dir=data_dir)
         return {
@@ -160,38 +197,32 @@ def run_demo(
             "base_parameters": count_parameters(seed_base),
         }
 
-    seed = stages.run("seed", stage_seed)
-
-    # 3. the ten replay adapters
-    def adapter_folder(d: int) -> Path:
+    def adapter_folder(self, d: int) -> Path:
+        """The registry's digit-d adapter if it was trained on this base, else one trained here."""
+        registry = self.registry
         folder = None if registry is None else registry_folder(f"digit-{d}", registry, "lora")
-        if folder is not None and registry.get(f"digit-{d}").base_fingerprint == base_info["fingerprint"]:
+        if folder is not None and registry.get(f"digit-{d}").base_fingerprint == self.base_info["fingerprint"]:
             return folder
-        folder = models / f"digit-{d}"
-        if not (folder / ADAPTER_WEIGHTS_NAME).exists() or force:
-            model, _ = train_adapter(base, d, "replay", data_dir=data_dir, progress=progress, steps=cfg.adapter_steps)
+        folder = self.models / f"digit-{d}"
+        if not (folder / ADAPTER_WEIGHTS_NAME).exists() or self.force:
+            model, _ = train_adapter(self.base, d, "replay", data_dir=self.data_dir, progress=self.progress, steps=self.cfg.adapter_steps)
             save_adapter(model, folder, metadata={"digit": str(d), "recipe": "replay"})
         return folder
 
-    def stage_replay() -> dict:
+    def stage_replay(self) -> dict:
+        """3. The ten replay adapters, each evaluated: the adapter x digit table."""
         rows = []
         for d in range(10):
-            folder = adapter_folder(d)
-            r = evaluate(load_stack(copy.deepcopy(base), [folder]), data_dir=data_dir)
+            folder = self.adapter_folder(d)
+            r = evaluate(load_stack(copy.deepcopy(self.base), [folder]), data_dir=self.data_dir)
             rows.append({"digit": d, "folder": str(folder), "eval": r.to_dict()})
         return {"rows": rows}
 
-    replay = stages.run("replay", stage_replay)
-    folders = [Path(r["folder"]) for r in replay["rows"]]
-    # The logit-offset reference for the same target (one forward pass: not cached).
-    from .analysis import logit_offset_tradeoff
-
-    headroom = [r.to_dict() for r in logit_offset_tradeoff(base, data_dir=data_dir)]
-
-    # 4. stack and combinations
-    def stage_combine() -> dict:
+    def stage_combine(self) -> dict:
+        """4. A weighted stack (unmerged and merged), and the ten adapters by cat and by svd."""
         from .combine import combine_adapters
 
+        base, folders, cfg, data_dir = self.base, self.folders, self.cfg, self.data_dir
         stack = load_stack(copy.deepcopy(base), [folders[d] for d in cfg.stack], [1.0] * len(cfg.stack))
         unmerged = evaluate(stack, data_dir=data_dir)
         stack.merge()
@@ -209,11 +240,10 @@ def run_demo(
             }
         return {"stack_digits": list(cfg.stack), "stack_unmerged": unmerged.to_dict(), "stack_merged": merged.to_dict(), **results}
 
-    combined = stages.run("combine", stage_combine)
-
-    # 5. exactness: LoRA off and unmerge
-    def stage_exact() -> dict:
-        model = load_stack(copy.deepcopy(base), [folders[9]])
+    def stage_exact(self) -> dict:
+        """5. LoRA off and 100 merge/unmerge cycles give the base back bit for bit."""
+        base = self.base
+        model = load_stack(copy.deepcopy(base), [self.folders[9]])
         x = torch.randn(256, 784, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             y_base = base(x)
@@ -229,45 +259,22 @@ def run_demo(
             )
         return {"adapter_changes_output": changed, "lora_off_equals_base": off_equal, "unmerge_100_cycles_bit_exact": unmerge_equal}
 
-    exact = stages.run("exact", stage_exact)
-
-    # 6. parity with peft
-    def stage_parity() -> dict:
+    def stage_parity(self) -> dict:
+        """6. A short native-vs-peft parity run."""
         from .data import load_mnist
         from .peft_compat import default_cases, run_parity
 
-        data = load_mnist(train=True, data_dir=data_dir)
-        n = cfg.parity_steps * 32
-        res = run_parity(base, data.x[:n], data.y[:n], default_cases(cfg.parity_ranks), steps=cfg.parity_steps)
+        data = load_mnist(train=True, data_dir=self.data_dir)
+        n = self.cfg.parity_steps * 32
+        res = run_parity(self.base, data.x[:n], data.y[:n], default_cases(self.cfg.parity_ranks), steps=self.cfg.parity_steps)
         return {"cases": [r.to_dict() for r in res], "passed": sum(r.passed for r in res), "total": len(res)}
 
-    parity = stages.run("parity", stage_parity)
-
-    # 7. SVD rank sweep
-    def stage_svd() -> dict:
+    def stage_svd(self) -> dict:
+        """7. LoRA by SVD of a full fine-tune: accuracy vs rank."""
         from .svd_sweep import rank_sweep
 
-        return rank_sweep(base, 9, cfg.svd_ranks, steps=cfg.svd_steps, data_dir=data_dir, progress=progress)
-
-    svd = stages.run("svd", stage_svd)
-
-    files = _plots(out, base_info, seed, replay, svd, folders)
-    report = _report(base_info, seed, replay, headroom, combined, exact, parity, svd, folders)
-    atomic_write_text(out / "report.md", report)
-    summary = {
-        "out": str(out),
-        "seconds": round(time.perf_counter() - start, 1),
-        "report": str(out / "report.md"),
-        "plots": files,
-        "base_accuracy": base_info["eval"]["accuracy"],
-        "seed_lora_accuracy": seed["lora_on"]["accuracy"],
-        "replay_accuracy": [r["eval"]["accuracy"] for r in replay["rows"]],
-        "replay_target_wrong": [r["eval"]["wrong_per_digit"][r["digit"]] for r in replay["rows"]],
-        "base_wrong": base_info["eval"]["wrong_per_digit"],
-        "exact": exact,
-        "parity": f"{parity['passed']}/{parity['total']}",
-    }
-    return summary
+        cfg = self.cfg
+        return rank_sweep(self.base, 9, cfg.svd_ranks, steps=cfg.svd_steps, data_dir=self.data_dir, progress=self.progress)
 
 
 def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, folders: list[Path]) -> list[str]:
@@ -348,11 +355,19 @@ def _report(
     svd: dict,
     folders: list[Path],
 ) -> str:
+    """``report.md``: one section per stage."""
+    lines = ["# mnist-peft demo report", ""]
+    lines += _report_seed(seed)
+    lines += _report_replay(base_info, replay, headroom)
+    lines += _report_combine(combined)
+    lines += _report_exact_and_parity(exact, parity)
+    lines += _report_svd_and_savings(svd, base_info, folders)
+    return "\n".join(lines)
+
+
+def _report_seed(seed: dict) -> list[str]:
     f = SEED_FACTS
-    b = base_info["eval"]
-    lines = [
-        "# mnist-peft demo report",
-        "",
+    return [
         "## 1. The seed's experiment, reproduced",
         "",
         "| | accuracy | wrong per digit 0..9 |",
@@ -367,6 +382,24 @@ def _report(
         f"(seed: {f['lora_parameters']:,}); total {seed['total_parameters']:,} (seed: {f['total_parameters']:,}); "
         f"+{100 * seed['lora_parameters'] / seed['base_parameters']:.3f}% (seed: 0.242%).",
         "",
+    ]
+
+
+def _target_verdict(w0: int, w1: int, accuracy: float, base_accuracy: float) -> tuple[bool, str]:
+    """Whether an adapter meets both targets (>= 40% fewer digit errors, accuracy not lower), and why not."""
+    ok = w1 <= 0.6 * w0 and accuracy >= base_accuracy
+    why = (
+        "yes"
+        if ok
+        else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped")
+        + ("" if not (w1 > 0.6 * w0 and accuracy < base_accuracy) else " and accuracy dropped")
+    )
+    return ok, why
+
+
+def _report_replay(base_info: dict, replay: dict, headroom: list[dict]) -> list[str]:
+    b = base_info["eval"]
+    lines = [
         "## 2. Our answer: replay adapters on the default base",
         "",
         f"Base ({base_info['source']}): accuracy {b['accuracy']:.4f}; wrong per digit {_fmt(b['wrong_per_digit'])}.",
@@ -379,14 +412,8 @@ def _report(
         d, e = r["digit"], r["eval"]
         w0, w1 = b["wrong_per_digit"][d], e["wrong_per_digit"][d]
         change = f"{100 * (w1 - w0) / w0:+.0f}%" if w0 else "n/a"
-        ok = w1 <= 0.6 * w0 and e["accuracy"] >= b["accuracy"]
+        ok, why = _target_verdict(w0, w1, e["accuracy"], b["accuracy"])
         met += ok
-        why = (
-            "yes"
-            if ok
-            else ("no: fewer than 40% fixed" if w1 > 0.6 * w0 else "no: accuracy dropped")
-            + ("" if not (w1 > 0.6 * w0 and e["accuracy"] < b["accuracy"]) else " and accuracy dropped")
-        )
         h = headroom[d]
         ref = f"{h['wrong_after']}, {h['total_wrong_before']} -> {h['total_wrong_after']}"
         lines.append(f"| digit-{d} | {w0} | {w1} | {change} | {b['accuracy']:.4f} | {e['accuracy']:.4f} | {why} | {ref} |")
@@ -404,8 +431,11 @@ def _report(
     lines.append("| base | " + " | ".join(f"{v:.4f}" for v in b["error_rate_per_digit"]) + " |")
     for r in replay["rows"]:
         lines.append(f"| digit-{r['digit']} | " + " | ".join(f"{v:.4f}" for v in r["eval"]["error_rate_per_digit"]) + " |")
-    st = combined
-    lines += [
+    return lines
+
+
+def _report_combine(st: dict) -> list[str]:
+    return [
         "",
         "## 3. Stacking and combining",
         "",
@@ -418,6 +448,11 @@ def _report(
         "",
         f"`svd` relative Frobenius error per layer: {', '.join(f'{k} {v:.3f}' for k, v in st['svd']['relative_error'].items())}.",
         "",
+    ]
+
+
+def _report_exact_and_parity(exact: dict, parity: dict) -> list[str]:
+    lines = [
         "## 4. Exactness",
         "",
         f"- the adapter changes the output: {exact['adapter_changes_output']}",
@@ -435,7 +470,11 @@ def _report(
         lines.append(
             f"| {c['case']} | {c['forward_max_diff']:.1e} | {c['grad_max_diff']:.1e} | {c['train_max_diff']:.1e} | {c['merged_max_ulps']:.0f} | {c['unmerge_exact']} | {c['peft_unmerge_drift']:.1e} |"
         )
-    lines += [
+    return lines
+
+
+def _report_svd_and_savings(svd: dict, base_info: dict, folders: list[Path]) -> list[str]:
+    lines = [
         "",
         "## 6. LoRA by SVD of a full fine-tune (digit 9)",
         "",
@@ -458,7 +497,7 @@ def _report(
         "`adapter-digit-heatmap.png`, `svd-accuracy-vs-rank.png`, `savings.png`.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def summary_text(summary: dict) -> str:

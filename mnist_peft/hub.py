@@ -296,12 +296,8 @@ def pull_from_hub(
         revision = f"v{pinned[0][1]}"
     try:
         api = HfApi(token=token)
-        if pinned and revision not in {t.name for t in api.list_repo_refs(repo_id).tags}:
-            raise HubError(
-                f"{repo_id!r} has no tag {revision!r}, so no {pinned[0][0]}@{pinned[0][1]}: versions are tags only in per-adapter "
-                "repos (push --per-adapter); a bundle repo keeps one version of each entry: pull an older one with --revision <commit>",
-                repo_id=repo_id,
-            )
+        if pinned:
+            _require_tag(api, repo_id, *pinned[0])
         sha = api.repo_info(repo_id, revision=revision or "main").sha or (revision or "main")
         remote = _remote_index(api, repo_id, sha, token=token, required=True)
         for n, v in pinned:
@@ -314,38 +310,59 @@ def pull_from_hub(
         unknown = [n for n in wanted if n not in remote]
         if unknown:
             raise HubError(f"{repo_id!r} has no entries {unknown}; it has {sorted(remote)}", repo_id=repo_id)
+        source = {"repo_id": repo_id, "revision": sha, **({"tag": revision} if pinned else {})}
         with tempfile.TemporaryDirectory() as tmp:
             # Every name below was validated: plain file names, the repo layout's own folders.
             patterns = [f"{remote[n][1]}/{f}" if remote[n][1] else f for n in wanted for f in remote[n][0]["files"]]  # type: ignore[union-attr]
             snap = Path(
                 snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token, local_dir=os.path.join(tmp, "files"))
             )
-            items, unchanged = [], []
-            for n in wanted:
-                entry, repo_path = remote[n]
-                folder = confine(snap, repo_path) if repo_path else snap
-                files: dict[str, dict[str, object]] = entry["files"]  # type: ignore[assignment]
-                for fname, meta in files.items():
-                    p = confine(folder, fname)
-                    if not p.is_file() or sha256_file(p) != meta["sha256"]:
-                        raise IntegrityError(
-                            f"pulled file {n}/{fname} from {repo_id!r} does not match the sha256 in its index (tampered or "
-                            "corrupted on the server); nothing was added",
-                            path=p,
-                        )
-                if _already_there(registry, n, files):
-                    unchanged.append(n)
-                    continue
-                source = {"repo_id": repo_id, "revision": sha, **({"tag": revision} if pinned else {})}
-                items.append(
-                    (n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source})
-                )
+            items, unchanged = _checked_items(registry, repo_id, remote, wanted, snap, source)
             added = registry.add_many(items)
     except (HubError, IntegrityError, RegistryError):
         raise
     except Exception as exc:
         raise hub_error(exc, repo_id, "pull") from exc
     return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged)
+
+
+def _require_tag(api, repo_id: str, name: str, version: int) -> None:
+    if f"v{version}" not in {t.name for t in api.list_repo_refs(repo_id).tags}:
+        raise HubError(
+            f"{repo_id!r} has no tag 'v{version}', so no {name}@{version}: versions are tags only in per-adapter "
+            "repos (push --per-adapter); a bundle repo keeps one version of each entry: pull an older one with --revision <commit>",
+            repo_id=repo_id,
+        )
+
+
+def _checked_items(
+    registry: AdapterRegistry,
+    repo_id: str,
+    remote: dict[str, tuple[dict[str, object], str]],
+    wanted: list[str],
+    snap: Path,
+    source: dict[str, str],
+) -> tuple[list, list[str]]:
+    """``add_many`` items for the downloaded entries, every file checked against the index's
+    sha256 first; entries already in the registry byte for byte are listed as unchanged."""
+    items, unchanged = [], []
+    for n in wanted:
+        entry, repo_path = remote[n]
+        folder = confine(snap, repo_path) if repo_path else snap
+        files: dict[str, dict[str, object]] = entry["files"]  # type: ignore[assignment]
+        for fname, meta in files.items():
+            p = confine(folder, fname)
+            if not p.is_file() or sha256_file(p) != meta["sha256"]:
+                raise IntegrityError(
+                    f"pulled file {n}/{fname} from {repo_id!r} does not match the sha256 in its index (tampered or "
+                    "corrupted on the server); nothing was added",
+                    path=p,
+                )
+        if _already_there(registry, n, files):
+            unchanged.append(n)
+            continue
+        items.append((n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source}))
+    return items, unchanged
 
 
 def _remote_index(api, repo_id: str, revision: str, *, token: str | None, required: bool) -> dict[str, tuple[dict[str, object], str]]:

@@ -169,60 +169,15 @@ def run_case(
     torch.manual_seed(seed)
     theirs0 = peft.get_peft_model(copy.deepcopy(base), to_peft_config(case.config(init=True)))
     init_equal = _same_lora(ours0, theirs0)
-
     # 2. non-trivial adapters (init False: B != 0), same seed -> same weights on both sides
     torch.manual_seed(seed + 1)
     ours = LoraModel(copy.deepcopy(base), case.config(init=False)).eval()
     torch.manual_seed(seed + 1)
     theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(case.config(init=False))).eval()
     init_equal = init_equal and _same_lora(ours, theirs)
-
-    with torch.no_grad():
-        y_base = base.eval()(x)
-        set_forward_mode(ours, "exact")
-        y_ours = ours(x)
-        set_forward_mode(ours, "auto")
-        y_fused = ours(x)
-        y_theirs = theirs(x)
-    adapter_effect = float((y_ours - y_base).abs().max())
-    forward_diff = float((y_ours - y_theirs).abs().max())
-    fused_diff = float((y_fused - y_ours).abs().max())
-
-    # 3. gradients of every LoRA parameter for one batch
-    ours.train(), theirs.train()
-    F.cross_entropy(ours(x), y).backward()
-    F.cross_entropy(theirs(x), y).backward()
-    grad_diff = _max_diff(
-        {k: p.grad for k, p in ours.named_parameters() if p.grad is not None},
-        {k: p.grad for k, p in theirs.named_parameters() if p.grad is not None},
-    )
-
-    # 4. 100 Adam steps on the same batches
-    opt_o = torch.optim.Adam(list(_lora_params(ours).values()), lr=1e-3)
-    opt_t = torch.optim.Adam(list(_lora_params(theirs).values()), lr=1e-3)
-    for xb, yb in train_batches:
-        for model, opt in ((ours, opt_o), (theirs, opt_t)):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    ours.eval(), theirs.eval()
-    train_diff = _max_diff(_lora_state(ours), _lora_state(theirs))
-
-    # 5. merged weights, then unmerge: ours bit-exact, peft's drift reported
-    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(ours.model)}
-    with torch.no_grad():
-        deltas = {n: theirs.base_model.model.get_submodule(n).get_delta_weight(DEFAULT_ADAPTER) for n in originals}
-    ours.merge()
-    theirs.merge_adapter()
-    merged_ulps = 0.0
-    for n, layer in lora_layers(ours.model):
-        theirs_w = theirs.base_model.model.get_submodule(n).base_layer.weight.detach()
-        merged_ulps = max(merged_ulps, max_ulp_distance(layer.base_layer.weight.detach(), theirs_w, originals[n], deltas[n]))
-    ours.unmerge()
-    theirs.unmerge_adapter()
-    unmerge_exact = all(torch.equal(originals[n], layer.base_layer.weight) for n, layer in lora_layers(ours.model))
-    drift = max(float((originals[n] - theirs.base_model.model.get_submodule(n).base_layer.weight).abs().max()) for n in originals)
-
+    adapter_effect, forward_diff, fused_diff = _forward_diffs(base, ours, theirs, x)
+    grad_diff, train_diff = _training_diffs(ours, theirs, x, y, train_batches)
+    merged_ulps, unmerge_exact, drift = _merge_diffs(ours, theirs)
     passed = (
         init_equal
         and adapter_effect > 0
@@ -246,6 +201,58 @@ def run_case(
         peft_unmerge_drift=drift,
         passed=passed,
     )
+
+
+def _forward_diffs(base: nn.Module, ours: LoraModel, theirs: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+    """The adapter's effect, ours (exact path) vs peft, and our fused path vs our exact path."""
+    with torch.no_grad():
+        y_base = base.eval()(x)
+        set_forward_mode(ours, "exact")
+        y_ours = ours(x)
+        set_forward_mode(ours, "auto")
+        y_fused = ours(x)
+        y_theirs = theirs(x)
+    return float((y_ours - y_base).abs().max()), float((y_ours - y_theirs).abs().max()), float((y_fused - y_ours).abs().max())
+
+
+def _training_diffs(
+    ours: LoraModel, theirs: nn.Module, x: torch.Tensor, y: torch.Tensor, train_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    """3. Gradients of every LoRA parameter for one batch; 4. LoRA weights after Adam on the same batches."""
+    ours.train(), theirs.train()
+    F.cross_entropy(ours(x), y).backward()
+    F.cross_entropy(theirs(x), y).backward()
+    grad_diff = _max_diff(
+        {k: p.grad for k, p in ours.named_parameters() if p.grad is not None},
+        {k: p.grad for k, p in theirs.named_parameters() if p.grad is not None},
+    )
+    opt_o = torch.optim.Adam(list(_lora_params(ours).values()), lr=1e-3)
+    opt_t = torch.optim.Adam(list(_lora_params(theirs).values()), lr=1e-3)
+    for xb, yb in train_batches:
+        for model, opt in ((ours, opt_o), (theirs, opt_t)):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    ours.eval(), theirs.eval()
+    return grad_diff, _max_diff(_lora_state(ours), _lora_state(theirs))
+
+
+def _merge_diffs(ours: LoraModel, theirs: nn.Module) -> tuple[float, bool, float]:
+    """5. Merged weights (ulps from peft's), then unmerge: ours bit-exact, peft's drift reported."""
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(ours.model)}
+    with torch.no_grad():
+        deltas = {n: theirs.base_model.model.get_submodule(n).get_delta_weight(DEFAULT_ADAPTER) for n in originals}
+    ours.merge()
+    theirs.merge_adapter()
+    merged_ulps = 0.0
+    for n, layer in lora_layers(ours.model):
+        theirs_w = theirs.base_model.model.get_submodule(n).base_layer.weight.detach()
+        merged_ulps = max(merged_ulps, max_ulp_distance(layer.base_layer.weight.detach(), theirs_w, originals[n], deltas[n]))
+    ours.unmerge()
+    theirs.unmerge_adapter()
+    unmerge_exact = all(torch.equal(originals[n], layer.base_layer.weight) for n, layer in lora_layers(ours.model))
+    drift = max(float((originals[n] - theirs.base_model.model.get_submodule(n).base_layer.weight).abs().max()) for n in originals)
+    return merged_ulps, unmerge_exact, drift
 
 
 def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -184,6 +184,20 @@ class AdapterRecipe:
     """One line for ``--help``."""
     kind: RecipeKind = "adapter"
 
+    def fit_config(self) -> TrainConfig:
+        """The knobs :func:`~mnist_peft.train.fit` runs this recipe with (steps bound the run)."""
+        return TrainConfig(
+            epochs=1e9,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=self.seed,
+            schedule=self.schedule,
+            max_steps=self.steps,
+            val_size=self.val_size,
+            patience=self.patience,
+            eval_every=self.eval_every,
+        )
+
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
@@ -318,6 +332,54 @@ def finetune_full(
     return model, _train_on_digit(model, params, base, digit, recipe, f"{name}-full", data_dir=data_dir, progress=progress)
 
 
+class _DigitTask:
+    """An adapter recipe's data and objective for one digit: batches that mix the digit with
+    replayed others, cross-entropy plus a distillation term toward the base (the teacher) on the
+    replayed samples, optional augmentation; one generator draws every random choice in order."""
+
+    def __init__(self, recipe: AdapterRecipe, digit: int, train: MnistSplit, teacher: nn.Module, generator: torch.Generator) -> None:
+        self.recipe, self.digit, self.teacher, self.g = recipe, digit, teacher, generator
+        self.mine = (train.y == digit).nonzero().squeeze(1)
+        self.others = (train.y != digit).nonzero().squeeze(1)
+        full = recipe.digit_fraction >= 1
+        self.k = recipe.batch_size if full else max(1, round(recipe.batch_size * recipe.digit_fraction))
+
+    def batches(self, epoch: int):
+        recipe = self.recipe
+        if recipe.digit_fraction >= 1:  # the seed's loader: shuffled digit-D images only
+            yield from self.mine[seed_loader_permutation(len(self.mine))].split(recipe.batch_size)
+            return
+        while True:
+            a = self.mine[torch.randint(len(self.mine), (self.k,), generator=self.g)]
+            b = self.others[torch.randint(len(self.others), (recipe.batch_size - self.k,), generator=self.g)]
+            yield torch.cat([a, b])
+
+    def objective(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        logits = m(xb)
+        loss = F.cross_entropy(logits, yb)
+        if self.recipe.distill:
+            rest = yb != self.digit
+            if rest.any():
+                with torch.no_grad():
+                    target = F.log_softmax(self.teacher(xb[rest]), 1)
+                kl = F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
+                loss = loss + self.recipe.distill * kl
+        return loss
+
+    def loss(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return self.objective(m, augment_batch(xb, self.g) if self.recipe.augment else xb, yb)
+
+    def val_score(self, m: nn.Module, split: MnistSplit) -> float:
+        # The held-out objective on a digit-balanced mix like the training batches: the base has
+        # seen these images, so accuracy on them cannot move, but the adapter's objective can.
+        digit = self.digit
+        idx = torch.cat(
+            [(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]]
+        )
+        with torch.no_grad():
+            return -float(self.objective(m, split.x[idx], split.y[idx]))
+
+
 def _train_on_digit(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -339,64 +401,16 @@ def _train_on_digit(
     val = None
     if recipe.val_size:
         train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
-    g = torch.Generator().manual_seed(recipe.seed)
-    mine = (train.y == digit).nonzero().squeeze(1)
-    others = (train.y != digit).nonzero().squeeze(1)
-    k = max(1, round(recipe.batch_size * recipe.digit_fraction)) if recipe.digit_fraction < 1 else recipe.batch_size
-    teacher = base.eval()
-
-    def batches(epoch: int):
-        if recipe.digit_fraction >= 1:  # the seed's loader: shuffled digit-D images only
-            yield from mine[seed_loader_permutation(len(mine))].split(recipe.batch_size)
-            return
-        while True:
-            a = mine[torch.randint(len(mine), (k,), generator=g)]
-            b = others[torch.randint(len(others), (recipe.batch_size - k,), generator=g)]
-            yield torch.cat([a, b])
-
-    def objective(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        logits = m(xb)
-        loss = F.cross_entropy(logits, yb)
-        if recipe.distill:
-            rest = yb != digit
-            if rest.any():
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(xb[rest]), 1)
-                loss = loss + recipe.distill * F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
-        return loss
-
-    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return objective(m, augment_batch(xb, g) if recipe.augment else xb, yb)
-
-    def val_score(m: nn.Module, split: MnistSplit) -> float:
-        # The held-out objective on a digit-balanced mix like the training batches: the base has
-        # seen these images, so accuracy on them cannot move, but the adapter's objective can.
-        idx = torch.cat(
-            [(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]]
-        )
-        with torch.no_grad():
-            return -float(objective(m, split.x[idx], split.y[idx]))
-
-    cfg = TrainConfig(
-        epochs=1e9,
-        batch_size=recipe.batch_size,
-        lr=recipe.lr,
-        seed=recipe.seed,
-        schedule=recipe.schedule,
-        max_steps=recipe.steps,
-        val_size=recipe.val_size,
-        patience=recipe.patience,
-        eval_every=recipe.eval_every,
-    )
+    task = _DigitTask(recipe, digit, train, base.eval(), torch.Generator().manual_seed(recipe.seed))
     fitted = fit(
         model,
         train,
-        cfg,
+        recipe.fit_config(),
         params=params,
         val=val,
-        loss_fn=loss_fn,
-        batches=batches,
-        val_score=val_score,
+        loss_fn=task.loss,
+        batches=task.batches,
+        val_score=task.val_score,
         progress=progress,
         desc=f"digit-{digit}",
     )

@@ -459,26 +459,8 @@ class AdapterRegistry:
         one above every version the name ever had (removed ones included); a folder in the way
         that the index does not list is left alone, and the next free number is taken.
         """
-        prepared = []
-        for name, folder, opts in items:
-            validate_name(name)
-            src = Path(folder)
-            if not src.is_dir():
-                raise RegistryError(f"cannot add {str(src)!r}: not a folder; pass a base or adapter folder")
-            info = _describe_folder(src)
-            if opts.get("digit") is not None:
-                info["digit"] = opts["digit"]
-            names = opts.get("files") or sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
-            for fname in names:
-                validate_file_name(fname)
-                if (src / fname).is_symlink():
-                    raise RegistryError(f"cannot add {str(src / fname)!r}: it is a symlink; copy the file itself into the folder")
-            missing = [f for f in names if not (src / f).is_file()]
-            if missing:
-                raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
-            prepared.append((name, src, info, names, dict(opts.get("metrics") or {}), opts.get("source")))
+        prepared = [_prepare(name, Path(folder), opts) for name, folder, opts in items]  # every check before the lock
         added: list[RegistryEntry] = []
-        moved: list[tuple[str, int]] = []
         with self._lock(create=True):
             store = self._writable_store()
             entries, marks = [], {}
@@ -486,13 +468,7 @@ class AdapterRegistry:
                 some, their_marks = self._read(name)
                 entries += some
                 marks.update(their_marks)
-            staging_root = confine(self.root, STAGING_DIR)
-            if os.path.lexists(staging_root) and not staging_root.is_dir():
-                raise RegistryError(
-                    f"{str(staging_root)!r} is in the way of the registry's staging folder and is not a folder; move it away"
-                )
-            staging_root.mkdir(exist_ok=True)
-            self._clean_staging()
+            staging_root = self._staging_root()
             try:
                 for name, src, info, names, metrics, source in prepared:
                     parent = confine(self.root, name)
@@ -501,54 +477,51 @@ class AdapterRegistry:
                     version = 1 + max([marks.get(name, 0), *(e.version for e in [*entries, *added] if e.name == name)])
                     while os.path.lexists(confine(self.root, f"{name}/v{version}")):
                         version += 1  # not ours (the index does not list it): never deleted, skipped
-                    rel = f"{name}/v{version}"
                     parent.mkdir(exist_ok=True)
-                    staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=STAGING_PREFIX))
-                    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
-                    (staging / STAGING_MARKER).touch()
-                    try:
-                        files = {}
-                        for fname in names:
-                            shutil.copyfile(src / fname, staging / fname, follow_symlinks=False)
-                            with open(staging / fname, "rb") as f:
-                                os.fsync(f.fileno())
-                            files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
-                        (staging / STAGING_MARKER).unlink()
-                        fsync_dir(staging)
-                        with _entry_dir_fd(self.root, name) as name_fd, _dir_fd(staging_root) as staging_fd:
-                            if name_fd is None:
-                                raise RegistryError(f"{str(parent)!r} vanished while adding {name!r}; try again")
-                            # Relative to a folder opened without following links: a link swapped in
-                            # after the checks above cannot redirect the rename.
-                            os.replace(staging.name, f"v{version}", src_dir_fd=staging_fd, dst_dir_fd=name_fd)
-                            os.fsync(name_fd)
-                    except BaseException:
-                        shutil.rmtree(staging, ignore_errors=True)
-                        raise
-                    moved.append((name, version))
-                    added.append(
-                        RegistryEntry(
-                            name=name,
-                            version=version,
-                            kind=str(info["kind"]),
-                            path=rel,
-                            files=files,
-                            base_fingerprint=info.get("base_fingerprint"),
-                            digit=info.get("digit"),
-                            r=info.get("r"),
-                            lora_alpha=info.get("lora_alpha"),
-                            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                            metrics=metrics,
-                            source=source,
-                        )
-                    )
-                new_marks = {e.name: max(marks.get(e.name, 0), e.version) for e in added}
-                store.write(add=[e.to_dict() for e in added], marks=new_marks)
+                    files = self._place(name, version, src, names, staging_root)
+                    added.append(_new_entry(name, version, info, files, metrics, source))
+                store.write(add=[e.to_dict() for e in added], marks={e.name: max(marks.get(e.name, 0), e.version) for e in added})
             except BaseException:
-                for name, version in moved:  # nothing of a failed batch stays behind (these folders are ours: just made)
-                    _remove_version(self.root, name, version)
+                for e in added:  # nothing of a failed batch stays behind (these folders are ours: just made)
+                    _remove_version(self.root, e.name, e.version)
                 raise
         return added
+
+    def _staging_root(self) -> Path:
+        """``<root>/.staging``, made if missing, with leftovers of killed writers cleaned (under the lock)."""
+        staging_root = confine(self.root, STAGING_DIR)
+        if os.path.lexists(staging_root) and not staging_root.is_dir():
+            raise RegistryError(f"{str(staging_root)!r} is in the way of the registry's staging folder and is not a folder; move it away")
+        staging_root.mkdir(exist_ok=True)
+        self._clean_staging()
+        return staging_root
+
+    def _place(self, name: str, version: int, src: Path, names: list[str], staging_root: Path) -> dict[str, dict[str, object]]:
+        """Copy ``names`` from ``src`` into a staging folder (fsynced, hashed), then rename it to
+        ``<name>/v<version>``; returns the files' sha256 and sizes. A failure leaves nothing."""
+        staging = Path(tempfile.mkdtemp(dir=staging_root, prefix=STAGING_PREFIX))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
+        (staging / STAGING_MARKER).touch()
+        try:
+            files: dict[str, dict[str, object]] = {}
+            for fname in names:
+                shutil.copyfile(src / fname, staging / fname, follow_symlinks=False)
+                with open(staging / fname, "rb") as f:
+                    os.fsync(f.fileno())
+                files[fname] = {"sha256": sha256_file(staging / fname), "size": (staging / fname).stat().st_size}
+            (staging / STAGING_MARKER).unlink()
+            fsync_dir(staging)
+            with _entry_dir_fd(self.root, name) as name_fd, _dir_fd(staging_root) as staging_fd:
+                if name_fd is None:
+                    raise RegistryError(f"{str(confine(self.root, name))!r} vanished while adding {name!r}; try again")
+                # Relative to folders opened without following links: a link swapped in after the
+                # checks cannot redirect the rename.
+                os.replace(staging.name, f"v{version}", src_dir_fd=staging_fd, dst_dir_fd=name_fd)
+                os.fsync(name_fd)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return files
 
     def _clean_staging(self) -> None:
         """Remove staging folders of writers killed mid-add (called under the lock, so no live
@@ -582,6 +555,44 @@ class AdapterRegistry:
                 _remove_version(self.root, name, e.version)
             fsync_dir(self.root)
         return gone
+
+
+def _prepare(name: str, src: Path, opts: dict[str, object]) -> tuple:
+    """Check one item of :meth:`AdapterRegistry.add_many` and read what its entry records."""
+    validate_name(name)
+    if not src.is_dir():
+        raise RegistryError(f"cannot add {str(src)!r}: not a folder; pass a base or adapter folder")
+    info = _describe_folder(src)
+    if opts.get("digit") is not None:
+        info["digit"] = opts["digit"]
+    names = opts.get("files") or sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    for fname in names:  # type: ignore[union-attr]
+        validate_file_name(fname)
+        if (src / fname).is_symlink():
+            raise RegistryError(f"cannot add {str(src / fname)!r}: it is a symlink; copy the file itself into the folder")
+    missing = [f for f in names if not (src / f).is_file()]  # type: ignore[union-attr]
+    if missing:
+        raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
+    return (name, src, info, names, dict(opts.get("metrics") or {}), opts.get("source"))  # type: ignore[call-overload]
+
+
+def _new_entry(
+    name: str, version: int, info: dict[str, object], files: dict[str, dict[str, object]], metrics: dict, source: dict | None
+) -> RegistryEntry:
+    return RegistryEntry(
+        name=name,
+        version=version,
+        kind=str(info["kind"]),
+        path=f"{name}/v{version}",
+        files=files,
+        base_fingerprint=info.get("base_fingerprint"),  # type: ignore[arg-type]
+        digit=info.get("digit"),  # type: ignore[arg-type]
+        r=info.get("r"),  # type: ignore[arg-type]
+        lora_alpha=info.get("lora_alpha"),  # type: ignore[arg-type]
+        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        metrics=metrics,
+        source=source,
+    )
 
 
 @contextlib.contextmanager

@@ -180,26 +180,19 @@ def fit(
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise TrainConfigError("nothing to train: no parameter requires grad")
-    opt: torch.optim.Optimizer
     opt = make_optimizer(params, config)
     n = len(train)
     steps_per_epoch = -(-n // config.batch_size)
     total = round(config.epochs * steps_per_epoch)
     if config.max_steps:
         total = min(total, config.max_steps)
-    sched = None
-    if config.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1))
-    eval_every = config.eval_every or steps_per_epoch
-    best_acc, best_state, bad_checks, stopped = None, None, 0, False
-    history: list[dict[str, float]] = []
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1)) if config.schedule == "onecycle" else None
+    stopper = _EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
     model.train()
-    step, loss_value, start = 0, float("nan"), time.perf_counter()
+    step, epoch, loss, loss_value, start = 0, 0, None, float("nan"), time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
-    epoch = 0
-    while step < total and not stopped:
-        order = batches(epoch) if batches is not None else _epoch_batches(n, config.batch_size)
-        for idx in order:
+    while step < total and not stopper.stopped:
+        for idx in batches(epoch) if batches is not None else _epoch_batches(n, config.batch_size):
             if step >= total:
                 break
             loss = loss_fn(model, train.x[idx], train.y[idx])
@@ -213,33 +206,55 @@ def fit(
                 loss_value = float(loss.detach())
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.update(1)
-            if val is not None and (step % eval_every == 0 or step == total):
-                acc = val_score(model, val) if val_score is not None else evaluate(model, val).accuracy
-                model.train()
-                history.append({"step": step, "val_score": acc})
-                if best_acc is None or acc > best_acc:
-                    best_acc, bad_checks = acc, 0
-                    best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
-                else:
-                    bad_checks += 1
-                    if bad_checks >= config.patience:
-                        stopped = True
-                        break
+            if stopper.check(model, step, last=step == total):
+                break
         epoch += 1
     bar.close()
-    loss_value = float(loss.detach()) if step else loss_value
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    loss_value = float(loss.detach()) if loss is not None else loss_value
+    stopper.restore_best(model)
     model.eval()
     return FitResult(
         steps=step,
         epochs_run=step / steps_per_epoch,
         seconds=time.perf_counter() - start,
         final_loss=loss_value,
-        best_val_accuracy=best_acc,
-        stopped_early=stopped,
-        history=history,
+        best_val_accuracy=stopper.best,
+        stopped_early=stopper.stopped,
+        history=stopper.history,
     )
+
+
+class _EarlyStopping:
+    """Validation checks every ``every`` steps (and at the last): the best state is kept, and
+    training stops after ``patience`` checks without gain. Without ``val`` it never checks."""
+
+    def __init__(
+        self, val: MnistSplit | None, score: Callable[[nn.Module, MnistSplit], float] | None, *, every: int, patience: int
+    ) -> None:
+        self.val, self.score, self.every, self.patience = val, score, every, patience
+        self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_checks, self.stopped = 0, False
+        self.history: list[dict[str, float]] = []
+
+    def check(self, model: nn.Module, step: int, *, last: bool) -> bool:
+        """Check if due; returns whether training should stop now."""
+        if self.val is None or not (step % self.every == 0 or last):
+            return False
+        value = self.score(model, self.val) if self.score is not None else evaluate(model, self.val).accuracy
+        model.train()
+        self.history.append({"step": step, "val_score": value})
+        if self.best is None or value > self.best:
+            self.best, self.bad_checks = value, 0
+            self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+        else:
+            self.bad_checks += 1
+            self.stopped = self.bad_checks >= self.patience
+        return self.stopped
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:

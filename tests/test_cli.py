@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 
@@ -36,6 +37,7 @@ def test_eval_json_has_the_design_fields(trained_base_dir: Path, data_root: Path
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_train_base_cli_saves_a_loadable_model(tmp_path: Path, data_root: Path) -> None:
     out = tmp_path / "base"
     proc = run_cli("train-base", "--out", str(out), "--epochs", "0.05", "--json", "--quiet", "--data-dir", str(data_root))
@@ -61,6 +63,7 @@ def test_usage_error_exits_2() -> None:
     assert proc.returncode == 2 and "--base" in proc.stderr
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_merge_and_combine_cli_on_registry_adapters(tmp_path: Path, data_root: Path) -> None:
     merged = tmp_path / "merged"
     proc = run_cli("merge", "--base", "base", "--adapter", "digit-9", "--out", str(merged), "--json")
@@ -80,6 +83,7 @@ def test_merge_and_combine_cli_on_registry_adapters(tmp_path: Path, data_root: P
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["n"] == 10_000
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_svd_and_compare_cli(tmp_path: Path, data_root: Path) -> None:
     plot = tmp_path / "svd.png"
     proc = run_cli("svd", "--base", "base", "--digit", "9", "--ranks", "1", "2", "--steps", "5", "--plot", str(plot), "--json")

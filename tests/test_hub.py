@@ -50,6 +50,7 @@ def _tree_bytes(reg: AdapterRegistry) -> dict[str, bytes]:
     return {f"{e.name}/{f}": (reg.root / e.path / f).read_bytes() for e in reg.list() for f in e.files}
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_push_then_pull_into_an_empty_root_gives_identical_bytes_and_eval(
     hub_env, registry: AdapterRegistry, tmp_path: Path, data_root
 ) -> None:
@@ -181,6 +182,7 @@ print(float(model.base_model.model.linear2.lora_A["default"].weight.abs().sum())
 """
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
     """push --per-adapter: base at ID, each adapter at ID-NAME with its versions as tags v1, v2;
     stock peft loads a tag; pull NAME@N fetches that tag; a second push adds only the new version."""

@@ -176,6 +176,7 @@ def test_registry_cli_list_show_verify_rm(tmp_path: Path, adapter_dir: Path, bas
     assert missing.returncode == 1 and "registry" in missing.stderr
 
 
+@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
 def test_resume_through_the_registry_registers_version_2(tmp_path: Path, trained_base_dir: Path, data_root) -> None:
     root = str(tmp_path / "reg")
     assert run_cli("registry", "add", "base", str(trained_base_dir), "--root", root).returncode == 0
