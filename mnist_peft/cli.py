@@ -106,9 +106,7 @@ def _train_base_arguments(p: argparse.ArgumentParser) -> None:
     _add_root(p)
     _add_recipe(p, "base", default="default")
     p.add_argument("--epochs", type=float, help="override the recipe's number of epochs")
-    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
-    p.add_argument("--seed", type=int, help="override the recipe's random seed")
+    _add_overrides(p)
     p.add_argument("--val-size", type=int, help="hold out this many training images for early stopping")
     p.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out folder")
@@ -279,10 +277,8 @@ def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
     _add_recipe(p, "adapter", default="replay")
     p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, help="samples per step")
-    p.add_argument("--lr", type=float, help="(peak) learning rate")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--steps", type=int, help="override the recipe's number of optimiser steps")
+    _add_overrides(p)
     p.add_argument(
         "--resume",
         metavar="PATH",
@@ -943,6 +939,13 @@ def _add_recipe(p: argparse.ArgumentParser, kind: str, *, default: str) -> None:
         default=default,
         help=f"a registered {kind} recipe: %(choices)s (default: %(default)s; `mnist-peft info` describes them)",
     )
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    """What every recipe lets a run override (unset: the recipe's value)."""
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size (samples per step)")
+    p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
+    p.add_argument("--seed", type=int, help="override the recipe's random seed")
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:

@@ -46,6 +46,15 @@ def registry(tmp_path: Path, trained_base_dir: Path) -> AdapterRegistry:
     return reg
 
 
+def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A fresh Python (stock peft, as a user would run it) against the local Hub."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
 def _tree_bytes(reg: AdapterRegistry) -> dict[str, bytes]:
     return {f"{e.name}/{f}": (reg.root / e.path / f).read_bytes() for e in reg.list() for f in e.files}
 
@@ -100,16 +109,8 @@ print(float(A.abs().sum()))
 
 def test_stock_peft_loads_an_adapter_from_the_hub_by_repo_id_and_subfolder(hub_env, registry: AdapterRegistry) -> None:
     assert run_cli("push", "--repo-id", "team/mnist-b", "--root", str(registry.root), env=hub_env).returncode == 0
-    import os
 
-    proc = subprocess.run(
-        [sys.executable, "-c", _STOCK_PEFT, "team/mnist-b"],
-        env={**os.environ, **hub_env},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    proc = _python(_STOCK_PEFT, "team/mnist-b", env=hub_env)
     assert proc.returncode == 0, proc.stderr
     from safetensors.torch import load_file
 
@@ -186,7 +187,6 @@ print(float(model.base_model.model.linear2.lora_A["default"].weight.abs().sum())
 def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
     """push --per-adapter: base at ID, each adapter at ID-NAME with its versions as tags v1, v2;
     stock peft loads a tag; pull NAME@N fetches that tag; a second push adds only the new version."""
-    import os
 
     from huggingface_hub import HfApi, ModelCard
     from safetensors.torch import load_file
@@ -209,14 +209,7 @@ def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, re
     assert card.data.eval_results[0].metric_type == "accuracy" and card.data.eval_results[0].metric_value == pytest.approx(0.9876)
 
     for revision, version in (("v1", 1), ("v2", 2)):
-        proc = subprocess.run(
-            [sys.executable, "-c", _PEFT_BY_TAG, "team/per", "team/per-digit-9", revision],
-            env={**os.environ, **hub_env},
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        proc = _python(_PEFT_BY_TAG, "team/per", "team/per-digit-9", revision, env=hub_env)
         assert proc.returncode == 0, proc.stderr
         config_base, total = proc.stdout.split()
         local = load_file(str(registry.path(f"digit-9@{version}") / "adapter_model.safetensors"))
