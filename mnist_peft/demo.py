@@ -278,7 +278,7 @@ class _Demo:
 
 
 def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, folders: list[Path]) -> list[str]:
-    from .plots import plot_bars, plot_curve, plot_error_rates, plot_heatmap
+    from .plots import plot_curve, plot_error_rates, plot_heatmap
 
     paths = [
         plot_error_rates(
@@ -320,24 +320,20 @@ def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, fold
             logx=True,
         ),
     ]
-    base_bytes = (Path(base_info["path"]) / "model.safetensors").stat().st_size
-    adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
-    seed_adapter_params = seed["lora_parameters"]
-    paths.append(
-        plot_bars(
-            {
-                "base params": seed["base_parameters"],
-                "LoRA r=1 params": seed_adapter_params,
-                "base file (B)": base_bytes,
-                "r=4 adapter file (B)": adapter_bytes,
-            },
-            out / "savings.png",
-            ylabel="count (log scale)",
-            title="What an adapter costs next to its base",
-            logy=True,
-        )
-    )
+    paths.append(_savings_plot(out, base_info, seed, folders))
     return [str(p) for p in paths]
+
+
+def _savings_plot(out: Path, base_info: dict, seed: dict, folders: list[Path]) -> Path:
+    from .plots import plot_bars
+
+    sizes = {
+        "base params": seed["base_parameters"],
+        "LoRA r=1 params": seed["lora_parameters"],
+        "base file (B)": (Path(base_info["path"]) / "model.safetensors").stat().st_size,
+        "r=4 adapter file (B)": (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size,
+    }
+    return plot_bars(sizes, out / "savings.png", ylabel="count (log scale)", title="What an adapter costs next to its base", logy=True)
 
 
 def _fmt(values: list) -> str:
