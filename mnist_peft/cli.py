@@ -414,8 +414,26 @@ def _combine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
     _add_root(p)
     p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
-    p.add_argument("--method", choices=["cat", "svd"], default="cat", help="cat (exact) or svd (truncated to --r)")
-    p.add_argument("--r", type=int, help="target rank for --method svd")
+    p.add_argument(
+        "--method",
+        choices=_LazyChoices(_combine_methods),  # type: ignore[arg-type]
+        default="cat",
+        metavar="METHOD",
+        help="cat (exact), svd (the weighted sum truncated to --r), or a task-vector merge truncated to --r: "
+        "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune (peft's names ties_svd, dare_linear_svd, "
+        "dare_ties_svd, magnitude_prune_svd are accepted); default cat",
+    )
+    p.add_argument("--r", type=int, help="target rank (svd and the merges; merges default to the largest input rank)")
+    p.add_argument("--density", type=_fraction, help="ties, dare_*, magnitude_prune: the share of each delta's entries kept")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES sign election (default total)")
+    p.add_argument(
+        "--ties-mode",
+        choices=["peft", "mergekit"],
+        default="peft",
+        help="peft: elect signs on unweighted deltas, divide by the agreeing count; mergekit: on weighted deltas, "
+        "divide by the agreeing weights (default peft)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
     p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
     _add_common(p, data=False)
@@ -436,8 +454,20 @@ def cmd_combine(args: argparse.Namespace) -> int:
 
     out, _ = _out_folder(args)
     files = [read_adapter(_resolve_adapter(a, args)) for a in args.adapter]
-    result = combine_adapters(files, args.weight, method=args.method, r=args.r, force=args.force)
+    result = combine_adapters(
+        files,
+        args.weight,
+        method=args.method,
+        r=args.r,
+        force=args.force,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        ties_mode=args.ties_mode,
+        seed=args.seed,
+    )
     meta = {"combined_from": ",".join(str(a) for a in args.adapter), "method": args.method}
+    if args.density is not None:
+        meta["density"] = f"{args.density:g}"
     if args.weight:
         meta["weights"] = ",".join(f"{w:g}" for w in args.weight)
     base_model = next((f.metadata.get("base_model") for f in files if f.metadata.get("base_model")), None)
@@ -908,17 +938,12 @@ def _fraction(text: str) -> float:
     return value
 
 
-class _RecipeChoices:
-    """``--recipe``'s choices: the registered recipes of one kind, looked up only when argparse
-    checks a value or prints help (so commands that train nothing never import the recipes)."""
+class _LazyChoices:
+    """Choices looked up only when argparse checks a value or prints help, so that building the
+    parser (every run) imports nothing heavy: the recipes and merge methods live beside torch."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def _names(self) -> list[str]:
-        from .recipes import recipe_names
-
-        return recipe_names(self.kind)  # type: ignore[arg-type]
+    def __init__(self, names: Callable[[], Sequence[str]]) -> None:
+        self._names = names
 
     def __contains__(self, name: object) -> bool:
         return name in self._names()
@@ -930,11 +955,23 @@ class _RecipeChoices:
         return repr(self._names())
 
 
+def _recipe_names(kind: str) -> list[str]:
+    from .recipes import recipe_names
+
+    return recipe_names(kind)  # type: ignore[arg-type]
+
+
+def _combine_methods() -> tuple[str, ...]:
+    from .combine import METHODS
+
+    return METHODS
+
+
 def _add_recipe(p: argparse.ArgumentParser, kind: str, *, default: str) -> None:
     """``--recipe``: the choices are the registered recipes of ``kind`` (:mod:`mnist_peft.recipes`)."""
     p.add_argument(
         "--recipe",
-        choices=_RecipeChoices(kind),  # type: ignore[arg-type]
+        choices=_LazyChoices(lambda: _recipe_names(kind)),  # type: ignore[arg-type]
         metavar="NAME",  # argparse would list the choices in the usage line, importing them on every run
         default=default,
         help=f"a registered {kind} recipe: %(choices)s (default: %(default)s; `mnist-peft info` describes them)",

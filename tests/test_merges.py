@@ -1,0 +1,167 @@
+"""Task-vector merges (task arithmetic, TIES, DARE, magnitude prune): the paper definitions, peft's
+``*_svd`` combinations on the same adapters, negation, seeded DARE, and stock peft loading the result."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mnist_peft.adapters import AdapterFiles
+from mnist_peft.combine import DELTA_METHODS, combine_adapters, merge_deltas
+from mnist_peft.errors import AdapterConfigError
+from mnist_peft.lora import LoraConfig, LoraModel
+from mnist_peft.model import MnistMLP
+
+
+def _paper(deltas: list[torch.Tensor], w: list[float], method: str, density: float, sign: str, masks=None) -> torch.Tensor:
+    """Entry-by-entry transcription of the definitions (peft's TIES reading), with explicit loops."""
+    n = deltas[0].numel()
+    flat = [d.reshape(-1).tolist() for d in deltas]
+    if method in ("ties", "magnitude_prune"):
+        k = int(density * n)
+        kept = []
+        for f in flat:
+            top = set(sorted(range(n), key=lambda i: -abs(f[i]))[:k])  # no ties in random floats
+            kept.append([v if i in top else 0.0 for i, v in enumerate(f)])
+        flat = kept
+    if method in ("dare_linear", "dare_ties"):
+        flat = [[v * m / density for v, m in zip(f, mask.reshape(-1).tolist(), strict=True)] for f, mask in zip(flat, masks, strict=True)]
+    out = []
+    for i in range(n):
+        vals = [f[i] for f in flat]
+        if method in ("ties", "dare_ties"):
+            votes = sum(vals) if sign == "total" else sum((v > 0) - (v < 0) for v in vals)
+            elected = 1 if votes >= 0 else -1
+            agree = [t for t, v in enumerate(vals) if (v > 0) - (v < 0) == elected]
+            out.append(sum(w[t] * vals[t] for t in agree) / max(1, len(agree)))
+        else:
+            out.append(sum(wt * v for wt, v in zip(w, vals, strict=True)))
+    return torch.tensor(out, dtype=torch.float64).reshape(deltas[0].shape)
+
+
+@pytest.mark.parametrize("method", DELTA_METHODS)
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_each_method_matches_its_definition_entry_by_entry(method: str, sign: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(6, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    w, density = [0.7, -0.4, 1.3], 0.5
+    masks = None
+    if method.startswith("dare"):
+        replay = torch.Generator().manual_seed(5)  # the same stream merge_deltas draws from, in order
+        masks = [torch.bernoulli(torch.full_like(d, density), generator=replay) for d in deltas]
+    got = merge_deltas(deltas, w, method=method, density=density, majority_sign=sign, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, _paper(deltas, w, method, density, sign, masks), rtol=1e-12, atol=1e-12)
+
+
+def test_mergekit_ties_elects_on_weighted_deltas_and_divides_by_the_agreeing_weights() -> None:
+    a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[-3.0, 1.0]])
+    # weights 1 and 0.2: weighted, a's sign wins the first entry (1 vs -0.6); unweighted, b's does (-3 vs 1).
+    peft_way = merge_deltas([a, b], [1.0, 0.2], method="ties", density=1.0)
+    mergekit_way = merge_deltas([a, b], [1.0, 0.2], method="ties", density=1.0, ties_mode="mergekit")
+    assert peft_way[0, 0].item() == pytest.approx(-0.6) and mergekit_way[0, 0].item() == pytest.approx(1.0)
+    assert mergekit_way[0, 1].item() == pytest.approx(-2.0)  # -2 * 1 / 1: only a agrees with the elected sign
+
+
+def _adapters(base: MnistMLP, n: int = 3, r: int = 4) -> list[AdapterFiles]:
+    files = []
+    for i in range(n):
+        torch.manual_seed(10 + i)
+        model = LoraModel(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False))
+        files.append(AdapterFiles(config=model.peft_config["default"], state_dict=model.lora_state_dict(), metadata={}))
+    return files
+
+
+@pytest.mark.parametrize(
+    ("method", "density"),
+    [("svd", None), ("ties_svd", 0.4), ("magnitude_prune_svd", 0.3)],
+)
+def test_the_merged_adapter_equals_peft_add_weighted_adapter(method: str, density: float | None) -> None:
+    """Same adapters, weights, density, sign rule and rank: the same merged update as peft's
+    ``add_weighted_adapter`` (DARE is compared below function to function: peft draws its masks
+    after its own random init of the new adapter, from the global generator)."""
+    import peft
+
+    from mnist_peft.peft_compat import native_to_peft_state_dict, to_peft_config
+
+    torch.manual_seed(0)
+    base = MnistMLP(48, 32, in_features=40).eval()
+    files = _adapters(base)
+    weights = [1.0, 0.5, -0.7]
+    seed = 123
+    ours = combine_adapters(files, weights, method="task_arithmetic" if method == "svd" else method, r=4, density=density, seed=seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(files[0].config), adapter_name="a0")
+    for i, f in enumerate(files):
+        if i:
+            theirs.add_adapter(f"a{i}", to_peft_config(f.config))
+        peft.set_peft_model_state_dict(theirs, native_to_peft_state_dict(f.state_dict, f"a{i}"), adapter_name=f"a{i}")
+    torch.manual_seed(seed)  # peft's DARE draws from the global generator, in the same order as ours
+    kwargs = {"density": density} if density is not None else {}
+    theirs.add_weighted_adapter(["a0", "a1", "a2"], weights, "merged", combination_type=method, svd_rank=4, **kwargs)
+    for module in ("linear1", "linear2", "linear3"):
+        layer = theirs.base_model.model.get_submodule(module)
+        expected = layer.get_delta_weight("merged")
+        got = ours.state_dict[f"{module}.lora_B.weight"] @ ours.state_dict[f"{module}.lora_A.weight"]  # scaling 1
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_negation_undoes_an_adapter_and_dare_is_reproducible() -> None:
+    torch.manual_seed(0)
+    base = MnistMLP(48, 32, in_features=40).eval()
+    a = _adapters(base, n=1)[0]
+    gone = combine_adapters([a, a], [1.0, -1.0], method="task_arithmetic", r=4)
+    for module in ("linear1", "linear2", "linear3"):
+        assert float((gone.state_dict[f"{module}.lora_B.weight"] @ gone.state_dict[f"{module}.lora_A.weight"]).abs().max()) < 1e-6
+    one = combine_adapters([a, a], [1.0, 0.5], method="dare_ties", r=4, density=0.5, seed=7)
+    two = combine_adapters([a, a], [1.0, 0.5], method="dare_ties", r=4, density=0.5, seed=7)
+    other = combine_adapters([a, a], [1.0, 0.5], method="dare_ties", r=4, density=0.5, seed=8)
+    assert all(torch.equal(one.state_dict[k], two.state_dict[k]) for k in one.state_dict)
+    assert not all(torch.equal(one.state_dict[k], other.state_dict[k]) for k in one.state_dict)
+    with pytest.raises(AdapterConfigError, match="needs a density"):
+        combine_adapters([a, a], method="ties", r=4)
+    with pytest.raises(AdapterConfigError, match="density must be in"):
+        combine_adapters([a, a], method="ties", r=4, density=1.5)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_equals_peft_on_the_same_random_stream(method: str) -> None:
+    """Our DARE on each layer in turn from one seeded generator equals peft's ``merge_utils``
+    functions on the same deltas with the global generator seeded alike."""
+    from peft.utils import merge_utils
+
+    g = torch.Generator().manual_seed(3)
+    layers = [[torch.randn(20, 30, generator=g) for _ in range(3)] for _ in range(2)]
+    weights = [1.0, 0.5, -0.7]
+    ours_g = torch.Generator().manual_seed(99)
+    ours = [merge_deltas(d, weights, method=method, density=0.6, generator=ours_g) for d in layers]
+    torch.manual_seed(99)
+    theirs = [getattr(merge_utils, method)(d, torch.tensor(weights), 0.6) for d in layers]
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_ties_merge_from_the_cli_is_an_adapter_folder_stock_peft_loads_with_the_same_outputs(tmp_path) -> None:
+    import peft
+    from conftest import run_cli
+
+    from mnist_peft.adapters import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    base = MnistMLP(48, 32, in_features=784).eval()
+    folders = []
+    for i in range(3):
+        torch.manual_seed(20 + i)
+        model = LoraModel(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+        folders.append(str(save_adapter(model, tmp_path / f"a{i}")))
+    out = tmp_path / "merged"
+    args = ["combine", *[x for f in folders for x in ("--adapter", f)], "--method", "ties_svd", "--density", "0.5", "--r", "4"]
+    proc = run_cli(*args, "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    ours = LoraModel(copy.deepcopy(base))
+    load_adapter(ours, out, "merged", activate=True)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    x = torch.randn(16, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-5, atol=1e-5)
+        assert float((ours(x) - base(x)).abs().max()) > 1e-3  # the merge changes the model
