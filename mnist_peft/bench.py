@@ -436,6 +436,38 @@ def bench_registry(kind: str, *, reps: int, entries: int) -> Figure:
     )
 
 
+def bench_combine_ten(base: nn.Module, *, reps: int) -> Figure:
+    """TIES-merge ten r=4 adapters into one r=4 adapter: ours (``combine_adapters``) vs peft's
+    ``add_weighted_adapter(combination_type="ties_svd")`` on the same adapters, as a ratio."""
+    from .adapters import AdapterFiles
+    from .combine import combine_adapters
+
+    ours, theirs, names = _models(base, n_adapters=10)
+    files = [AdapterFiles(config=ours.peft_config[n], state_dict=ours.lora_state_dict(n), metadata={}) for n in names]
+    weights = [1.0] * len(names)
+    made = {"n": 0}
+
+    def peft_merge() -> None:
+        name = f"merged{made['n']}"
+        made["n"] += 1
+        theirs.add_weighted_adapter(names, weights, name, combination_type="ties_svd", density=0.3, svd_rank=4)
+        theirs.delete_adapter(name)
+
+    t = time_round_robin(
+        {"ours": lambda: combine_adapters(files, weights, method="ties", density=0.3, r=4), "peft": peft_merge},
+        reps=max(2, reps // 2),
+    )
+    return _figure(
+        "combine_ten",
+        ours=t["ours"],
+        base=t["peft"],
+        peft=t["peft"],
+        target=1.0,
+        unit="s",
+        note="TIES (density 0.3) of ten r=4 adapters on linear1..3 into one r=4 adapter; base = peft's ties_svd",
+    )
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
@@ -444,6 +476,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "adapter_load": lambda ctx: bench_adapter_load(ctx["base"], reps=ctx["reps"]),
     "train_epoch": lambda ctx: bench_train_epoch(ctx["data_dir"], reps=max(1, ctx["reps"] // 2), fraction=ctx["train_fraction"]),
     "adapter_file_size": lambda ctx: bench_adapter_file_size(ctx["base"]),
+    "combine_ten": lambda ctx: bench_combine_ten(ctx["base"], reps=ctx["reps"]),
     "registry_add": lambda ctx: bench_registry("add", reps=ctx["reps"], entries=ctx["registry_entries"]),
     "registry_get": lambda ctx: bench_registry("get", reps=ctx["reps"], entries=ctx["registry_entries"]),
 }

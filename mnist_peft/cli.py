@@ -73,7 +73,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 @command(
     "info",
     help="describe the model and where data lives",
-    description="Describe the MNIST MLP (parameter count, layers) and the data root.",
+    description="Describe the MNIST MLP (parameter count, layers), the data root, and the registered base and adapter recipes.",
     arguments=_info_arguments,
 )
 def cmd_info(args: argparse.Namespace) -> int:
@@ -560,7 +560,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def _quiet_hub(args: argparse.Namespace) -> None:
     from huggingface_hub.utils import disable_progress_bars
 
-    from .train import progress_enabled
+    from .fileio import progress_enabled  # torch-free: push and pull start without torch
 
     if not progress_enabled(getattr(args, "quiet", False)):
         disable_progress_bars()

@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
 __all__ = [
+    "progress_enabled",
     "read_regular_file",
     "current_umask",
     "fsync_dir",
@@ -20,6 +22,11 @@ __all__ = [
     "sha256_file",
     "sha256_bytes",
 ]
+
+
+def progress_enabled(quiet: bool = False) -> bool:
+    """Progress bars only for a person watching: not with ``--quiet`` and not when piped."""
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def read_regular_file(path: str) -> bytes:

@@ -77,6 +77,9 @@ def register_recipe(recipe: Recipe) -> Recipe:
     """Add ``recipe`` under its kind and name (a name is taken once per kind)."""
     if recipe.kind not in _RECIPES:
         raise TrainConfigError(f"recipe kind must be 'base' or 'adapter', got {recipe.kind!r}")
+    wanted = BaseRecipe if recipe.kind == "base" else AdapterRecipe
+    if not isinstance(recipe, wanted):
+        raise TrainConfigError(f"a {recipe.kind} recipe must be a {wanted.__name__} (what training reads), got {type(recipe).__name__}")
     if recipe.name in _RECIPES[recipe.kind]:
         raise TrainConfigError(f"a {recipe.kind} recipe named {recipe.name!r} exists already")
     _RECIPES[recipe.kind][recipe.name] = recipe
@@ -85,6 +88,8 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 def recipe_names(kind: RecipeKind) -> list[str]:
     """The registered recipes of ``kind``, in registration order (what ``--recipe`` accepts)."""
+    if kind not in _RECIPES:
+        raise TrainConfigError(f"recipe kind must be 'base' or 'adapter', got {kind!r}")
     return list(_RECIPES[kind])
 
 
@@ -181,7 +186,7 @@ class AdapterRecipe:
     name: str = "custom"
     """The name it is registered under."""
     summary: str = ""
-    """One line for ``--help``."""
+    """One line for ``mnist-peft info``."""
     kind: RecipeKind = "adapter"
 
     def fit_config(self) -> TrainConfig:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import MnistSplit, load_mnist
 from .errors import TrainConfigError
+from .fileio import progress_enabled
 
 __all__ = [
     "TrainConfig",
@@ -98,9 +98,16 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def progress_enabled(quiet: bool = False) -> bool:
-    """Progress bars only for a person watching: not with ``--quiet`` and not when piped."""
-    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
+# What moved to mnist_peft.recipes is still importable from here (the names resolve on first use).
+_MOVED_TO_RECIPES = {"train_base", "train_adapter", "finetune_full", "augment_batch", "AdapterRecipe", "ADAPTER_RECIPES", "BASE_RECIPES"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED_TO_RECIPES:
+        from . import recipes
+
+        return getattr(recipes, name)
+    raise AttributeError(f"module 'mnist_peft.train' has no attribute {name!r}")
 
 
 @torch.no_grad()

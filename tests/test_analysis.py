@@ -56,7 +56,7 @@ def test_a_weaker_cut_never_costs_more(trained_base_dir: Path, mnist_test) -> No
         logit_offset_tradeoff(model, split, cut=0)
 
 
-@pytest.mark.slow  # trains or runs a whole Hub round trip through the CLI: CI runs it, the developer loop skips it
+@pytest.mark.slow  # the headroom sweep over the whole test set through the CLI (~8 s): CI runs it
 def test_headroom_cli(trained_base_dir: Path, data_root: Path) -> None:
     proc = run_cli("headroom", "--base", str(trained_base_dir), "--json", "--data-dir", str(data_root))
     assert proc.returncode == 0, proc.stderr
