@@ -86,3 +86,21 @@ def test_a_registered_recipe_becomes_a_cli_choice() -> None:
         del _RECIPES["base"]["tiny-test"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-base", "--recipe", "tiny-test", "--out", "x"])
+
+
+def test_a_recipe_training_cannot_read_is_refused_when_registered() -> None:
+    from dataclasses import dataclass
+
+    from mnist_peft.recipes import recipe_names, register_recipe
+
+    @dataclass
+    class OnlyTheProtocol:
+        name: str = "shapeless"
+        kind: str = "base"
+        summary: str = "has the protocol's fields, but no TrainConfig"
+
+    with pytest.raises(ValueError, match="must be a BaseRecipe"):
+        register_recipe(OnlyTheProtocol())  # type: ignore[arg-type]
+    assert "shapeless" not in recipe_names("base")
+    with pytest.raises(ValueError, match="recipe kind must be"):
+        recipe_names("bogus")  # type: ignore[arg-type]
