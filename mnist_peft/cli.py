@@ -489,6 +489,44 @@ def cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="base", metavar="DIR", help="base model folder or registry name (default: base)")
+    p.add_argument(
+        "--adapter", action="append", metavar="PATH", help="adapter folder or registry name; repeat (default: digit-0 ... digit-9)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for merge-study.json and merge-vs-density.png")
+    p.add_argument("--quick", action="store_true", help="a small grid (for a smoke test)")
+    _add_root(p)
+    _add_common(p)
+
+
+@command(
+    "merge-study",
+    help="one adapter for all ten digits: the task-vector merges compared",
+    description="Merge the digit adapters by every method (task arithmetic, TIES, DARE, magnitude prune) over a grid "
+    "of densities and scales, plus a LoraHub-style search over the ten weights; choose on a validation split carved "
+    "from the training set (by loss), report on the test set against the base, the best single adapter and the plain "
+    "stack at 1/10. Writes merge-study.json and merge-vs-density.png to --out.",
+    arguments=_merge_study_arguments,
+)
+def cmd_merge_study(args: argparse.Namespace) -> int:
+    from .adapters import read_adapter
+    from .fileio import atomic_write_json
+    from .merge_study import StudyConfig, merge_study, study_table
+    from .plots import plot_merge_study
+
+    base = _resolve_base(args.base, args)
+    refs = args.adapter or [f"digit-{d}" for d in range(10)]
+    files = [read_adapter(_resolve_adapter(a, args)) for a in refs]
+    out = Path(args.out)
+    result = merge_study(base, files, data_dir=args.data_dir, config=StudyConfig.quick() if args.quick else StudyConfig())
+    result["adapters"] = refs
+    atomic_write_json(out / "merge-study.json", result)
+    plot_merge_study(result, out / "merge-vs-density.png")
+    _emit(args, result, "\n".join([*study_table(result), f"wrote {out / 'merge-study.json'} and {out / 'merge-vs-density.png'}"]))
+    return 0
+
+
 def _registry_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "export"], help="what to do")
     p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add); the output file (export)")

@@ -51,6 +51,7 @@ __all__ = [
     "resize_adapter",
     "lora_from_deltas",
     "truncated_factors",
+    "svd_factors",
     "delta_weights",
 ]
 
@@ -205,7 +206,7 @@ def merge_deltas(
     return (stacked * w).sum(dim=0)
 
 
-def _svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """peft's truncation of a merged delta: ``U_r diag(S_r)`` as B, ``Vh_r`` as A; and the relative error."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     B = u[:, :r] @ torch.diag(s[:r])
@@ -241,7 +242,7 @@ def _merge_by_delta(
             ties_mode=str(options.get("ties_mode") or "peft"),
             generator=generator,
         )
-        A, B, errors[module] = _svd_factors(merged, r)
+        A, B, errors[module] = svd_factors(merged, r)
         state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = A.contiguous(), B.contiguous()
     return state, errors, modules
 

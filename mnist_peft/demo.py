@@ -67,6 +67,8 @@ class DemoConfig:
     """Digits of the weighted stack evaluated in the combine stage."""
     svd_combine_rank: int = 8
     use_registry: bool = True
+    merge_quick: bool = False
+    """A small grid for the ten-adapter merge study (tests)."""
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -79,6 +81,7 @@ class DemoConfig:
             svd_ranks=(1, 2),
             svd_steps=10,
             use_registry=False,
+            merge_quick=True,
         )
 
 
@@ -134,8 +137,15 @@ def run_demo(
     exact = stages.run("exact", demo.stage_exact)
     parity = stages.run("parity", demo.stage_parity)
     svd = stages.run("svd", demo.stage_svd)
+    merge = stages.run("merge", demo.stage_merge)
     files = _plots(out, base_info, seed, replay, svd, folders)
-    atomic_write_text(out / "report.md", _report(base_info, seed, replay, headroom, combined, exact, parity, svd, folders))
+    from .merge_study import study_table
+    from .plots import plot_merge_study
+
+    files.append(str(plot_merge_study(merge, out / "merge-vs-density.png")))
+    report = _report(base_info, seed, replay, headroom, combined, exact, parity, svd, folders)
+    report += "\n".join(["## 8. One adapter for all ten digits", "", *study_table(merge), "", "Plot: `merge-vs-density.png`.", ""])
+    atomic_write_text(out / "report.md", report)
     return {
         "out": str(out),
         "seconds": round(time.perf_counter() - start, 1),
@@ -268,6 +278,14 @@ class _Demo:
         n = self.cfg.parity_steps * 32
         res = run_parity(self.base, data.x[:n], data.y[:n], default_cases(self.cfg.parity_ranks), steps=self.cfg.parity_steps)
         return {"cases": [r.to_dict() for r in res], "passed": sum(r.passed for r in res), "total": len(res)}
+
+    def stage_merge(self) -> dict:
+        """8. The ten replay adapters merged into one by each method, chosen on validation, reported on test."""
+        from .merge_study import StudyConfig, merge_study
+
+        files = [read_adapter(f) for f in self.folders]
+        config = StudyConfig.quick() if self.cfg.merge_quick else StudyConfig()
+        return merge_study(self.base, files, data_dir=self.data_dir, config=config)
 
     def stage_svd(self) -> dict:
         """7. LoRA by SVD of a full fine-tune: accuracy vs rank."""

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_error_rates", "plot_heatmap", "plot_curve", "plot_bars"]
+__all__ = ["plot_error_rates", "plot_heatmap", "plot_curve", "plot_bars", "plot_merge_study"]
 
 
 def _pyplot():  # imported lazily: matplotlib costs ~0.3 s at start-up and most commands never plot
@@ -100,3 +100,14 @@ def plot_bars(values: dict[str, float], path: str | os.PathLike[str], *, ylabel:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def plot_merge_study(result: dict, path: str | os.PathLike[str]) -> Path:
+    """Validation loss vs density per method (each density at its best scale): what chose them."""
+    densities = sorted({row["density"] for row in result["grid"] if row["method"] != "task_arithmetic"})
+    series = {}
+    for method in sorted({row["method"] for row in result["grid"]}):
+        rows = [row for row in result["grid"] if row["method"] == method]
+        best = {d: min(r["val_loss"] for r in rows if r["density"] == d) for d in {r["density"] for r in rows}}
+        series[method] = [best.get(d, best.get(1.0)) for d in densities]  # task arithmetic keeps everything: flat
+    return plot_curve(densities, series, path, xlabel="density", ylabel="validation loss (best scale)", title="Merging ten digit adapters")

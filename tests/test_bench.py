@@ -17,6 +17,7 @@ FIGURES = {
     "adapter_file_size",
     "registry_add",
     "registry_get",
+    "combine_ten",
 }
 
 

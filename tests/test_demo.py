@@ -24,17 +24,31 @@ def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_
         "adapter-digit-heatmap.png",
         "svd-accuracy-vs-rank.png",
         "savings.png",
+        "merge-vs-density.png",
     ):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     report = (out / "report.md").read_text()
-    for heading in ("The seed's experiment", "replay adapters", "Stacking and combining", "Exactness", "Native LoRA vs peft", "SVD"):
+    for heading in (
+        "The seed's experiment",
+        "replay adapters",
+        "Stacking and combining",
+        "Exactness",
+        "Native LoRA vs peft",
+        "SVD",
+        "One adapter for all ten digits",
+    ):
         assert heading in report, heading
     assert "| seed notebook, base (printed) | 0.953 | 33 28 42 95 19 10 61 52 19 107 |" in report
     assert report.count("| digit-") >= 20  # the 10-row table and the 10 x 10 table
     assert summary["exact"] == {"adapter_changes_output": True, "lora_off_equals_base": True, "unmerge_100_cycles_bit_exact": True}
     seed = json.loads((out / "stages" / "seed.json").read_text())
     assert seed["lora_off_equals_before"] and seed["lora_parameters"] == 6_794 and seed["total_parameters"] == 2_813_804
+    merge = json.loads((out / "stages" / "merge.json").read_text())
+    for method, chosen in merge["chosen"].items():  # chosen on validation loss, never on the test set
+        rows = [r for r in merge["grid"] if r["method"] == method]
+        assert chosen["val_loss"] == min(r["val_loss"] for r in rows)
+        assert f"| {method} | density {chosen['density']:g}, scale {chosen['scale']:g} | {chosen['test']['accuracy']:.4f} |" in report
     start = time.perf_counter()
     again = run_cli("demo", "--quick", "--out", str(out))
-    assert again.returncode == 0 and again.stderr.count("skipped") == 7
+    assert again.returncode == 0 and again.stderr.count("skipped") == 8
     assert time.perf_counter() - start < 30

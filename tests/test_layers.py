@@ -13,7 +13,7 @@ LAYERS = [
     ["lora", "fused"],
     ["peft_compat"],
     ["cards", "adapters", "combine"],
-    ["train", "recipes", "analysis", "svd_sweep"],
+    ["train", "recipes", "analysis", "svd_sweep", "merge_study"],
     ["index_store", "registry", "hub", "refs"],
     ["serving"],
     ["bench", "demo", "plots", "cli", "__main__", "__init__"],
