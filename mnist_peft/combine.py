@@ -20,7 +20,12 @@
   TIES has two readings. ``ties_mode="peft"`` (default, peft's): the sign is elected on the
   *unweighted* trimmed deltas and the agreeing weighted entries are divided by how many agree.
   ``ties_mode="mergekit"`` (mergekit's): the sign is elected on the *weighted* trimmed deltas and
-  the agreeing entries are divided by the sum of the agreeing adapters' weights.
+  the agreeing entries are divided by the sum of the agreeing adapters' weights (so it refuses
+  negative weights: they would flip or cancel rather than remove a behaviour).
+
+  Differences from peft, on purpose: with a single adapter peft falls back to its ``linear``
+  combination (no trimming); we apply the method asked for. Layers are visited in sorted name
+  order (peft: module order; the same for ``linear1..3``), which orders DARE's random draws.
 
 peft's ``cat`` splits the weight between A and B as peft always has (``w`` on A), so it accepts
 negative weights too. It was peft's factor-space ``linear``, ``ties`` and ``dare`` merges (before
@@ -195,6 +200,13 @@ def merge_deltas(
         raise AdapterConfigError(f"density must be in (0, 1], got {density!r}")
     if ties_mode not in ("peft", "mergekit"):
         raise AdapterConfigError(f"ties_mode must be 'peft' or 'mergekit', got {ties_mode!r}")
+    if ties_mode == "mergekit" and method in ("ties", "dare_ties") and any(w < 0 for w in weights):
+        raise AdapterConfigError(
+            "mergekit's TIES votes with the weighted deltas and divides by the agreeing weights, so a negative weight "
+            "flips or cancels instead of removing a behaviour; use ties_mode='peft' (or task_arithmetic) for negative weights"
+        )
+    if method in ("ties", "magnitude_prune") and density < 1 and any(int(density * d.numel()) < 1 for d in deltas):
+        raise AdapterConfigError(f"density {density} keeps no entry of a {tuple(deltas[0].shape)} update; raise the density")
     if method in ("ties", "magnitude_prune"):
         deltas = [_trim(d, density) for d in deltas]
     elif method in ("dare_linear", "dare_ties"):
@@ -211,6 +223,8 @@ def svd_factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     B = u[:, :r] @ torch.diag(s[:r])
     A = vh[:r, :]
+    if B.shape[1] < r:  # a layer narrower than r (linear3 is 10 wide): zero directions, so the folder has rank r
+        B = torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], 1)
     total = float((s.double() ** 2).sum())
     err = math.sqrt(float((s[r:].double() ** 2).sum()) / total) if total > 0 else 0.0
     return A, B, err
@@ -237,7 +251,7 @@ def _merge_by_delta(
             deltas,
             [w for _, w in held],
             method=method,
-            density=float(options.get("density") or 1.0),  # type: ignore[arg-type]
+            density=1.0 if options.get("density") is None else options["density"],  # type: ignore[arg-type]
             majority_sign=str(options.get("majority_sign") or "total"),
             ties_mode=str(options.get("ties_mode") or "peft"),
             generator=generator,
@@ -277,6 +291,8 @@ def combine_adapters(
         raise AdapterConfigError(f"unknown combination method {method!r}; use one of {', '.join(METHODS)}")
     fingerprint = _common_fingerprint(adapters, force)
     method = PEFT_NAMES.get(method, method)
+    if density is not None and method in ("cat", "svd", "task_arithmetic"):
+        raise AdapterConfigError(f"--density applies to ties, dare_linear, dare_ties and magnitude_prune, not to {method}")
     if method in DELTA_METHODS:
         if method != "task_arithmetic" and density is None:
             raise AdapterConfigError(f"the {method} merge needs a density in (0, 1] (--density), the share of each delta it keeps")

@@ -13,7 +13,8 @@ set only reports:
 - baselines: the base, the best single adapter (picked on validation), and the plain stack of all
   ten at weight 1/10 (exact, no truncation);
 - a learned combination (LoraHub-style): ten weights found by a gradient-free search (seeded
-  random coordinate steps, accepted when validation accuracy improves), then truncated to rank r.
+  random coordinate steps, accepted when the validation loss falls), then truncated to rank r;
+  the validation loss reported for it is the truncated adapter's, like its test row.
 
 Models are evaluated with the merged update added to the base weights (what ``merge`` does).
 """
@@ -39,8 +40,8 @@ __all__ = ["StudyConfig", "merge_study", "study_table"]
 
 @dataclass
 class StudyConfig:
-    densities: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    scales: Sequence[float] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+    densities: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    scales: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
     r: int = 4
     val_size: int = 5000
     """Held out of the training set with seed ``seed``: the replay recipe's own split."""
@@ -57,9 +58,13 @@ def _deltas(adapters: Sequence[AdapterFiles]) -> dict[str, list[torch.Tensor]]:
     modules = sorted({k.rsplit(".", 2)[0] for f in adapters for k in f.state_dict})
     out: dict[str, list[torch.Tensor]] = {}
     for m in modules:
+        held = [f for f in adapters if f"{m}.lora_A.weight" in f.state_dict]
+        shape = (held[0].state_dict[f"{m}.lora_B.weight"].shape[0], held[0].state_dict[f"{m}.lora_A.weight"].shape[1])
         out[m] = [
             (f.state_dict[f"{m}.lora_B.weight"].float() @ f.state_dict[f"{m}.lora_A.weight"].float())
             * compute_scaling(f.config.r, f.config.lora_alpha, f.config.use_rslora)
+            if f"{m}.lora_A.weight" in f.state_dict
+            else torch.zeros(shape)  # an adapter without this layer changes nothing there
             for f in adapters
         ]
     return out
@@ -144,6 +149,7 @@ def merge_study(
     best_single = min(range(n), key=lambda i: single_val[i])
     weights, search_val = _search(base, deltas, val, cfg)
     learned = _low_rank({m: sum(w * d for w, d in zip(weights, ds, strict=True)) for m, ds in deltas.items()}, cfg.r)
+    search_val = _val_loss(base, learned, val)  # the truncated adapter's, which the test row reports
     return {
         "r": cfg.r,
         "val_size": cfg.val_size,

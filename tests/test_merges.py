@@ -165,3 +165,50 @@ def test_a_ties_merge_from_the_cli_is_an_adapter_folder_stock_peft_loads_with_th
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-5, atol=1e-5)
         assert float((ours(x) - base(x)).abs().max()) > 1e-3  # the merge changes the model
+
+
+def test_review_findings_a_narrow_layer_zero_density_mergekit_negatives_and_stray_density(tmp_path) -> None:
+    """A layer narrower than r still gets rank-r factors (a loadable folder); density 0 is refused,
+    not read as 1; mergekit's TIES refuses negative weights; --density with cat/svd is refused."""
+    from mnist_peft.adapters import load_adapter, write_adapter
+
+    torch.manual_seed(0)
+    base = MnistMLP(48, 32, in_features=40).eval()
+    a, b = _adapters(base, n=2, r=16)  # linear3 is (10, 32): narrower than r
+    merged = combine_adapters([a, b], method="ties", density=0.5)
+    assert merged.config.r == 16 and merged.state_dict["linear3.lora_B.weight"].shape == (10, 16)
+    folder = write_adapter(merged.to_files(), tmp_path / "m")
+    load_adapter(LoraModel(copy.deepcopy(base)), folder, "m")
+    with pytest.raises(AdapterConfigError, match="density must be in"):
+        combine_adapters([a, b], method="ties", density=0.0)
+    with pytest.raises(AdapterConfigError, match="negative weight"):
+        combine_adapters([a, b], [1.0, -1.0], method="ties", density=0.5, ties_mode="mergekit")
+    with pytest.raises(AdapterConfigError, match="applies to ties"):
+        combine_adapters([a, b], method="svd", r=4, density=0.5)
+    with pytest.raises(AdapterConfigError, match="keeps no entry"):
+        combine_adapters([a, b], method="ties", density=0.0001)
+
+
+def test_ties_on_the_reference_digit_adapters_equals_peft() -> None:
+    """The parity above, on the MNIST adapters the registry ships (full-size layers)."""
+    import peft
+    from conftest import REPO
+
+    from mnist_peft.adapters import read_adapter
+    from mnist_peft.model import load_base
+    from mnist_peft.peft_compat import native_to_peft_state_dict, to_peft_config
+    from mnist_peft.registry import AdapterRegistry
+
+    registry = AdapterRegistry(REPO / "adapters")
+    base = load_base(registry.path("base"))
+    files = [read_adapter(registry.path(n)) for n in ("digit-3", "digit-9")]
+    ours = combine_adapters(files, [1.0, 0.8], method="ties_svd", r=4, density=0.3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(files[0].config), adapter_name="a0")
+    theirs.add_adapter("a1", to_peft_config(files[1].config))
+    for i, f in enumerate(files):
+        peft.set_peft_model_state_dict(theirs, native_to_peft_state_dict(f.state_dict, f"a{i}"), adapter_name=f"a{i}")
+    theirs.add_weighted_adapter(["a0", "a1"], [1.0, 0.8], "merged", combination_type="ties_svd", density=0.3, svd_rank=4)
+    for module in ("linear1", "linear2", "linear3"):
+        expected = theirs.base_model.model.get_submodule(module).get_delta_weight("merged")
+        got = ours.state_dict[f"{module}.lora_B.weight"] @ ours.state_dict[f"{module}.lora_A.weight"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
