@@ -794,7 +794,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     help="the main job: the seed's experiment and ours, end to end, with a report",
     description="Reproduce the seed's digit-9 experiment (and its forgetting), evaluate the ten replay adapters "
     "(from the registry, or trained), a stack and combined adapters, check exact LoRA-off/unmerge, run a short "
-    "parity check against peft and an SVD rank sweep; write report.md and PNG plots to --out. Finished stages "
+    "parity check against peft, an SVD rank sweep and the ten adapters merged into one (merge-study); write "
+    "report.md and PNG plots to --out. Finished stages "
     "are skipped on a re-run unless --force.",
     arguments=_demo_arguments,
 )

@@ -27,7 +27,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +110,9 @@ def push_to_hub(
     refs = ", ".join(e.ref for e in entries)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        for attempt in range(PUSH_ATTEMPTS):
-            # Read the remote index at the head we commit on, and name that head as the parent: a
-            # concurrent push makes the commit fail (HTTP 412) instead of overwriting its entries.
-            parent = api.repo_info(repo_id, revision=revision or "main").sha
+
+        def operations(parent: str | None) -> list:
+            # The remote index at the head the commit is made on: entries not pushed now are kept.
             remote: dict[str, dict[str, object]] = {}
             if parent is not None:
                 remote = {n: entry for n, (entry, _) in _remote_index(api, repo_id, parent, token=token, required=False).items()}
@@ -122,26 +121,37 @@ def push_to_hub(
             if sum(entry.get("kind") == "base" for entry in remote.values()) > 1:
                 raise RegistryError("the repo would hold two bases; push each base to its own repo")
             index = {"format": 1, "entries": sorted(remote.values(), key=lambda entry: str(entry["name"]))}
-            index_op = CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-            try:
-                info = api.create_commit(
-                    repo_id,
-                    [*ops, index_op],
-                    commit_message=commit_message or f"mnist-peft push: {refs}",
-                    revision=revision,
-                    commit_description=f"Pushed {len(entries)} registry entries: {refs}.",
-                    parent_commit=parent,
-                )
-                break
-            except Exception as exc:
-                if http_status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
-                    raise
-                time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))  # back off, then re-read and re-merge
+            return [*ops, CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())]
+
+        info = _commit_on_head(
+            api,
+            repo_id,
+            operations,
+            revision=revision,
+            commit_message=commit_message or f"mnist-peft push: {refs}",
+            commit_description=f"Pushed {len(entries)} registry entries: {refs}.",
+        )
     except (RegistryError, IntegrityError, HubError):
         raise
     except Exception as exc:  # network, HTTP and Hub errors become one HubError of their kind
         raise hub_error(exc, repo_id, "push") from exc
     return PushResult(repo_id=repo_id, commit=info.oid, pushed=[e.ref for e in entries])
+
+
+def _commit_on_head(api, repo_id: str, operations: Callable[[str | None], list], *, revision: str | None = None, **commit_args):
+    """One commit made on the branch head it was built from: ``operations(head)`` gives its files,
+    and the head is named as the parent, so a concurrent push makes the commit fail (HTTP 409/412)
+    instead of overwriting; then the head is read again and the commit rebuilt, with backoff, up
+    to ``PUSH_ATTEMPTS`` times."""
+    for attempt in range(PUSH_ATTEMPTS):
+        parent = api.repo_info(repo_id, revision=revision or "main").sha
+        try:
+            return api.create_commit(repo_id, operations(parent), revision=revision, parent_commit=parent, **commit_args)
+        except Exception as exc:
+            if http_status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))  # back off, then re-read and rebuild
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def adapter_repo_id(repo_id: str, name: str) -> str:
@@ -230,15 +240,7 @@ def _push_adapter_repo(
             index = {"format": 1, "layout": "adapter", "base": base_repo_id, "entries": [{**entry.to_dict(), "files": files, "path": ""}]}
             ops = [CommitOperationAdd(f, b) for f, b in sorted(contents.items())]
             ops.append(CommitOperationAdd(INDEX_NAME, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
-            for attempt in range(PUSH_ATTEMPTS):
-                parent = api.repo_info(repo_id, revision="main").sha
-                try:
-                    commit = api.create_commit(repo_id, ops, commit_message=f"mnist-peft push: {entry.ref}", parent_commit=parent).oid
-                    break
-                except Exception as exc:
-                    if http_status(exc) not in (409, 412) or attempt == PUSH_ATTEMPTS - 1:
-                        raise
-                    time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))
+            commit = _commit_on_head(api, repo_id, lambda parent, ops=ops: ops, commit_message=f"mnist-peft push: {entry.ref}").oid
             api.create_tag(repo_id, tag=f"v{entry.version}", revision=commit, tag_message=f"{entry.ref}")
             pushed.append(entry.ref)
     except (RegistryError, IntegrityError, HubError):
