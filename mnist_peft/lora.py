@@ -602,10 +602,6 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             stack.extend((prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None)
 
 
-def _match(name: str, targets: Iterable[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _target_modules(model: nn.Module, config: LoraConfig, lora: list[LoraLinear] | None = None) -> dict[str, nn.Linear | LoraLinear]:
     """``{name: module}`` of the target layers in module order (see :func:`find_targets`); every
     :class:`LoraLinear` met on the way is appended to ``lora`` (one walk serves both)."""
