@@ -468,6 +468,40 @@ def bench_combine_ten(base: nn.Module, *, reps: int) -> Figure:
     )
 
 
+def bench_train_ten_adapters(base: nn.Module, data_dir: str | None, *, fraction: float = 1.0) -> Figure:
+    """The ten digit adapters with the default recipe: one batched run vs ten ``train_adapter`` runs.
+
+    Each side runs once (a run is tens of seconds), sequential first; both train the same ten
+    adapters (the batched ones equal the solo ones, see :mod:`mnist_peft.fleet`). Below a full
+    ``fraction`` the recipe's steps are scaled down alike on both sides (a quick check, not the figure).
+    """
+    from .fleet import AdapterJob, train_batched
+    from .recipes import get_recipe, train_adapter
+
+    steps = max(10, round(get_recipe("adapter", "replay").steps * fraction))  # type: ignore[attr-defined]
+    overrides = {} if fraction >= 1 else {"steps": steps}
+    jobs = [AdapterJob(d, "replay", tuple(overrides.items())) for d in range(10)]
+    frozen = copy.deepcopy(base).requires_grad_(False)
+
+    def sequential() -> None:
+        for d in range(10):
+            train_adapter(frozen, d, "replay", data_dir=data_dir, **overrides)
+
+    def batched() -> None:
+        train_batched(frozen, jobs, data_dir=data_dir)
+
+    t = time_round_robin({"base": sequential, "ours": batched}, reps=1, warmup=0)
+    return _figure(
+        "train_ten_adapters",
+        ours=t["ours"],
+        base=t["base"],
+        target=0.5,
+        unit="s",
+        note=f"the ten digit adapters, replay recipe ({steps if overrides else 'its'} steps, early stopping on): one batched run "
+        "(base = ten train_adapter runs one after another); ratio = batched / sequential",
+    )
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
@@ -479,6 +513,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "combine_ten": lambda ctx: bench_combine_ten(ctx["base"], reps=ctx["reps"]),
     "registry_add": lambda ctx: bench_registry("add", reps=ctx["reps"], entries=ctx["registry_entries"]),
     "registry_get": lambda ctx: bench_registry("get", reps=ctx["reps"], entries=ctx["registry_entries"]),
+    "train_ten_adapters": lambda ctx: bench_train_ten_adapters(ctx["base"], ctx["data_dir"], fraction=ctx["train_fraction"]),
 }
 
 

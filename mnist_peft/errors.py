@@ -32,6 +32,7 @@ __all__ = [
     "EntryNotFoundError",
     "IntegrityError",
     "HubError",
+    "FleetError",
     "http_status",
     "hub_error",
 ]
@@ -173,6 +174,14 @@ class IntegrityError(MnistPeftError, ValueError):
     def __init__(self, message: str, *, path: str | Path) -> None:
         super().__init__(message)
         self.path = Path(path)
+
+
+class FleetError(MnistPeftError, RuntimeError):
+    """Jobs of an adapter fleet failed for good; ``failed`` maps each job's name to its error."""
+
+    def __init__(self, message: str, *, failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failed = dict(failed)
 
 
 class HubError(MnistPeftError, OSError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Protocol
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from .data import MnistSplit, load_mnist, split_validation
 from .errors import InvalidArgumentError, TrainConfigError
-from .lora import LoraConfig, LoraModel
+from .lora import LoraConfig, LoraModel, lora_layers
 from .model import MnistMLP
 from .train import EvalResult, FitResult, TrainConfig, evaluate, fit, seed_loader_permutation
 
@@ -381,8 +382,23 @@ class _DigitTask:
         idx = torch.cat(
             [(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]]
         )
-        with torch.no_grad():
+        with torch.no_grad(), _exact_forward(m):
             return -float(self.objective(m, split.x[idx], split.y[idx]))
+
+
+@contextmanager
+def _exact_forward(m: nn.Module):
+    """Run ``m``'s LoRA layers in exact mode (peft's float ops) for a while: validation scores then
+    come from the same ops as training, which lets the batched trainer reproduce them bit for bit."""
+    states = {id(layer.state): layer.state for _, layer in lora_layers(m)}
+    before = {k: st.forward_mode for k, st in states.items()}
+    for st in states.values():
+        st.forward_mode = "exact"
+    try:
+        yield
+    finally:
+        for k, st in states.items():
+            st.forward_mode = before[k]
 
 
 def _train_on_digit(

@@ -18,6 +18,7 @@ FIGURES = {
     "registry_add",
     "registry_get",
     "combine_ten",
+    "train_ten_adapters",
 }
 
 

@@ -1,0 +1,760 @@
+"""Fleets of adapters: many trained together on one machine, or spread over a Ray cluster.
+
+**Batched training** (:func:`train_batched`). K adapter jobs (digits, seeds, hyper-parameters;
+one base) train in one loop. Each step stacks every running job's batch into one tensor:
+
+- the frozen base's work is done once for all of them: the first layer's base output and the
+  teacher's log-probabilities (the distillation target) depend on the image only, so they are
+  computed once per image of the training set for the whole fleet (when no job augments its
+  images), and the base GEMMs of the deeper layers run on the stacked rows of all jobs;
+- each job's low-rank branch runs on its own rows, with its own scaling and rank;
+- each job keeps its own optimiser, one-cycle schedule, data order, validation split and
+  early-stopping decision, and leaves the loop when it stops.
+
+**Equality contract.** Every job runs the same float operations on the same values as
+:func:`~mnist_peft.recipes.train_adapter` run alone with the same recipe and seed, as long as the
+BLAS gives each row of a matrix product the same bits whatever the number of rows around it (true
+of this machine's CPU kernels for 38 rows and more: the default recipe's batches; the test checks
+it). Then each adapter equals its solo run bit for bit; where a BLAS breaks that, the
+difference is float rounding (the test bounds it and requires the same per-digit wrong counts).
+
+**Executors** (:func:`run_fleet`). ``local`` runs :func:`train_batched` in this process; ``ray``
+runs each job as a Ray task (``max_retries`` for killed workers) that reads the base from the
+registry or the Hub and returns the adapter's files and metrics. Either way the driver registers
+the whole fleet in one registry write (:meth:`AdapterRegistry.add_many`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import MnistSplit, load_mnist
+from .errors import FleetError, InvalidArgumentError, MnistPeftError
+from .lora import LoraConfig, LoraModel, lora_forward, lora_layers
+from .model import MnistMLP
+from .recipes import AdapterRecipe, AdapterTrainResult, _DigitTask, _resolve_recipe, augment_batch
+from .train import _EarlyStopping, evaluate, make_optimizer
+
+__all__ = ["AdapterJob", "train_batched", "parse_digits", "fleet_jobs", "run_fleet", "FleetResult", "FleetAdapter", "EXECUTORS"]
+
+_LAYERS = ("linear1", "linear2", "linear3")
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One adapter of a fleet: a digit, a recipe (by name) with overrides, and its name."""
+
+    digit: int
+    recipe: str = "replay"
+    overrides: tuple[tuple[str, object], ...] = ()
+    """Recipe fields to override, as ``(field, value)`` pairs (``seed``, ``r``, ``lr``, ...)."""
+    name: str = ""
+    """The registry name of the result (default ``digit-D``)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.digit, int) and 0 <= self.digit <= 9):
+            raise InvalidArgumentError(f"digit must be 0..9, got {self.digit!r}")
+        if not self.name:
+            object.__setattr__(self, "name", f"digit-{self.digit}")
+
+    def resolved(self) -> tuple[str, AdapterRecipe]:
+        """``(recipe name, recipe with the overrides applied)``."""
+        return _resolve_recipe(self.recipe, dict(self.overrides))
+
+    @property
+    def seed(self) -> int:
+        return int(dict(self.overrides).get("seed", self.resolved()[1].seed))
+
+
+def parse_digits(text: str) -> list[int]:
+    """``"0-9"``, ``"3"``, ``"1,4,7"`` or ``"0-2,9"`` -> a sorted list of distinct digits.
+
+    Raises:
+        InvalidArgumentError: anything else, or a digit outside 0..9.
+    """
+    digits: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise InvalidArgumentError(f"digits {text!r}: expected e.g. '0-9', '3' or '1,4,7'")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if not (0 <= a <= b <= 9):
+            raise InvalidArgumentError(f"digits {text!r}: each digit must be 0..9 and ranges must go up (e.g. '2-5')")
+        digits.update(range(a, b + 1))
+    return sorted(digits)
+
+
+# ----------------------------------------------------------------------------- the batched trainer
+@dataclass
+class _Job:
+    """One job's training state inside :func:`train_batched` (what ``fit`` keeps for one run)."""
+
+    job: AdapterJob
+    recipe_name: str
+    recipe: AdapterRecipe
+    model: LoraModel
+    params: list[nn.Parameter]
+    layers: list[tuple[torch.Tensor, torch.Tensor, float] | None]
+    """Per base layer: ``(A, B, scaling)`` of the adapter (the live parameters), or None."""
+    train_index: torch.Tensor
+    """Rows of the full training set that are this job's training split."""
+    val_index: torch.Tensor | None
+    task: _DigitTask
+    batches: Iterator[torch.Tensor]
+    rng: torch.Tensor
+    """The global RNG state the job's data order continues from (the seed recipe draws from it)."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    stopper: _EarlyStopping
+    total: int
+    step: int = 0
+    done: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _job_batches(task: _DigitTask) -> Iterator[torch.Tensor]:
+    """The index batches ``fit`` draws from ``task.batches(epoch)``, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from task.batches(epoch)
+        epoch += 1
+
+
+class _Shared:
+    """What the frozen base computes once for the whole fleet: the first layer's base output and the
+    teacher's log-probabilities for every training image (the same ops, row for row, as the solo
+    run's per-batch calls)."""
+
+    def __init__(self, base: MnistMLP, x: torch.Tensor, *, teacher: bool, chunk: int = 8192) -> None:
+        l1, lp = [], []
+        with torch.no_grad():
+            for i in range(0, x.shape[0], chunk):
+                xb = x[i : i + chunk]
+                l1.append(base.linear1(xb))
+                if teacher:
+                    lp.append(F.log_softmax(base(xb), 1))
+        self.l1 = torch.cat(l1)
+        self.teacher = torch.cat(lp) if teacher else None
+
+
+def _check_base(base: nn.Module) -> MnistMLP:
+    if not isinstance(base, MnistMLP) or isinstance(base, LoraModel):
+        raise InvalidArgumentError(f"batched training needs a plain MnistMLP base, got {type(base).__name__}")
+    return base
+
+
+def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
+    """Set up one job exactly as ``train_adapter`` + ``fit`` do for a solo run (same RNG draws)."""
+    name, recipe = job.resolved()
+    torch.manual_seed(recipe.seed)
+    model = LoraModel(copy.deepcopy(base), LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights))
+    rng = torch.get_rng_state()
+    params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    held = {name.rsplit(".", 1)[-1]: layer for name, layer in lora_layers(model)}
+    layers = []
+    for lname in _LAYERS:
+        layer = held.get(lname)
+        if layer is not None and "default" in layer.lora_A:
+            layers.append((layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]))
+        else:
+            layers.append(None)
+    n = len(full)
+    if recipe.val_size:
+        if not 0 <= recipe.val_size < n:
+            raise InvalidArgumentError(f"validation size must be in [0, {n}), got {recipe.val_size}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))  # as split_validation draws it
+        val_index, train_index = perm[: recipe.val_size], perm[recipe.val_size :]
+    else:
+        val_index, train_index = None, torch.arange(n)
+    labels = MnistSplit(torch.empty(0, 784), full.y[train_index])  # the task draws indices from the labels only
+    task = _DigitTask(recipe, job.digit, labels, base, torch.Generator().manual_seed(recipe.seed))
+    config = recipe.fit_config()
+    opt = make_optimizer(params, config)
+    steps_per_epoch = -(-len(train_index) // config.batch_size)
+    total = round(config.epochs * steps_per_epoch)
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1)) if config.schedule == "onecycle" else None
+    val = MnistSplit(full.x[val_index], full.y[val_index]) if val_index is not None else None
+    stopper = _EarlyStopping(val, None, every=config.eval_every or steps_per_epoch, patience=config.patience)
+    return _Job(job, name, recipe, model, params, layers, train_index, val_index, task, _job_batches(task), rng, opt, sched, stopper, total)
+
+
+def _stacked_forward(base: MnistMLP, jobs: list[_Job], x: torch.Tensor, l1_base: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
+    """Logits of the stacked rows: job k's rows (``sizes[k]`` of them, in order) through the base plus
+    job k's adapter, with the base's GEMMs on all rows at once. Per row, the same ops as
+    ``LoraLinear``'s exact forward: ``base_layer(x) + lora_forward(x, A, B, s)``."""
+    h = x
+    for i, lname in enumerate(_LAYERS):
+        layer: nn.Linear = getattr(base, lname)
+        out = l1_base if (i == 0 and l1_base is not None) else layer(h)
+        parts = h.split(sizes)
+        deltas = []
+        for job, part in zip(jobs, parts, strict=True):
+            A, B, s = job.layers[i] if job.layers[i] is not None else (None, None, 0.0)
+            deltas.append(lora_forward(part, A, B, s) if A is not None else torch.zeros(part.shape[0], layer.out_features))
+        out = out + torch.cat(deltas)
+        h = torch.relu(out) if i < len(_LAYERS) - 1 else out
+    return h
+
+
+def _objective(job: _Job, logits: torch.Tensor, y: torch.Tensor, target_of_rest: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``_DigitTask.objective`` on precomputed logits: cross-entropy plus the distillation term."""
+    loss = F.cross_entropy(logits, y)
+    if job.recipe.distill:
+        rest = y != job.job.digit
+        if rest.any():
+            target = target_of_rest(rest)
+            kl = F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
+            loss = loss + job.recipe.distill * kl
+    return loss
+
+
+def train_batched(
+    base: nn.Module,
+    jobs: Sequence[AdapterJob],
+    *,
+    data_dir: str | None = None,
+    progress: Callable[[list[dict[str, object]]], None] | None = None,
+) -> list[tuple[LoraModel, AdapterTrainResult]]:
+    """Train every job's adapter on ``base`` together; each result as ``train_adapter`` returns it.
+
+    Args:
+        jobs: the adapters to train (a recipe with overrides each; any digits, seeds, ranks).
+        progress: called after every step with one status dict per job (``name``, ``step``,
+            ``total``, ``state``: ``running`` / ``stopped early`` / ``done``).
+
+    Returns:
+        ``(model, result)`` per job, in order; ``result.seconds`` is the wall time of the whole
+        batched run (the jobs share it).
+
+    Example:
+        >>> out = train_batched(load_base("adapters/base/v1"), [AdapterJob(d) for d in range(10)])
+        >>> [r.after.wrong_per_digit[r.digit] for _, r in out]
+    """
+    base = _check_base(base)
+    if not jobs:
+        raise InvalidArgumentError("no jobs to train")
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"job names must be distinct, got {names}")
+    start = time.perf_counter()
+    base.eval()
+    frozen = copy.deepcopy(base).requires_grad_(False)  # the shared base GEMMs; the caller's base is never touched
+    test = load_mnist(train=False, data_dir=data_dir)
+    full = load_mnist(train=True, data_dir=data_dir)
+    before = evaluate(base, test)
+    states = [_new_job(j, base, full) for j in jobs]
+    augmenting = any(s.recipe.augment for s in states)
+    shared = _Shared(base, full.x, teacher=any(s.recipe.distill for s in states))
+    rng_outside = torch.get_rng_state()
+    try:
+        _run(frozen, states, full, shared, augmenting, progress)
+    finally:
+        torch.set_rng_state(rng_outside)
+    seconds = time.perf_counter() - start
+    results = []
+    for s in states:
+        s.model.eval()
+        after = evaluate(s.model, test)
+        results.append(
+            (
+                s.model,
+                AdapterTrainResult(
+                    digit=s.job.digit,
+                    recipe=s.recipe_name,
+                    steps=s.step,
+                    seconds=seconds,
+                    stopped_early=s.stopper.stopped,
+                    before=before,
+                    after=after,
+                ),
+            )
+        )
+    return results
+
+
+def _status(states: list[_Job]) -> list[dict[str, object]]:
+    return [
+        {
+            "name": s.job.name,
+            "step": s.step,
+            "total": s.total,
+            "state": ("stopped early" if s.stopper.stopped else "done") if s.done else "running",
+        }
+        for s in states
+    ]
+
+
+def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _Shared, augmenting: bool, progress) -> None:
+    for s in states:
+        s.model.train()
+    while True:
+        running = [s for s in states if not s.done]
+        if not running:
+            return
+        index, xs = [], []
+        for s in running:
+            torch.set_rng_state(s.rng)
+            idx = s.train_index[next(s.batches)]
+            s.rng = torch.get_rng_state()
+            index.append(idx)
+            if augmenting:
+                xb = full.x[idx]
+                xs.append(augment_batch(xb, s.task.g) if s.recipe.augment else xb)
+        sizes = [len(i) for i in index]
+        rows = torch.cat(index)
+        y = full.y[rows]
+        if augmenting:  # images differ per job: the base sees them here (still one GEMM per layer)
+            x = torch.cat(xs)
+            l1_base = None
+            with torch.no_grad():
+                teacher = F.log_softmax(base(x), 1) if shared.teacher is not None else None
+        else:
+            x, l1_base = full.x[rows], shared.l1[rows]
+            teacher = shared.teacher[rows] if shared.teacher is not None else None
+        logits = _stacked_forward(base, running, x, l1_base, sizes)
+        losses = []
+        offset = 0
+        for s, lg, yb, n in zip(running, logits.split(sizes), y.split(sizes), sizes, strict=True):
+            t = teacher[offset : offset + n] if teacher is not None else None
+            losses.append(_objective(s, lg, yb, lambda rest, t=t: t[rest]))
+            offset += n
+        for s in running:
+            s.opt.zero_grad(set_to_none=True)
+        torch.autograd.backward(losses)
+        for s in running:
+            s.opt.step()
+            if s.sched is not None:
+                s.sched.step()
+            s.step += 1
+        due = [s for s in running if s.stopper.val is not None and (s.step % s.stopper.every == 0 or s.step == s.total)]
+        scores = _val_scores(base, due, full, shared) if due else {}
+        for s in running:
+            stop = False
+            if s in due:
+                stop = _check(s, scores[id(s)])
+            if stop or s.step >= s.total:
+                s.done = True
+                if s.stopper.best_state is not None:
+                    s.model.load_state_dict(s.stopper.best_state, strict=False)
+                s.model.eval()
+        if progress is not None:
+            progress(_status(states))
+
+
+def _check(s: _Job, value: float) -> bool:
+    """``_EarlyStopping.check`` with the score already computed (batched across jobs)."""
+    st = s.stopper
+    st.history.append({"step": s.step, "val_score": value})
+    if st.best is None or value > st.best:
+        st.best, st.bad_checks = value, 0
+        st.best_state = {k: v.detach().clone() for k, v in s.model.state_dict().items() if "lora_" in k}
+    else:
+        st.bad_checks += 1
+        st.stopped = st.bad_checks >= st.patience
+    return st.stopped
+
+
+def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _Shared) -> dict[int, float]:
+    """``_DigitTask.val_score`` for each due job, in one stacked forward."""
+    index = []
+    for s in due:
+        vy = full.y[s.val_index]
+        digit = s.job.digit
+        local = torch.cat([(vy == digit).nonzero().squeeze(1), (vy != digit).nonzero().squeeze(1)[: 2 * int((vy == digit).sum())]])
+        index.append(s.val_index[local])
+    sizes = [len(i) for i in index]
+    rows = torch.cat(index)
+    with torch.no_grad():
+        x = full.x[rows]
+        logits = _stacked_forward(base, due, x, shared.l1[rows], sizes)
+        teacher = shared.teacher[rows] if shared.teacher is not None else None
+        out, offset = {}, 0
+        for s, lg, yb, n in zip(due, logits.split(sizes), full.y[rows].split(sizes), sizes, strict=True):
+            t = teacher[offset : offset + n] if teacher is not None else None
+            out[id(s)] = -float(_objective(s, lg, yb, lambda rest, t=t: t[rest]))
+            offset += n
+    return out
+
+
+# ----------------------------------------------------------------------------- a fleet, end to end
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+"""The files a fleet job hands back (a PEFT adapter folder); nothing else is accepted from a worker."""
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class FleetAdapter:
+    """One trained adapter of a fleet, saved in a folder of the driver's."""
+
+    name: str
+    digit: int
+    seed: int
+    steps: int
+    folder: str
+    metrics: dict[str, object]
+
+
+@dataclass
+class FleetResult:
+    """What :func:`run_fleet` did: the adapters trained, the jobs that failed, what was registered."""
+
+    executor: str
+    trained: list[FleetAdapter]
+    failed: dict[str, str]
+    registered: list[dict[str, object]] = field(default_factory=list)
+    pushed: dict[str, object] | None = None
+    seconds: float = 0.0
+
+
+def fleet_jobs(digits: Sequence[int], seeds: Sequence[int] = (0,), *, prefix: str = "digit", **overrides: object) -> list[AdapterJob]:
+    """One job per (digit, seed): named ``PREFIX-D``, or ``PREFIX-D-sS`` when there are several seeds.
+
+    ``overrides`` are recipe fields (``recipe`` picks the recipe by name; ``None`` values are ignored).
+    """
+    from .registry import validate_name
+
+    recipe = str(overrides.pop("recipe", None) or "replay")
+    extra = {k: v for k, v in overrides.items() if v is not None}
+    seeds = list(dict.fromkeys(seeds)) or [0]
+    sep = "" if prefix.endswith(("-", "_", ".")) else "-"
+    jobs = []
+    for d in digits:
+        for seed in seeds:
+            name = f"{prefix}{sep}{d}" + (f"-s{seed}" if len(seeds) > 1 else "")
+            validate_name(name)
+            jobs.append(AdapterJob(d, recipe, tuple(sorted({**extra, "seed": seed}.items())), name))
+    return jobs
+
+
+def _metrics(result: AdapterTrainResult) -> dict[str, object]:
+    return {
+        "accuracy": result.after.accuracy,
+        "wrong_per_digit": result.after.wrong_per_digit,
+        "accuracy_before": result.before.accuracy,
+        "wrong_per_digit_before": result.before.wrong_per_digit,
+    }
+
+
+def _save(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_ref: str, folder: str) -> FleetAdapter:
+    """Write one trained adapter as ``train-adapter`` writes it (metadata, model card)."""
+    from .adapters import save_adapter
+    from .cards import digit_model_card
+
+    cfg = model.peft_config["default"]
+    meta = {
+        "digit": str(job.digit),
+        "recipe": result.recipe,
+        "steps": str(result.steps),
+        "r": str(cfg.r),
+        "lora_alpha": f"{cfg.lora_alpha:g}",
+        "seed": str(job.seed),
+    }
+    card = digit_model_card(job.digit, result, base_model=base_ref, config=cfg)
+    save_adapter(model, folder, metadata=meta, base_model_name_or_path=base_ref, model_card=card)
+    return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), _metrics(result))
+
+
+def _train_one(job: AdapterJob, base_ref: str, root: str | None, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
+    """A Ray task: read the base (registry or Hub), train one job alone, return its files and metrics.
+
+    ``fault`` is a test hook: ``("kill-once", NAME, DIR)`` ends the worker process the first time job
+    NAME runs (a marker in DIR remembers it); ``("fail", NAME)`` makes job NAME raise every time.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .recipes import train_adapter
+    from .refs import resolve_base
+    from .registry import AdapterRegistry
+
+    if fault and fault[1] == job.name:
+        if fault[0] == "kill-once":
+            marker = Path(fault[2]) / f"killed-{job.name}"
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)  # the worker dies mid-job, as a preempted or OOM-killed machine's would
+        elif fault[0] == "fail":
+            raise RuntimeError(f"injected failure of job {job.name}")
+    torch.set_flush_denormal(True)
+    base = resolve_base(base_ref, AdapterRegistry(root))
+    recipe_name, _ = job.resolved()
+    model, result = train_adapter(base, job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
+    with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
+        saved = _save(model, result, job, base_ref, tmp)
+        files = {f: (Path(tmp) / f).read_bytes() for f in ADAPTER_FILES}
+    return {"name": job.name, "steps": saved.steps, "metrics": saved.metrics, "files": files, "recipe": recipe_name}
+
+
+class _Progress:
+    """One progress bar for the fleet with per-job status on a terminal; otherwise a line on stderr
+    now and then (every ``every`` seconds, and when a job ends)."""
+
+    def __init__(self, jobs: Sequence[AdapterJob], *, unit_total: int, unit: str, tty: bool, quiet: bool, every: float = 15.0) -> None:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.names = [j.name for j in jobs]
+        self.quiet, self.tty, self.every = quiet, tty, every
+        self.bar = tqdm(total=unit_total, desc="fleet", unit=unit, leave=False, disable=quiet or not tty)
+        self.last_line, self.ended = time.monotonic(), set()
+        self.stream = sys.stderr
+        self.done = 0
+
+    def update(self, status: list[dict[str, object]], done_units: int) -> None:
+        if self.quiet:
+            return
+        self.bar.update(done_units - self.done)
+        self.done = done_units
+        ended = {str(s["name"]) for s in status if s["state"] not in ("running", "pending")}
+        if self.tty:
+            self.bar.set_postfix_str(" ".join(f"{s['name']}:{_short(s)}" for s in status), refresh=False)
+            return
+        if ended - self.ended or time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            print(
+                f"fleet: {len(ended)}/{len(status)} jobs ended; " + ", ".join(f"{s['name']} {_short(s)}" for s in status), file=self.stream
+            )
+        self.ended = ended
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _short(s: dict[str, object]) -> str:
+    state = str(s["state"])
+    if state == "running" and "total" in s:
+        return f"{s['step']}/{s['total']}"
+    return state
+
+
+def run_fleet(
+    base_ref: str,
+    jobs: Sequence[AdapterJob],
+    *,
+    root: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    retries: int = 2,
+    out: str | None = None,
+    register: bool = False,
+    allow_partial: bool = False,
+    push_repo: str | None = None,
+    token: str | None = None,
+    data_dir: str | None = None,
+    quiet: bool = False,
+    tty: bool | None = None,
+    _fault: tuple[str, ...] | None = None,
+) -> FleetResult:
+    """Train ``jobs`` on the base ``base_ref`` and keep the results: folders under ``out``, one
+    registry batch (``register``), one Hub commit (``push_repo``, with ``register``).
+
+    Args:
+        executor: ``local`` (all jobs in one batched loop here) or ``ray`` (one Ray task per job,
+            on the cluster at ``ray_address``, else the running Ray, else a local one).
+        retries: how many times Ray re-runs a job whose worker died or which raised.
+        allow_partial: with failed jobs, keep (and register) the others instead of failing all.
+
+    Raises:
+        FleetError: a job failed for good and ``allow_partial`` is off; nothing was registered.
+    """
+    import os
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .refs import resolve_base
+    from .registry import AdapterRegistry
+
+    if executor not in EXECUTORS:
+        raise InvalidArgumentError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if not jobs:
+        raise InvalidArgumentError("no jobs: give at least one digit")
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"job names must be distinct, got {names}")
+    if push_repo and not register:
+        raise InvalidArgumentError("pushing a fleet needs it registered first: add --register")
+    if not out and not register:
+        raise InvalidArgumentError("give an output folder, ask to register the fleet, or both")
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise InvalidArgumentError(f"output folder {out!r} exists and is not an empty folder; pick a new one")
+    if retries < 0:
+        raise InvalidArgumentError(f"retries must be >= 0, got {retries}")
+    registry = AdapterRegistry(root)
+    base = resolve_base(base_ref, registry)  # the driver checks the base before any job starts
+    from .model import base_fingerprint
+
+    fingerprint = base_fingerprint(base)
+    tty = (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
+        if executor == "local":
+            trained, failed = _run_local(base, base_ref, jobs, tmp, data_dir=data_dir, quiet=quiet, tty=tty)
+        else:
+            trained, failed = _run_ray(
+                base_ref, jobs, tmp, root=str(registry.root), data_dir=data_dir, address=ray_address, retries=retries,
+                quiet=quiet, tty=tty, fault=_fault,
+            )  # fmt: skip
+        checked = []
+        for a in trained:  # what a worker hands back is checked like any file from outside
+            try:
+                _check_returned(a, fingerprint)
+                checked.append(a)
+            except MnistPeftError as exc:
+                failed[a.name] = str(exc)
+        trained = checked
+        if failed and not allow_partial:
+            raise FleetError(
+                f"{len(failed)} of {len(jobs)} fleet jobs failed: "
+                + "; ".join(f"{n}: {e}" for n, e in failed.items())
+                + ". Nothing was registered or written; fix the cause and rerun, or pass --allow-partial to keep the others",
+                failed=failed,
+            )
+        result = FleetResult(executor, trained, failed)
+        if register and trained:
+            added = registry.add_many([(a.name, a.folder, {"metrics": a.metrics, "digit": a.digit}) for a in trained])
+            result.registered = [{"name": e.name, "version": e.version} for e in added]
+        if out:  # copied next to ``out`` and renamed into place: a failed copy leaves no half folder
+            dest = Path(out)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+            try:
+                for a in trained:
+                    shutil.copytree(a.folder, staging / a.name)
+                os.replace(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        for a in trained:
+            a.folder = str(Path(out) / a.name) if out else ""
+        if push_repo and result.registered:
+            from .hub import push_to_hub
+
+            pushed = push_to_hub(push_repo, registry=registry, names=[e["name"] for e in result.registered], token=token)
+            result.pushed = {"repo_id": pushed.repo_id, "commit": pushed.commit, "pushed": pushed.pushed}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_returned(a: FleetAdapter, fingerprint: str) -> None:
+    """A worker's adapter is read back like any file from outside: a valid PEFT folder, trained on
+    the driver's base."""
+    from .adapters import read_adapter
+
+    files = read_adapter(a.folder)
+    got = files.metadata.get("base_fingerprint")
+    if got != fingerprint:
+        raise FleetError(
+            f"job {a.name} returned an adapter trained on another base (fingerprint {str(got)[:12]}..., the driver's is "
+            f"{fingerprint[:12]}...); check that every worker reads the same base",
+            failed={a.name: "trained on another base"},
+        )
+    if files.metadata.get("digit") != str(a.digit):
+        raise FleetError(
+            f"job {a.name} returned an adapter for digit {files.metadata.get('digit')!r}, not {a.digit}", failed={a.name: "wrong digit"}
+        )
+
+
+def _run_local(
+    base: nn.Module, base_ref: str, jobs: Sequence[AdapterJob], tmp: str, *, data_dir: str | None, quiet: bool, tty: bool
+) -> tuple[list[FleetAdapter], dict[str, str]]:
+    from pathlib import Path
+
+    totals = [j.resolved()[1].steps for j in jobs]
+    bar = _Progress(jobs, unit_total=sum(totals), unit="step", tty=tty, quiet=quiet)
+
+    def report(status: list[dict[str, object]]) -> None:
+        done = sum(int(s["total"]) if s["state"] != "running" else int(s["step"]) for s in status)
+        bar.update(status, done)
+
+    try:
+        out = train_batched(base, jobs, data_dir=data_dir, progress=report)
+    finally:
+        bar.close()
+    return [_save(m, r, j, base_ref, str(Path(tmp) / j.name)) for j, (m, r) in zip(jobs, out, strict=True)], {}
+
+
+def _run_ray(
+    base_ref: str,
+    jobs: Sequence[AdapterJob],
+    tmp: str,
+    *,
+    root: str,
+    data_dir: str | None,
+    address: str | None,
+    retries: int,
+    quiet: bool,
+    tty: bool,
+    fault: tuple[str, ...] | None,
+) -> tuple[list[FleetAdapter], dict[str, str]]:
+    from pathlib import Path
+
+    try:
+        import ray
+    except ImportError as exc:
+        raise InvalidArgumentError("the ray executor needs Ray: pip install -e '.[ray]' (or pip install 'mnist-peft[ray]')") from exc
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    elif address is not None:
+        raise InvalidArgumentError("Ray is already initialised in this process; drop --ray-address or start a fresh process")
+    task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
+    pending = {task.remote(j, base_ref, root, data_dir, fault): j for j in jobs}
+    status = {j.name: "pending" for j in jobs}
+    bar = _Progress(jobs, unit_total=len(jobs), unit="job", tty=tty, quiet=quiet)
+    trained: dict[str, FleetAdapter] = {}
+    failed: dict[str, str] = {}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    got = ray.get(ref)
+                    trained[job.name] = _receive(got, job, Path(tmp))
+                    status[job.name] = "done"
+                except Exception as exc:  # the job's own error after its retries, or a lost worker
+                    failed[job.name] = _task_error(exc)
+                    status[job.name] = "failed"
+            bar.update([{"name": n, "state": s} for n, s in status.items()], len(trained) + len(failed))
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return [trained[j.name] for j in jobs if j.name in trained], failed
+
+
+def _task_error(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause if cause is not None else exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:300]
+
+
+def _receive(got: object, job: AdapterJob, tmp) -> FleetAdapter:
+    """Write a worker's returned files into the driver's staging folder, checking their shape first."""
+    if not isinstance(got, dict) or got.get("name") != job.name or not isinstance(got.get("files"), dict):
+        raise FleetError(f"job {job.name} returned something that is not a fleet result", failed={job.name: "bad result"})
+    files = got["files"]
+    if set(files) != set(ADAPTER_FILES) or not all(isinstance(b, bytes) for b in files.values()):
+        raise FleetError(
+            f"job {job.name} returned files {sorted(files)}; expected exactly {list(ADAPTER_FILES)}", failed={job.name: "bad files"}
+        )
+    folder = tmp / job.name
+    folder.mkdir()
+    for fname in ADAPTER_FILES:
+        (folder / fname).write_bytes(files[fname])
+    metrics = got.get("metrics") if isinstance(got.get("metrics"), dict) else {}
+    return FleetAdapter(job.name, job.digit, job.seed, int(got.get("steps") or 0), str(folder), metrics)

@@ -1,0 +1,194 @@
+"""Fleets of adapters: the batched trainer against solo runs, the local and Ray executors, the CLI.
+
+Ray runs for real: a local Ray (``ray.init(num_cpus=2)``) whose workers are separate processes;
+one of them is killed mid-job to show the retry, another job fails every time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+from mnist_peft.errors import FleetError, InvalidArgumentError
+from mnist_peft.fleet import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
+from mnist_peft.model import load_base
+from mnist_peft.recipes import train_adapter
+from mnist_peft.registry import AdapterRegistry
+
+BASE = REPO / "adapters" / "base" / "v1"
+
+
+def _tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batched_training_equals_training_each_adapter_alone(data_root: Path) -> None:
+    """Three adapters with different digits, seeds, ranks, learning rates, augmentation and early
+    stopping train together; each equals its solo ``train_adapter`` run with the same recipe."""
+    base = load_base(BASE)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = [p.requires_grad for p in base.parameters()]
+    jobs = [
+        AdapterJob(1, "replay", (("eval_every", 10), ("patience", 1), ("seed", 0), ("steps", 60))),
+        AdapterJob(6, "replay", (("augment", True), ("eval_every", 20), ("lr", 3e-3), ("r", 2), ("seed", 1), ("steps", 60))),
+        AdapterJob(9, "seed", (("steps", 60),), name="seed-9"),
+    ]
+    batched = train_batched(base, jobs, data_dir=str(data_root))
+    assert any(r.stopped_early for _, r in batched) and not all(r.stopped_early for _, r in batched)  # the fleet shrinks mid-run
+    for job, (model, result) in zip(jobs, batched, strict=True):
+        solo_model, solo = train_adapter(base, job.digit, job.recipe, data_dir=str(data_root), **dict(job.overrides))
+        ours, theirs = model.lora_state_dict("default"), solo_model.lora_state_dict("default")
+        assert (result.steps, result.stopped_early) == (solo.steps, solo.stopped_early), job.name
+        assert result.after.wrong_per_digit == solo.after.wrong_per_digit, job.name
+        assert result.before.wrong_per_digit == solo.before.wrong_per_digit
+        if job.recipe == "replay":  # 128 rows per job: every GEMM row has the solo run's bits
+            assert _tensors_equal(ours, theirs), job.name
+        else:  # 10 rows per job: the BLAS's small-row kernels round differently; the contract's tolerance
+            assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-5) for k in ours), job.name
+    assert _tensors_equal(base.state_dict(), original) and [p.requires_grad for p in base.parameters()] == flags  # base untouched
+
+
+def test_fleet_names_and_digit_lists() -> None:
+    assert parse_digits("0-9") == list(range(10))
+    assert parse_digits("7") == [7]
+    assert parse_digits("1,4,7") == [1, 4, 7]
+    assert parse_digits("0-2, 9,1") == [0, 1, 2, 9]
+    for bad in ("", "a", "3-1", "10", "1,,2", "-3", "0-9-1"):
+        with pytest.raises(InvalidArgumentError, match="digits"):
+            parse_digits(bad)
+    assert [j.name for j in fleet_jobs([2, 5])] == ["digit-2", "digit-5"]
+    many = fleet_jobs([2], [0, 3], prefix="fleet", steps=10)
+    assert [j.name for j in many] == ["fleet-2-s0", "fleet-2-s3"]
+    assert [j.seed for j in many] == [0, 3] and all(dict(j.overrides)["steps"] == 10 for j in many)
+    with pytest.raises(InvalidArgumentError):
+        AdapterJob(10)
+
+
+def test_local_fleet_refuses_bad_requests_before_training(tmp_path: Path) -> None:
+    jobs = fleet_jobs([1])
+    with pytest.raises(InvalidArgumentError, match="register"):
+        run_fleet(str(BASE), jobs, root=str(tmp_path / "reg"))
+    with pytest.raises(InvalidArgumentError, match="executor"):
+        run_fleet(str(BASE), jobs, root=str(tmp_path / "reg"), register=True, executor="dask")
+    with pytest.raises(InvalidArgumentError, match="distinct"):
+        run_fleet(str(BASE), [*jobs, *jobs], root=str(tmp_path / "reg"), register=True)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        run_fleet(str(BASE), jobs, root=str(tmp_path / "reg"), out=str(tmp_path / "full"))
+    assert not (tmp_path / "reg").exists() and (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def ray_local(data_root: Path):
+    """A real local Ray with two CPUs (its workers are processes of their own)."""
+    if os.environ.get("CI"):
+        import ray  # in CI a missing Ray is a failure, not a skip
+    else:
+        ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def registry_with_base(tmp_path: Path) -> AdapterRegistry:
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("base", BASE)
+    return reg
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and ".staging" not in p.parts}
+
+
+def test_ray_fleet_matches_the_local_executor_and_registers_in_one_write(
+    ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = fleet_jobs(parse_digits("0-3"), steps=20, eval_every=10)
+    calls: list[int] = []
+    add_many = AdapterRegistry.add_many
+
+    def counting(self, items):
+        calls.append(len(items))
+        return add_many(self, items)
+
+    monkeypatch.setattr(AdapterRegistry, "add_many", counting)
+    local = run_fleet("base", jobs, root=str(registry_with_base.root), out=str(tmp_path / "local"), data_dir=str(data_root), quiet=True)
+    ours = run_fleet("base", jobs, root=str(registry_with_base.root), executor="ray", register=True, data_dir=str(data_root), quiet=True)
+    assert calls == [4]  # the whole fleet in one registry write
+    assert ours.failed == {} and [e["name"] for e in ours.registered] == ["digit-0", "digit-1", "digit-2", "digit-3"]
+    for a, b in zip(ours.trained, local.trained, strict=True):
+        folder = registry_with_base.path(a.name)
+        assert _tensors_equal(load_file(folder / "adapter_model.safetensors"), load_file(Path(b.folder) / "adapter_model.safetensors"))
+        assert a.metrics == b.metrics and a.steps == b.steps
+        assert registry_with_base.get(a.name).metrics == a.metrics
+    assert registry_with_base.verify() == []
+
+
+def test_ray_fleet_survives_a_worker_killed_mid_job(
+    ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path
+) -> None:
+    jobs = fleet_jobs([4, 7], steps=10)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    res = run_fleet(
+        "base", jobs, root=str(registry_with_base.root), executor="ray", register=True, data_dir=str(data_root), quiet=True,
+        _fault=("kill-once", "digit-7", str(marks)),
+    )  # fmt: skip
+    assert (marks / "killed-digit-7").exists()  # the worker did die once
+    assert res.failed == {} and sorted(e["name"] for e in res.registered) == ["digit-4", "digit-7"]
+
+
+def test_ray_fleet_with_a_job_that_always_fails(ray_local, registry_with_base: AdapterRegistry, data_root: Path) -> None:
+    root = Path(registry_with_base.root)
+    before = _snapshot(root)
+    jobs = fleet_jobs([2, 5], steps=10)
+    kwargs = {"root": str(root), "executor": "ray", "register": True, "data_dir": str(data_root), "quiet": True, "retries": 1}
+    with pytest.raises(FleetError, match="digit-5") as err:
+        run_fleet("base", jobs, _fault=("fail", "digit-5"), **kwargs)
+    assert list(err.value.failed) == ["digit-5"] and "injected failure" in err.value.failed["digit-5"]
+    assert _snapshot(root) == before  # nothing registered, nothing written
+    res = run_fleet("base", jobs, _fault=("fail", "digit-5"), allow_partial=True, **kwargs)
+    assert list(res.failed) == ["digit-5"] and [e["name"] for e in res.registered] == ["digit-2"]
+    assert [e.name for e in registry_with_base.list()] == ["base", "digit-2"]
+
+
+# ----------------------------------------------------------------------------- the command
+def test_train_adapters_cli_registers_and_writes_the_fleet(tmp_path: Path, data_root: Path) -> None:
+    root = tmp_path / "reg"
+    AdapterRegistry(root).add("base", BASE)
+    proc = run_cli(
+        "train-adapters", "--base", "base", "--digits", "2,7", "--steps", "15", "--register", "fleet", "--out", str(tmp_path / "out"),
+        "--root", str(root), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [a["name"] for a in out["trained"]] == ["fleet-2", "fleet-7"] and out["failed"] == {}
+    assert out["registered"] == [{"name": "fleet-2", "version": 1}, {"name": "fleet-7", "version": 1}]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fleet-2", "fleet-7"]
+    assert "fleet:" in proc.stderr  # progress lines even when the output is not a terminal
+    reg = AdapterRegistry(root)
+    assert reg.get("fleet-7").digit == 7 and reg.verify() == []
+
+
+def test_train_adapters_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    for args, code, needle in [
+        (["--base", "base"], 2, "--register PREFIX, --out DIR"),
+        (["--base", "base", "--out", str(tmp_path / "o"), "--push", "me/x"], 2, "--push needs --register"),
+        (["--base", "base", "--register", "f", "--digits", "3-1"], 1, "digits '3-1'"),
+        (["--base", "base", "--register", "f", "--seeds", "a"], 2, "--seeds"),
+        (["--base", "base", "--register", "f", "--executor", "dask"], 2, "invalid choice"),
+    ]:
+        proc = run_cli("train-adapters", *args, "--root", str(tmp_path / "reg"))
+        assert proc.returncode == code, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(("error:", "mnist-peft")) and needle in lines[0], (args, proc.stderr)
+    assert not (tmp_path / "reg").exists()
