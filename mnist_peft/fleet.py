@@ -701,6 +701,7 @@ def _run_ray(
     tty: bool,
     fault: tuple[str, ...] | None,
 ) -> tuple[list[FleetAdapter], dict[str, str]]:
+    import os
     from pathlib import Path
 
     try:
@@ -711,7 +712,11 @@ def _run_ray(
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     elif address is not None:
         raise InvalidArgumentError("Ray is already initialised in this process; drop --ray-address or start a fresh process")
+    # Where workers find the Hub and the data, as the driver sees them (never a token: workers log in themselves).
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
+    if env:
+        task = task.options(runtime_env={"env_vars": env})
     pending = {task.remote(j, base_ref, root, data_dir, fault): j for j in jobs}
     status = {j.name: "pending" for j in jobs}
     bar = _Progress(jobs, unit_total=len(jobs), unit="job", tty=tty, quiet=quiet)
@@ -735,6 +740,10 @@ def _run_ray(
         for ref in pending:
             ray.cancel(ref, force=True)
     return [trained[j.name] for j in jobs if j.name in trained], failed
+
+
+_WORKER_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "MNIST_PEFT_DATA")
+"""Environment a Ray worker gets from the driver: which Hub to read the base from, and the data root."""
 
 
 def _task_error(exc: BaseException) -> str:

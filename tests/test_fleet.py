@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,35 @@ def test_train_adapters_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(("error:", "mnist-peft")) and needle in lines[0], (args, proc.stderr)
     assert not (tmp_path / "reg").exists()
+
+
+def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_commit(tmp_path: Path, data_root: Path) -> None:
+    """The real CLI with the Ray executor (a Ray of its own): the base lives only on a (local, real)
+    Hub and the workers download it themselves; the driver registers the fleet and pushes it to
+    another repo in one commit."""
+    from hub_server import HubServer
+
+    hub = HubServer.start(tmp_path / "hub")
+    try:
+        env = hub.env(tmp_path / "hf-home")
+        source = AdapterRegistry(tmp_path / "source")
+        source.add("base", BASE)
+        assert run_cli("push", "--repo-id", "team/mnist-base", "--root", str(source.root), env=env).returncode == 0
+        root = tmp_path / "reg"
+        proc = run_cli(
+            "train-adapters", "--base", "team/mnist-base", "--digits", "3,8", "--steps", "10", "--executor", "ray",
+            "--register", "digit", "--push", "team/fleet", "--root", str(root), "--json", env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["failed"] == {} and sorted(out["pushed"]["pushed"]) == ["digit-3@1", "digit-8@1"]
+        repo = hub.repo_path("team/fleet")
+        log = subprocess.run(
+            ["git", "-C", str(repo), "log", "-1", "--format=%H", "--name-only"], capture_output=True, text=True, check=True
+        )
+        head, *files = log.stdout.split()
+        assert head == out["pushed"]["commit"]
+        assert {f.split("/")[0] for f in files if "/" in f} == {"digit-3", "digit-8"}  # both adapters in the push's one commit
+        assert AdapterRegistry(root).verify() == []
+    finally:
+        hub.stop()
