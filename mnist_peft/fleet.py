@@ -128,21 +128,43 @@ def _job_batches(task: _DigitTask) -> Iterator[torch.Tensor]:
         epoch += 1
 
 
-class _Shared:
-    """What the frozen base computes once for the whole fleet: the first layer's base output and the
-    teacher's log-probabilities for every training image (the same ops, row for row, as the solo
-    run's per-batch calls)."""
+class _BaseOutputs:
+    """The frozen base's share of the work: the first layer's output and the teacher's log-probs.
 
-    def __init__(self, base: MnistMLP, x: torch.Tensor, *, teacher: bool, chunk: int = 8192) -> None:
-        l1, lp = [], []
-        with torch.no_grad():
-            for i in range(0, x.shape[0], chunk):
-                xb = x[i : i + chunk]
-                l1.append(base.linear1(xb))
-                if teacher:
-                    lp.append(F.log_softmax(base(xb), 1))
-        self.l1 = torch.cat(l1)
-        self.teacher = torch.cat(lp) if teacher else None
+    With ``tables``, both are computed once per training image for the whole fleet (worth it when
+    the fleet draws more rows than the training set holds); else per step, on the stacked rows of
+    all jobs (one GEMM). Either way a row gets the bits the solo run computes for it.
+    """
+
+    def __init__(self, base: MnistMLP, x: torch.Tensor, *, tables: bool, teacher: bool, chunk: int = 8192) -> None:
+        self.base, self.distill = base, teacher
+        self.l1_table = self.lp_table = None
+        if tables:
+            l1, lp = [], []
+            with torch.no_grad():
+                for i in range(0, x.shape[0], chunk):
+                    xb = x[i : i + chunk]
+                    l1.append(base.linear1(xb))
+                    if teacher:
+                        lp.append(F.log_softmax(base(xb), 1))
+            self.l1_table = torch.cat(l1)
+            self.lp_table = torch.cat(lp) if teacher else None
+
+    def l1(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The first layer's base output of training-set ``rows`` (None: the forward computes it)."""
+        return self.l1_table[rows] if self.l1_table is not None and rows is not None else None
+
+    def teacher(self, rows: torch.Tensor | None, x: torch.Tensor, need: torch.Tensor) -> torch.Tensor | None:
+        """(N, 10) teacher log-probs, valid where ``need`` (the replayed rows of distilling jobs)."""
+        if not self.distill:
+            return None
+        if self.lp_table is not None and rows is not None:
+            return self.lp_table[rows]
+        out = torch.zeros(x.shape[0], 10, dtype=x.dtype)
+        if need.any():
+            with torch.no_grad():
+                out[need] = F.log_softmax(self.base(x[need]), 1)
+        return out
 
 
 def _check_base(base: nn.Module) -> MnistMLP:
@@ -224,6 +246,7 @@ def train_batched(
     *,
     data_dir: str | None = None,
     progress: Callable[[list[dict[str, object]]], None] | None = None,
+    tables: bool | None = None,
 ) -> list[tuple[LoraModel, AdapterTrainResult]]:
     """Train every job's adapter on ``base`` together; each result as ``train_adapter`` returns it.
 
@@ -231,6 +254,9 @@ def train_batched(
         jobs: the adapters to train (a recipe with overrides each; any digits, seeds, ranks).
         progress: called after every step with one status dict per job (``name``, ``step``,
             ``total``, ``state``: ``running`` / ``stopped early`` / ``done``).
+        tables: compute the base's first layer and the teacher once per training image (True) or
+            per step (False); default: tables when the fleet draws more rows than the training set
+            holds and no job augments its images. The results are the same either way.
 
     Returns:
         ``(model, result)`` per job, in order; ``result.seconds`` is the wall time of the whole
@@ -254,7 +280,10 @@ def train_batched(
     before = evaluate(base, test)
     states = [_new_job(j, base, full) for j in jobs]
     augmenting = any(s.recipe.augment for s in states)
-    shared = _Shared(base, full.x, teacher=any(s.recipe.distill for s in states))
+    drawn = sum(s.total * s.recipe.batch_size for s in states)
+    if tables is None:
+        tables = drawn >= len(full)
+    shared = _BaseOutputs(frozen, full.x, tables=tables and not augmenting, teacher=any(s.recipe.distill for s in states))
     rng_outside = torch.get_rng_state()
     try:
         _run(frozen, states, full, shared, augmenting, progress)
@@ -294,7 +323,7 @@ def _status(states: list[_Job]) -> list[dict[str, object]]:
     ]
 
 
-def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _Shared, augmenting: bool, progress) -> None:
+def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutputs, augmenting: bool, progress) -> None:
     for s in states:
         s.model.train()
     while True:
@@ -313,14 +342,10 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _Shared, 
         sizes = [len(i) for i in index]
         rows = torch.cat(index)
         y = full.y[rows]
-        if augmenting:  # images differ per job: the base sees them here (still one GEMM per layer)
-            x = torch.cat(xs)
-            l1_base = None
-            with torch.no_grad():
-                teacher = F.log_softmax(base(x), 1) if shared.teacher is not None else None
-        else:
-            x, l1_base = full.x[rows], shared.l1[rows]
-            teacher = shared.teacher[rows] if shared.teacher is not None else None
+        x = torch.cat(xs) if augmenting else full.x[rows]  # augmented images are new: the base sees them here
+        known = None if augmenting else rows
+        l1_base = shared.l1(known)
+        teacher = shared.teacher(known, x, _replayed(running, y, sizes))
         logits = _stacked_forward(base, running, x, l1_base, sizes)
         losses = []
         offset = 0
@@ -351,6 +376,13 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _Shared, 
             progress(_status(states))
 
 
+def _replayed(jobs: list[_Job], y: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rows the teacher is needed for: each distilling job's rows of other digits than its own."""
+    digit = torch.cat([torch.full((n,), s.job.digit if s.recipe.distill else -1) for s, n in zip(jobs, sizes, strict=True)])
+    distill = torch.cat([torch.full((n,), bool(s.recipe.distill)) for s, n in zip(jobs, sizes, strict=True)])
+    return distill & (y != digit)
+
+
 def _check(s: _Job, value: float) -> bool:
     """``_EarlyStopping.check`` with the score already computed (batched across jobs)."""
     st = s.stopper
@@ -364,7 +396,7 @@ def _check(s: _Job, value: float) -> bool:
     return st.stopped
 
 
-def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _Shared) -> dict[int, float]:
+def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _BaseOutputs) -> dict[int, float]:
     """``_DigitTask.val_score`` for each due job, in one stacked forward."""
     index = []
     for s in due:
@@ -375,11 +407,11 @@ def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _Shar
     sizes = [len(i) for i in index]
     rows = torch.cat(index)
     with torch.no_grad():
-        x = full.x[rows]
-        logits = _stacked_forward(base, due, x, shared.l1[rows], sizes)
-        teacher = shared.teacher[rows] if shared.teacher is not None else None
+        x, y = full.x[rows], full.y[rows]
+        logits = _stacked_forward(base, due, x, shared.l1(rows), sizes)
+        teacher = shared.teacher(rows, x, _replayed(due, y, sizes))
         out, offset = {}, 0
-        for s, lg, yb, n in zip(due, logits.split(sizes), full.y[rows].split(sizes), sizes, strict=True):
+        for s, lg, yb, n in zip(due, logits.split(sizes), y.split(sizes), sizes, strict=True):
             t = teacher[offset : offset + n] if teacher is not None else None
             out[id(s)] = -float(_objective(s, lg, yb, lambda rest, t=t: t[rest]))
             offset += n

@@ -55,6 +55,18 @@ def test_batched_training_equals_training_each_adapter_alone(data_root: Path) ->
     assert _tensors_equal(base.state_dict(), original) and [p.requires_grad for p in base.parameters()] == flags  # base untouched
 
 
+@pytest.mark.parametrize("tables", [True, False])
+def test_the_base_tables_give_the_bits_of_the_per_step_base(data_root: Path, tables: bool) -> None:
+    """The first layer and the teacher computed once per image for the fleet, or per step: each
+    adapter equals its solo run either way."""
+    base = load_base(BASE)
+    jobs = [AdapterJob(d, "replay", (("eval_every", 10), ("seed", d), ("steps", 20))) for d in (0, 4)]
+    for job, (model, result) in zip(jobs, train_batched(base, jobs, data_dir=str(data_root), tables=tables), strict=True):
+        solo_model, solo = train_adapter(base, job.digit, job.recipe, data_dir=str(data_root), **dict(job.overrides))
+        assert _tensors_equal(model.lora_state_dict("default"), solo_model.lora_state_dict("default")), job.name
+        assert result.after.wrong_per_digit == solo.after.wrong_per_digit
+
+
 def test_fleet_names_and_digit_lists() -> None:
     assert parse_digits("0-9") == list(range(10))
     assert parse_digits("7") == [7]
