@@ -40,7 +40,7 @@ __all__ = ["StudyConfig", "merge_study", "study_table"]
 
 @dataclass
 class StudyConfig:
-    densities: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    densities: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     scales: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
     r: int = 4
     val_size: int = 5000
@@ -130,18 +130,34 @@ def merge_study(
     test = load_mnist(train=False, data_dir=data_dir)
     deltas = _deltas(adapters)
     n = len(adapters)
-    grid, chosen = [], {}
+    grid, curve, chosen = [], [], {}
     for method in methods:
         best = None
         for density in (1.0,) if method == "task_arithmetic" else cfg.densities:
             g = torch.Generator().manual_seed(cfg.seed)
             merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
             low = _low_rank(merged, cfg.r)
+            at_density = None
             for scale in cfg.scales:
                 val_loss = _val_loss(base, {m: scale * d for m, d in low.items()}, val)
                 grid.append({"method": method, "density": density, "scale": scale, "val_loss": val_loss})
+                if at_density is None or val_loss < at_density[0]:
+                    at_density = (val_loss, scale)
                 if best is None or val_loss < best[0]:
                     best = (val_loss, density, scale, low)
+            # What the plot shows: each density at the scale validation chose for it, scored on test
+            # (reported only; nothing is chosen on these numbers).
+            update = {m: at_density[1] * d for m, d in low.items()}  # type: ignore[index]
+            curve.append(
+                {
+                    "method": method,
+                    "density": density,
+                    "scale": at_density[1],  # type: ignore[index]
+                    "val_loss": at_density[0],  # type: ignore[index]
+                    "val_accuracy": _evaluate_update(base, update, val).accuracy,
+                    "test_accuracy": _evaluate_update(base, update, test).accuracy,
+                }
+            )
         val_loss, density, scale, low = best  # type: ignore[misc]
         result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
         chosen[method] = {"density": density, "scale": scale, "val_loss": val_loss, "test": result.to_dict()}
@@ -154,6 +170,7 @@ def merge_study(
         "r": cfg.r,
         "val_size": cfg.val_size,
         "grid": grid,
+        "curve": curve,
         "chosen": chosen,
         "base": {"val_loss": _val_loss(base, {}, val), "test": evaluate(base, test).to_dict()},
         "best_single": {

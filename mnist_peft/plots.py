@@ -103,11 +103,17 @@ def plot_bars(values: dict[str, float], path: str | os.PathLike[str], *, ylabel:
 
 
 def plot_merge_study(result: dict, path: str | os.PathLike[str]) -> Path:
-    """Validation loss vs density per method (each density at its best scale): what chose them."""
-    densities = sorted({row["density"] for row in result["grid"] if row["method"] != "task_arithmetic"})
-    series = {}
-    for method in sorted({row["method"] for row in result["grid"]}):
-        rows = [row for row in result["grid"] if row["method"] == method]
-        best = {d: min(r["val_loss"] for r in rows if r["density"] == d) for d in {r["density"] for r in rows}}
-        series[method] = [best.get(d, best.get(1.0)) for d in densities]  # task arithmetic keeps everything: flat
-    return plot_curve(densities, series, path, xlabel="density", ylabel="validation loss (best scale)", title="Merging ten digit adapters")
+    """Test accuracy vs density per method, each density at the scale validation chose for it,
+    with the base's accuracy as a dashed line (task arithmetic keeps every entry: one point at 1)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in dict.fromkeys(row["method"] for row in result["curve"]):
+        rows = sorted((r for r in result["curve"] if r["method"] == method), key=lambda r: r["density"])
+        ax.plot([r["density"] for r in rows], [r["test_accuracy"] for r in rows], marker="o", label=method)
+    ax.axhline(result["base"]["test"]["accuracy"], color="grey", linestyle="--", label="base")
+    ax.set_xscale("log")
+    ax.set_xlabel("density (share of each delta's entries kept)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Ten digit adapters merged into one (rank {result['r']})")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -212,3 +212,36 @@ def test_ties_on_the_reference_digit_adapters_equals_peft() -> None:
         expected = theirs.base_model.model.get_submodule(module).get_delta_weight("merged")
         got = ours.state_dict[f"{module}.lora_B.weight"] @ ours.state_dict[f"{module}.lora_A.weight"]
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(tmp_path, data_root) -> None:
+    """A quick study on the reference adapters: each method's choice is the validation minimum over
+    its grid; the plot's points are test accuracies at each density's validation-chosen scale."""
+    from conftest import REPO
+    from PIL import Image
+
+    from mnist_peft.adapters import read_adapter
+    from mnist_peft.merge_study import StudyConfig, merge_study
+    from mnist_peft.model import load_base
+    from mnist_peft.plots import plot_merge_study
+    from mnist_peft.registry import AdapterRegistry
+
+    registry = AdapterRegistry(REPO / "adapters")
+    base = load_base(registry.path("base"))
+    files = [read_adapter(registry.path(f"digit-{d}")) for d in range(10)]
+    cfg = StudyConfig(densities=(0.3, 1.0), scales=(0.5, 1.0), val_size=1000, search_steps=2)
+    result = merge_study(base, files, data_dir=str(data_root), config=cfg, methods=("ties",))
+    for method, chosen in result["chosen"].items():
+        rows = [r for r in result["grid"] if r["method"] == method]
+        assert len(rows) == len(cfg.densities) * len(cfg.scales)
+        best = min(rows, key=lambda r: r["val_loss"])
+        assert (chosen["density"], chosen["scale"]) == (best["density"], best["scale"])
+        points = [r for r in result["curve"] if r["method"] == method]
+        assert sorted(p["density"] for p in points) == sorted(cfg.densities)
+        for p in points:
+            at = min((r for r in rows if r["density"] == p["density"]), key=lambda r: r["val_loss"])
+            assert p["scale"] == at["scale"] and 0.9 < p["test_accuracy"] <= 1.0
+        chosen_point = next(p for p in points if p["density"] == chosen["density"])
+        assert chosen_point["test_accuracy"] == chosen["test"]["accuracy"]
+    png = plot_merge_study(result, tmp_path / "plot.png")
+    assert Image.open(png).size[0] > 300
