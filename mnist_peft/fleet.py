@@ -497,8 +497,10 @@ def _save(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_re
     return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), _metrics(result))
 
 
-def _train_one(job: AdapterJob, base_ref: str, root: str | None, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
-    """A Ray task: read the base (registry or Hub), train one job alone, return its files and metrics.
+def _train_one(job: AdapterJob, base_ref: str, source: str, root: str, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
+    """A Ray task: read the base ``source`` (a registry name under ``root``, an absolute folder, or a
+    Hub repo id), train one job alone, and return its files and metrics (``base_ref`` is what the
+    adapter's config and card name as its base, as the local executor writes them).
 
     ``fault`` is a test hook: ``("kill-once", NAME, DIR)`` ends the worker process the first time job
     NAME runs (a marker in DIR remembers it); ``("fail", NAME)`` makes job NAME raise every time.
@@ -520,7 +522,7 @@ def _train_one(job: AdapterJob, base_ref: str, root: str | None, data_dir: str |
         elif fault[0] == "fail":
             raise RuntimeError(f"injected failure of job {job.name}")
     torch.set_flush_denormal(True)
-    base = resolve_base(base_ref, AdapterRegistry(root))
+    base = resolve_base(source, AdapterRegistry(root))
     recipe_name, _ = job.resolved()
     model, result = train_adapter(base, job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
@@ -637,9 +639,11 @@ def run_fleet(
         if executor == "local":
             trained, failed = _run_local(base, base_ref, jobs, tmp, data_dir=data_dir, quiet=quiet, tty=tty)
         else:
+            # Workers do not share the driver's working directory: they get absolute paths.
+            source = os.path.abspath(base_ref) if Path(base_ref).exists() else base_ref
             trained, failed = _run_ray(
-                base_ref, jobs, tmp, root=str(registry.root), data_dir=data_dir, address=ray_address, retries=retries,
-                quiet=quiet, tty=tty, fault=_fault,
+                base_ref, source, jobs, tmp, root=os.path.abspath(registry.root), data_dir=data_dir and os.path.abspath(data_dir),
+                address=ray_address, retries=retries, quiet=quiet, tty=tty, fault=_fault,
             )  # fmt: skip
         checked = []
         for a in trained:  # what a worker hands back is checked like any file from outside
@@ -722,6 +726,7 @@ def _run_local(
 
 def _run_ray(
     base_ref: str,
+    source: str,
     jobs: Sequence[AdapterJob],
     tmp: str,
     *,
@@ -733,23 +738,47 @@ def _run_ray(
     tty: bool,
     fault: tuple[str, ...] | None,
 ) -> tuple[list[FleetAdapter], dict[str, str]]:
-    import os
-    from pathlib import Path
 
     try:
         import ray
     except ImportError as exc:
         raise InvalidArgumentError("the ray executor needs Ray: pip install -e '.[ray]' (or pip install 'mnist-peft[ray]')") from exc
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     elif address is not None:
         raise InvalidArgumentError("Ray is already initialised in this process; drop --ray-address or start a fresh process")
+    try:
+        return _collect(ray, base_ref, source, jobs, tmp, root=root, data_dir=data_dir, retries=retries, quiet=quiet, tty=tty, fault=fault)
+    finally:
+        if started:  # a Ray this call started (not a caller's) ends with it
+            ray.shutdown()
+
+
+def _collect(
+    ray,
+    base_ref: str,
+    source: str,
+    jobs: Sequence[AdapterJob],
+    tmp: str,
+    *,
+    root: str,
+    data_dir: str | None,
+    retries: int,
+    quiet: bool,
+    tty: bool,
+    fault: tuple[str, ...] | None,
+) -> tuple[list[FleetAdapter], dict[str, str]]:
+    """Submit one task per job and gather them as they end (the progress bar moves per job)."""
+    import os
+    from pathlib import Path
+
     # Where workers find the Hub and the data, as the driver sees them (never a token: workers log in themselves).
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
     if env:
         task = task.options(runtime_env={"env_vars": env})
-    pending = {task.remote(j, base_ref, root, data_dir, fault): j for j in jobs}
+    pending = {task.remote(j, base_ref, source, root, data_dir, fault): j for j in jobs}
     status = {j.name: "pending" for j in jobs}
     bar = _Progress(jobs, unit_total=len(jobs), unit="job", tty=tty, quiet=quiet)
     trained: dict[str, FleetAdapter] = {}

@@ -147,13 +147,14 @@ def test_ray_fleet_matches_the_local_executor_and_registers_in_one_write(
 
 
 def test_ray_fleet_survives_a_worker_killed_mid_job(
-    ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path
+    ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     jobs = fleet_jobs([4, 7], steps=10)
     marks = tmp_path / "marks"
     marks.mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative registry root: the workers, elsewhere, still find it
     res = run_fleet(
-        "base", jobs, root=str(registry_with_base.root), executor="ray", register=True, data_dir=str(data_root), quiet=True,
+        "base", jobs, root="reg", executor="ray", register=True, data_dir=str(data_root), quiet=True,
         _fault=("kill-once", "digit-7", str(marks)),
     )  # fmt: skip
     assert (marks / "killed-digit-7").exists()  # the worker did die once
