@@ -502,6 +502,59 @@ def bench_train_ten_adapters(base: nn.Module, data_dir: str | None, *, fraction:
     )
 
 
+UI_SPECS = ("", "digit-9", "digit-9@1:0.5,digit-3@1:1", "digit-7@1:-1", "none", "digit-3@1:0.5,digit-8@1:0.5,digit-1@1:0.25")
+
+
+def bench_ui_throughput(base: nn.Module, x: torch.Tensor, *, data_dir: str | None, requests: int = 200, clients: int = 20) -> Figure:
+    """The web app's ``/predict`` under load: ``requests`` requests (test images, a mix of adapter
+    stacks and none) from ``clients`` concurrent ``gradio_client`` clients, against the same requests
+    one at a time from one client; ratio = batched throughput / sequential throughput (higher is
+    better). The app is ``mnist-peft ui`` in its own process, over a registry of ``base`` and ten
+    r=4 adapters; the same 20 clients on an endpoint that does not batch are measured as a control."""
+    import tempfile
+    from pathlib import Path
+
+    from .adapters import save_adapter
+    from .data import MNIST_MEAN, MNIST_STD
+    from .registry import AdapterRegistry
+    from .ui import UNBATCHED_API_NAME, require_gradio, run_load, spawn_app
+
+    require_gradio()
+    with tempfile.TemporaryDirectory(prefix="mnist-peft-bench-ui-") as tmp:
+        registry = AdapterRegistry(Path(tmp) / "registry")
+        base.save_pretrained(Path(tmp) / "base")
+        registry.add("base", Path(tmp) / "base")
+        for d in range(10):
+            torch.manual_seed(d)
+            model = LoraModel(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+            registry.add(f"digit-{d}", save_adapter(model, Path(tmp) / f"digit-{d}", metadata={"digit": str(d)}), digit=d)
+        pixels = (x[:requests].reshape(-1, 28, 28) * MNIST_STD + MNIST_MEAN).mul(255).round().clamp(0, 255).div(255)  # the 8-bit images
+        load = [(pixels[k].tolist(), UI_SPECS[k % len(UI_SPECS)]) for k in range(len(pixels))]
+        args = ["--data-dir", data_dir] if data_dir else []
+        with spawn_app(registry.root, args=args) as url:
+            run_load(url, load[: len(UI_SPECS)], clients=1)  # every stack loaded once before the clock runs
+            batched = run_load(url, load, clients=clients)[1]
+            unbatched = run_load(url, load, clients=clients, api_name="/" + UNBATCHED_API_NAME)[1]
+            sequential = run_load(url, load, clients=1)[1]
+    ratio = batched.throughput / sequential.throughput
+    return Figure(
+        "ui_throughput",
+        ours=batched.throughput,
+        peft=None,
+        base=sequential.throughput,
+        ratio=ratio,
+        target=3.0,
+        unit="req/s",
+        passed=ratio >= 3.0,
+        note=f"{len(load)} /predict requests, higher is better (passes at ratio >= 3): {clients} clients batched "
+        f"{batched.throughput:.1f} req/s (p50 {batched.percentile(0.5) * 1e3:.0f} ms, p99 {batched.percentile(0.99) * 1e3:.0f} ms); "
+        f"the same {clients} clients without batching {unbatched.throughput:.1f} req/s (p50 {unbatched.percentile(0.5) * 1e3:.0f} ms, "
+        f"p99 {unbatched.percentile(0.99) * 1e3:.0f} ms); one client, one request at a time {sequential.throughput:.1f} req/s "
+        f"(p50 {sequential.percentile(0.5) * 1e3:.0f} ms, p99 {sequential.percentile(0.99) * 1e3:.0f} ms; gradio_client polls "
+        "every 50 ms, which floors one request's latency)",
+    )
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
@@ -514,7 +567,18 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "registry_add": lambda ctx: bench_registry("add", reps=ctx["reps"], entries=ctx["registry_entries"]),
     "registry_get": lambda ctx: bench_registry("get", reps=ctx["reps"], entries=ctx["registry_entries"]),
     "train_ten_adapters": lambda ctx: bench_train_ten_adapters(ctx["base"], ctx["data_dir"], fraction=ctx["train_fraction"]),
+    "ui_throughput": lambda ctx: bench_ui_throughput(ctx["base"], ctx["x"], data_dir=ctx["data_dir"]),
 }
+OPTIONAL_FIGURES = {"ui_throughput": "gradio"}  # figure -> the module of the optional extra it needs
+
+
+def _measurable(name: str) -> bool:
+    """Whether a full run measures ``name``: not when its optional extra is missing (asked for by
+    name with ``--only``, it fails and says what to install)."""
+    import importlib.util
+
+    module = OPTIONAL_FIGURES.get(name)
+    return module is None or importlib.util.find_spec(module) is not None
 
 
 def run_bench(
@@ -541,7 +605,7 @@ def run_bench(
     if x is None:
         x = load_mnist(train=False, data_dir=data_dir).x
     ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir, "train_fraction": train_fraction, "registry_entries": registry_entries}
-    names = only or list(FIGURES)
+    names = only or [n for n in FIGURES if _measurable(n)]
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise InvalidArgumentError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")

@@ -65,3 +65,46 @@ def run_cli(
         cwd=cwd or REPO,
         timeout=timeout,
     )
+
+
+# ----------------------------------------------------------------------------- the web app (test_ui*.py)
+def require(module: str):
+    """Import an optional test dependency: skipped without it locally, but a failure when ``CI`` is
+    set (CI installs the ``[dev]`` extra, so a missing module there is a broken install, not a skip)."""
+    import importlib
+
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def registry_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (relative path -> bytes): equal snapshots mean nothing was written."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+class UiServer:
+    """``mnist-peft ui`` running in a subprocess on a copy of ``adapters/``."""
+
+    def __init__(self, url: str, root: Path, before: dict[str, bytes], log: Path) -> None:
+        self.url, self.root, self.before, self.log = url, root, before, log
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory: pytest.TempPathFactory, data_root: Path):
+    """The real command, ``python -m mnist_peft ui --root COPY``, on a free 127.0.0.1 port, started
+    once for the session in its own process (so the load test's clients do not share the server's
+    interpreter) and stopped after. ``before`` is the registry copy's files before the app started."""
+    import shutil
+
+    require("gradio")
+    require("gradio_client")
+    from mnist_peft.ui import spawn_app
+
+    work = tmp_path_factory.mktemp("ui-server")
+    root = work / "adapters"
+    shutil.copytree(REPO / "adapters", root)
+    before = registry_snapshot(root)
+    log = work / "server.log"
+    with spawn_app(root, env={"MNIST_PEFT_DATA": str(data_root)}, log=log) as url:
+        yield UiServer(url, root, before, log)

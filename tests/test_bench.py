@@ -19,6 +19,7 @@ FIGURES = {
     "registry_get",
     "combine_ten",
     "train_ten_adapters",
+    "ui_throughput",
 }
 
 

@@ -16,7 +16,8 @@ LAYERS = [
     ["train", "recipes", "analysis", "svd_sweep", "merge_study"],
     ["index_store", "registry", "hub", "refs"],
     ["serving"],
-    ["bench", "demo", "plots", "cli", "__main__", "__init__"],
+    ["fleet"],
+    ["bench", "demo", "plots", "ui", "cli", "__main__", "__init__"],
 ]
 
 
