@@ -397,9 +397,19 @@ def _train_adapters_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push", metavar="REPO_ID", help="after registering, push the fleet to this Hub repo in one commit")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="local: all adapters in one batched loop here "
                    "(default); ray: one Ray task per adapter")  # fmt: skip
-    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: a local Ray")
-    p.add_argument("--retries", type=int, default=2, metavar="N", help="Ray re-runs of a job whose worker died or which failed (default 2)")
-    p.add_argument("--allow-partial", action="store_true", help="if some jobs fail for good, keep and register the others")
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join (e.g. 10.0.0.5:6379, or auto); default: $RAY_ADDRESS, else a new local Ray",
+    )
+    p.add_argument(
+        "--retries", type=int, metavar="N", help="Ray re-runs of a job whose worker died or which raised unexpectedly (default 2)"
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="if some jobs fail for good, keep and register the others (exit status 3 says some failed)",
+    )
     _add_root(p)
     _add_recipe(p, "adapter", default="replay")
     p.add_argument("--r", type=int, help="LoRA rank (recipe default)")
@@ -419,7 +429,7 @@ def _train_adapters_arguments(p: argparse.ArgumentParser) -> None:
     "each as a Ray task (workers read the base from the registry or the Hub; killed workers are retried). The driver "
     "checks every returned adapter, then registers the whole fleet in one registry write (--register) and, if asked, "
     "pushes it in one Hub commit (--push). A job that fails for good fails the fleet and nothing is registered, unless "
-    "--allow-partial.",
+    "--allow-partial (then the others are kept and the exit status is 3).",
     arguments=_train_adapters_arguments,
 )
 def cmd_train_adapters(args: argparse.Namespace) -> int:
@@ -429,30 +439,33 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         raise _usage_error("give --register PREFIX, --out DIR, or both")
     if args.push and not args.register:
         raise _usage_error("--push needs --register PREFIX (the fleet is pushed from the registry)")
-    if args.retries < 0:
+    if args.executor == "local" and (args.ray_address or args.retries is not None):
+        raise _usage_error("--ray-address and --retries apply to --executor ray only")
+    if args.retries is not None and args.retries < 0:
         raise _usage_error(f"--retries must be >= 0, got {args.retries}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise _usage_error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    jobs = fleet_jobs(
-        parse_digits(args.digits),
-        seeds,
-        prefix=args.register or "digit",
-        recipe=args.recipe,
-        r=args.r,
-        lora_alpha=args.lora_alpha,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-    )
+        jobs = fleet_jobs(
+            parse_digits(args.digits),
+            seeds,
+            prefix=args.register or "digit",
+            recipe=args.recipe,
+            r=args.r,
+            lora_alpha=args.lora_alpha,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+        )
+    except ValueError as exc:  # --digits, --seeds, --register or a recipe value
+        message = str(exc) if isinstance(exc, MnistPeftError) else f"--seeds {args.seeds!r}: expected integers, e.g. 0,1,2"
+        raise _usage_error(message) from None
     res = run_fleet(
         args.base,
         jobs,
         root=args.root,
         executor=args.executor,
         ray_address=args.ray_address,
-        retries=args.retries,
+        retries=2 if args.retries is None else args.retries,
         out=args.out,
         register=bool(args.register),
         allow_partial=args.allow_partial,
@@ -485,7 +498,7 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
     if args.out:
         lines.append(f"written to {args.out}")
     _emit(args, payload, "\n".join(lines))
-    return 0
+    return 3 if res.failed else 0
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:

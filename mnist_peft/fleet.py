@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MnistSplit, load_mnist
-from .errors import FleetError, InvalidArgumentError, MnistPeftError
+from .errors import FleetError, HubError, InvalidArgumentError, MnistPeftError
 from .lora import LoraConfig, LoraModel, lora_forward, lora_layers
 from .model import MnistMLP
 from .recipes import AdapterRecipe, AdapterTrainResult, _DigitTask, _resolve_recipe, augment_batch
@@ -59,10 +59,13 @@ class AdapterJob:
     """The registry name of the result (default ``digit-D``)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.digit, int) and 0 <= self.digit <= 9):
-            raise InvalidArgumentError(f"digit must be 0..9, got {self.digit!r}")
+        from .registry import validate_name
+
+        if not (type(self.digit) is int and 0 <= self.digit <= 9):
+            raise InvalidArgumentError(f"digit must be an int 0..9, got {self.digit!r}")
         if not self.name:
             object.__setattr__(self, "name", f"digit-{self.digit}")
+        validate_name(self.name)  # it names a folder and a registry entry: no paths, no surprises
 
     def resolved(self) -> tuple[str, AdapterRecipe]:
         """``(recipe name, recipe with the overrides applied)``."""
@@ -79,13 +82,15 @@ def parse_digits(text: str) -> list[int]:
     Raises:
         InvalidArgumentError: anything else, or a digit outside 0..9.
     """
+    import re
+
     digits: set[int] = set()
     for part in str(text).split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        if not (lo.isdigit() and (not sep or hi.isdigit())):
+        found = re.fullmatch(r"\s*([0-9])\s*(?:-\s*([0-9])\s*)?", part)
+        if found is None:
             raise InvalidArgumentError(f"digits {text!r}: expected e.g. '0-9', '3' or '1,4,7'")
-        a, b = int(lo), int(hi) if sep else int(lo)
+        a = int(found[1])
+        b = int(found[2]) if found[2] is not None else a
         if not (0 <= a <= b <= 9):
             raise InvalidArgumentError(f"digits {text!r}: each digit must be 0..9 and ranges must go up (e.g. '2-5')")
         digits.update(range(a, b + 1))
@@ -117,7 +122,6 @@ class _Job:
     total: int
     step: int = 0
     done: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _job_batches(task: _DigitTask) -> Iterator[torch.Tensor]:
@@ -168,8 +172,10 @@ class _BaseOutputs:
 
 
 def _check_base(base: nn.Module) -> MnistMLP:
-    if not isinstance(base, MnistMLP) or isinstance(base, LoraModel):
-        raise InvalidArgumentError(f"batched training needs a plain MnistMLP base, got {type(base).__name__}")
+    # The stacked forward re-traces MnistMLP.forward layer by layer: a subclass with a forward of its
+    # own would silently train something else.
+    if type(base) is not MnistMLP:
+        raise InvalidArgumentError(f"batched training needs a plain MnistMLP base, got {type(base).__name__}; train it with train_adapter")
     return base
 
 
@@ -197,7 +203,7 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
     else:
         val_index, train_index = None, torch.arange(n)
     labels = MnistSplit(torch.empty(0, 784), full.y[train_index])  # the task draws indices from the labels only
-    task = _DigitTask(recipe, job.digit, labels, base, torch.Generator().manual_seed(recipe.seed))
+    task = _DigitTask(recipe, job.digit, labels, base, torch.Generator().manual_seed(recipe.seed))  # its teacher is unused here
     config = recipe.fit_config()
     opt = make_optimizer(params, config)
     steps_per_epoch = -(-len(train_index) // config.batch_size)
@@ -272,19 +278,20 @@ def train_batched(
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"job names must be distinct, got {names}")
+    for j in jobs:
+        j.resolved()  # every recipe checked before any work
     start = time.perf_counter()
-    base.eval()
-    frozen = copy.deepcopy(base).requires_grad_(False)  # the shared base GEMMs; the caller's base is never touched
+    rng_outside = torch.get_rng_state()
+    frozen = copy.deepcopy(base).requires_grad_(False).eval()  # the shared base GEMMs; the caller's base is never touched
     test = load_mnist(train=False, data_dir=data_dir)
     full = load_mnist(train=True, data_dir=data_dir)
-    before = evaluate(base, test)
-    states = [_new_job(j, base, full) for j in jobs]
+    before = evaluate(frozen, test)
+    states = [_new_job(j, frozen, full) for j in jobs]
     augmenting = any(s.recipe.augment for s in states)
     drawn = sum(s.total * s.recipe.batch_size for s in states)
     if tables is None:
         tables = drawn >= len(full)
     shared = _BaseOutputs(frozen, full.x, tables=tables and not augmenting, teacher=any(s.recipe.distill for s in states))
-    rng_outside = torch.get_rng_state()
     try:
         _run(frozen, states, full, shared, augmenting, progress)
     finally:
@@ -364,9 +371,7 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutp
         due = [s for s in running if s.stopper.val is not None and (s.step % s.stopper.every == 0 or s.step == s.total)]
         scores = _val_scores(base, due, full, shared) if due else {}
         for s in running:
-            stop = False
-            if s in due:
-                stop = _check(s, scores[id(s)])
+            stop = id(s) in scores and _check(s, scores[id(s)])
             if stop or s.step >= s.total:
                 s.done = True
                 if s.stopper.best_state is not None:
@@ -433,7 +438,8 @@ class FleetAdapter:
     digit: int
     seed: int
     steps: int
-    folder: str
+    folder: str | None
+    """Where it is: a folder under ``out``, None when the fleet was only registered."""
     metrics: dict[str, object]
 
 
@@ -454,19 +460,18 @@ def fleet_jobs(digits: Sequence[int], seeds: Sequence[int] = (0,), *, prefix: st
 
     ``overrides`` are recipe fields (``recipe`` picks the recipe by name; ``None`` values are ignored).
     """
-    from .registry import validate_name
-
     recipe = str(overrides.pop("recipe", None) or "replay")
     extra = {k: v for k, v in overrides.items() if v is not None}
     seeds = list(dict.fromkeys(seeds)) or [0]
+    bad = [s for s in seeds if type(s) is not int or not 0 <= s < 2**63]
+    if bad:
+        raise InvalidArgumentError(f"seeds must be integers from 0 to 2**63 - 1, got {bad}")
     sep = "" if prefix.endswith(("-", "_", ".")) else "-"
-    jobs = []
-    for d in digits:
-        for seed in seeds:
-            name = f"{prefix}{sep}{d}" + (f"-s{seed}" if len(seeds) > 1 else "")
-            validate_name(name)
-            jobs.append(AdapterJob(d, recipe, tuple(sorted({**extra, "seed": seed}.items())), name))
-    return jobs
+    return [
+        AdapterJob(d, recipe, tuple(sorted({**extra, "seed": seed}.items())), f"{prefix}{sep}{d}" + (f"-s{seed}" if len(seeds) > 1 else ""))
+        for d in digits
+        for seed in seeds
+    ]
 
 
 def _metrics(result: AdapterTrainResult) -> dict[str, object]:
@@ -497,38 +502,40 @@ def _save(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_re
     return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), _metrics(result))
 
 
-def _train_one(job: AdapterJob, base_ref: str, source: str, root: str, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
-    """A Ray task: read the base ``source`` (a registry name under ``root``, an absolute folder, or a
-    Hub repo id), train one job alone, and return its files and metrics (``base_ref`` is what the
-    adapter's config and card name as its base, as the local executor writes them).
+def _train_one(job: AdapterJob, base_ref: str, source: str, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
+    """A Ray task: load the base ``source`` (an absolute folder, or a Hub repo id), train one job
+    alone, and return its adapter files (``base_ref`` is what the adapter's config and card name as
+    its base, as the local executor writes them). The driver checks them and computes the metrics.
+
+    An error of the job's own input (a :class:`MnistPeftError`) comes back as ``{"error": ...}``:
+    it would fail the same way again, so it is not retried. Anything else raises, and Ray retries.
 
     ``fault`` is a test hook: ``("kill-once", NAME, DIR)`` ends the worker process the first time job
-    NAME runs (a marker in DIR remembers it); ``("fail", NAME)`` makes job NAME raise every time.
+    NAME has trained, before it returns (a marker in DIR remembers it); ``("fail", NAME)`` makes job
+    NAME raise every time.
     """
     import os
     import tempfile
     from pathlib import Path
 
+    from .model import load_base
     from .recipes import train_adapter
-    from .refs import resolve_base
-    from .registry import AdapterRegistry
 
-    if fault and fault[1] == job.name:
-        if fault[0] == "kill-once":
-            marker = Path(fault[2]) / f"killed-{job.name}"
-            if not marker.exists():
-                marker.touch()
-                os._exit(1)  # the worker dies mid-job, as a preempted or OOM-killed machine's would
-        elif fault[0] == "fail":
-            raise RuntimeError(f"injected failure of job {job.name}")
-    torch.set_flush_denormal(True)
-    base = resolve_base(source, AdapterRegistry(root))
-    recipe_name, _ = job.resolved()
-    model, result = train_adapter(base, job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
+    if fault and fault[0] == "fail" and fault[1] == job.name:
+        raise RuntimeError(f"injected failure of job {job.name}")
+    torch.set_flush_denormal(True)  # as the driver does: the same floats on both executors
+    try:
+        model, result = train_adapter(load_base(source), job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
+    except MnistPeftError as exc:
+        return {"name": job.name, "error": f"{type(exc).__name__}: {exc}"}
+    if fault and fault[0] == "kill-once" and fault[1] == job.name:
+        marker = Path(fault[2]) / f"killed-{job.name}"
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)  # the worker dies with its work done but not returned, as a preempted machine's would
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
-        saved = _save(model, result, job, base_ref, tmp)
-        files = {f: (Path(tmp) / f).read_bytes() for f in ADAPTER_FILES}
-    return {"name": job.name, "steps": saved.steps, "metrics": saved.metrics, "files": files, "recipe": recipe_name}
+        _save(model, result, job, base_ref, tmp)
+        return {"name": job.name, "files": {f: (Path(tmp) / f).read_bytes() for f in ADAPTER_FILES}}
 
 
 class _Progress:
@@ -595,14 +602,22 @@ def run_fleet(
     """Train ``jobs`` on the base ``base_ref`` and keep the results: folders under ``out``, one
     registry batch (``register``), one Hub commit (``push_repo``, with ``register``).
 
+    Every recipe is checked before any work starts; fleets run with denormals flushed (as the
+    ``mnist-peft`` command and the Ray workers do), so both executors compute the same floats.
+    Adapters that come back from Ray workers are read as untrusted files: the folder must load onto
+    the driver's base (keys, shapes, finite values, its fingerprint), hold the job's digit, rank and
+    alpha, and its metrics are computed here, on the driver's test set.
+
     Args:
         executor: ``local`` (all jobs in one batched loop here) or ``ray`` (one Ray task per job,
-            on the cluster at ``ray_address``, else the running Ray, else a local one).
-        retries: how many times Ray re-runs a job whose worker died or which raised.
+            on the cluster at ``ray_address``, else ``$RAY_ADDRESS``, else a new local Ray).
+        retries: how many times Ray re-runs a job whose worker died or which raised unexpectedly.
         allow_partial: with failed jobs, keep (and register) the others instead of failing all.
 
     Raises:
-        FleetError: a job failed for good and ``allow_partial`` is off; nothing was registered.
+        FleetError: a job failed for good and ``allow_partial`` is off, or no job succeeded;
+            nothing was registered or written.
+        HubError: the push failed; the fleet is registered, and the message says how to push it.
     """
     import os
     import shutil
@@ -610,7 +625,8 @@ def run_fleet(
     import tempfile
     from pathlib import Path
 
-    from .refs import resolve_base
+    from .model import base_fingerprint
+    from .refs import registry_folder, resolve_base
     from .registry import AdapterRegistry
 
     if executor not in EXECUTORS:
@@ -628,80 +644,134 @@ def run_fleet(
         raise InvalidArgumentError(f"output folder {out!r} exists and is not an empty folder; pick a new one")
     if retries < 0:
         raise InvalidArgumentError(f"retries must be >= 0, got {retries}")
+    for j in jobs:
+        j.resolved()  # a bad recipe value is refused here, not in every worker
     registry = AdapterRegistry(root)
-    base = resolve_base(base_ref, registry)  # the driver checks the base before any job starts
-    from .model import base_fingerprint
-
+    base = _check_base(resolve_base(base_ref, registry))  # the driver checks the base before any job starts
     fingerprint = base_fingerprint(base)
+    torch.set_flush_denormal(True)
     tty = (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
         if executor == "local":
             trained, failed = _run_local(base, base_ref, jobs, tmp, data_dir=data_dir, quiet=quiet, tty=tty)
         else:
-            # Workers do not share the driver's working directory: they get absolute paths.
-            source = os.path.abspath(base_ref) if Path(base_ref).exists() else base_ref
-            trained, failed = _run_ray(
-                base_ref, source, jobs, tmp, root=os.path.abspath(registry.root), data_dir=data_dir and os.path.abspath(data_dir),
-                address=ray_address, retries=retries, quiet=quiet, tty=tty, fault=_fault,
+            # Workers read the base's own files (never the registry's index), by absolute path, or from the Hub.
+            folder = Path(base_ref) if Path(base_ref).exists() else registry_folder(base_ref, registry, "base")
+            source = os.path.abspath(folder) if folder is not None else base_ref
+            returned, failed = _run_ray(
+                base_ref, source, jobs, tmp, data_dir=data_dir and os.path.abspath(data_dir), address=ray_address,
+                retries=retries, quiet=quiet, tty=tty, fault=_fault,
             )  # fmt: skip
-        checked = []
-        for a in trained:  # what a worker hands back is checked like any file from outside
-            try:
-                _check_returned(a, fingerprint)
-                checked.append(a)
-            except MnistPeftError as exc:
-                failed[a.name] = str(exc)
-        trained = checked
-        if failed and not allow_partial:
+            trained = _accept(returned, jobs, base, fingerprint, failed, data_dir=data_dir)
+        order = {n: i for i, n in enumerate(names)}
+        failed = dict(sorted(failed.items(), key=lambda kv: order[kv[0]]))
+        if failed and (not allow_partial or not trained):
+            what = "no job of the fleet succeeded" if not trained else f"{len(failed)} of {len(jobs)} fleet jobs failed"
             raise FleetError(
-                f"{len(failed)} of {len(jobs)} fleet jobs failed: "
-                + "; ".join(f"{n}: {e}" for n, e in failed.items())
-                + ". Nothing was registered or written; fix the cause and rerun, or pass --allow-partial to keep the others",
+                f"{what}: " + "; ".join(f"{n}: {e[:300]}" for n, e in failed.items())
+                + ". Nothing was registered or written; fix the cause and rerun"
+                + ("" if not trained else ", or pass --allow-partial to keep the others"),
                 failed=failed,
-            )
+            )  # fmt: skip
         result = FleetResult(executor, trained, failed)
-        if register and trained:
-            added = registry.add_many([(a.name, a.folder, {"metrics": a.metrics, "digit": a.digit}) for a in trained])
-            result.registered = [{"name": e.name, "version": e.version} for e in added]
-        if out:  # copied next to ``out`` and renamed into place: a failed copy leaves no half folder
+        staging = None
+        if out:  # made next to ``out`` first and renamed into place last: a failure leaves no half folder
             dest = Path(out)
             dest.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-            try:
+        try:
+            if staging is not None:
                 for a in trained:
                     shutil.copytree(a.folder, staging / a.name)
-                os.replace(staging, dest)
-            except BaseException:
+            if register:
+                added = registry.add_many([(a.name, a.folder, {"metrics": a.metrics, "digit": a.digit}) for a in trained])
+                result.registered = [{"name": e.name, "version": e.version} for e in added]
+            if staging is not None:
+                os.replace(staging, out)
+                staging = None
+        finally:
+            if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise
         for a in trained:
-            a.folder = str(Path(out) / a.name) if out else ""
-        if push_repo and result.registered:
-            from .hub import push_to_hub
+            a.folder = str(Path(out) / a.name) if out else None
+    if push_repo and result.registered:
+        from .hub import push_to_hub
 
-            pushed = push_to_hub(push_repo, registry=registry, names=[e["name"] for e in result.registered], token=token)
-            result.pushed = {"repo_id": pushed.repo_id, "commit": pushed.commit, "pushed": pushed.pushed}
+        refs = [f"{e['name']}@{e['version']}" for e in result.registered]
+        try:
+            pushed = push_to_hub(push_repo, registry=registry, names=[str(e["name"]) for e in result.registered], token=token)
+        except MnistPeftError as exc:
+            names_args = " ".join(f"--name {e['name']}" for e in result.registered)
+            raise HubError(
+                f"the fleet is registered ({', '.join(refs)}) but pushing it to {push_repo} failed: {exc}. Push it with: "
+                f"mnist-peft push --repo-id {push_repo} {names_args} --root {registry.root}",
+                repo_id=push_repo,
+            ) from exc
+        result.pushed = {"repo_id": pushed.repo_id, "commit": pushed.commit, "pushed": pushed.pushed}
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _check_returned(a: FleetAdapter, fingerprint: str) -> None:
-    """A worker's adapter is read back like any file from outside: a valid PEFT folder, trained on
-    the driver's base."""
-    from .adapters import read_adapter
+def _accept(
+    returned: list[FleetAdapter],
+    jobs: Sequence[AdapterJob],
+    base: MnistMLP,
+    fingerprint: str,
+    failed: dict[str, str],
+    *,
+    data_dir: str | None,
+) -> list[FleetAdapter]:
+    """What Ray workers handed back, read as untrusted files; the ones that pass get metrics computed
+    here. A folder that fails a check makes its job a failed one."""
+    from .adapters import load_adapter, read_adapter
 
-    files = read_adapter(a.folder)
-    got = files.metadata.get("base_fingerprint")
+    by_name = {j.name: j for j in jobs}
+    test = load_mnist(train=False, data_dir=data_dir)
+    before = None
+    accepted = []
+    for a in returned:
+        job = by_name[a.name]
+        try:
+            files = read_adapter(a.folder)
+            _check_returned(files, job, fingerprint)
+            model = LoraModel(copy.deepcopy(base))
+            load_adapter(model, files, base_fingerprint=fingerprint)  # keys, shapes, finite values
+            model.set_adapter("default")
+            before = before or evaluate(base, test)
+            a.steps = int(files.metadata["steps"])
+            a.metrics = _metrics(
+                AdapterTrainResult(job.digit, job.resolved()[0], a.steps, 0.0, False, before, evaluate(model.eval(), test))
+            )
+            accepted.append(a)
+        except MnistPeftError as exc:
+            failed[a.name] = f"returned adapter refused: {exc}"
+    return accepted
+
+
+def _check_returned(files, job: AdapterJob, fingerprint: str) -> None:
+    """The adapter a worker returned is the job's: trained on the driver's base, for its digit, with
+    its rank and alpha, and a step count the recipe allows."""
+    _, recipe = job.resolved()
+    meta = files.metadata
+    got = meta.get("base_fingerprint")
     if got != fingerprint:
         raise FleetError(
-            f"job {a.name} returned an adapter trained on another base (fingerprint {str(got)[:12]}..., the driver's is "
+            f"job {job.name} returned an adapter trained on another base (fingerprint {str(got)[:12]}..., the driver's is "
             f"{fingerprint[:12]}...); check that every worker reads the same base",
-            failed={a.name: "trained on another base"},
+            failed={job.name: "trained on another base"},
         )
-    if files.metadata.get("digit") != str(a.digit):
+    steps = meta.get("steps", "")
+    expected = {"digit": str(job.digit), "r": str(recipe.r), "lora_alpha": f"{recipe.lora_alpha:g}"}
+    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    cfg = files.config
+    if (cfg.r, cfg.lora_alpha) != (recipe.r, recipe.lora_alpha):
+        wrong["config"] = f"r={cfg.r}, lora_alpha={cfg.lora_alpha:g}"
+    if not (steps.isdecimal() and 1 <= int(steps) <= recipe.steps):
+        wrong["steps"] = steps
+    if wrong:
         raise FleetError(
-            f"job {a.name} returned an adapter for digit {files.metadata.get('digit')!r}, not {a.digit}", failed={a.name: "wrong digit"}
+            f"job {job.name} returned an adapter that is not the job's: {wrong} (expected {expected})", failed={job.name: str(wrong)}
         )
 
 
@@ -730,7 +800,6 @@ def _run_ray(
     jobs: Sequence[AdapterJob],
     tmp: str,
     *,
-    root: str,
     data_dir: str | None,
     address: str | None,
     retries: int,
@@ -749,7 +818,7 @@ def _run_ray(
     elif address is not None:
         raise InvalidArgumentError("Ray is already initialised in this process; drop --ray-address or start a fresh process")
     try:
-        return _collect(ray, base_ref, source, jobs, tmp, root=root, data_dir=data_dir, retries=retries, quiet=quiet, tty=tty, fault=fault)
+        return _collect(ray, base_ref, source, jobs, tmp, data_dir=data_dir, retries=retries, quiet=quiet, tty=tty, fault=fault)
     finally:
         if started:  # a Ray this call started (not a caller's) ends with it
             ray.shutdown()
@@ -762,7 +831,6 @@ def _collect(
     jobs: Sequence[AdapterJob],
     tmp: str,
     *,
-    root: str,
     data_dir: str | None,
     retries: int,
     quiet: bool,
@@ -775,10 +843,12 @@ def _collect(
 
     # Where workers find the Hub and the data, as the driver sees them (never a token: workers log in themselves).
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    if "MNIST_PEFT_DATA" in env:  # workers do not share the driver's working directory
+        env["MNIST_PEFT_DATA"] = os.path.abspath(env["MNIST_PEFT_DATA"])
     task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
     if env:
         task = task.options(runtime_env={"env_vars": env})
-    pending = {task.remote(j, base_ref, source, root, data_dir, fault): j for j in jobs}
+    pending = {task.remote(j, base_ref, source, data_dir, fault): j for j in jobs}
     status = {j.name: "pending" for j in jobs}
     bar = _Progress(jobs, unit_total=len(jobs), unit="job", tty=tty, quiet=quiet)
     trained: dict[str, FleetAdapter] = {}
@@ -813,18 +883,27 @@ def _task_error(exc: BaseException) -> str:
     return (text[-1] if text else type(exc).__name__)[:300]
 
 
+MAX_RETURNED_BYTES = 64 << 20
+"""The most a worker may hand back for one adapter (an r=4 adapter is ~30 kB)."""
+
+
 def _receive(got: object, job: AdapterJob, tmp) -> FleetAdapter:
-    """Write a worker's returned files into the driver's staging folder, checking their shape first."""
+    """Write a worker's returned files into the driver's staging folder, checking their shape first
+    (the files themselves are checked by :func:`_accept`)."""
+    if isinstance(got, dict) and got.get("name") == job.name and isinstance(got.get("error"), str):
+        raise FleetError(got["error"][:1000], failed={job.name: got["error"][:1000]})
     if not isinstance(got, dict) or got.get("name") != job.name or not isinstance(got.get("files"), dict):
         raise FleetError(f"job {job.name} returned something that is not a fleet result", failed={job.name: "bad result"})
     files = got["files"]
     if set(files) != set(ADAPTER_FILES) or not all(isinstance(b, bytes) for b in files.values()):
         raise FleetError(
-            f"job {job.name} returned files {sorted(files)}; expected exactly {list(ADAPTER_FILES)}", failed={job.name: "bad files"}
+            f"job {job.name} returned files {sorted(map(str, files))[:10]}; expected exactly {list(ADAPTER_FILES)} as bytes",
+            failed={job.name: "bad files"},
         )
+    if sum(len(b) for b in files.values()) > MAX_RETURNED_BYTES:
+        raise FleetError(f"job {job.name} returned more than {MAX_RETURNED_BYTES >> 20} MB", failed={job.name: "too large"})
     folder = tmp / job.name
     folder.mkdir()
     for fname in ADAPTER_FILES:
         (folder / fname).write_bytes(files[fname])
-    metrics = got.get("metrics") if isinstance(got.get("metrics"), dict) else {}
-    return FleetAdapter(job.name, job.digit, job.seed, int(got.get("steps") or 0), str(folder), metrics)
+    return FleetAdapter(job.name, job.digit, job.seed, 0, str(folder), {})

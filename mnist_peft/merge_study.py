@@ -50,7 +50,7 @@ class StudyConfig:
 
     @classmethod
     def quick(cls) -> StudyConfig:
-        return cls(densities=(0.3, 1.0), scales=(0.1, 0.5, 1.0), val_size=2000, search_steps=4)
+        return cls(densities=(0.3,), scales=(0.1, 0.5, 1.0), val_size=2000, search_steps=4)
 
 
 def _deltas(adapters: Sequence[AdapterFiles]) -> dict[str, list[torch.Tensor]]:

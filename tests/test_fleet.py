@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
-from mnist_peft.errors import FleetError, InvalidArgumentError
+from mnist_peft.errors import FleetError, InvalidArgumentError, InvalidNameError
 from mnist_peft.fleet import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
 from mnist_peft.model import load_base
 from mnist_peft.recipes import train_adapter
@@ -55,16 +55,18 @@ def test_batched_training_equals_training_each_adapter_alone(data_root: Path) ->
     assert _tensors_equal(base.state_dict(), original) and [p.requires_grad for p in base.parameters()] == flags  # base untouched
 
 
-@pytest.mark.parametrize("tables", [True, False])
-def test_the_base_tables_give_the_bits_of_the_per_step_base(data_root: Path, tables: bool) -> None:
+def test_the_base_tables_give_the_bits_of_the_per_step_base(data_root: Path) -> None:
     """The first layer and the teacher computed once per image for the fleet, or per step: each
     adapter equals its solo run either way."""
     base = load_base(BASE)
     jobs = [AdapterJob(d, "replay", (("eval_every", 10), ("seed", d), ("steps", 20))) for d in (0, 4)]
-    for job, (model, result) in zip(jobs, train_batched(base, jobs, data_dir=str(data_root), tables=tables), strict=True):
-        solo_model, solo = train_adapter(base, job.digit, job.recipe, data_dir=str(data_root), **dict(job.overrides))
-        assert _tensors_equal(model.lora_state_dict("default"), solo_model.lora_state_dict("default")), job.name
-        assert result.after.wrong_per_digit == solo.after.wrong_per_digit
+    solo = [train_adapter(base, j.digit, j.recipe, data_dir=str(data_root), **dict(j.overrides)) for j in jobs]
+    for tables in (True, False):
+        for job, (model, result), (solo_model, alone) in zip(
+            jobs, train_batched(base, jobs, data_dir=str(data_root), tables=tables), solo, strict=True
+        ):
+            assert _tensors_equal(model.lora_state_dict("default"), solo_model.lora_state_dict("default")), (job.name, tables)
+            assert result.after.wrong_per_digit == alone.after.wrong_per_digit
 
 
 def test_fleet_names_and_digit_lists() -> None:
@@ -84,6 +86,15 @@ def test_fleet_names_and_digit_lists() -> None:
 
 
 def test_local_fleet_refuses_bad_requests_before_training(tmp_path: Path) -> None:
+    for bad in ("../x", "/abs", "Upper", "a b"):
+        with pytest.raises(InvalidNameError):
+            AdapterJob(1, name=bad)
+    with pytest.raises(InvalidArgumentError):
+        AdapterJob(True)  # a bool is not a digit
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        fleet_jobs([1], [-1])
+    with pytest.raises(ValueError, match="lr"):
+        run_fleet(str(BASE), fleet_jobs([1], lr=-1.0), root=str(tmp_path / "reg"), register=True, executor="ray")  # before Ray starts
     jobs = fleet_jobs([1])
     with pytest.raises(InvalidArgumentError, match="register"):
         run_fleet(str(BASE), jobs, root=str(tmp_path / "reg"))
@@ -170,9 +181,130 @@ def test_ray_fleet_with_a_job_that_always_fails(ray_local, registry_with_base: A
         run_fleet("base", jobs, _fault=("fail", "digit-5"), **kwargs)
     assert list(err.value.failed) == ["digit-5"] and "injected failure" in err.value.failed["digit-5"]
     assert _snapshot(root) == before  # nothing registered, nothing written
+    with pytest.raises(FleetError, match="no job of the fleet succeeded"):  # partial, but nothing to keep
+        run_fleet("base", jobs[1:], _fault=("fail", "digit-5"), allow_partial=True, **kwargs)
+    assert _snapshot(root) == before
     res = run_fleet("base", jobs, _fault=("fail", "digit-5"), allow_partial=True, **kwargs)
     assert list(res.failed) == ["digit-5"] and [e["name"] for e in res.registered] == ["digit-2"]
     assert [e.name for e in registry_with_base.list()] == ["base", "digit-2"]
+
+
+def test_a_job_with_bad_input_fails_at_once_without_retries(ray_local, registry_with_base: AdapterRegistry, data_root: Path) -> None:
+    """A worker's own input error (here: a validation split as large as the training set) is the
+    same every time: it comes back as the job's error, and the others are kept."""
+    job = AdapterJob(3, "replay", (("steps", 5), ("val_size", 60000)))
+    res = run_fleet(
+        "base", [job, *fleet_jobs([6], steps=5)], root=str(registry_with_base.root), executor="ray", register=True,
+        data_dir=str(data_root), quiet=True, allow_partial=True,
+    )  # fmt: skip
+    assert list(res.failed) == ["digit-3"] and "validation size" in res.failed["digit-3"]
+    assert [a.name for a in res.trained] == ["digit-6"]
+
+
+# ----------------------------------------------------------------------------- what comes back from workers
+def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200", r_meta: str | None = None, nan: bool = False):
+    """A copy of the reference digit-3 adapter as a worker would hand it back, with forged metadata."""
+    from mnist_peft.adapters import read_adapter, write_adapter
+    from mnist_peft.fleet import FleetAdapter
+
+    files = read_adapter(REPO / "adapters" / "digit-3" / "v1")
+    files.metadata.update({"digit": digit, "steps": steps, "r": r_meta or files.metadata.get("r", "4"), "lora_alpha": "8"})
+    if nan:
+        files.state_dict["linear2.lora_B.weight"][0, 0] = float("nan")
+    folder = write_adapter(files, tmp_path / name)
+    return FleetAdapter(name, 3, 0, 0, str(folder), {})
+
+
+def test_returned_adapters_are_checked_and_their_metrics_computed_by_the_driver(tmp_path: Path, data_root: Path) -> None:
+    from mnist_peft.fleet import _accept
+    from mnist_peft.model import base_fingerprint
+
+    base = load_base(BASE)
+    job = AdapterJob(3, name="d3")
+    jobs = [
+        job,
+        AdapterJob(3, name="wrong-digit"),
+        AdapterJob(3, name="wrong-r"),
+        AdapterJob(3, name="wrong-steps"),
+        AdapterJob(3, name="nan"),
+    ]
+    returned = [
+        _returned(tmp_path, "d3"),
+        _returned(tmp_path, "wrong-digit", digit="5"),
+        _returned(tmp_path, "wrong-r", r_meta="8"),
+        _returned(tmp_path, "wrong-steps", steps="401"),
+        _returned(tmp_path, "nan", nan=True),
+    ]
+    failed: dict[str, str] = {}
+    accepted = _accept(returned, jobs, base, base_fingerprint(base), failed, data_dir=str(data_root))
+    assert [a.name for a in accepted] == ["d3"]
+    assert sorted(failed) == ["nan", "wrong-digit", "wrong-r", "wrong-steps"]
+    assert "NaN" in failed["nan"] and "'digit': '5'" in failed["wrong-digit"]
+    from mnist_peft.adapters import load_stack
+    from mnist_peft.train import evaluate
+
+    expected = evaluate(load_stack(load_base(BASE), [REPO / "adapters" / "digit-3" / "v1"]))
+    assert accepted[0].metrics["wrong_per_digit"] == expected.wrong_per_digit and accepted[0].steps == 200
+    failed = {}
+    other = load_base(BASE)
+    with torch.no_grad():
+        other.linear1.weight.add_(1e-3)
+    assert (
+        _accept(
+            [_returned(tmp_path, "other")], [AdapterJob(3, name="other")], other, base_fingerprint(other), failed, data_dir=str(data_root)
+        )
+        == []
+    )
+    assert "another base" in failed["other"]
+
+
+@pytest.mark.parametrize(
+    "got",
+    [
+        "not a dict",
+        {"name": "someone-else", "files": {}},
+        {"name": "d3", "files": {"adapter_config.json": b"{}"}},
+        {"name": "d3", "files": {"adapter_config.json": b"{}", "adapter_model.safetensors": b"", "README.md": "text, not bytes"}},
+        {"name": "d3", "files": {f: b"" for f in ("adapter_config.json", "adapter_model.safetensors", "README.md", "../evil")}},
+        {"name": "d3", "error": "ValueError: the job's own input"},
+    ],
+)
+def test_malformed_worker_results_are_refused(tmp_path: Path, got: object) -> None:
+    from mnist_peft.fleet import _receive
+
+    with pytest.raises(FleetError):
+        _receive(got, AdapterJob(3, name="d3"), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written for a refused result
+
+
+def test_a_failure_while_registering_leaves_no_output_folder(
+    registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path, monkeypatch
+) -> None:
+    def broken(self, items):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(AdapterRegistry, "add_many", broken)
+    before = _snapshot(Path(registry_with_base.root))
+    with pytest.raises(OSError, match="disk full"):
+        run_fleet("base", fleet_jobs([1], steps=5), root=str(registry_with_base.root), register=True, out=str(tmp_path / "out"),
+                  data_dir=str(data_root), quiet=True)  # fmt: skip
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _snapshot(Path(registry_with_base.root)) == before
+
+
+def test_partial_fleet_exit_status_is_3(monkeypatch, capsys) -> None:
+    """With --allow-partial the kept adapters are registered and the exit status says some failed."""
+    import mnist_peft.fleet as fleet
+    from mnist_peft.cli import main
+    from mnist_peft.fleet import FleetResult
+
+    def fake(base_ref, jobs, **kwargs):
+        assert kwargs["allow_partial"] and kwargs["executor"] == "ray"
+        return FleetResult("ray", [], {"digit-5": "RuntimeError: boom"}, [{"name": "digit-2", "version": 1}])
+
+    monkeypatch.setattr(fleet, "run_fleet", fake)
+    code = main(["train-adapters", "--base", "base", "--digits", "2,5", "--register", "digit", "--executor", "ray", "--allow-partial"])
+    assert code == 3 and "digit-5: RuntimeError: boom" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the command
@@ -193,19 +325,30 @@ def test_train_adapters_cli_registers_and_writes_the_fleet(tmp_path: Path, data_
     assert reg.get("fleet-7").digit == 7 and reg.verify() == []
 
 
-def test_train_adapters_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+def test_train_adapters_cli_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mnist_peft.cli import main
+
     for args, code, needle in [
         (["--base", "base"], 2, "--register PREFIX, --out DIR"),
         (["--base", "base", "--out", str(tmp_path / "o"), "--push", "me/x"], 2, "--push needs --register"),
-        (["--base", "base", "--register", "f", "--digits", "3-1"], 1, "digits '3-1'"),
+        (["--base", "base", "--register", "f", "--digits", "3-1"], 2, "digits '3-1'"),
+        (["--base", "base", "--register", "f", "--digits", "²"], 2, "digits '²'"),
         (["--base", "base", "--register", "f", "--seeds", "a"], 2, "--seeds"),
+        (["--base", "base", "--register", "f", "--seeds", "0,-1"], 2, "seeds must be integers from 0"),
+        (["--base", "base", "--register", "../x"], 2, "name"),
+        (["--base", "base", "--register", "f", "--retries", "1"], 2, "--executor ray only"),
         (["--base", "base", "--register", "f", "--executor", "dask"], 2, "invalid choice"),
     ]:
-        proc = run_cli("train-adapters", *args, "--root", str(tmp_path / "reg"))
-        assert proc.returncode == code, (args, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(("error:", "mnist-peft")) and needle in lines[0], (args, proc.stderr)
+        try:
+            got = main(["train-adapters", *args, "--root", str(tmp_path / "reg")])
+        except SystemExit as exc:  # argparse's own errors
+            got = exc.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert got == code, (args, lines)
+        assert len(lines) == 1 and lines[0].startswith(("error:", "mnist-peft")) and needle in lines[0], (args, lines)
     assert not (tmp_path / "reg").exists()
+    proc = run_cli("train-adapters", "--base", "base", "--register", "f", "--digits", "3-1", "--root", str(tmp_path / "reg"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1  # the real command, the same one line
 
 
 def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_commit(tmp_path: Path, data_root: Path) -> None:
