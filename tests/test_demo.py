@@ -52,3 +52,15 @@ def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_
     again = run_cli("demo", "--quick", "--out", str(out))
     assert again.returncode == 0 and again.stderr.count("skipped") == 8
     assert time.perf_counter() - start < 30
+
+
+def test_a_stage_saved_by_an_older_version_is_redone(tmp_path: Path) -> None:
+    from mnist_peft.demo import _Stages
+
+    stages = _Stages(tmp_path, force=False, log=lambda line: None)
+    (tmp_path / "stages" / "merge.json").write_text('{"grid": []}')  # no "curve": an older demo's
+    calls = []
+    result = stages.run("merge", lambda: calls.append(1) or {"grid": [], "curve": [1]}, needs=("curve",))
+    assert calls == [1] and result["curve"] == [1]
+    again = stages.run("merge", lambda: calls.append(2) or {}, needs=("curve",))
+    assert calls == [1] and again["curve"] == [1]  # now it is kept
