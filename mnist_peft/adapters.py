@@ -39,6 +39,7 @@ __all__ = [
     "save_adapter",
     "write_adapter",
     "read_adapter",
+    "adapter_from_bytes",
     "load_adapter",
     "to_peft_config_dict",
     "from_peft_config_dict",
@@ -249,6 +250,22 @@ def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
         cfg_raw, raw = read_regular_file(cfg_path), read_regular_file(w_path)
     except OSError as exc:
         raise _unreadable(Path(exc.filename or w_path), folder, exc) from exc
+    return adapter_from_bytes(cfg_raw, raw, folder=folder)
+
+
+def adapter_from_bytes(config: bytes, weights: bytes, *, folder: str | os.PathLike[str] | None = None) -> AdapterFiles:
+    """An adapter from the bytes of its two files (``adapter_config.json``, ``adapter_model.safetensors``),
+    checked as :func:`read_adapter` checks a folder. For a reader that has the bytes already, e.g.
+    checked against a recorded sha256 (:meth:`mnist_peft.registry.AdapterRegistry.read_file`): the
+    bytes parsed are then exactly the bytes checked. ``folder`` only names the files in messages.
+
+    Raises:
+        AdapterConfigError: the config or the safetensors file cannot be parsed.
+    """
+    folder = None if folder is None else Path(folder)
+    cfg_path = ADAPTER_CONFIG_NAME if folder is None else f"{folder}/{ADAPTER_CONFIG_NAME}"
+    w_path = ADAPTER_WEIGHTS_NAME if folder is None else f"{folder}/{ADAPTER_WEIGHTS_NAME}"
+    cfg_raw, raw = config, weights
     try:
         data = json.loads(cfg_raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

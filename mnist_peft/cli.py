@@ -1084,11 +1084,17 @@ def _ui_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_ui_arguments,
 )
 def cmd_ui(args: argparse.Namespace) -> int:
+    import math
+
     from .ui import launch, require_gradio
 
     require_gradio()  # before loading anything: a missing extra is the first thing to say
-    if args.port is not None and not 0 < args.port < 65536:
+    if args.port is not None and not 0 < args.port < 65536:  # every option is checked before the registry and base load
         raise _usage_error(f"--port {args.port} is not a port number (1..65535)")
+    if args.max_batch_size < 1:
+        raise _usage_error(f"--max-batch-size {args.max_batch_size} is not a batch size: give an integer >= 1 (default 32)")
+    if not (math.isfinite(args.cache_mb) and args.cache_mb >= 0):
+        raise _usage_error(f"--cache-mb {args.cache_mb} is not a memory budget: give a finite number of MB >= 0 (default 64)")
     running = launch(
         args.root,
         base=args.base,

@@ -118,18 +118,47 @@ class SqliteIndex:
                 raise RegistryError(f"{str(companion)!r} is a symlink; the registry does not follow links: replace it with the real file")
         if not self.path.is_file():  # never created here by connecting: see create()
             raise RegistryError(f"registry index {str(self.path)!r} is missing or not a file; restore it from a backup")
+        read_only = not create and not os.access(self.path.parent, os.W_OK)
         try:
-            connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            if read_only:
+                connection = self._connect_read_only()
+            else:
+                connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         except sqlite3.Error as exc:
             raise _unreadable(self.path, exc) from exc
         with closing(connection):
             try:
                 if create:  # a writer: WAL (a no-op once set), whatever an older writer left
                     connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=FULL")
+                if not read_only:
+                    connection.execute("PRAGMA synchronous=FULL")
                 yield connection
             except sqlite3.Error as exc:  # not a database, a damaged page, a locked file
+                if read_only:
+                    raise RegistryError(
+                        f"registry index {str(self.path)!r} cannot be read from its read-only folder ({exc}); "
+                        "copy the registry to a writable folder, or mount it read-write"
+                    ) from exc
                 raise _unreadable(self.path, exc) from exc
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A reader's connection when the folder is not writable (a read-only mount, a shared copy).
+
+        SQLite's WAL mode needs to create ``index.db-shm`` next to the database even to read it, so
+        a plain connection fails there ("unable to open database file"). Opened ``immutable`` it
+        reads the file alone, taking no lock: right when nobody can write the folder either. A
+        write-ahead log left non-empty (a writer that never closed) holds changes the file lacks,
+        and is refused rather than silently ignored.
+        """
+        from urllib.parse import quote
+
+        wal = Path(f"{self.path}-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise RegistryError(
+                f"registry index {str(self.path)!r} is in a read-only folder with unfinished writes in {wal.name}; "
+                "open the registry once where it is writable (e.g. `mnist-peft registry list` on a writable copy) to fold them in"
+            )
+        return sqlite3.connect(f"file:{quote(str(self.path.absolute()))}?mode=ro&immutable=1", uri=True, isolation_level=None)
 
     def _rows(self, connection: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
         try:

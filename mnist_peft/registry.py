@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
-from .fileio import current_umask, fsync_dir, sha256_file
+from .fileio import current_umask, fsync_dir, read_regular_file, sha256_file
 from .index_store import INDEX_FORMAT, IndexMovedError, IndexStore, JsonIndex, SqliteIndex
 
 __all__ = ["AdapterRegistry", "RegistryEntry", "parse_ref", "default_root", "confine", "validate_file_name", "NAME_PATTERN"]
@@ -418,6 +419,41 @@ class AdapterRegistry:
                 )
             if sha256_file(p) != info["sha256"]:
                 raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
+
+    def read_file(self, entry: RegistryEntry, fname: str) -> bytes:
+        """The bytes of one of ``entry``'s files, checked against the size and sha256 the index
+        records for it. The file is read once: the bytes returned are the bytes checked (a file
+        replaced between a separate :meth:`verify_entry` and a read could not slip in).
+
+        Example:
+            >>> raw = reg.read_file(reg.get("digit-9@1"), "adapter_model.safetensors")
+
+        Raises:
+            IntegrityError: ``fname`` is not one of the entry's files, or it is missing, resized or altered.
+        """
+        info = entry.files.get(fname)
+        if info is None:
+            raise IntegrityError(
+                f"{entry.ref}: the index lists no file {fname!r} for it (files: {sorted(entry.files)}); re-add the entry",
+                path=self.root / entry.name,
+            )
+        try:
+            p = confine(self.root, f"{entry.name}/v{entry.version}/{validate_file_name(fname)}")
+        except RegistryError as exc:
+            raise IntegrityError(f"{entry.ref}: {exc}", path=self.root / entry.name) from exc
+        try:
+            data = read_regular_file(str(p))
+        except FileNotFoundError:
+            raise IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p) from None
+        except OSError as exc:
+            raise IntegrityError(
+                f"{entry.ref}: file {str(p)!r} cannot be read ({exc.strerror or exc}); it must be a regular file", path=p
+            ) from None
+        if len(data) != info["size"]:
+            raise IntegrityError(f"{entry.ref}: file {str(p)!r} has {len(data)} bytes, the index says {info['size']} (truncated?)", path=p)
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
+        return data
 
     def verify(self) -> list[tuple[str, str]]:
         """Check every entry; returns ``(ref, problem)`` for each bad one (empty when all are good).

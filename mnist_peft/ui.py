@@ -16,7 +16,9 @@ Serving: every prediction, from the page or from ``gradio_client`` (the ``/predi
 goes through Gradio's queue with ``batch=True``; :class:`Predictor` turns a batch into **one
 mixed-adapter forward** (:func:`mnist_peft.serving.mixed_forward`): each distinct weighted stack
 becomes one adapter, the exact ``cat`` combination of its members
-(:func:`mnist_peft.combine.combine_adapters`), kept in an LRU cache with a byte budget.
+(:func:`mnist_peft.combine.combine_adapters`), kept in an LRU cache with a byte budget. Every
+request of a batch is checked on its own (the Draw event decodes the page's drawings itself, one
+request at a time): a bad one gets its error, never its batch-mates.
 
 The pure parts (preprocessing, stack specs, :class:`Predictor`, the handlers of :class:`UiHandlers`)
 need no gradio; :func:`build_app` and :func:`launch` import it (the ``[ui]`` extra).
@@ -59,6 +61,7 @@ __all__ = [
     "image_to_input",
     "parse_stack",
     "check_stack",
+    "stack_items",
     "format_stack",
     "Stack",
     "Predictor",
@@ -66,6 +69,7 @@ __all__ = [
     "build_app",
     "launch",
     "serve",
+    "check_serving_options",
     "spawn_app",
     "require_gradio",
     "LoadReport",
@@ -79,11 +83,14 @@ BOX = 20  # ... with the digit's longer side scaled to 20 px ...
 CENTRE = 14.0  # ... and its centre of mass at pixel (14, 14) (measured on the test set: 13.99, 14.01)
 INK_THRESHOLD = 0.1  # ink below this (anti-aliasing fringe, paper grain) does not count for the bounding box
 MAX_DRAWING_SIDE = 2048  # a larger image from the web is refused before any work is spent on it
+MAX_LAYERS = 4  # sketchpad layers in one drawing (the page makes one; more is a hand-made request)
 MAX_STACK = 10  # adapters in one stack
 MAX_WEIGHT = 10.0  # |stack weight|; far beyond any useful value, small enough to stay finite
 DEFAULT_CACHE_BYTES = 64 << 20  # ~600 rank-4 adapters of this MLP (109 KB each)
 DEFAULT_MAX_BATCH = 32
+ENTRY_CACHE_SIZE = 64  # registry entries kept read and checked (~109 KB each): a new weight of a known adapter reads no file
 SLOTS = 3  # adapter pickers on the Draw tab
+WEIGHT_RANGE = (-2.0, 2.0)  # a picker's weight slider; a value outside it is a hand-made request, refused
 DISPLAY_SCALE = 8  # the 28 x 28 input is shown 8x, each pixel an 8 x 8 block (exactly recoverable: every 8th pixel)
 NONE_CHOICE = "(none)"
 ELEM = {  # element ids the browser test (and anyone scripting the page) relies on
@@ -209,7 +216,7 @@ def image_to_input(pixels: object) -> torch.Tensor:
     """
     try:
         t = torch.as_tensor(pixels, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise InvalidArgumentError("the image must be 28 x 28 (or 784) numbers in [0, 1]") from exc
     if t.numel() != SIDE * SIDE or t.dim() not in (1, 2):
         raise InvalidArgumentError(f"the image has shape {tuple(t.shape)}; send 28 x 28 (or 784) numbers in [0, 1]")
@@ -248,27 +255,51 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
     Raises:
         InvalidArgumentError: see :func:`parse_stack`.
     """
+    if len(items) > MAX_STACK:  # before any work: a hostile list may be long
+        raise InvalidArgumentError(f"{where}a stack holds at most {MAX_STACK} adapters; got {len(items)}")
     checked: list[tuple[str, float]] = []
     for ref, weight in items:
+        if not isinstance(ref, str):
+            raise InvalidArgumentError(f"{where}{str(ref)[:40]!r} is not a registry name (a string such as 'digit-9@1')")
         try:
-            parse_ref(ref)  # type: ignore[arg-type]
-        except (MnistPeftError, TypeError, AttributeError) as exc:
-            raise InvalidArgumentError(f"{where}{exc if isinstance(exc, MnistPeftError) else f'{ref!r} is not a registry name'}") from None
+            parse_ref(ref)
+        except MnistPeftError as exc:
+            raise InvalidArgumentError(f"{where}{exc}") from None
         try:
-            value = float(weight)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float, str)):
+                raise TypeError(weight)
+            value = float(weight)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, such as 10**400
             raise InvalidArgumentError(f"{where}the weight {str(weight)[:40]!r} of {ref!r} is not a number") from None
         if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
             raise InvalidArgumentError(
                 f"{where}the weight of {ref!r} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {value}"
             )
-        checked.append((str(ref), value))
-    if len(checked) > MAX_STACK:
-        raise InvalidArgumentError(f"{where}a stack holds at most {MAX_STACK} adapters; got {len(checked)}")
+        checked.append((ref, value))
     names = [parse_ref(r)[0] for r, _ in checked]
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"{where}an adapter is named twice; give each once (its weight scales it)")
     return checked
+
+
+def stack_items(spec: object) -> list[tuple[str, float]]:
+    """A stack spec from outside as checked ``(ref, weight)`` pairs: a string (:func:`parse_stack`),
+    ``None``, or a list of ``[ref, weight]`` pairs (:func:`check_stack`). Anything else is refused.
+
+    Raises:
+        InvalidArgumentError: any other type, an item that is not a pair, or what the parsers refuse.
+    """
+    if spec is None or isinstance(spec, str):
+        return parse_stack(spec)
+    hint = "the adapter spec must be a string such as 'digit-9@1:1.0,digit-3:0.5' or a list of [name, weight] pairs"
+    if not isinstance(spec, (list, tuple)):
+        raise InvalidArgumentError(f"{hint}, got {type(spec).__name__}")
+    if len(spec) > MAX_STACK:
+        raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; got {len(spec)}")
+    for item in spec:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InvalidArgumentError(f"{hint}; {str(item)[:40]!r} is not a [name, weight] pair")
+    return check_stack(spec)
 
 
 def format_stack(items: Sequence[tuple[str, float]]) -> str:
@@ -280,13 +311,17 @@ def format_stack(items: Sequence[tuple[str, float]]) -> str:
 class Stack:
     """A weighted stack resolved against the registry: every entry's exact version and weights file.
 
-    ``key`` is everything the combined adapter depends on (entry refs, the sha256 of each weights
-    file, the weights), so a cached adapter can never stand for other bytes.
+    ``key`` is everything the combined adapter depends on (entry refs, the sha256 of each entry's
+    weights file and of its ``adapter_config.json``, the weights), so a cached adapter can never
+    stand for other bytes.
     """
 
     items: tuple[tuple[str, float], ...]
     """``(name@version, weight)`` per adapter, in the order given."""
-    key: tuple[tuple[str, str, float], ...]
+    key: tuple[tuple[str, str, str, float], ...]
+    """``(name@version, weights sha256, config sha256, weight)`` per adapter."""
+    entries: tuple[RegistryEntry, ...] = field(default=(), compare=False, repr=False)
+    """The registry entries, as the index described them when the stack was resolved."""
 
     @property
     def label(self) -> str:
@@ -305,7 +340,8 @@ class _Cached:
 
 @dataclass
 class CacheInfo:
-    """The LRU cache of combined stacks: what it holds and what it has done."""
+    """The LRU cache of combined stacks: what it holds and what it has done; and the small LRU of
+    registry entries read from disk and checked (``entry_*``), which the stacks are combined from."""
 
     entries: int
     nbytes: int
@@ -313,6 +349,9 @@ class CacheInfo:
     hits: int
     misses: int
     evictions: int
+    entry_files: int = 0
+    entry_hits: int = 0
+    entry_misses: int = 0
 
 
 class Predictor:
@@ -321,8 +360,11 @@ class Predictor:
     Each distinct stack is loaded once as one adapter, the exact ``cat`` combination of its members
     with their weights folded in, and kept while the cache's byte budget allows (least recently
     used first out, removed with ``delete_adapter``; a batch's own stacks stay while it runs, so a
-    batch may exceed the budget until it ends). One lock serialises the model: a mixed forward owns
-    its state while it runs. Only registry entries are loaded (every file's sha256 checked, the
+    batch may exceed the budget until it ends). The members come from a second, small LRU of
+    registry entries read and checked (up to :data:`ENTRY_CACHE_SIZE`, keyed on ``name@version``
+    and the sha256 of both adapter files), so a new weight or mix of known adapters reads no file.
+    One lock serialises the model: a mixed forward owns its state while it runs. Only registry
+    entries are loaded (each adapter file read once and checked against its recorded sha256, the
     base fingerprint compared); nothing is ever written.
 
     Example:
@@ -345,34 +387,58 @@ class Predictor:
         self.fingerprint = self.model.base_fingerprint()  # once: the app never edits its base
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, _Cached] = OrderedDict()
+        self._files: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # (ref, weights sha, config sha) -> AdapterFiles
         self._lock = threading.RLock()
         self._counter = 0
         self._hits = self._misses = self._evictions = 0
+        self._entry_hits = self._entry_misses = 0
         self._test_logits: torch.Tensor | None = None
 
     # -- stacks
-    def resolve(self, spec: str | Sequence[tuple[str, float]] | None) -> Stack | None:
-        """The stack a spec names, against the registry now (``None`` for the empty stack).
+    def resolve(self, spec: object) -> Stack | None:
+        """The stack a spec names, against the registry now (``None`` for the empty stack): an
+        unversioned name is its latest version at this call, so a version registered while the app
+        runs is used from the next request on.
 
         Raises:
-            InvalidArgumentError: a malformed spec (see :func:`parse_stack`).
+            InvalidArgumentError: a malformed spec (see :func:`stack_items`).
             EntryNotFoundError, RegistryError: an entry that is not there, or not an adapter.
         """
-        from .adapters import ADAPTER_WEIGHTS_NAME
         from .errors import RegistryError
 
-        items = parse_stack(spec) if spec is None or isinstance(spec, str) else check_stack(spec)
+        items = stack_items(spec)
         if not items:
             return None
-        resolved, key = [], []
+        resolved, key, entries = [], [], []
         for ref, weight in items:
             entry = self.registry.get(ref)
             if entry.kind != "lora":
                 raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not an adapter; pick a lora entry")
-            sha = str(entry.files.get(ADAPTER_WEIGHTS_NAME, {}).get("sha256", ""))
             resolved.append((entry.ref, float(weight)))
-            key.append((entry.ref, sha, float(weight)))
-        return Stack(tuple(resolved), tuple(key))
+            key.append((*_entry_key(entry), float(weight)))
+            entries.append(entry)
+        return Stack(tuple(resolved), tuple(key), tuple(entries))
+
+    def _entry_files(self, entry: RegistryEntry) -> Any:
+        """``entry``'s adapter (``AdapterFiles``), from the entry LRU or read now: each of its two
+        files read once and checked against the sha256 the index records (the bytes parsed are the
+        bytes checked), then its base fingerprint against the app's. Under the lock."""
+        key = _entry_key(entry)
+        files = self._files.get(key)
+        if files is not None:
+            self._files.move_to_end(key)
+            self._entry_hits += 1
+            return files
+        from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, adapter_from_bytes, check_fingerprint
+
+        self._entry_misses += 1
+        config, weights = (self.registry.read_file(entry, fname) for fname in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+        files = adapter_from_bytes(config, weights, folder=self.registry.folder(entry))
+        check_fingerprint(files, self.fingerprint)
+        self._files[key] = files
+        while len(self._files) > ENTRY_CACHE_SIZE:
+            self._files.popitem(last=False)
+        return files
 
     def _load(self, stack: Stack) -> str:
         """The model's adapter for ``stack``, loaded (and cached) if needed. Under the lock."""
@@ -381,15 +447,11 @@ class Predictor:
             self._cache.move_to_end(stack.key)
             self._hits += 1
             return cached.name
-        from .adapters import check_fingerprint, read_adapter
         from .combine import combine_adapters
 
         self._misses += 1
-        files = []
-        for ref, _ in stack.items:
-            f = read_adapter(self.registry.path(ref))  # every file's sha256 checked first
-            check_fingerprint(f, self.fingerprint)
-            files.append(f)
+        entries = stack.entries or tuple(self.registry.get(ref) for ref, _ in stack.items)
+        files = [self._entry_files(entry) for entry in entries]
         combined = combine_adapters(files, [w for _, w in stack.items], method="cat")  # exact: sum_i w_i s_i B_i A_i
         self._counter += 1
         name = f"stack-{self._counter}"
@@ -422,6 +484,9 @@ class Predictor:
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
+                entry_files=len(self._files),
+                entry_hits=self._entry_hits,
+                entry_misses=self._entry_misses,
             )
 
     def cached(self) -> list[tuple[tuple, str]]:
@@ -486,7 +551,7 @@ class Predictor:
             return []
         try:
             logits = self.predict_batch(torch.cat(rows), row_stacks)
-        except (MnistPeftError, ValueError, OSError) as exc:
+        except Exception as exc:  # a stack's files are outside input too: whatever they raise fails their requests only
             if len(xs) == 1:
                 return [exc]
             return [self.predict_pairs([x], [s])[0] for x, s in zip(xs, stacks, strict=True)]  # find the bad one(s)
@@ -496,8 +561,9 @@ class Predictor:
         """What ``/predict`` returns: per request, the base's and the stack's label, probabilities
         and logits (``"stack": None`` for an empty spec).
 
-        Requests are checked one by one; a bad one gets ``{"error": "..."}`` and does not fail the
-        others of its batch, which all run in one forward.
+        Requests are checked one by one; a bad one (any image or spec from outside: wrong types,
+        huge numbers, unknown entries) gets ``{"error": "..."}`` and does not fail the others of its
+        batch, which all run in one forward. Messages name registry files relative to the registry.
         """
         if len(images) != len(specs):
             raise InvalidArgumentError(f"got {len(images)} images and {len(specs)} adapter specs; give one spec per image")
@@ -506,17 +572,21 @@ class Predictor:
         resolved: dict[str, Stack | None] = {}  # one registry lookup per distinct spec in the batch
         for i, (image, spec) in enumerate(zip(images, specs, strict=True)):
             try:
+                if isinstance(image, Refused):
+                    raise image.error
+                if isinstance(spec, Refused):
+                    raise spec.error
                 x = image_to_input(image)
                 key = spec if isinstance(spec, str) or spec is None else repr(spec)
                 if key not in resolved:
                     resolved[key] = self.resolve(spec)
                 good.append((i, x, resolved[key]))
-            except (MnistPeftError, ValueError, KeyError) as exc:
-                answers[i] = {"error": _message(exc)}
+            except Exception as exc:  # whatever a hostile request raises is its own answer, not its batch's
+                answers[i] = {"error": self.public_message(exc)}
         outcomes = self.predict_pairs([x for _, x, _ in good], [s for _, _, s in good])
         for (i, _, stack), outcome in zip(good, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                answers[i] = {"error": _message(outcome)}
+                answers[i] = {"error": self.public_message(outcome)}
                 continue
             base, with_stack = outcome
             answers[i] = {
@@ -524,6 +594,29 @@ class Predictor:
                 "stack": None if stack is None else {**_result(with_stack), "adapters": stack.to_list()},
             }
         return answers
+
+    def public_message(self, exc: BaseException) -> str:
+        """``exc`` as one line for a web client: the registry's folder written ``<registry>``
+        (a browser has no use for the server's paths)."""
+        return _public_message(exc, self.registry.root)
+
+
+def _entry_key(entry: RegistryEntry) -> tuple[str, str, str]:
+    """What an entry's adapter depends on: ``name@version`` and the sha256 the index records for
+    its weights and its config (an entry the index lists without them cannot load, and says so)."""
+    from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+    return tuple(  # type: ignore[return-value]
+        [entry.ref, *(str(entry.files.get(fname, {}).get("sha256", "")) for fname in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME))]
+    )
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An input gradio could not take in for one request of a batch (a file that was not uploaded, a
+    malformed value): that request is answered with ``error``, its batch-mates as usual."""
+
+    error: Exception
 
 
 def _result(logits: torch.Tensor) -> dict[str, Any]:
@@ -533,6 +626,21 @@ def _result(logits: torch.Tensor) -> dict[str, Any]:
 def _message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(text).split())
+
+
+def _public_message(exc: BaseException, root: Path) -> str:
+    """:func:`_message` with ``root`` (as given, absolute, resolved) replaced by ``<registry>``
+    wherever it starts a path."""
+    import re
+
+    text = _message(exc)
+    forms = {str(root), str(root.absolute())}
+    with contextlib.suppress(OSError, RuntimeError):
+        forms.add(str(root.resolve()))
+    for form in sorted(forms, key=len, reverse=True):  # the longest first: an absolute root contains the relative one
+        if form not in ("", ".", "/"):
+            text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?=/|'|\"|\s|$)", "<registry>", text)
+    return text
 
 
 # ----------------------------------------------------------------------------- page handlers
@@ -569,25 +677,35 @@ class UiHandlers:
     # -- Draw
     def draw(self, drawings: Sequence[object], *slots: Sequence[object]) -> tuple[list, ...]:
         """Batched: drawings and ``SLOTS`` (adapter, weight) pairs of lists -> five lists of outputs
-        (the 28 x 28 image, the base's and the stack's probabilities, the message, the table)."""
+        (the 28 x 28 image, the base's and the stack's probabilities, the message, the table).
+
+        A drawing is an image or sketchpad value (see :func:`drawing_to_ink`) or an
+        :class:`EditorPayload` (the page's value before decoding, decoded here one request at a
+        time); an adapter is a ``name@version`` (any registry entry: the pickers' choices may be
+        older than the registry) or ``"(none)"``, a weight a number in [-2, 2]. Each request is
+        checked on its own: a bad one gets its message and the others of its batch their answers.
+        """
         results: list[DrawResult] = []
         good: list[tuple[int, torch.Tensor, torch.Tensor, Stack | None]] = []
         for i, drawing in enumerate(drawings):
             results.append(DrawResult(None, None, None, "", None))
             try:
-                image, x = preprocess_drawing(drawing)
+                for value in (drawing, *(slot[i] for slot in slots)):
+                    if isinstance(value, Refused):
+                        raise value.error
+                image, x = preprocess_drawing(drawing.decode() if isinstance(drawing, EditorPayload) else drawing)
                 items = []
                 for s in range(SLOTS):
                     ref, weight = slots[2 * s][i], slots[2 * s + 1][i]
-                    if ref and ref != NONE_CHOICE:
-                        items.append((ref, 1.0 if weight is None else weight))
+                    if ref is not None and ref != "" and ref != NONE_CHOICE:
+                        items.append((ref, _slider_weight(weight, s + 1)))
                 good.append((i, image, x, self.predictor.resolve(items)))
-            except (MnistPeftError, ValueError, KeyError) as exc:
-                results[i].message = _message(exc)
+            except Exception as exc:  # whatever a hostile request raises is its own answer, not its batch's
+                results[i].message = self.predictor.public_message(exc)
         outcomes = self.predictor.predict_pairs([x for _, _, x, _ in good], [s for *_, s in good])
         for (i, image, _, stack), outcome in zip(good, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                results[i].message = _message(outcome)
+                results[i].message = self.predictor.public_message(outcome)
                 continue
             base, with_stack = outcome
             pb, ps = base.softmax(0), with_stack.softmax(0)
@@ -733,6 +851,90 @@ class UiHandlers:
         return self._heatmap[key]
 
 
+def _slider_weight(value: object, slot: int) -> float:
+    """A picker's weight from the page (``None``: the slider's default, 1)."""
+    if value is None:
+        return 1.0
+    low, high = WEIGHT_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails the range test
+        raise InvalidArgumentError(f"weight {slot} must be a number in [{low:g}, {high:g}] (the slider's range), got {str(value)[:20]!r}")
+    return float(value)
+
+
+@dataclass
+class EditorPayload:
+    """A sketchpad value as the page sends it, before anything is decoded (the Draw event runs with
+    ``preprocess=False``, so a bad drawing fails its own request, never its batch): the image files
+    gradio's queue checked to be uploads (``{"background", "layers", "composite"}``, each ``None``
+    or a file reference with a ``path``), or the id of the images the page sent ahead as blobs
+    (``blobs``: gradio's ``EditorDataBlobs`` for that id, taken from the component).
+    """
+
+    value: object
+    blobs: Any = None
+
+    def decode(self) -> dict[str, Any] | None:
+        """The drawing's images as RGBA arrays (the composite alone when there is one, as
+        :func:`drawing_to_ink` would use it), each image's size read from its header and refused
+        above 2048 pixels per side before any pixel is decoded.
+
+        Raises:
+            InvalidArgumentError: not a sketchpad value, more than :data:`MAX_LAYERS` layers, a file
+                that is not an image, or an image too large.
+        """
+        value = self.value
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InvalidArgumentError(
+                f"the drawing must be a sketchpad value {{'background', 'layers', 'composite'}}, got {type(value).__name__}"
+            )
+        if value.get("id") is not None:  # the images came ahead as blobs (gradio's own preprocess reads them so)
+            parts = {k: getattr(self.blobs, k, None) for k in ("background", "layers", "composite")}
+        else:
+            parts = {k: value.get(k) for k in ("background", "layers", "composite")}
+        layers = parts["layers"] or []
+        if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
+            raise InvalidArgumentError(f"the drawing must have a list of at most {MAX_LAYERS} layers; send one composite image")
+        if parts["composite"] is not None:
+            return {"background": None, "layers": [], "composite": _read_image(parts["composite"])}
+        return {
+            "background": None if parts["background"] is None else _read_image(parts["background"]),
+            "layers": [_read_image(layer) for layer in layers if layer is not None],
+            "composite": None,
+        }
+
+
+def _read_image(source: object) -> np.ndarray:
+    """An uploaded image (bytes, or a file reference ``{"path": ...}`` gradio checked) as an RGBA
+    array; its size is read from the header and refused above :data:`MAX_DRAWING_SIDE` per side
+    before any pixel is decoded (a small PNG can declare 12000 x 12000 pixels: 576 MB in RGBA)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (bytes, bytearray)):
+        opened: Any = io.BytesIO(source)
+    elif isinstance(source, dict) and isinstance(source.get("path"), str):
+        opened = source["path"]
+    else:
+        raise InvalidArgumentError(f"the drawing's image must be an uploaded file, got {type(source).__name__}")
+    try:
+        image = Image.open(opened)  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidArgumentError("the drawing is not an image file (send a PNG, as the sketchpad does)") from exc
+    with image:
+        width, height = image.size
+        if max(width, height) > MAX_DRAWING_SIDE:
+            raise InvalidArgumentError(
+                f"the drawing is {width} x {height} pixels; the limit is {MAX_DRAWING_SIDE} per side (refused before decoding it)"
+            )
+        try:
+            return np.array(image.convert("RGBA"))  # a writable copy (torch warns on a read-only array)
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated or damaged image data
+            raise InvalidArgumentError("the drawing's image data is damaged; draw it again") from exc
+
+
 def _digit(value: object) -> int:
     try:
         d = int(str(value))
@@ -764,7 +966,7 @@ def _verify_status(registry: AdapterRegistry, entry: RegistryEntry) -> str:
     try:
         registry.verify_entry(entry)
     except IntegrityError as exc:
-        return "BAD: " + _message(exc)
+        return "BAD: " + _public_message(exc, registry.root)
     return "ok"
 
 
@@ -784,15 +986,27 @@ def require_gradio() -> Any:
     return gr
 
 
+def check_serving_options(*, max_batch_size: int = DEFAULT_MAX_BATCH, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    """Refuse a batch size below 1 or a negative cache budget (before a registry or a base is loaded).
+
+    Raises:
+        InvalidArgumentError: naming the bad value.
+    """
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise InvalidArgumentError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise InvalidArgumentError(f"cache_bytes must be an integer >= 0, got {cache_bytes!r}")
+
+
 def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) -> Any:
     """The Gradio Blocks app over ``handlers`` (not launched). See :func:`launch`."""
     gr = require_gradio()
-    if max_batch_size < 1:
-        raise InvalidArgumentError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    check_serving_options(max_batch_size=max_batch_size)
     choices = [NONE_CHOICE, *handlers.adapter_choices()]
     model_queue = {"concurrency_limit": 1, "concurrency_id": "model"}  # one batch at a time: the model has one state
+    public = _public_errors(handlers, gr)
     # delete_cache: the images the app renders for the page are temporary files; drop them after an hour.
-    with gr.Blocks(title="mnist-peft: LoRA adapters on MNIST", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+    with _isolating_blocks(gr)(title="mnist-peft: LoRA adapters on MNIST", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(
             f"# mnist-peft: LoRA adapters on MNIST\nBase `{handlers.predictor.base_ref}` "
             f"(fingerprint `{handlers.predictor.fingerprint[:12]}`) from the registry at `{handlers.registry.root}` (read-only)."
@@ -814,7 +1028,7 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) 
                             pickers.append(
                                 gr.Dropdown(choices, value=NONE_CHOICE, label=f"adapter {s} (name@version)", elem_id=f"adapter-{s}")
                             )
-                            pickers.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"weight {s}", elem_id=f"weight-{s}"))
+                            pickers.append(gr.Slider(*WEIGHT_RANGE, value=1.0, step=0.05, label=f"weight {s}", elem_id=f"weight-{s}"))
                     button = gr.Button("Predict", variant="primary", elem_id=ELEM["predict"])
                 with gr.Column(scale=3):
                     message = gr.Markdown("Draw a digit, then press Predict.", label="prediction", elem_id=ELEM["prediction"])
@@ -830,13 +1044,17 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) 
                         elem_id=ELEM["probabilities"],
                         interactive=False,
                     )
+            # preprocess=False: gradio would decode every drawing of a batch, and check every slider
+            # and dropdown value, in one loop that fails the whole batch on one bad request (and
+            # decodes before any size check); draw() decodes and checks each request on its own.
             button.click(
-                _draw_function(handlers),
+                _draw_function(handlers, sketch),
                 [sketch, *pickers],
                 [preprocessed, base_label, stack_label, message, table],
                 batch=True,
                 max_batch_size=max_batch_size,
                 api_name="draw",
+                preprocess=False,
                 **model_queue,
             )
         with gr.Tab("Test images"):
@@ -855,7 +1073,7 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) 
                 interactive=False,
                 elem_id="detail",
             )
-            digit.change(handlers.wrong_images, [digit], [gallery, wrong_table, indices], api_name="wrong_images", **model_queue)
+            digit.change(public(handlers.wrong_images), [digit], [gallery, wrong_table, indices], api_name="wrong_images", **model_queue)
 
             def select(d, idx, evt):  # annotated below: gradio reads real types, and this module's are strings
                 if not isinstance(evt.index, int) or not 0 <= evt.index < len(idx):
@@ -863,7 +1081,7 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) 
                 return handlers.image_detail(d, idx[evt.index])
 
             select.__annotations__ = {"d": str, "idx": list, "evt": gr.SelectData, "return": list}
-            gallery.select(select, [digit, indices], [detail], api_visibility="private", **model_queue)
+            gallery.select(public(select), [digit, indices], [detail], api_visibility="private", **model_queue)
         with gr.Tab("Registry"):
             registry_table = gr.Dataframe(
                 headers=["entry", "kind", "digit", "r", "lora_alpha", "fingerprint", "fits base", "accuracy", "created", "verify"],
@@ -880,21 +1098,85 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH) 
                 interactive=False,
                 elem_id="heatmap-table",
             )
-            verify.click(handlers.registry_table, None, [registry_table], api_name="registry")
-            heat_button.click(lambda: handlers.heatmap(), None, [heat_image, heat_table], api_name="heatmap", **model_queue)
-        app.load(handlers.registry_table, None, [registry_table], api_visibility="private")
-        app.load(handlers.wrong_images, [digit], [gallery, wrong_table, indices], api_visibility="private", **model_queue)
+            verify.click(public(handlers.registry_table), None, [registry_table], api_name="registry")
+            heat_button.click(public(lambda: handlers.heatmap()), None, [heat_image, heat_table], api_name="heatmap", **model_queue)
+        dropdowns = pickers[0::2]
+
+        def refresh_pickers() -> list[Any]:
+            """The pickers' choices, read from the registry now: a version registered while the app runs can be picked."""
+            return [gr.Dropdown(choices=[NONE_CHOICE, *handlers.adapter_choices()]) for _ in dropdowns]
+
+        # Each page load, and each Verify press, reads the registry again for the pickers.
+        verify.click(public(refresh_pickers), None, dropdowns, api_visibility="private")
+        app.load(public(refresh_pickers), None, dropdowns, api_visibility="private")
+        app.load(public(handlers.registry_table), None, [registry_table], api_visibility="private")
+        app.load(public(handlers.wrong_images), [digit], [gallery, wrong_table, indices], api_visibility="private", **model_queue)
         gr.api(_api_function(handlers, batched=True), api_name=API_NAME, batch=True, max_batch_size=max_batch_size, **model_queue)
         gr.api(_api_function(handlers, batched=False), api_name=UNBATCHED_API_NAME, api_visibility="undocumented", **model_queue)
     app.queue(default_concurrency_limit=4, max_size=1024)  # a flood of requests is refused, not held in memory
     return app
 
 
-def _draw_function(handlers: UiHandlers) -> Callable[..., tuple[list, ...]]:
-    """The Draw tab's batched event with named parameters (its API page shows them)."""
+_ISOLATING_BLOCKS: Any = None
+
+
+def _isolating_blocks(gr: Any) -> Any:
+    """``gr.Blocks`` whose batched events take each request's inputs in on their own.
+
+    Gradio checks a batch's inputs in one loop before the function runs (files uploaded, values
+    well-formed): one hostile request (a file path it never uploaded, a malformed sketchpad value)
+    fails its whole batch. Here such a request's inputs become :class:`Refused` and the batched
+    handlers answer it with the error, and its batch-mates as usual. (A request that sends fewer
+    values than the event has inputs still fails its batch: gradio's queue zips a batch's values
+    before any of this runs.)
+    """
+    global _ISOLATING_BLOCKS
+    if _ISOLATING_BLOCKS is None:
+
+        class IsolatingBlocks(gr.Blocks):
+            async def preprocess_data(self, block_fn, inputs, state, *args, **kwargs):  # type: ignore[no-untyped-def]
+                try:
+                    return await super().preprocess_data(block_fn, inputs, state, *args, **kwargs)
+                except Exception as exc:
+                    if not block_fn.batch:
+                        raise
+                    return [Refused(exc)] * len(block_fn.inputs)
+
+        _ISOLATING_BLOCKS = IsolatingBlocks
+    return _ISOLATING_BLOCKS
+
+
+def _public_errors(handlers: UiHandlers, gr: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a page handler so its library errors reach the browser as ``gr.Error`` with the
+    registry's folder written ``<registry>`` (see :meth:`Predictor.public_message`)."""
+    import functools
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)  # gradio reads the wrapped signature (its parameters, gr.SelectData)
+        def wrapper(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except MnistPeftError as exc:
+                raise gr.Error(handlers.predictor.public_message(exc)) from None
+
+        return wrapper
+
+    return wrap
+
+
+def _draw_function(handlers: UiHandlers, sketch: Any) -> Callable[..., tuple[list, ...]]:
+    """The Draw tab's batched event with named parameters (its API page shows them). The drawings
+    arrive as the page sent them (``preprocess=False``) and go to :meth:`UiHandlers.draw` as
+    :class:`EditorPayload`; the images the page sent ahead as blobs are taken out of the
+    component's store here, for every request (as gradio's own preprocess does), decoded or not."""
 
     def draw(drawing, adapter_1, weight_1, adapter_2, weight_2, adapter_3, weight_3):
-        return handlers.draw(drawing, adapter_1, weight_1, adapter_2, weight_2, adapter_3, weight_3)
+        payloads = []
+        for value in drawing:
+            blob_id = value.get("id") if isinstance(value, dict) else None
+            blobs = sketch.blob_storage.pop(blob_id, None) if isinstance(blob_id, str) else None
+            payloads.append(value if isinstance(value, Refused) else EditorPayload(value, blobs))
+        return handlers.draw(payloads, adapter_1, weight_1, adapter_2, weight_2, adapter_3, weight_3)
 
     assert SLOTS == 3, "draw() names three adapter slots"
     return draw
@@ -948,9 +1230,11 @@ def launch(
     """Open the registry at ``root`` (read-only), load its ``base`` and :func:`serve` the app.
 
     Raises:
+        InvalidArgumentError: ``max_batch_size`` < 1 or ``cache_bytes`` < 0 (said before anything loads).
         MnistPeftError: gradio is not installed; the registry or its base is missing or bad.
     """
     require_gradio()
+    check_serving_options(max_batch_size=max_batch_size, cache_bytes=cache_bytes)
     registry = AdapterRegistry(root)
     registry.list()  # a missing or invalid registry is an error now, not on the first request
     handlers = UiHandlers(Predictor(registry, base, cache_bytes=cache_bytes, data_dir=data_dir))
@@ -1090,10 +1374,9 @@ def run_load(
     # gradio_client makes an httpx client per call, and each loads the CA bundle (~20 ms of CPU, twice a
     # request) even for plain http, where there is no TLS to verify: skipped there, kept for https.
     options = {"verbose": False, "download_files": False, "analytics_enabled": False, "ssl_verify": not url.startswith("http://")}
-    with ThreadPoolExecutor(clients) as pool:
-        connections = list(pool.map(lambda _: Client(url, **options), range(clients)))
     answers: list[dict[str, Any]] = [{} for _ in requests]
     latencies: list[float] = [0.0] * len(requests)
+    connections: list[Any] = []
 
     def work(c: int) -> None:
         for i in range(c, len(requests), clients):
@@ -1103,6 +1386,14 @@ def run_load(
             latencies[i] = time.perf_counter() - start
 
     try:
+        with ThreadPoolExecutor(clients) as pool:  # every client is made (or fails) before any is used
+            made = [pool.submit(Client, url, **options) for _ in range(clients)]
+        for future in made:  # keep each one made, so that the finally closes it even when another failed
+            if future.exception() is None:
+                connections.append(future.result())
+        for future in made:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             for future in [pool.submit(work, c) for c in range(clients)]:

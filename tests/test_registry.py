@@ -322,3 +322,29 @@ def test_an_export_is_never_taken_for_the_index(tmp_path: Path, adapter_dir: Pat
     (reg.root / "index.db").mkdir()
     with pytest.raises(RegistryError, match="not a regular file"):
         reg.list()
+
+
+def test_a_registry_in_a_read_only_folder_is_read_without_writing_next_to_its_index(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
+    """On a read-only mount SQLite cannot create ``index.db-shm``, which WAL mode needs even to read:
+    a folder the process may not write is read with the database opened ``immutable`` (no lock, no
+    side file), and a write-ahead log left non-empty there is refused with what to do, not ignored.
+    (Tests run as root, so the folder's permission is what ``os.access`` says.)"""
+    import sqlite3
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-7", adapter_dir)
+    reg.add("digit-7", adapter_dir)
+    real_access, real_connect = os.access, sqlite3.connect
+    opened: list[str] = []
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p) == reg.root and mode == os.W_OK else real_access(p, mode, **kw)
+    )
+    monkeypatch.setattr(sqlite3, "connect", lambda target, *a, **kw: opened.append(str(target)) or real_connect(target, *a, **kw))
+    assert [e.ref for e in reg.list()] == ["digit-7@1", "digit-7@2"] and reg.get("digit-7").version == 2
+    assert opened and all(t.startswith("file:") and t.endswith("?mode=ro&immutable=1") for t in opened), opened
+    assert sorted(p.name for p in reg.root.glob("index.db*")) == ["index.db"]  # nothing written beside it
+    (reg.root / "index.db-wal").write_bytes(b"\0" * 64)  # a writer's log that was never folded in
+    with pytest.raises(
+        RegistryError, match=r"read-only folder with unfinished writes in index\.db-wal; open the registry once where it is writable"
+    ):
+        reg.list()

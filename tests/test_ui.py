@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,12 +18,13 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, registry_snapshot, require, run_cli
+from conftest import REPO, registry_snapshot, require
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
@@ -298,16 +300,50 @@ def test_predictor_answers_what_the_library_computes(predictor, offline, mnist_t
         answer_matches(answer, x[k : k + 1], specs[k], offline)
 
 
+# What a hostile /predict client can send as the spec (any JSON) or the image, and what each gets back.
+HOSTILE_SPECS = [
+    ("no-such-adapter", "no registry entry 'no-such-adapter'"),
+    ("base@1", "is a base, not an adapter"),
+    (5, "must be a string such as .* got int"),
+    (3.5, "must be a string such as .* got float"),
+    (True, "must be a string such as .* got bool"),
+    ({"digit-9": 1}, "must be a string such as .* got dict"),
+    ([1, 2], "'1' is not a \\[name, weight\\] pair"),
+    ([["digit-9", 10**400]], "the weight '1000.*' of 'digit-9' is not a number"),
+    ([["digit-9", True]], "the weight 'True' of 'digit-9' is not a number"),
+    ([[9, 1.0]], "'9' is not a registry name"),
+    ([["digit-9", 1.0]] * 11, "at most 10 adapters"),
+]
+HOSTILE_IMAGES = [
+    ([[2.0] * 28] * 28, "pixels must be finite numbers in \\[0, 1\\]"),
+    ([[10**400] * 28] * 28, "the image must be 28 x 28"),
+    ({"pixels": 1}, "the image must be 28 x 28"),
+    (None, "the image must be 28 x 28"),
+]
+
+
 def test_a_bad_request_gets_its_own_error_and_the_rest_of_the_batch_is_answered(predictor, offline, mnist_test) -> None:
+    """Every hostile request of one batch gets its own error; the good ones around them, in the same
+    batch and forward, get the library's answer (a TypeError or OverflowError from one request once
+    failed the whole batch)."""
     good = as_pixels(u8_images(mnist_test, [0])[0])
-    answers = predictor.answer(
-        [good, [[2.0] * 28] * 28, good, good, good], ["digit-9", "digit-9", "no-such-adapter", "base@1", "digit-3@1:0.5"]
-    )
-    answer_matches(answers[0], mnist_test.x[:1], "digit-9", offline)
-    assert "pixels must be finite numbers in [0, 1]" in answers[1]["error"]
-    assert "no registry entry 'no-such-adapter'" in answers[2]["error"]
-    assert "is a base, not an adapter" in answers[3]["error"]
-    answer_matches(answers[4], mnist_test.x[:1], "digit-3@1:0.5", offline)
+    images, specs, expected = [good], ["digit-9"], [None]
+    for spec, message in HOSTILE_SPECS:
+        images += [good, good]
+        specs += [spec, "digit-3@1:0.5"]
+        expected += [message, None]
+    for image, message in HOSTILE_IMAGES:
+        images += [image, good]
+        specs += ["digit-9", [["digit-9@1", 0.5], ["digit-3", 1]]]
+        expected += [message, None]
+    answers = predictor.answer(images, specs)
+    assert len(answers) == len(images)
+    for answer, spec, message in zip(answers, specs, expected, strict=True):
+        if message is None:
+            items = spec if isinstance(spec, str) else ",".join(f"{r}:{w}" for r, w in spec)
+            answer_matches(answer, mnist_test.x[:1], items, offline)
+        else:
+            assert answer == {"error": answer.get("error")} and re.search(message, answer["error"]), (spec, answer)
 
 
 def test_an_altered_adapter_file_fails_only_the_requests_that_use_it(tmp_path: Path, data_root: Path, mnist_test) -> None:
@@ -323,6 +359,8 @@ def test_an_altered_adapter_file_fails_only_the_requests_that_use_it(tmp_path: P
     assert "does not match its recorded sha256" in answers[0]["error"]
     assert answers[1]["stack"]["label"] in range(10) and answers[2]["stack"] is None
     assert predictor.cache_info().entries == 1  # digit-9 only: nothing of the bad file was loaded
+    # The web client is told which file, relative to the registry: not the server's folders.
+    assert "'<registry>/digit-3/v1/adapter_model.safetensors'" in answers[0]["error"] and str(tmp_path) not in answers[0]["error"]
 
 
 def test_an_adapter_trained_on_another_base_is_refused(tmp_path: Path, data_root: Path, mnist_test) -> None:
@@ -352,6 +390,49 @@ def test_the_stack_cache_keeps_the_most_recently_used_within_its_byte_budget(reg
     three = predictor.resolve("digit-1,digit-2,digit-3")  # 3 adapters' bytes: over budget, kept while its batch runs
     predictor.predict_batch(x, [three])
     assert predictor.cache_info().nbytes <= 2 * ADAPTER_BYTES
+
+
+def test_a_new_weight_or_mix_of_known_adapters_reads_no_file(registry, data_root, mnist_test, offline, monkeypatch) -> None:
+    """Each entry is read and checked once (both files' sha256 in its key and in every stack's key);
+    a stack that is new only in its weights or its mix is combined from the entries already read."""
+    predictor = Predictor(registry, data_dir=str(data_root))
+    x = mnist_test.x[:1]
+    first = predictor.resolve("digit-4:0.5,digit-6:1")
+    predictor.predict_batch(x, [first])
+    entry = registry.get("digit-4@1")
+    files = {name: info["sha256"] for name, info in entry.files.items()}
+    assert first.key[0] == ("digit-4@1", files["adapter_model.safetensors"], files["adapter_config.json"], 0.5)
+    assert (predictor.cache_info().entry_misses, predictor.cache_info().entry_hits) == (2, 0)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an adapter file was read again")
+
+    monkeypatch.setattr(registry, "read_file", no_reading)
+    for spec, items in (("digit-4:0.25", [("digit-4@1", 0.25)]), ("digit-6,digit-4:-1", [("digit-6@1", 1.0), ("digit-4@1", -1.0)])):
+        logits = predictor.predict_batch(x, [predictor.resolve(spec)])
+        torch.testing.assert_close(logits[0], offline.logits(x, items)[0], atol=LOGIT_ATOL, rtol=0)
+    info = predictor.cache_info()
+    assert (info.misses, info.entry_misses, info.entry_hits, info.entry_files) == (3, 2, 3, 2)
+
+
+def test_an_unversioned_name_follows_a_version_registered_while_the_app_runs(tmp_path: Path, data_root: Path, mnist_test, offline) -> None:
+    """``digit-9`` is the latest version at each request: a v2 registered while the predictor runs
+    (here: digit-3's weights under the name digit-9) is used from the next request on, not v1's
+    cached stack; ``digit-9@1`` still names v1, and the pickers list the new version."""
+    shutil.copytree(REPO / "adapters", tmp_path / "adapters")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    handlers = UiHandlers(Predictor(registry, data_dir=str(data_root)))
+    good = as_pixels(u8_images(mnist_test, [0])[0])
+    x = mnist_test.x[:1]
+    before = handlers.predictor.answer([good], ["digit-9"])[0]
+    assert before["stack"]["adapters"] == [{"adapter": "digit-9@1", "weight": 1.0}]
+    registry.add("digit-9", registry.path("digit-3@1"))  # the app's registry changes under it
+    after, old = handlers.predictor.answer([good, good], ["digit-9", "digit-9@1"])
+    assert after["stack"]["adapters"] == [{"adapter": "digit-9@2", "weight": 1.0}]
+    torch.testing.assert_close(torch.tensor(after["stack"]["logits"]), offline.logits(x, [("digit-3@1", 1.0)])[0], atol=LOGIT_ATOL, rtol=0)
+    assert (torch.tensor(after["stack"]["logits"]) - torch.tensor(before["stack"]["logits"])).abs().max() > 0.1  # not v1's stack
+    torch.testing.assert_close(torch.tensor(old["stack"]["logits"]), torch.tensor(before["stack"]["logits"]), atol=LOGIT_ATOL, rtol=0)
+    assert "digit-9@2" in handlers.adapter_choices()
 
 
 POOL = [
@@ -418,8 +499,11 @@ def test_the_stack_cache_matches_a_naive_lru_over_random_call_sequences(predicto
             assert [key for key, _ in cached] == list(self.lru)
             assert sorted(predictor.model.peft_config) == sorted(name for _, name in cached)
             assert predictor.cache_info().nbytes == sum(self.lru.values())
+            # However often a stack is evicted and combined again, each entry was read once.
+            assert predictor.cache_info().entry_misses - entry_reads_before <= len({ref for items in POOL for ref, _ in items})
 
     budget = predictor.cache_bytes
+    entry_reads_before = predictor.cache_info().entry_misses
     try:
         run_state_machine_as_test(
             CacheMachine,
@@ -565,40 +649,219 @@ def test_a_session_of_app_use_leaves_the_registry_byte_identical(ui_server, clie
     assert registry_snapshot(ui_server.root) == ui_server.before  # no file added, removed or changed
 
 
-def test_concurrent_requests_are_answered_in_one_forward_per_batch(registry, data_root, offline, mnist_test) -> None:
-    """In-process app with a counting predictor: while a (slowed) first batch runs, the other
-    requests queue up; they are then served together, each batch in exactly one forward."""
+@pytest.fixture(scope="module")
+def local_app(registry, data_root):
+    """The app served in this process (``serve``) over its own predictor, so that tests can count
+    and hold its batches; started once for the module."""
     require("gradio")
-    from mnist_peft.ui import run_load, serve
+    require("gradio_client")
+    from mnist_peft.ui import serve
 
-    handlers = UiHandlers(Predictor(registry, data_dir=str(data_root)))
-    batches, forwards = [], []
-    inner_api, inner_forward = handlers.api, handlers.predictor.predict_batch
-    first = threading.Event()
+    running = serve(UiHandlers(Predictor(registry, data_dir=str(data_root))), max_batch_size=16)
+    yield running
+    running.close()
 
-    def api(images, specs):
-        batches.append(len(images))
-        if not first.is_set():
-            first.set()
-            time.sleep(1.0)  # hold the queue: the other requests arrive meanwhile
-        return inner_api(images, specs)
 
-    def forward(x, stacks):
-        forwards.append(len(stacks))
-        return inner_forward(x, stacks)
+class HeldBatches:
+    """Wraps a handler so the first batch it gets waits (the other requests queue up meanwhile and
+    are then handed over as one batch); records every batch's size."""
 
-    handlers.api, handlers.predictor.predict_batch = api, forward
-    running = serve(handlers, max_batch_size=16)
-    try:
-        images = u8_images(mnist_test, list(range(24)))
-        requests = [(as_pixels(images[k]), SPECS[k % len(SPECS)]) for k in range(24)]
-        answers, _ = run_load(running.url, requests, clients=12)
-    finally:
-        running.close()
+    def __init__(self, inner) -> None:
+        self.inner, self.sizes, self.first, self.release = inner, [], threading.Event(), threading.Event()
+
+    def __call__(self, first_input, *rest):
+        self.sizes.append(len(first_input))
+        if not self.first.is_set():
+            self.first.set()
+            self.release.wait(30)
+        return self.inner(first_input, *rest)
+
+
+def raw_join(url: str, fn_index: int, data: list) -> str:
+    """One event into gradio's queue over plain HTTP, as a hand-made client sends it (gradio_client
+    would upload a local file it is given; this sends a server path as is). Returns the session."""
+    import uuid
+
+    import httpx
+
+    session = uuid.uuid4().hex
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "trigger_id": None, "event_data": None}
+    httpx.post(url + "gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    return session
+
+
+def raw_result(url: str, session: str) -> dict:
+    """The ``process_completed`` message of the session's one event."""
+    import httpx
+
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:") and (message := json.loads(line[5:])).get("msg") == "process_completed":
+                return message
+    raise AssertionError(f"no answer for session {session}")
+
+
+def test_concurrent_requests_are_answered_in_one_forward_per_batch(local_app, offline, mnist_test, monkeypatch) -> None:
+    """While a held first batch runs, the other requests queue up; they are then served together,
+    each batch in exactly one forward."""
+    from mnist_peft.ui import run_load
+
+    handlers = local_app.handlers
+    held, forwards = HeldBatches(handlers.api), []
+    inner_forward = handlers.predictor.predict_batch
+    monkeypatch.setattr(handlers, "api", held)
+    monkeypatch.setattr(handlers.predictor, "predict_batch", lambda x, stacks: forwards.append(len(stacks)) or inner_forward(x, stacks))
+    threading.Timer(1.0, held.release.set).start()  # the other requests arrive meanwhile
+    images = u8_images(mnist_test, list(range(24)))
+    requests = [(as_pixels(images[k]), SPECS[k % len(SPECS)]) for k in range(24)]
+    answers, _ = run_load(local_app.url, requests, clients=12)
     for k, answer in enumerate(answers):
         answer_matches(answer, mnist_test.x[k : k + 1], requests[k][1], offline)
-    assert sum(batches) == 24 and max(batches) > 1 and max(batches) <= 16
-    assert len(forwards) == len(batches)  # one mixed forward per batch
+    assert sum(held.sizes) == 24 and max(held.sizes) > 1 and max(held.sizes) <= 16
+    assert len(forwards) == len(held.sizes)  # one mixed forward per batch
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns on opening the 12000 x 12000 PNG
+def test_hostile_draw_requests_fail_alone_in_their_batch(local_app, offline, mnist_test, tmp_path: Path, monkeypatch) -> None:
+    """One batch of /draw requests (held until all are queued): good drawings, and a weight outside
+    the slider's range, an adapter that is no registry entry, a non-image upload, a 12000 x 12000
+    PNG, a malformed sketchpad value and a server path that was never uploaded. Each bad one gets
+    its own message; the good ones get the library's answer. (Gradio checks and decodes a batch's
+    inputs in one loop: before the app took each request in on its own, any of these failed every
+    request of its batch.)"""
+    import httpx
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    handlers = local_app.handlers
+    held = HeldBatches(handlers.draw)
+    monkeypatch.setattr(handlers, "draw", held)
+    drawings = {}
+    for k in (0, 1, 2):
+        drawings[k] = render(u8_images(mnist_test, [20 + k])[0], scale=8, top=40 + 30 * k, left=60, style="white")
+        Image.fromarray(drawings[k]).save(tmp_path / f"good-{k}.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")  # 18 MB of pixels in 1 bit, 17 KB as a PNG
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+
+    def sketch(path: Path) -> dict:
+        return {"background": None, "layers": [], "composite": handle_file(str(path)), "id": None}
+
+    none = ["(none)", 1.0, "(none)", 1.0]
+    good = {  # request -> the stack its drawing goes through
+        "good-0": (
+            sketch(tmp_path / "good-0.png"),
+            ["digit-9@1", 0.5, "digit-3@1", 1.0, *none[:2]],
+            [("digit-9@1", 0.5), ("digit-3@1", 1.0)],
+        ),
+        "good-1": (sketch(tmp_path / "good-1.png"), ["(none)", 1.0, *none], []),
+        "good-2": (sketch(tmp_path / "good-2.png"), ["digit-7", -1.0, *none], [("digit-7@1", -1.0)]),
+    }
+    bad = {  # request -> its message
+        "weight": ((sketch(tmp_path / "good-0.png"), "digit-9@1", 5.0, *none), r"weight 1 must be a number in \[-2, 2\]"),
+        "adapter": ((sketch(tmp_path / "good-0.png"), "no-such-adapter", 1.0, *none), "no registry entry 'no-such-adapter'"),
+        "not-an-image": ((sketch(tmp_path / "notes.png"), "digit-9@1", 1.0, *none), "not an image file"),
+        "bomb": ((sketch(tmp_path / "bomb.png"), "(none)", 1.0, *none), "12000 x 12000 pixels; the limit is 2048 per side"),
+        "malformed": (({"background": None, "layers": [], "composite": {"path": "x.png"}, "id": None}, "(none)", 1.0, *none), "EditorData"),
+    }
+    fn_index = next(i for i, fn in local_app.app.fns.items() if fn.api_name == "draw")
+    client = Client(local_app.url, verbose=False, analytics_enabled=False, ssl_verify=False)
+    try:
+        jobs = {"first": client.submit(*good["good-1"][0:1], *good["good-1"][1], api_name="/draw")}
+        assert held.first.wait(30)  # the first batch is held: everything below queues up behind it
+        jobs.update({name: client.submit(value, *slots, api_name="/draw") for name, (value, slots, _) in good.items()})
+        jobs.update({name: client.submit(*args, api_name="/draw") for name, (args, _) in bad.items()})
+        not_uploaded = {
+            "background": None,
+            "layers": [],
+            "composite": {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}},
+            "id": None,
+        }
+        session = raw_join(local_app.url, fn_index, [not_uploaded, "(none)", 1.0, *none])
+        batch = len(jobs) - 1 + 1  # every request but the held first one, and the hand-made one
+        deadline = time.monotonic() + 30
+        while httpx.get(local_app.url + "gradio_api/queue/status").json()["queue_size"] < batch:
+            assert time.monotonic() < deadline, "the requests did not reach the queue"
+            time.sleep(0.05)
+        held.release.set()
+        results = {name: job.result(timeout=60) for name, job in jobs.items()}
+        raw = raw_result(local_app.url, session)
+    finally:
+        held.release.set()
+        client.close()
+    assert held.sizes == [1, batch], held.sizes  # all of them in one batch
+    assert raw["success"] and "it was not uploaded by a user" in raw["output"]["data"][3]  # its own answer, in the batch
+    for name, (_, pattern) in bad.items():
+        shown, base_label, _, message, _ = results[name]
+        assert shown is None and not base_label and re.search(pattern, message), (name, message)
+    for name, (_, _, items) in good.items():
+        _, base_label, _, message, table = results[name]
+        _, x = preprocess_drawing(drawings[int(name[-1])])  # the drawing the PNG holds, read as the app reads it
+        ref_base, ref_stack = offline.logits(x, [])[0], offline.logits(x, items)[0]
+        assert message.startswith(f"base: {int(ref_base.argmax())} · ") and message.endswith(f": {int(ref_stack.argmax())}"), message
+        logits = torch.tensor([[row[3], row[4]] for row in table["data"]], dtype=torch.float32)
+        torch.testing.assert_close(logits[:, 0], ref_base, atol=1e-4 + 5e-5, rtol=0)  # the table shows 4 places
+        torch.testing.assert_close(logits[:, 1], ref_stack, atol=1e-4 + 5e-5, rtol=0)
+        assert base_label["label"] == str(int(ref_base.argmax()))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_huge_drawing_is_refused_from_its_header_without_decoding_it(tmp_path: Path, mnist_test, monkeypatch) -> None:
+    """A 12000 x 12000 PNG (17 KB, 576 MB as RGBA) is refused from the size its header declares,
+    before any pixel is decoded, whether it came as a file or as a blob; a drawing within the
+    limit decodes to the very array the page drew."""
+    from PIL import Image, ImageFile
+
+    from mnist_peft.ui import EditorPayload
+
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
+    drawn = render(u8_images(mnist_test, [4])[0], scale=8, top=40, left=60, style="white")
+    Image.fromarray(drawn).save(tmp_path / "good.png")
+    good = EditorPayload({"id": "abc"}, SimpleNamespace(background=None, layers=[], composite=(tmp_path / "good.png").read_bytes()))
+    assert np.array_equal(good.decode()["composite"], drawn)  # what the page sent ahead as a blob, exactly
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    for payload in (
+        EditorPayload({"background": None, "layers": [], "composite": {"path": str(tmp_path / "bomb.png")}, "id": None}),
+        EditorPayload({"id": "abc"}, SimpleNamespace(background=None, layers=[(tmp_path / "bomb.png").read_bytes()], composite=None)),
+    ):
+        with pytest.raises(InvalidArgumentError, match="12000 x 12000 pixels; the limit is 2048 per side"):
+            payload.decode()
+    assert decoded == []  # refused from the header alone
+    with pytest.raises(InvalidArgumentError, match="at most 4 layers"):
+        EditorPayload({"background": None, "layers": [{"path": str(tmp_path / "good.png")}] * 5, "composite": None, "id": None}).decode()
+
+
+def test_the_app_listens_on_this_machine_only_sends_no_analytics_and_refreshes_its_pickers(
+    tmp_path: Path, data_root: Path, monkeypatch
+) -> None:
+    """127.0.0.1 by default (the command, ``launch`` and ``serve``); the Blocks are built with
+    analytics off even when the environment asks for them; the adapter pickers are filled from
+    the registry again on each page load and each Verify press (a version registered meanwhile
+    can be picked)."""
+    require("gradio")
+    import inspect
+
+    from mnist_peft.cli import build_parser
+    from mnist_peft.ui import build_app, launch, serve
+
+    assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
+    assert inspect.signature(serve).parameters["host"].default == inspect.signature(launch).parameters["host"].default == "127.0.0.1"
+    shutil.copytree(REPO / "adapters", tmp_path / "adapters")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    app = build_app(UiHandlers(Predictor(registry, data_dir=str(data_root))))
+    assert app.analytics_enabled is False
+    registry.add("digit-9", registry.path("digit-3@1"))  # registered after the page was built
+    pickers = {block._id for block in app.blocks.values() if getattr(block, "elem_id", None) in ("adapter-1", "adapter-2", "adapter-3")}
+    verify = next(block._id for block in app.blocks.values() if getattr(block, "elem_id", None) == "verify-button")
+    refreshers = [fn for fn in app.fns.values() if {o._id for o in fn.outputs} == pickers]
+    assert {event for fn in refreshers for _, event in fn.targets} == {"load", "click"}
+    assert any((verify, "click") in fn.targets for fn in refreshers)
+    for fn in refreshers:
+        updates = fn.fn()
+        assert len(updates) == 3 and all("digit-9@2" in [value for _, value in u.choices] for u in updates)
 
 
 @pytest.mark.slow
@@ -631,10 +894,52 @@ def test_load_200_requests_from_20_clients_all_answered_exactly(ui_server, offli
 
 
 # ----------------------------------------------------------------------------- the command
-def test_ui_command_refuses_a_registry_that_does_not_exist(tmp_path: Path) -> None:
+def test_ui_command_checks_its_options_then_refuses_a_registry_that_does_not_exist(tmp_path: Path) -> None:
+    """A bad --cache-mb or --max-batch-size is named as such (not a float conversion error, not the
+    registry's or the base's problem) before anything is loaded: the registry here does not exist,
+    which with good options is the error. The real ``main`` in one subprocess (gradio imported once)."""
     require("gradio")
-    proc = run_cli("ui", "--root", str(tmp_path / "nowhere"), "--port", "7999")
-    assert proc.returncode == 1 and proc.stderr.startswith("error: no registry at") and "Traceback" not in proc.stderr
+    nowhere = str(tmp_path / "nowhere")
+    runs = [["--cache-mb", "nan"], ["--cache-mb", "-1"], ["--max-batch-size", "0"], ["--port", "7999"]]
+    code = (
+        "from mnist_peft.cli import main\n"
+        f"for extra in {runs!r}:\n"
+        "    try:\n"
+        f"        code = main(['ui', '--root', {nowhere!r}, *extra])\n"
+        "    except SystemExit as exit:\n"
+        "        code = exit.code\n"
+        "    print('exit', code, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.stdout.split("\n")[:4] == ["exit 2", "exit 2", "exit 2", "exit 1"], proc.stdout + proc.stderr[-2000:]
+    errors = proc.stderr.strip().split("\n")
+    assert len(errors) == 4 and "Traceback" not in proc.stderr, errors
+    assert errors[0].startswith("error: --cache-mb nan is not a memory budget: give a finite number of MB >= 0"), errors
+    assert errors[1].startswith("error: --cache-mb -1.0 is not a memory budget"), errors
+    assert errors[2].startswith("error: --max-batch-size 0 is not a batch size: give an integer >= 1"), errors
+    assert errors[3].startswith("error: no registry at"), errors
+
+
+def test_run_load_closes_the_clients_it_made_when_another_fails_to_start(monkeypatch) -> None:
+    gradio_client = require("gradio_client")
+    from mnist_peft.ui import run_load
+
+    made, closed = [], []
+
+    class FlakyClient:
+        def __init__(self, url, **options) -> None:
+            if len(made) == 2:
+                made.append(None)
+                raise ConnectionError("the third client cannot connect")
+            made.append(self)
+
+        def close(self) -> None:
+            closed.append(self)
+
+    monkeypatch.setattr(gradio_client, "Client", FlakyClient)
+    with pytest.raises(ConnectionError, match="third client"):
+        run_load("http://127.0.0.1:9/", [([[0.0] * 28] * 28, "")] * 5, clients=5)
+    assert len(made) == 5 and sorted(map(id, closed)) == sorted(id(c) for c in made if c is not None)
 
 
 def test_ui_command_without_gradio_says_how_to_install_it() -> None:
