@@ -142,7 +142,7 @@ def run_demo(
     exact = stages.run("exact", demo.stage_exact)
     parity = stages.run("parity", demo.stage_parity)
     svd = stages.run("svd", demo.stage_svd)
-    merge = stages.run("merge", demo.stage_merge, needs=("curve",))
+    merge = stages.run("merge", demo.stage_merge, needs=("curve", "config"))
     files = _plots(out, base_info, seed, replay, svd, folders)
     from .merge_study import study_table
     from .plots import plot_merge_study

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +41,8 @@ __all__ = ["StudyConfig", "merge_study", "study_table"]
 
 @dataclass
 class StudyConfig:
-    densities: Sequence[float] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    scales: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+    densities: Sequence[float] = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    scales: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
     r: int = 4
     val_size: int = 5000
     """Held out of the training set with seed ``seed``: the replay recipe's own split."""
@@ -160,7 +161,19 @@ def merge_study(
             )
         val_loss, density, scale, low = best  # type: ignore[misc]
         result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
-        chosen[method] = {"density": density, "scale": scale, "val_loss": val_loss, "test": result.to_dict()}
+        densities = (1.0,) if method == "task_arithmetic" else tuple(cfg.densities)
+        chosen[method] = {
+            "density": density,
+            "scale": scale,
+            "val_loss": val_loss,
+            "test": result.to_dict(),
+            # a choice on the grid's edge may have a better one beyond it
+            "on_edge": [
+                k
+                for k, v, grid_values in (("density", density, densities), ("scale", scale, cfg.scales))
+                if len(grid_values) > 1 and v in (min(grid_values), max(grid_values))
+            ],
+        }
     single_val = [_val_loss(base, {m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
     best_single = min(range(n), key=lambda i: single_val[i])
     weights, search_val = _search(base, deltas, val, cfg)
@@ -169,6 +182,8 @@ def merge_study(
     return {
         "r": cfg.r,
         "val_size": cfg.val_size,
+        "config": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(cfg).items()},
+        "adapters": [_adapter_label(f, i) for i, f in enumerate(adapters)],
         "grid": grid,
         "curve": curve,
         "chosen": chosen,
@@ -181,6 +196,14 @@ def merge_study(
         "stack_tenth": {"test": _evaluate_update(base, {m: sum(ds) / n for m, ds in deltas.items()}, test).to_dict()},
         "learned": {"weights": weights, "val_loss": search_val, "test": _evaluate_update(base, learned, test).to_dict()},
     }
+
+
+def _adapter_label(files: AdapterFiles, index: int) -> str:
+    """``digit-9`` for a registry folder ``.../digit-9/v1``, else the folder's name, else its position."""
+    if files.path is None:
+        return f"adapter {index}"
+    path = Path(files.path)
+    return path.parent.name if path.name.startswith("v") and path.name[1:].isdigit() else path.name
 
 
 def study_table(result: dict) -> list[str]:
@@ -197,11 +220,18 @@ def study_table(result: dict) -> list[str]:
         f"| model (rank {result['r']}) | chosen on validation | test accuracy | wrong per digit 0..9 | digits with fewer / more errors than the base |",
         "|---|---|---|---|---|",
         row("base", result["base"]["test"], "-"),
-        row(f"best single adapter (digit-{result['best_single']['index']})", result["best_single"]["test"], "lowest validation loss"),
+        row(f"best single adapter ({_single_label(result)})", result["best_single"]["test"], "lowest validation loss"),
         row("plain stack of all ten at 1/10 (exact)", result["stack_tenth"]["test"], "-"),
     ]
     for method, c in result["chosen"].items():
-        lines.append(row(method, c["test"], f"density {c['density']:g}, scale {c['scale']:g}"))
-    weights = ", ".join(f"{w:.2f}" for w in result["learned"]["weights"])
+        edge = f" (grid edge: {', '.join(c['on_edge'])})" if c.get("on_edge") else ""
+        lines.append(row(method, c["test"], f"density {c['density']:g}, scale {c['scale']:g}{edge}"))
+    weights = ", ".join(f"{w:.2f}".replace("-0.00", "0.00") for w in result["learned"]["weights"])
     lines.append(row("learned weights (LoraHub-style search)", result["learned"]["test"], f"weights {weights}"))
     return lines
+
+
+def _single_label(result: dict) -> str:
+    index = result["best_single"]["index"]
+    names = result.get("adapters")
+    return names[index] if names else f"adapter {index}"

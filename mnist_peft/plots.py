@@ -103,17 +103,22 @@ def plot_bars(values: dict[str, float], path: str | os.PathLike[str], *, ylabel:
 
 
 def plot_merge_study(result: dict, path: str | os.PathLike[str]) -> Path:
-    """Test accuracy vs density per method, each density at the scale validation chose for it,
-    with the base's accuracy as a dashed line (task arithmetic keeps every entry: one point at 1)."""
+    """Test accuracy vs density per method, each density at the scale validation chose for it, with
+    the base's accuracy as a dashed line. Each method's chosen merge is a star; task arithmetic keeps
+    every entry (one point, at density 1), drawn as a diamond."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(row["method"] for row in result["curve"]):
         rows = sorted((r for r in result["curve"] if r["method"] == method), key=lambda r: r["density"])
-        ax.plot([r["density"] for r in rows], [r["test_accuracy"] for r in rows], marker="o", label=method)
+        marker = "D" if len(rows) == 1 else "o"
+        (line,) = ax.plot([r["density"] for r in rows], [r["test_accuracy"] for r in rows], marker=marker, label=method)
+        chosen = result["chosen"].get(method)
+        if chosen is not None:
+            ax.plot([chosen["density"]], [chosen["test"]["accuracy"]], marker="*", markersize=14, color=line.get_color(), linestyle="none")
     ax.axhline(result["base"]["test"]["accuracy"], color="grey", linestyle="--", label="base")
     ax.set_xscale("log")
     ax.set_xlabel("density (share of each delta's entries kept)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"Ten digit adapters merged into one (rank {result['r']})")
+    ax.set_title(f"Ten digit adapters merged into one (rank {result['r']}); star: chosen on validation", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)

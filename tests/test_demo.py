@@ -47,7 +47,8 @@ def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_
     for method, chosen in merge["chosen"].items():  # chosen on validation loss, never on the test set
         rows = [r for r in merge["grid"] if r["method"] == method]
         assert chosen["val_loss"] == min(r["val_loss"] for r in rows)
-        assert f"| {method} | density {chosen['density']:g}, scale {chosen['scale']:g} | {chosen['test']['accuracy']:.4f} |" in report
+        edge = f" (grid edge: {', '.join(chosen['on_edge'])})" if chosen["on_edge"] else ""
+        assert f"| {method} | density {chosen['density']:g}, scale {chosen['scale']:g}{edge} | {chosen['test']['accuracy']:.4f} |" in report
     start = time.perf_counter()
     again = run_cli("demo", "--quick", "--out", str(out))
     assert again.returncode == 0 and again.stderr.count("skipped") == 8

@@ -243,5 +243,37 @@ def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(t
             assert p["scale"] == at["scale"] and 0.9 < p["test_accuracy"] <= 1.0
         chosen_point = next(p for p in points if p["density"] == chosen["density"])
         assert chosen_point["test_accuracy"] == chosen["test"]["accuracy"]
-    png = plot_merge_study(result, tmp_path / "plot.png")
+    # the validation split is the training set's own, not the test set: recomputed independently
+    import torch.nn.functional as F
+
+    from mnist_peft.data import load_mnist, split_validation
+
+    _, val = split_validation(load_mnist(train=True, data_dir=str(data_root)), cfg.val_size, seed=cfg.seed)
+    with torch.no_grad():
+        assert result["base"]["val_loss"] == pytest.approx(float(F.cross_entropy(base(val.x), val.y)), rel=1e-6)
+    chosen = result["chosen"]["ties"]
+    assert set(chosen["on_edge"]) == {
+        k
+        for k, v, grid in (("density", chosen["density"], cfg.densities), ("scale", chosen["scale"], cfg.scales))
+        if v in (min(grid), max(grid))
+    }
+    assert result["adapters"] == [f"digit-{d}" for d in range(10)]
+    # the plot draws the curve's test accuracies (captured before saving), and needs nothing else
+    import mnist_peft.plots as plots
+
+    drawn = {}
+    save = plots._save
+
+    def capture(fig, path):
+        for line in fig.axes[0].lines:
+            drawn[line.get_label()] = list(line.get_ydata())
+        return save(fig, path)
+
+    plots._save = capture
+    try:
+        png = plot_merge_study({k: v for k, v in result.items() if k != "grid"}, tmp_path / "plot.png")
+    finally:
+        plots._save = save
+    curve = sorted((p for p in result["curve"] if p["method"] == "ties"), key=lambda p: p["density"])
+    assert drawn["ties"] == [p["test_accuracy"] for p in curve]
     assert Image.open(png).size[0] > 300
