@@ -223,20 +223,38 @@ class _Demo:
             "base_parameters": count_parameters(seed_base),
         }
 
-    def adapter_folder(self, d: int) -> Path:
-        """The registry's digit-d adapter if it was trained on this base, else one trained here."""
+    def _registry_adapter(self, d: int) -> Path | None:
+        """The registry's digit-d adapter if it was trained on this base."""
         registry = self.registry
         folder = None if registry is None else registry_folder(f"digit-{d}", registry, "lora")
         if folder is not None and registry.get(f"digit-{d}").base_fingerprint == self.base_info["fingerprint"]:
             return folder
-        folder = self.models / f"digit-{d}"
-        if not (folder / ADAPTER_WEIGHTS_NAME).exists() or self.force:
-            model, _ = train_adapter(self.base, d, "replay", data_dir=self.data_dir, progress=self.progress, steps=self.cfg.adapter_steps)
-            save_adapter(model, folder, metadata={"digit": str(d), "recipe": "replay"})
-        return folder
+        return None
+
+    def adapter_folder(self, d: int) -> Path:
+        """The registry's digit-d adapter if it was trained on this base, else the demo's own."""
+        return self._registry_adapter(d) or self.models / f"digit-{d}"
+
+    def _train_missing_adapters(self) -> None:
+        """The digit adapters neither the registry nor an earlier run has, trained together by the
+        fleet's batched trainer (each equals its solo ``train_adapter`` run)."""
+        from .fleet import AdapterJob, train_batched
+
+        todo = [
+            d
+            for d in range(10)
+            if self._registry_adapter(d) is None and (self.force or not (self.models / f"digit-{d}" / ADAPTER_WEIGHTS_NAME).exists())
+        ]
+        if not todo:
+            return
+        steps = () if self.cfg.adapter_steps is None else (("steps", self.cfg.adapter_steps),)
+        trained = train_batched(self.base, [AdapterJob(d, "replay", steps) for d in todo], data_dir=self.data_dir)
+        for d, (model, _) in zip(todo, trained, strict=True):
+            save_adapter(model, self.models / f"digit-{d}", metadata={"digit": str(d), "recipe": "replay"})
 
     def stage_replay(self) -> dict:
         """3. The ten replay adapters, each evaluated: the adapter x digit table."""
+        self._train_missing_adapters()
         rows = []
         for d in range(10):
             folder = self.adapter_folder(d)
