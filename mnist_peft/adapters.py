@@ -312,7 +312,10 @@ def _unreadable(p: Path, folder: Path, exc: OSError) -> FileNotFoundError:
 def _read_metadata(raw: bytes) -> dict[str, str]:
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
-    return dict(header.get("__metadata__", {}))
+    meta = header.get("__metadata__") or {}  # safetensors allows null
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ValueError("its header metadata is not a map of strings to strings")
+    return dict(meta)
 
 
 def check_fingerprint(files: AdapterFiles, model: LoraModel | str) -> None:

@@ -1,7 +1,8 @@
 """The ``mnist-peft`` command: a thin table of subcommands over the library.
 
 ``main(argv) -> int`` is callable from tests. Library errors become one ``error: ...`` line on
-stderr and exit code 1; usage errors exit 2 (argparse).
+stderr and exit code 1; usage errors exit 2 (argparse); ``train-adapters --allow-partial`` exits 3
+when some jobs failed.
 """
 
 from __future__ import annotations
@@ -456,7 +457,7 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
         )
-    except ValueError as exc:  # --digits, --seeds, --register or a recipe value
+    except ValueError as exc:  # --digits, --seeds or --register (recipe values are checked by run_fleet: exit 1)
         message = str(exc) if isinstance(exc, MnistPeftError) else f"--seeds {args.seeds!r}: expected integers, e.g. 0,1,2"
         raise _usage_error(message) from None
     res = run_fleet(

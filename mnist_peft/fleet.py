@@ -19,8 +19,9 @@ it). Then each adapter equals its solo run bit for bit; where a BLAS breaks that
 difference is float rounding (the test bounds it and requires the same per-digit wrong counts).
 
 **Executors** (:func:`run_fleet`). ``local`` runs :func:`train_batched` in this process; ``ray``
-runs each job as a Ray task (``max_retries`` for killed workers) that reads the base from the
-registry or the Hub and returns the adapter's files and metrics. Either way the driver registers
+runs each job as a Ray task (``max_retries`` for killed workers) that loads the base's own folder
+(by absolute path) or its Hub repo and returns the adapter's tensors and metadata; the driver
+checks them, computes the metrics and writes the folder itself. Either way the driver registers
 the whole fleet in one registry write (:meth:`AdapterRegistry.add_many`).
 """
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import MnistSplit, load_mnist
-from .errors import FleetError, HubError, InvalidArgumentError, MnistPeftError
+from .errors import AdapterConfigError, FleetError, HubError, InvalidArgumentError, MnistPeftError, NonFiniteError, TrainConfigError
 from .lora import LoraConfig, LoraModel, lora_forward, lora_layers
 from .model import MnistMLP
 from .recipes import AdapterRecipe, AdapterTrainResult, _DigitTask, _resolve_recipe, augment_batch
@@ -502,17 +503,23 @@ def _save(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_re
     return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), _metrics(result))
 
 
+_FINAL_ERRORS = (TrainConfigError, AdapterConfigError, InvalidArgumentError, NonFiniteError)
+"""Worker errors that come from the job's own input, so a retry would only repeat them."""
+
+
 def _train_one(job: AdapterJob, base_ref: str, source: str, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
     """A Ray task: load the base ``source`` (an absolute folder, or a Hub repo id), train one job
     alone, and return its adapter files (``base_ref`` is what the adapter's config and card name as
     its base, as the local executor writes them). The driver checks them and computes the metrics.
 
-    An error of the job's own input (a :class:`MnistPeftError`) comes back as ``{"error": ...}``:
-    it would fail the same way again, so it is not retried. Anything else raises, and Ray retries.
+    An error of the job's own input (a recipe or adapter config error) comes back as
+    ``{"error": ...}``: it would fail the same way again, so it is not retried. Anything else (a
+    Hub or network error, a file missing on this node, a dead process) raises, and Ray retries.
 
     ``fault`` is a test hook: ``("kill-once", NAME, DIR)`` ends the worker process the first time job
     NAME has trained, before it returns (a marker in DIR remembers it); ``("fail", NAME)`` makes job
-    NAME raise every time.
+    NAME raise every time; ``("bad-input", NAME, DIR)`` gives it an input error (each attempt is
+    logged in DIR).
     """
     import os
     import tempfile
@@ -525,8 +532,12 @@ def _train_one(job: AdapterJob, base_ref: str, source: str, data_dir: str | None
         raise RuntimeError(f"injected failure of job {job.name}")
     torch.set_flush_denormal(True)  # as the driver does: the same floats on both executors
     try:
+        if fault and fault[0] == "bad-input" and fault[1] == job.name:
+            with open(Path(fault[2]) / f"attempts-{job.name}", "a") as log:
+                log.write("attempt\n")
+            raise TrainConfigError(f"injected input error of job {job.name}")
         model, result = train_adapter(load_base(source), job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
-    except MnistPeftError as exc:
+    except _FINAL_ERRORS as exc:  # the job's own input: the same on any machine, every time
         return {"name": job.name, "error": f"{type(exc).__name__}: {exc}"}
     if fault and fault[0] == "kill-once" and fault[1] == job.name:
         marker = Path(fault[2]) / f"killed-{job.name}"
@@ -603,7 +614,9 @@ def run_fleet(
     registry batch (``register``), one Hub commit (``push_repo``, with ``register``).
 
     Every recipe is checked before any work starts; fleets run with denormals flushed (as the
-    ``mnist-peft`` command and the Ray workers do), so both executors compute the same floats.
+    ``mnist-peft`` command and the Ray workers do), so both executors compute the same floats. A
+    Python caller should call ``torch.set_flush_denormal(True)`` before any torch work: the flag set
+    here does not reach threads torch has already started.
     Adapters that come back from Ray workers are read as untrusted files: the folder must load onto
     the driver's base (keys, shapes, finite values, its fingerprint), hold the job's digit, rank and
     alpha, and its metrics are computed here, on the driver's test set.
@@ -625,6 +638,7 @@ def run_fleet(
     import tempfile
     from pathlib import Path
 
+    from .data import resolve_data_root
     from .model import base_fingerprint
     from .refs import registry_folder, resolve_base
     from .registry import AdapterRegistry
@@ -645,11 +659,11 @@ def run_fleet(
     if retries < 0:
         raise InvalidArgumentError(f"retries must be >= 0, got {retries}")
     for j in jobs:
-        j.resolved()  # a bad recipe value is refused here, not in every worker
+        _check_job(j)  # a bad recipe value is refused here, not in every worker
+    torch.set_flush_denormal(True)  # before any torch work starts its threads: they keep what they start with
     registry = AdapterRegistry(root)
     base = _check_base(resolve_base(base_ref, registry))  # the driver checks the base before any job starts
     fingerprint = base_fingerprint(base)
-    torch.set_flush_denormal(True)
     tty = (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
@@ -660,10 +674,10 @@ def run_fleet(
             folder = Path(base_ref) if Path(base_ref).exists() else registry_folder(base_ref, registry, "base")
             source = os.path.abspath(folder) if folder is not None else base_ref
             returned, failed = _run_ray(
-                base_ref, source, jobs, tmp, data_dir=data_dir and os.path.abspath(data_dir), address=ray_address,
-                retries=retries, quiet=quiet, tty=tty, fault=_fault,
+                base_ref, source, jobs, tmp, data_dir=data_dir and str(resolve_data_root(data_dir).absolute()),
+                address=ray_address, retries=retries, quiet=quiet, tty=tty, fault=_fault,
             )  # fmt: skip
-            trained = _accept(returned, jobs, base, fingerprint, failed, data_dir=data_dir)
+            trained = _accept(returned, jobs, base, base_ref, fingerprint, failed, data_dir=data_dir, tmp=tmp)
         order = {n: i for i, n in enumerate(names)}
         failed = dict(sorted(failed.items(), key=lambda kv: order[kv[0]]))
         if failed and (not allow_partial or not trained):
@@ -675,37 +689,45 @@ def run_fleet(
                 failed=failed,
             )  # fmt: skip
         result = FleetResult(executor, trained, failed)
-        staging = None
-        if out:  # made next to ``out`` first and renamed into place last: a failure leaves no half folder
+        placed = None
+        if out:  # built next to ``out`` and renamed into place before registering: a failure leaves neither
             dest = Path(out)
+            existed = dest.is_dir()
             dest.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            if staging is not None:
+            try:
                 for a in trained:
                     shutil.copytree(a.folder, staging / a.name)
+                os.replace(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            placed = (dest, existed)
+        try:
             if register:
                 added = registry.add_many([(a.name, a.folder, {"metrics": a.metrics, "digit": a.digit}) for a in trained])
                 result.registered = [{"name": e.name, "version": e.version} for e in added]
-            if staging is not None:
-                os.replace(staging, out)
-                staging = None
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            if placed is not None:  # ours: made just now (an existing ``out`` was checked empty)
+                shutil.rmtree(placed[0], ignore_errors=True)
+                if placed[1]:
+                    placed[0].mkdir()
+            raise
         for a in trained:
             a.folder = str(Path(out) / a.name) if out else None
     if push_repo and result.registered:
+        import shlex
+
         from .hub import push_to_hub
 
         refs = [f"{e['name']}@{e['version']}" for e in result.registered]
         try:
-            pushed = push_to_hub(push_repo, registry=registry, names=[str(e["name"]) for e in result.registered], token=token)
+            pushed = push_to_hub(push_repo, registry=registry, names=refs, token=token)  # these versions, not a later one
         except MnistPeftError as exc:
-            names_args = " ".join(f"--name {e['name']}" for e in result.registered)
+            names_args = " ".join(f"--name {r}" for r in refs)
             raise HubError(
                 f"the fleet is registered ({', '.join(refs)}) but pushing it to {push_repo} failed: {exc}. Push it with: "
-                f"mnist-peft push --repo-id {push_repo} {names_args} --root {registry.root}",
+                f"mnist-peft push --repo-id {push_repo} {names_args} --root {shlex.quote(str(registry.root))}",
                 repo_id=push_repo,
             ) from exc
         result.pushed = {"repo_id": pushed.repo_id, "commit": pushed.commit, "pushed": pushed.pushed}
@@ -717,41 +739,48 @@ def _accept(
     returned: list[FleetAdapter],
     jobs: Sequence[AdapterJob],
     base: MnistMLP,
+    base_ref: str,
     fingerprint: str,
     failed: dict[str, str],
     *,
     data_dir: str | None,
+    tmp: str,
 ) -> list[FleetAdapter]:
-    """What Ray workers handed back, read as untrusted files; the ones that pass get metrics computed
-    here. A folder that fails a check makes its job a failed one."""
+    """What Ray workers handed back, read as untrusted files. Only the tensor values are kept: each
+    adapter that passes is loaded onto the driver's base, evaluated here, and written again by the
+    driver (its config, metadata and card), as the local executor writes it. A folder that fails a
+    check makes its job a failed one."""
+    from pathlib import Path
+
     from .adapters import load_adapter, read_adapter
 
+    if not returned:
+        return []
     by_name = {j.name: j for j in jobs}
     test = load_mnist(train=False, data_dir=data_dir)
-    before = None
+    before = evaluate(base, test)
     accepted = []
     for a in returned:
         job = by_name[a.name]
         try:
             files = read_adapter(a.folder)
-            _check_returned(files, job, fingerprint)
+            steps = _check_returned(files, job, fingerprint)
             model = LoraModel(copy.deepcopy(base))
             load_adapter(model, files, base_fingerprint=fingerprint)  # keys, shapes, finite values
             model.set_adapter("default")
-            before = before or evaluate(base, test)
-            a.steps = int(files.metadata["steps"])
-            a.metrics = _metrics(
-                AdapterTrainResult(job.digit, job.resolved()[0], a.steps, 0.0, False, before, evaluate(model.eval(), test))
-            )
-            accepted.append(a)
-        except MnistPeftError as exc:
-            failed[a.name] = f"returned adapter refused: {exc}"
+            name, _ = job.resolved()
+            result = AdapterTrainResult(job.digit, name, steps, 0.0, False, before, evaluate(model.eval(), test))
+            accepted.append(_save(model, result, job, base_ref, str(Path(tmp) / "accepted" / job.name)))
+        except Exception as exc:  # anything a malformed file can raise: this job failed, the others go on
+            failed[a.name] = f"returned adapter refused: {exc}"[:1000]
     return accepted
 
 
-def _check_returned(files, job: AdapterJob, fingerprint: str) -> None:
+def _check_returned(files, job: AdapterJob, fingerprint: str) -> int:
     """The adapter a worker returned is the job's: trained on the driver's base, for its digit, with
-    its rank and alpha, and a step count the recipe allows."""
+    the config the job's recipe makes, and a step count the recipe allows. Returns the steps."""
+    import re
+
     _, recipe = job.resolved()
     meta = files.metadata
     got = meta.get("base_fingerprint")
@@ -761,18 +790,34 @@ def _check_returned(files, job: AdapterJob, fingerprint: str) -> None:
             f"{fingerprint[:12]}...); check that every worker reads the same base",
             failed={job.name: "trained on another base"},
         )
-    steps = meta.get("steps", "")
-    expected = {"digit": str(job.digit), "r": str(recipe.r), "lora_alpha": f"{recipe.lora_alpha:g}"}
-    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    expected = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)
     cfg = files.config
-    if (cfg.r, cfg.lora_alpha) != (recipe.r, recipe.lora_alpha):
-        wrong["config"] = f"r={cfg.r}, lora_alpha={cfg.lora_alpha:g}"
-    if not (steps.isdecimal() and 1 <= int(steps) <= recipe.steps):
+    fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias")
+    wrong = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) != getattr(expected, k)}
+    if sorted(cfg.target_modules) != sorted(expected.target_modules):
+        wrong["target_modules"] = sorted(cfg.target_modules)
+    if meta.get("digit") != str(job.digit):
+        wrong["digit"] = meta.get("digit")
+    steps = meta.get("steps", "")
+    if not (re.fullmatch(r"[0-9]{1,9}", steps) and 1 <= int(steps) <= recipe.steps):
         wrong["steps"] = steps
     if wrong:
-        raise FleetError(
-            f"job {job.name} returned an adapter that is not the job's: {wrong} (expected {expected})", failed={job.name: str(wrong)}
-        )
+        raise FleetError(f"job {job.name} returned an adapter that is not the job's: {wrong}", failed={job.name: str(wrong)})
+    return int(steps)
+
+
+def _check_job(job: AdapterJob) -> None:
+    """Every value a worker would trip over, checked on the driver before any work starts."""
+    _, recipe = job.resolved()
+    LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)  # r, alpha, init
+    recipe.fit_config()  # batch size, lr, schedule, patience, eval_every
+    if not (type(recipe.val_size) is int and 0 <= recipe.val_size < MNIST_TRAIN_SIZE):
+        raise TrainConfigError(f"job {job.name}: val_size must be an integer in [0, {MNIST_TRAIN_SIZE}), got {recipe.val_size!r}")
+    if not (type(recipe.seed) is int and 0 <= recipe.seed < 2**63):
+        raise TrainConfigError(f"job {job.name}: seed must be an integer from 0 to 2**63 - 1, got {recipe.seed!r}")
+
+
+MNIST_TRAIN_SIZE = 60_000
 
 
 def _run_local(
@@ -844,7 +889,7 @@ def _collect(
     # Where workers find the Hub and the data, as the driver sees them (never a token: workers log in themselves).
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     if "MNIST_PEFT_DATA" in env:  # workers do not share the driver's working directory
-        env["MNIST_PEFT_DATA"] = os.path.abspath(env["MNIST_PEFT_DATA"])
+        env["MNIST_PEFT_DATA"] = os.path.abspath(os.path.expanduser(env["MNIST_PEFT_DATA"]))
     task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
     if env:
         task = task.options(runtime_env={"env_vars": env})

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
+from mnist_peft.adapters import read_adapter
 from mnist_peft.errors import FleetError, InvalidArgumentError, InvalidNameError
 from mnist_peft.fleet import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
 from mnist_peft.model import load_base
@@ -93,8 +94,14 @@ def test_local_fleet_refuses_bad_requests_before_training(tmp_path: Path) -> Non
         AdapterJob(True)  # a bool is not a digit
     with pytest.raises(InvalidArgumentError, match="seeds"):
         fleet_jobs([1], [-1])
-    with pytest.raises(ValueError, match="lr"):
-        run_fleet(str(BASE), fleet_jobs([1], lr=-1.0), root=str(tmp_path / "reg"), register=True, executor="ray")  # before Ray starts
+    for bad, match in (
+        ({"lr": -1.0}, "lr"),
+        ({"r": 0}, "r must"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"val_size": 60000}, "val_size"),
+    ):
+        with pytest.raises(ValueError, match=match):  # refused on the driver, before Ray starts
+            run_fleet(str(BASE), fleet_jobs([1], **bad), root=str(tmp_path / "reg"), register=True, executor="ray")
     jobs = fleet_jobs([1])
     with pytest.raises(InvalidArgumentError, match="register"):
         run_fleet(str(BASE), jobs, root=str(tmp_path / "reg"))
@@ -152,6 +159,9 @@ def test_ray_fleet_matches_the_local_executor_and_registers_in_one_write(
     for a, b in zip(ours.trained, local.trained, strict=True):
         folder = registry_with_base.path(a.name)
         assert _tensors_equal(load_file(folder / "adapter_model.safetensors"), load_file(Path(b.folder) / "adapter_model.safetensors"))
+        for fname in ("adapter_config.json", "README.md"):  # the driver writes both alike
+            assert (folder / fname).read_bytes() == (Path(b.folder) / fname).read_bytes(), (a.name, fname)
+        assert read_adapter(folder).metadata == read_adapter(b.folder).metadata  # (safetensors orders it at random)
         assert a.metrics == b.metrics and a.steps == b.steps
         assert registry_with_base.get(a.name).metrics == a.metrics
     assert registry_with_base.verify() == []
@@ -189,73 +199,87 @@ def test_ray_fleet_with_a_job_that_always_fails(ray_local, registry_with_base: A
     assert [e.name for e in registry_with_base.list()] == ["base", "digit-2"]
 
 
-def test_a_job_with_bad_input_fails_at_once_without_retries(ray_local, registry_with_base: AdapterRegistry, data_root: Path) -> None:
-    """A worker's own input error (here: a validation split as large as the training set) is the
-    same every time: it comes back as the job's error, and the others are kept."""
-    job = AdapterJob(3, "replay", (("steps", 5), ("val_size", 60000)))
+def test_a_job_with_bad_input_fails_at_once_without_retries(
+    ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path
+) -> None:
+    """An error of the job's own input (a recipe error raised in the worker) is the same every time:
+    it comes back as the job's error after one attempt, and the others are kept."""
+    log = tmp_path / "attempts"
+    log.mkdir()
     res = run_fleet(
-        "base", [job, *fleet_jobs([6], steps=5)], root=str(registry_with_base.root), executor="ray", register=True,
-        data_dir=str(data_root), quiet=True, allow_partial=True,
+        "base", fleet_jobs([3, 6], steps=5), root=str(registry_with_base.root), executor="ray", register=True,
+        data_dir=str(data_root), quiet=True, allow_partial=True, retries=2, _fault=("bad-input", "digit-3", str(log)),
     )  # fmt: skip
-    assert list(res.failed) == ["digit-3"] and "validation size" in res.failed["digit-3"]
+    assert list(res.failed) == ["digit-3"] and "injected input error" in res.failed["digit-3"]
+    assert (log / "attempts-digit-3").read_text().count("attempt") == 1  # not retried
     assert [a.name for a in res.trained] == ["digit-6"]
 
 
 # ----------------------------------------------------------------------------- what comes back from workers
-def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200", r_meta: str | None = None, nan: bool = False):
-    """A copy of the reference digit-3 adapter as a worker would hand it back, with forged metadata."""
+def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200", config: dict | None = None, nan: bool = False,
+              card: str | None = None, null_metadata: bool = False):  # fmt: skip
+    """A copy of the reference digit-3 adapter as a worker would hand it back, with forged parts."""
+    import dataclasses
+    import json
+
     from mnist_peft.adapters import read_adapter, write_adapter
     from mnist_peft.fleet import FleetAdapter
 
     files = read_adapter(REPO / "adapters" / "digit-3" / "v1")
-    files.metadata.update({"digit": digit, "steps": steps, "r": r_meta or files.metadata.get("r", "4"), "lora_alpha": "8"})
+    files.metadata.update({"digit": digit, "steps": steps})
+    if config:
+        files.config = dataclasses.replace(files.config, **config)
     if nan:
         files.state_dict["linear2.lora_B.weight"][0, 0] = float("nan")
-    folder = write_adapter(files, tmp_path / name)
+    folder = write_adapter(files, tmp_path / name, model_card=card)
+    if null_metadata:  # safetensors itself allows "__metadata__": null
+        weights = folder / "adapter_model.safetensors"
+        raw = weights.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = {**json.loads(raw[8 : 8 + n]), "__metadata__": None}
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
     return FleetAdapter(name, 3, 0, 0, str(folder), {})
 
 
-def test_returned_adapters_are_checked_and_their_metrics_computed_by_the_driver(tmp_path: Path, data_root: Path) -> None:
+def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_path: Path, data_root: Path) -> None:
+    from mnist_peft.adapters import load_stack
     from mnist_peft.fleet import _accept
     from mnist_peft.model import base_fingerprint
-
-    base = load_base(BASE)
-    job = AdapterJob(3, name="d3")
-    jobs = [
-        job,
-        AdapterJob(3, name="wrong-digit"),
-        AdapterJob(3, name="wrong-r"),
-        AdapterJob(3, name="wrong-steps"),
-        AdapterJob(3, name="nan"),
-    ]
-    returned = [
-        _returned(tmp_path, "d3"),
-        _returned(tmp_path, "wrong-digit", digit="5"),
-        _returned(tmp_path, "wrong-r", r_meta="8"),
-        _returned(tmp_path, "wrong-steps", steps="401"),
-        _returned(tmp_path, "nan", nan=True),
-    ]
-    failed: dict[str, str] = {}
-    accepted = _accept(returned, jobs, base, base_fingerprint(base), failed, data_dir=str(data_root))
-    assert [a.name for a in accepted] == ["d3"]
-    assert sorted(failed) == ["nan", "wrong-digit", "wrong-r", "wrong-steps"]
-    assert "NaN" in failed["nan"] and "'digit': '5'" in failed["wrong-digit"]
-    from mnist_peft.adapters import load_stack
     from mnist_peft.train import evaluate
 
+    base = load_base(BASE)
+    forged = {
+        "d3": {"card": "totally 100% accurate, visit evil.example"},
+        "wrong-digit": {"digit": "5"},
+        "wrong-r": {"config": {"r": 8}},
+        "rslora": {"config": {"use_rslora": True}},
+        "dropout": {"config": {"lora_dropout": 0.9}},
+        "wrong-steps": {"steps": "401"},
+        "arabic-steps": {"steps": "١٢"},
+        "nan": {"nan": True},
+        "null-metadata": {"null_metadata": True},
+    }
+    jobs = [AdapterJob(3, name=n) for n in forged]
+    returned = [_returned(tmp_path / "in", n, **kw) for n, kw in forged.items()]
+    failed: dict[str, str] = {}
+    accepted = _accept(returned, jobs, base, "base", base_fingerprint(base), failed, data_dir=str(data_root), tmp=str(tmp_path / "t"))
+    assert [a.name for a in accepted] == ["d3"]
+    assert sorted(failed) == sorted(n for n in forged if n != "d3")
+    assert "NaN" in failed["nan"] and "'digit': '5'" in failed["wrong-digit"] and "use_rslora" in failed["rslora"]
     expected = evaluate(load_stack(load_base(BASE), [REPO / "adapters" / "digit-3" / "v1"]))
-    assert accepted[0].metrics["wrong_per_digit"] == expected.wrong_per_digit and accepted[0].steps == 200
+    d3 = accepted[0]
+    assert d3.metrics["wrong_per_digit"] == expected.wrong_per_digit and d3.steps == 200
+    card = (Path(d3.folder) / "README.md").read_text()  # the driver's card, with the driver's numbers
+    assert "evil.example" not in card and f"wrong_per_digit_after: {expected.wrong_per_digit}" in card
     failed = {}
     other = load_base(BASE)
     with torch.no_grad():
         other.linear1.weight.add_(1e-3)
-    assert (
-        _accept(
-            [_returned(tmp_path, "other")], [AdapterJob(3, name="other")], other, base_fingerprint(other), failed, data_dir=str(data_root)
-        )
-        == []
-    )
-    assert "another base" in failed["other"]
+    got = _accept([_returned(tmp_path / "in2", "other")], [AdapterJob(3, name="other")], other, "base", base_fingerprint(other), failed,
+                  data_dir=str(data_root), tmp=str(tmp_path / "t2"))  # fmt: skip
+    assert got == [] and "another base" in failed["other"]
 
 
 @pytest.mark.parametrize(
@@ -285,6 +309,11 @@ def test_a_failure_while_registering_leaves_no_output_folder(
 
     monkeypatch.setattr(AdapterRegistry, "add_many", broken)
     before = _snapshot(Path(registry_with_base.root))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="disk full"):  # an empty --out that existed is left empty
+        run_fleet("base", fleet_jobs([1], steps=5), root=str(registry_with_base.root), register=True, out=str(tmp_path / "empty"),
+                  data_dir=str(data_root), quiet=True)  # fmt: skip
+    assert list((tmp_path / "empty").iterdir()) == []
     with pytest.raises(OSError, match="disk full"):
         run_fleet("base", fleet_jobs([1], steps=5), root=str(registry_with_base.root), register=True, out=str(tmp_path / "out"),
                   data_dir=str(data_root), quiet=True)  # fmt: skip
