@@ -45,6 +45,9 @@ _LAZY = {
     "TrainConfig": "train",
     "evaluate": "train",
     "fit": "train",
+    "AdapterJob": "fleet",
+    "train_batched": "fleet",
+    "run_fleet": "fleet",
 }
 
 
@@ -94,6 +97,10 @@ __all__ = [
     "BaseRecipe",
     "register_recipe",
     "train_adapter",
+    # fleets
+    "AdapterJob",
+    "train_batched",
+    "run_fleet",
     # LoRA and adapters
     "LoraConfig",
     "LoraModel",

@@ -35,3 +35,11 @@ def test_every_module_has_a_layer_and_imports_nothing_above_it() -> None:
     readme = (REPO / "README.md").read_text()
     for layer in LAYERS[:-1]:
         assert all(f"`{m}`" in readme for m in layer)
+
+
+def test_every_public_name_resolves() -> None:
+    import mnist_peft
+
+    missing = [n for n in mnist_peft.__all__ if getattr(mnist_peft, n, None) is None]
+    assert missing == []
+    assert {"AdapterJob", "train_batched", "run_fleet"} <= set(mnist_peft.__all__)
