@@ -296,29 +296,12 @@ def _save_trained_adapter(args: argparse.Namespace, model, result, out: Path) ->
     """Write the adapter (metadata, card, --dtype) to ``out`` and register it if asked."""
     import torch
 
-    from .adapters import save_adapter
-    from .cards import digit_model_card
+    from .recipes import save_trained_adapter
 
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    cfg = model.peft_config["default"]
-    meta = {
-        "digit": str(args.digit),
-        "recipe": result.recipe,
-        "steps": str(result.steps),
-        "r": str(cfg.r),
-        "lora_alpha": f"{cfg.lora_alpha:g}",
-    }
-    if args.resume:
-        meta["resumed_from"] = str(args.resume)
-    card = digit_model_card(args.digit, result, base_model=str(args.base), config=cfg)
-    save_adapter(model, out, metadata=meta, base_model_name_or_path=str(args.base), dtype=dtype, model_card=card)
-    metrics = {
-        "accuracy": result.after.accuracy,
-        "wrong_per_digit": result.after.wrong_per_digit,
-        "accuracy_before": result.before.accuracy,
-        "wrong_per_digit_before": result.before.wrong_per_digit,
-    }
-    return _register(args, out, metrics, digit=args.digit)
+    extra = {"resumed_from": str(args.resume)} if args.resume else None
+    save_trained_adapter(model, result, out, base_model=str(args.base), extra=extra, dtype=dtype)
+    return _register(args, out, result.metrics(), digit=args.digit)
 
 
 @command(

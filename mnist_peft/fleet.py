@@ -40,8 +40,8 @@ from .data import MnistSplit, load_mnist
 from .errors import AdapterConfigError, FleetError, HubError, InvalidArgumentError, MnistPeftError, NonFiniteError, TrainConfigError
 from .lora import LoraConfig, LoraModel, lora_forward, lora_layers
 from .model import MnistMLP
-from .recipes import AdapterRecipe, AdapterTrainResult, _DigitTask, _resolve_recipe, augment_batch
-from .train import _EarlyStopping, evaluate, make_optimizer
+from .recipes import AdapterRecipe, AdapterTrainResult, _DigitTask, _resolve_recipe, augment_batch, save_trained_adapter
+from .train import _EarlyStopping, evaluate, training_plan
 
 __all__ = ["AdapterJob", "train_batched", "parse_digits", "fleet_jobs", "run_fleet", "FleetResult", "FleetAdapter", "EXECUTORS"]
 
@@ -206,12 +206,7 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
     labels = MnistSplit(torch.empty(0, 784), full.y[train_index])  # the task draws indices from the labels only
     task = _DigitTask(recipe, job.digit, labels, base, torch.Generator().manual_seed(recipe.seed))  # its teacher is unused here
     config = recipe.fit_config()
-    opt = make_optimizer(params, config)
-    steps_per_epoch = -(-len(train_index) // config.batch_size)
-    total = round(config.epochs * steps_per_epoch)
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1)) if config.schedule == "onecycle" else None
+    opt, sched, steps_per_epoch, total = training_plan(params, config, len(train_index))
     val = MnistSplit(full.x[val_index], full.y[val_index]) if val_index is not None else None
     stopper = _EarlyStopping(val, None, every=config.eval_every or steps_per_epoch, patience=config.patience)
     return _Job(job, name, recipe, model, params, layers, train_index, val_index, task, _job_batches(task), rng, opt, sched, stopper, total)
@@ -233,18 +228,6 @@ def _stacked_forward(base: MnistMLP, jobs: list[_Job], x: torch.Tensor, l1_base:
         out = out + torch.cat(deltas)
         h = torch.relu(out) if i < len(_LAYERS) - 1 else out
     return h
-
-
-def _objective(job: _Job, logits: torch.Tensor, y: torch.Tensor, target_of_rest: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``_DigitTask.objective`` on precomputed logits: cross-entropy plus the distillation term."""
-    loss = F.cross_entropy(logits, y)
-    if job.recipe.distill:
-        rest = y != job.job.digit
-        if rest.any():
-            target = target_of_rest(rest)
-            kl = F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
-            loss = loss + job.recipe.distill * kl
-    return loss
 
 
 def train_batched(
@@ -359,7 +342,7 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutp
         offset = 0
         for s, lg, yb, n in zip(running, logits.split(sizes), y.split(sizes), sizes, strict=True):
             t = teacher[offset : offset + n] if teacher is not None else None
-            losses.append(_objective(s, lg, yb, lambda rest, t=t: t[rest]))
+            losses.append(s.task.objective_of(lg, yb, lambda rest, t=t: t[rest]))
             offset += n
         for s in running:
             s.opt.zero_grad(set_to_none=True)
@@ -369,14 +352,13 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutp
             if s.sched is not None:
                 s.sched.step()
             s.step += 1
-        due = [s for s in running if s.stopper.val is not None and (s.step % s.stopper.every == 0 or s.step == s.total)]
+        due = [s for s in running if s.stopper.due(s.step, last=s.step == s.total)]
         scores = _val_scores(base, due, full, shared) if due else {}
         for s in running:
-            stop = id(s) in scores and _check(s, scores[id(s)])
+            stop = id(s) in scores and s.stopper.record(s.step, scores[id(s)], lambda s=s: _adapter_state(s.model))
             if stop or s.step >= s.total:
                 s.done = True
-                if s.stopper.best_state is not None:
-                    s.model.load_state_dict(s.stopper.best_state, strict=False)
+                s.stopper.restore_best(s.model, strict=False)
                 s.model.eval()
         if progress is not None:
             progress(_status(states))
@@ -389,27 +371,16 @@ def _replayed(jobs: list[_Job], y: torch.Tensor, sizes: list[int]) -> torch.Tens
     return distill & (y != digit)
 
 
-def _check(s: _Job, value: float) -> bool:
-    """``_EarlyStopping.check`` with the score already computed (batched across jobs)."""
-    st = s.stopper
-    st.history.append({"step": s.step, "val_score": value})
-    if st.best is None or value > st.best:
-        st.best, st.bad_checks = value, 0
-        st.best_state = {k: v.detach().clone() for k, v in s.model.state_dict().items() if "lora_" in k}
-    else:
-        st.bad_checks += 1
-        st.stopped = st.bad_checks >= st.patience
-    return st.stopped
+def _adapter_state(model: LoraModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, copied: the best state early stopping keeps (the base is frozen)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
 
 
 def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _BaseOutputs) -> dict[int, float]:
     """``_DigitTask.val_score`` for each due job, in one stacked forward."""
     index = []
     for s in due:
-        vy = full.y[s.val_index]
-        digit = s.job.digit
-        local = torch.cat([(vy == digit).nonzero().squeeze(1), (vy != digit).nonzero().squeeze(1)[: 2 * int((vy == digit).sum())]])
-        index.append(s.val_index[local])
+        index.append(s.val_index[s.task.val_rows(full.y[s.val_index])])
     sizes = [len(i) for i in index]
     rows = torch.cat(index)
     with torch.no_grad():
@@ -419,7 +390,7 @@ def _val_scores(base: MnistMLP, due: list[_Job], full: MnistSplit, shared: _Base
         out, offset = {}, 0
         for s, lg, yb, n in zip(due, logits.split(sizes), y.split(sizes), sizes, strict=True):
             t = teacher[offset : offset + n] if teacher is not None else None
-            out[id(s)] = -float(_objective(s, lg, yb, lambda rest, t=t: t[rest]))
+            out[id(s)] = -float(s.task.objective_of(lg, yb, lambda rest, t=t: t[rest]))
             offset += n
     return out
 
@@ -475,32 +446,10 @@ def fleet_jobs(digits: Sequence[int], seeds: Sequence[int] = (0,), *, prefix: st
     ]
 
 
-def _metrics(result: AdapterTrainResult) -> dict[str, object]:
-    return {
-        "accuracy": result.after.accuracy,
-        "wrong_per_digit": result.after.wrong_per_digit,
-        "accuracy_before": result.before.accuracy,
-        "wrong_per_digit_before": result.before.wrong_per_digit,
-    }
-
-
 def _save(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_ref: str, folder: str) -> FleetAdapter:
-    """Write one trained adapter as ``train-adapter`` writes it (metadata, model card)."""
-    from .adapters import save_adapter
-    from .cards import digit_model_card
-
-    cfg = model.peft_config["default"]
-    meta = {
-        "digit": str(job.digit),
-        "recipe": result.recipe,
-        "steps": str(result.steps),
-        "r": str(cfg.r),
-        "lora_alpha": f"{cfg.lora_alpha:g}",
-        "seed": str(job.seed),
-    }
-    card = digit_model_card(job.digit, result, base_model=base_ref, config=cfg)
-    save_adapter(model, folder, metadata=meta, base_model_name_or_path=base_ref, model_card=card)
-    return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), _metrics(result))
+    """Write one trained adapter as ``train-adapter`` writes it (metadata, model card), with its seed."""
+    save_trained_adapter(model, result, folder, base_model=base_ref, extra={"seed": str(job.seed)})
+    return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), result.metrics())
 
 
 _FINAL_ERRORS = (TrainConfigError, AdapterConfigError, InvalidArgumentError, NonFiniteError)

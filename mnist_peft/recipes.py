@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "BASE_RECIPES",
     "ADAPTER_RECIPES",
     "AdapterTrainResult",
+    "save_trained_adapter",
     "train_base",
     "train_adapter",
     "finetune_full",
@@ -245,6 +248,42 @@ class AdapterTrainResult:
     before: EvalResult
     after: EvalResult
 
+    def metrics(self) -> dict[str, object]:
+        """What the registry records of a trained adapter."""
+        return {
+            "accuracy": self.after.accuracy,
+            "wrong_per_digit": self.after.wrong_per_digit,
+            "accuracy_before": self.before.accuracy,
+            "wrong_per_digit_before": self.before.wrong_per_digit,
+        }
+
+
+def save_trained_adapter(
+    model: LoraModel,
+    result: AdapterTrainResult,
+    folder: str | os.PathLike[str],
+    *,
+    base_model: str,
+    extra: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a trained digit adapter as ``train-adapter`` and ``train-adapters`` do: header metadata
+    (digit, recipe, steps, r, lora_alpha, then ``extra``) and the digit's model card."""
+    from .adapters import save_adapter
+    from .cards import digit_model_card
+
+    cfg = model.peft_config["default"]
+    meta = {
+        "digit": str(result.digit),
+        "recipe": result.recipe,
+        "steps": str(result.steps),
+        "r": str(cfg.r),
+        "lora_alpha": f"{cfg.lora_alpha:g}",
+        **(extra or {}),
+    }
+    card = digit_model_card(result.digit, result, base_model=base_model, config=cfg)
+    return save_adapter(model, folder, metadata=meta, base_model_name_or_path=base_model, dtype=dtype, model_card=card)
+
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random affine transforms of normalised (N, 784) images: +-12 degrees, scale 0.9-1.1, +-2 px."""
@@ -361,27 +400,35 @@ class _DigitTask:
             yield torch.cat([a, b])
 
     def objective(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        logits = m(xb)
+        def teacher(rest: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return F.log_softmax(self.teacher(xb[rest]), 1)
+
+        return self.objective_of(m(xb), yb, teacher)
+
+    def objective_of(self, logits: torch.Tensor, yb: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The objective from the logits: cross-entropy, plus the distillation term on the replayed
+        rows, whose targets ``teacher(rest_mask)`` gives (the batched trainer looks them up)."""
         loss = F.cross_entropy(logits, yb)
         if self.recipe.distill:
             rest = yb != self.digit
             if rest.any():
-                with torch.no_grad():
-                    target = F.log_softmax(self.teacher(xb[rest]), 1)
-                kl = F.kl_div(F.log_softmax(logits[rest], 1), target, log_target=True, reduction="batchmean")
+                kl = F.kl_div(F.log_softmax(logits[rest], 1), teacher(rest), log_target=True, reduction="batchmean")
                 loss = loss + self.recipe.distill * kl
         return loss
 
     def loss(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return self.objective(m, augment_batch(xb, self.g) if self.recipe.augment else xb, yb)
 
+    def val_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """The validation rows scored: every image of the digit, then twice as many of the others."""
+        mine = (y == self.digit).nonzero().squeeze(1)
+        return torch.cat([mine, (y != self.digit).nonzero().squeeze(1)[: 2 * len(mine)]])
+
     def val_score(self, m: nn.Module, split: MnistSplit) -> float:
         # The held-out objective on a digit-balanced mix like the training batches: the base has
         # seen these images, so accuracy on them cannot move, but the adapter's objective can.
-        digit = self.digit
-        idx = torch.cat(
-            [(split.y == digit).nonzero().squeeze(1), (split.y != digit).nonzero().squeeze(1)[: 2 * int((split.y == digit).sum())]]
-        )
+        idx = self.val_rows(split.y)
         with torch.no_grad(), _exact_forward(m):
             return -float(self.objective(m, split.x[idx], split.y[idx]))
 

@@ -187,13 +187,8 @@ def fit(
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise TrainConfigError("nothing to train: no parameter requires grad")
-    opt = make_optimizer(params, config)
     n = len(train)
-    steps_per_epoch = -(-n // config.batch_size)
-    total = round(config.epochs * steps_per_epoch)
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1)) if config.schedule == "onecycle" else None
+    opt, sched, steps_per_epoch, total = training_plan(params, config, n)
     stopper = _EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
     model.train()
     step, epoch, loss, loss_value, start = 0, 0, None, float("nan"), time.perf_counter()
@@ -244,24 +239,46 @@ class _EarlyStopping:
         self.bad_checks, self.stopped = 0, False
         self.history: list[dict[str, float]] = []
 
+    def due(self, step: int, *, last: bool) -> bool:
+        """Whether a validation check falls on ``step``."""
+        return self.val is not None and (step % self.every == 0 or last)
+
     def check(self, model: nn.Module, step: int, *, last: bool) -> bool:
         """Check if due; returns whether training should stop now."""
-        if self.val is None or not (step % self.every == 0 or last):
+        if not self.due(step, last=last):
             return False
         value = self.score(model, self.val) if self.score is not None else evaluate(model, self.val).accuracy
         model.train()
+        return self.record(step, value, lambda: copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()}))
+
+    def record(self, step: int, value: float, state: Callable[[], dict[str, torch.Tensor]]) -> bool:
+        """Take a validation score (``state()`` is kept when it is the best); returns whether to stop."""
         self.history.append({"step": step, "val_score": value})
         if self.best is None or value > self.best:
             self.best, self.bad_checks = value, 0
-            self.best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+            self.best_state = state()
         else:
             self.bad_checks += 1
             self.stopped = self.bad_checks >= self.patience
         return self.stopped
 
-    def restore_best(self, model: nn.Module) -> None:
+    def restore_best(self, model: nn.Module, *, strict: bool = True) -> None:
+        """Load the best state kept (``strict=False``: a state of some of the model's tensors)."""
         if self.best_state is not None:
-            model.load_state_dict(self.best_state)
+            model.load_state_dict(self.best_state, strict=strict)
+
+
+def training_plan(
+    params: list[nn.Parameter], config: TrainConfig, n: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None, int, int]:
+    """``(optimiser, schedule or None, steps per epoch, total steps)`` for ``n`` training samples."""
+    opt = make_optimizer(params, config)
+    steps_per_epoch = -(-n // config.batch_size)
+    total = round(config.epochs * steps_per_epoch)
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(total, 1)) if config.schedule == "onecycle" else None
+    return opt, sched, steps_per_epoch, total
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
