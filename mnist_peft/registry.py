@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -404,21 +404,16 @@ class AdapterRegistry:
         """Raise :class:`IntegrityError` naming the first missing, resized, altered or linked file."""
         try:
             folder = self.folder(entry)
-            paths = {fname: confine(self.root, f"{entry.name}/v{entry.version}/{validate_file_name(fname)}") for fname in entry.files}
         except RegistryError as exc:
             raise IntegrityError(f"{entry.ref}: {exc}", path=self.root / entry.name) from exc
+        paths = {fname: self._file_path(entry, fname) for fname in entry.files}
         if not folder.is_dir():
             raise IntegrityError(f"{entry.ref}: folder {str(folder)!r} is missing; re-add or pull the entry again", path=folder)
         for fname, info in entry.files.items():
             p = paths[fname]
             if not p.is_file():
-                raise IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p)
-            if p.stat().st_size != info["size"]:
-                raise IntegrityError(
-                    f"{entry.ref}: file {str(p)!r} has {p.stat().st_size} bytes, the index says {info['size']} (truncated?)", path=p
-                )
-            if sha256_file(p) != info["sha256"]:
-                raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
+                raise _missing(entry, p)
+            _check_recorded(entry, p, info, p.stat().st_size, lambda p=p: sha256_file(p))
 
     def read_file(self, entry: RegistryEntry, fname: str) -> bytes:
         """The bytes of one of ``entry``'s files, checked against the size and sha256 the index
@@ -437,23 +432,24 @@ class AdapterRegistry:
                 f"{entry.ref}: the index lists no file {fname!r} for it (files: {sorted(entry.files)}); re-add the entry",
                 path=self.root / entry.name,
             )
-        try:
-            p = confine(self.root, f"{entry.name}/v{entry.version}/{validate_file_name(fname)}")
-        except RegistryError as exc:
-            raise IntegrityError(f"{entry.ref}: {exc}", path=self.root / entry.name) from exc
+        p = self._file_path(entry, fname)
         try:
             data = read_regular_file(str(p))
         except FileNotFoundError:
-            raise IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p) from None
+            raise _missing(entry, p) from None
         except OSError as exc:
             raise IntegrityError(
                 f"{entry.ref}: file {str(p)!r} cannot be read ({exc.strerror or exc}); it must be a regular file", path=p
             ) from None
-        if len(data) != info["size"]:
-            raise IntegrityError(f"{entry.ref}: file {str(p)!r} has {len(data)} bytes, the index says {info['size']} (truncated?)", path=p)
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
+        _check_recorded(entry, p, info, len(data), lambda: hashlib.sha256(data).hexdigest())
         return data
+
+    def _file_path(self, entry: RegistryEntry, fname: str) -> Path:
+        """Where ``entry``'s file ``fname`` lives, confined to the registry (an index is outside input)."""
+        try:
+            return confine(self.root, f"{entry.name}/v{entry.version}/{validate_file_name(fname)}")
+        except RegistryError as exc:
+            raise IntegrityError(f"{entry.ref}: {exc}", path=self.root / entry.name) from exc
 
     def verify(self) -> list[tuple[str, str]]:
         """Check every entry; returns ``(ref, problem)`` for each bad one (empty when all are good).
@@ -591,6 +587,19 @@ class AdapterRegistry:
                 _remove_version(self.root, name, e.version)
             fsync_dir(self.root)
         return gone
+
+
+def _missing(entry: RegistryEntry, p: Path) -> IntegrityError:
+    return IntegrityError(f"{entry.ref}: file {str(p)!r} is missing; re-add or pull the entry again", path=p)
+
+
+def _check_recorded(entry: RegistryEntry, p: Path, info: dict[str, object], size: int, digest: Callable[[], str]) -> None:
+    """Raise :class:`IntegrityError` unless a file of ``size`` bytes (and, only then, ``digest()``) is
+    what the index records for it in ``info``."""
+    if size != info["size"]:
+        raise IntegrityError(f"{entry.ref}: file {str(p)!r} has {size} bytes, the index says {info['size']} (truncated?)", path=p)
+    if digest() != info["sha256"]:
+        raise IntegrityError(f"{entry.ref}: file {str(p)!r} does not match its recorded sha256 (corrupted or edited)", path=p)
 
 
 def _prepare(name: str, src: Path, opts: dict[str, object]) -> tuple:
