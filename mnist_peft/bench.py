@@ -455,7 +455,7 @@ def bench_combine_ten(base: nn.Module, *, reps: int) -> Figure:
 
     t = time_round_robin(
         {"ours": lambda: combine_adapters(files, weights, method="ties", density=0.3, r=4), "peft": peft_merge},
-        reps=max(2, reps // 2),
+        reps=max(1, reps // 2),
     )
     return _figure(
         "combine_ten",
@@ -595,6 +595,7 @@ def run_bench(
     *,
     base: nn.Module | None = None,
     x: torch.Tensor | None = None,
+    images: int | None = None,
     reps: int = 7,
     train_fraction: float = 1.0,
     only: list[str] | None = None,
@@ -614,6 +615,8 @@ def run_bench(
     base.eval()
     if x is None:
         x = load_mnist(train=False, data_dir=data_dir).x
+    if images is not None:
+        x = x[:images]
     ctx = {"base": base, "x": x, "reps": reps, "data_dir": data_dir, "train_fraction": train_fraction, "registry_entries": registry_entries}
     names = only or [n for n in FIGURES if _measurable(n)]
     unknown = [n for n in names if n not in FIGURES]

@@ -999,6 +999,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="size of the large registry in the registry_add/registry_get figures (default 10000; compared with 10)",
     )
+    p.add_argument(
+        "--images",
+        type=_test_images,
+        default=10_000,
+        metavar="N",
+        help="test images in forward_unmerged and mixed_batch (default 10000, the whole test set)",
+    )
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -1019,6 +1026,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = _resolve_base(args.base, args) if args.base else None
     figures = run_bench(
         base=base,
+        images=args.images,
         reps=args.reps,
         only=args.only,
         train_fraction=args.train_fraction,
@@ -1128,6 +1136,17 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.4") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]; give a fraction such as 0.4 (40%)")
+    return value
+
+
+def _test_images(text: str) -> int:
+    """An argparse type: a number of test images, 1..10000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a count such as 2000") from None
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..10000 (the test set holds 10000 images)")
     return value
 
 

@@ -1,15 +1,19 @@
-"""MNIST: locate or unpack the bundled IDX files, read them with torchvision, hand out tensors.
+"""MNIST: locate or unpack the bundled IDX files, read them, hand out tensors.
 
 The four IDX files ship inside the package gzip-compressed (``mnist_peft/data/*.gz``). On first use
 they are checked against their sha256, unpacked into ``<root>/MNIST/raw/`` (write to a temporary
-file, check, rename, so a half-written file is never trusted) and read with
-``torchvision.datasets.MNIST(root, train=..., download=False)``. Everything downstream works on
-whole normalised tensors: ``x`` is (N, 784) float32, ``y`` is (N,) int64.
+file, check, rename, so a half-written file is never trusted): the layout
+``torchvision.datasets.MNIST(root, download=False)`` reads. They are read here by a small IDX
+reader that gives the tensors torchvision's reader gives (a test holds the two equal); importing
+torchvision costs a command about a second, so it is imported only to download missing files.
+Everything downstream works on whole normalised tensors: ``x`` is (N, 784) float32, ``y`` is (N,)
+int64.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +35,7 @@ __all__ = [
     "ensure_mnist",
     "load_mnist",
     "normalize",
+    "read_idx",
     "digit_subset",
     "split_validation",
 ]
@@ -198,11 +203,43 @@ def load_mnist(
     root = ensure_mnist(data_dir, **ensure_kwargs)  # type: ignore[arg-type]
     key = (str(root.resolve()), train)
     if key not in _CACHE:
-        from torchvision.datasets import MNIST
-
-        ds = MNIST(str(root), train=train, download=False)
-        _CACHE[key] = MnistSplit(normalize(ds.data), ds.targets.to(torch.int64))
+        prefix = "train" if train else "t10k"
+        raw = root / "MNIST" / "raw"
+        images = read_idx(raw / f"{prefix}-images-idx3-ubyte", ndim=3)
+        labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", ndim=1)
+        if images.shape[0] != labels.shape[0]:
+            raise DataIntegrityError(
+                f"MNIST files in {str(raw)!r} disagree: {images.shape[0]} images but {labels.shape[0]} labels; "
+                "delete them and run again to unpack fresh copies from the bundled data",
+                path=raw,
+            )
+        _CACHE[key] = MnistSplit(normalize(images), labels.to(torch.int64))
     return _CACHE[key]
+
+
+def read_idx(path: str | os.PathLike[str], *, ndim: int) -> torch.Tensor:
+    """An unsigned-byte IDX file (the MNIST format) as a uint8 tensor of ``ndim`` dimensions.
+
+    The header is checked against the file: magic ``0x0000 08 <ndim>``, then ``ndim`` big-endian
+    sizes whose product is the number of bytes that follow.
+
+    Raises:
+        DataIntegrityError: the file is not such an IDX file; the message names it.
+    """
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    header = 4 + 4 * ndim
+    magic = bytes(data[:4])
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)] if len(data) >= header else []
+    if magic != bytes((0, 0, 0x08, ndim)) or len(shape) != ndim or math.prod(shape) != len(data) - header:
+        raise DataIntegrityError(
+            f"{str(path)!r} is not an unsigned-byte IDX file of {ndim} dimension(s) (header {magic.hex()}, sizes {shape}, "
+            f"{max(len(data) - header, 0)} data bytes); delete it and run again to unpack a fresh copy from the bundled data",
+            path=path,
+        )
+    if not math.prod(shape):
+        return torch.empty(shape, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(shape)
 
 
 def digit_subset(split: MnistSplit, digit: int) -> MnistSplit:

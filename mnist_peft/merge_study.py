@@ -134,6 +134,7 @@ def merge_study(
     grid, curve, chosen = [], [], {}
     for method in methods:
         best = None
+        tested: dict[float, EvalResult] = {}  # density -> test result at its chosen scale
         for density in (1.0,) if method == "task_arithmetic" else cfg.densities:
             g = torch.Generator().manual_seed(cfg.seed)
             merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
@@ -149,6 +150,7 @@ def merge_study(
             # What the plot shows: each density at the scale validation chose for it, scored on test
             # (reported only; nothing is chosen on these numbers).
             update = {m: at_density[1] * d for m, d in low.items()}  # type: ignore[index]
+            tested[density] = _evaluate_update(base, update, test)
             curve.append(
                 {
                     "method": method,
@@ -156,11 +158,11 @@ def merge_study(
                     "scale": at_density[1],  # type: ignore[index]
                     "val_loss": at_density[0],  # type: ignore[index]
                     "val_accuracy": _evaluate_update(base, update, val).accuracy,
-                    "test_accuracy": _evaluate_update(base, update, test).accuracy,
+                    "test_accuracy": tested[density].accuracy,
                 }
             )
         val_loss, density, scale, low = best  # type: ignore[misc]
-        result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
+        result = tested[density]  # the best overall is the best at its density: that point was scored already
         densities = (1.0,) if method == "task_arithmetic" else tuple(cfg.densities)
         chosen[method] = {
             "density": density,

@@ -25,7 +25,9 @@ FIGURES = {
 
 @pytest.mark.slow
 def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_root) -> None:
-    proc = run_cli("bench", "--json", "--reps", "2", "--train-fraction", "0.02", "--registry-entries", "300", timeout=600)
+    proc = run_cli(
+        "bench", "--json", "--reps", "2", "--images", "1000", "--train-fraction", "0.02", "--registry-entries", "300", timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     figures = {f["name"]: f for f in out["figures"]}
@@ -37,6 +39,7 @@ def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_ro
         assert abs(f["ratio"] - f["ours"] / denominator) < 1e-9, f["name"]
     for name in ("forward_unmerged", "mixed_batch"):
         assert figures[name]["unit"] == "s" and figures[name]["peft"] > 0 and figures[name]["base"] > 0
+    assert "batch 1000," in figures["forward_unmerged"]["note"] and "1000 images" in figures["mixed_batch"]["note"]  # --images
     for name in ("merge_unmerge", "hot_swap", "adapter_load"):
         assert figures[name]["unit"] == "ms" and figures[name]["peft"] > 0
     for name in ("registry_add", "registry_get"):

@@ -1,10 +1,13 @@
-"""The MNIST loader: bundled files, checksums, corruption, the real torchvision reader."""
+"""The MNIST loader: bundled files, checksums, corruption, the IDX reader against torchvision's."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from mnist_peft.data import (
     digit_subset,
     ensure_mnist,
     load_mnist,
+    read_idx,
     resolve_data_root,
     split_validation,
 )
@@ -52,7 +56,7 @@ def tiny_bundle(tmp_path: Path):
     return bundle, sums, files
 
 
-def test_tiny_bundle_unpacks_and_reads_through_torchvision(tmp_path: Path, tiny_bundle) -> None:
+def test_tiny_bundle_unpacks_and_reads_back_the_bytes_normalised(tmp_path: Path, tiny_bundle) -> None:
     bundle, sums, files = tiny_bundle
     root = tmp_path / "root"
     ensure_mnist(root, bundle_dir=bundle, checksums=sums)
@@ -138,3 +142,54 @@ def test_digit_subset_and_validation_split(mnist_test) -> None:
     assert torch.equal(val.x, again.x)
     with pytest.raises(ValueError):
         digit_subset(mnist_test, 10)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_idx_reader_gives_torchvisions_tensors_on_the_real_files(data_root: Path, train: bool) -> None:
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(str(data_root), train=train, download=False)
+    split = load_mnist(train=train, data_dir=str(data_root))
+    prefix = "train" if train else "t10k"
+    images = read_idx(data_root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", ndim=3)
+    assert images.dtype == ds.data.dtype and torch.equal(images, ds.data)
+    assert split.y.dtype == ds.targets.dtype and torch.equal(split.y, ds.targets)
+    assert torch.equal(split.x, (ds.data.reshape(len(ds), -1).float() / 255 - MNIST_MEAN) / MNIST_STD)
+
+
+@pytest.mark.parametrize(
+    ("blob", "what"),
+    [
+        (struct.pack(">II", 2049, 3) + b"\x01\x02", "sizes [3], 2 data bytes"),  # truncated
+        (struct.pack(">II", 2049, 3) + b"\x01\x02\x03\x04", "sizes [3], 4 data bytes"),  # trailing bytes
+        (struct.pack(">II", 2051, 3) + b"\x01\x02\x03", "header 00000803"),  # an idx3 magic where idx1 is read
+        (struct.pack(">II", 0x0D01, 3) + b"\x00" * 12, "header 00000d01"),  # floats, not unsigned bytes
+        (b"\x00\x00", "sizes []"),  # shorter than its header
+    ],
+)
+def test_a_malformed_idx_file_is_refused_with_its_name(tmp_path: Path, blob: bytes, what: str) -> None:
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(blob)
+    with pytest.raises(DataIntegrityError) as err:
+        read_idx(path, ndim=1)
+    assert str(path) in str(err.value) and what in str(err.value) and err.value.path == path
+
+
+def test_images_and_labels_that_disagree_are_refused(tmp_path: Path, tiny_bundle) -> None:
+    bundle, sums, files = tiny_bundle
+    short = struct.pack(">II", 2049, N_TEST - 1) + files["t10k-labels-idx1-ubyte"][8:-1]
+    (bundle / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(short, mtime=0))
+    sums = {**sums, "t10k-labels-idx1-ubyte": hashlib.sha256(short).hexdigest()}
+    with pytest.raises(DataIntegrityError) as err:
+        load_mnist(train=False, data_dir=str(tmp_path / "root"), bundle_dir=bundle, checksums=sums)
+    assert f"{N_TEST} images but {N_TEST - 1} labels" in str(err.value)
+
+
+def test_loading_mnist_does_not_import_torchvision(data_root: Path) -> None:
+    # torchvision costs every command about a second; it is needed only to download missing files
+    code = "import sys; from mnist_peft.data import load_mnist; load_mnist(train=False); print('torchvision' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "MNIST_PEFT_DATA": str(data_root)}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
