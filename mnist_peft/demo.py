@@ -34,7 +34,7 @@ from .model import base_fingerprint, count_parameters, load_base
 from .recipes import train_adapter, train_base
 from .refs import registry_folder
 from .registry import AdapterRegistry
-from .train import evaluate
+from .train import EvalResult, evaluate
 
 __all__ = ["DemoConfig", "run_demo", "summary_text", "SEED_FACTS"]
 
@@ -235,9 +235,9 @@ class _Demo:
         """The registry's digit-d adapter if it was trained on this base, else the demo's own."""
         return self._registry_adapter(d) or self.models / f"digit-{d}"
 
-    def _train_missing_adapters(self) -> None:
+    def _train_missing_adapters(self) -> dict[int, EvalResult]:
         """The digit adapters neither the registry nor an earlier run has, trained together by the
-        fleet's batched trainer (each equals its solo ``train_adapter`` run)."""
+        fleet's batched trainer (each equals its solo ``train_adapter`` run); their test results."""
         from .fleet import AdapterJob, train_batched
 
         todo = [
@@ -246,19 +246,21 @@ class _Demo:
             if self._registry_adapter(d) is None and (self.force or not (self.models / f"digit-{d}" / ADAPTER_WEIGHTS_NAME).exists())
         ]
         if not todo:
-            return
+            return {}
         steps = () if self.cfg.adapter_steps is None else (("steps", self.cfg.adapter_steps),)
         trained = train_batched(self.base, [AdapterJob(d, "replay", steps) for d in todo], data_dir=self.data_dir)
         for d, (model, _) in zip(todo, trained, strict=True):
             save_adapter(model, self.models / f"digit-{d}", metadata={"digit": str(d), "recipe": "replay"})
+        # the saved tensors are the trained ones (float32 both): the test scores train_batched made stand
+        return {d: result.after for d, (_, result) in zip(todo, trained, strict=True)}
 
     def stage_replay(self) -> dict:
         """3. The ten replay adapters, each evaluated: the adapter x digit table."""
-        self._train_missing_adapters()
+        scored = self._train_missing_adapters()
         rows = []
         for d in range(10):
             folder = self.adapter_folder(d)
-            r = evaluate(load_stack(copy.deepcopy(self.base), [folder]), data_dir=self.data_dir)
+            r = scored[d] if d in scored else evaluate(load_stack(copy.deepcopy(self.base), [folder]), data_dir=self.data_dir)
             rows.append({"digit": d, "folder": str(folder), "eval": r.to_dict()})
         return {"rows": rows}
 
