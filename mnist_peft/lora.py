@@ -342,8 +342,8 @@ class LoraLinear(nn.Module):
         out = self._scratch("merged", weight, avoid=weight)
         for i, name in enumerate(adapter_names):
             A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
-            if i == 0:  # the delta straight into the output, then the weight added: two buffers, not three
-                _delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
+            if i == 0:  # W + delta straight into the output: two buffers, not three
+                _weight_plus_delta_into(out, weight, A, B, s)
             else:
                 out.add_(_delta_weight_into(self._scratch("delta", weight, avoid=weight), A, B, s))
         return out
@@ -405,8 +405,11 @@ class LoraLinear(nn.Module):
         if self._unedited():
             return record.original
         merged = record.source
-        for A, B, s in record.log:  # the same ops as merged_weight: the same bits
-            merged = merged + _delta_weight_into(torch.empty_like(merged), A, B, s)
+        for i, (A, B, s) in enumerate(record.log):  # the same ops as merged_weight: the same bits
+            if i == 0:
+                merged = _weight_plus_delta_into(torch.empty_like(merged, memory_format=torch.contiguous_format), merged, A, B, s)
+            else:
+                merged = merged + _delta_weight_into(torch.empty_like(merged), A, B, s)
         if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
             return record.original
         return record.original.to(dtype=live.dtype, device=live.device) + (live - merged.to(dtype=live.dtype, device=live.device))
@@ -496,6 +499,60 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.lora_A)}"
+
+
+def _weight_plus_delta_into(out: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """``weight + (B @ A) * s`` written into ``out`` (not ``weight``), with the bits of peft's merge:
+    the delta rounded, then added. One ``addmm`` pass over the weight where this BLAS is seen to
+    round exactly so for these shapes and strides (:func:`_addmm_is_two_step`); else a GEMM into
+    ``out`` and an add, two passes."""
+    if _is_power_of_two(s):
+        sB = B if s == 1.0 else B * s
+        if _addmm_is_two_step(out, weight, sB, A):
+            return torch.addmm(weight, sB, A, out=out)
+    return _delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
+
+
+_ADDMM_TWO_STEP: dict[tuple, bool] = {}
+
+
+def _addmm_is_two_step(out: torch.Tensor, weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether ``torch.addmm(weight, B, A, out=out)`` rounds as ``matmul(B, A, out=out).add_(weight)``
+    does (product rounded, then the sum) for operands of these shapes, strides, dtype and device.
+
+    A GEMM's rounding depends on the kernel the BLAS picks (by shape, strides, dtype, CPU and
+    thread count), not on the values: a kernel that adds ``W`` after its products round gives the
+    two-step bits, one that starts its sums from ``W`` (or fuses the add) does not. Which one this
+    is gets probed once per such key on random operands with the same layout (millions of values:
+    a kernel that rounds otherwise differs in about half of them) and remembered.
+    """
+    key = (
+        tuple(out.shape),
+        out.stride(),
+        weight.stride(),
+        B.shape[1],
+        B.stride(),
+        A.stride(),
+        out.dtype,
+        weight.dtype,
+        B.dtype,
+        A.dtype,
+        out.device,
+        torch.get_num_threads(),
+    )
+    known = _ADDMM_TWO_STEP.get(key)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+
+        def like(t: torch.Tensor, scale: float) -> torch.Tensor:
+            x = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+            return x.copy_(torch.randn(t.shape, generator=g) * scale)
+
+        w, b, a = like(weight, 0.05), like(B, 0.1), like(A, 0.1)
+        one = torch.addmm(w, b, a, out=torch.empty_strided(out.size(), out.stride(), dtype=out.dtype, device=out.device))
+        two = torch.matmul(b, a, out=torch.empty_strided(out.size(), out.stride(), dtype=out.dtype, device=out.device)).add_(w)
+        known = _ADDMM_TWO_STEP[key] = bool(torch.equal(one, two))
+    return known
 
 
 def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -695,7 +752,7 @@ def _check_values_finite(flat: torch.Tensor, tensors: dict[str, torch.Tensor], p
     every value finite (six times cheaper than ``isfinite``). A non-finite sum (also a mere
     overflow of large finite values) is settled value by value.
     """
-    if bool(flat.sum().isfinite()) or bool(torch.isfinite(flat).all()):
+    if math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all()):
         return
     key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
     where = f" in {path!r}" if path else ""
@@ -712,13 +769,13 @@ def _check_fits_dtypes(state_dict: dict[str, torch.Tensor], modules: dict[str, n
     float64 file loaded into a float32 model). Only tensors whose dtype differs are looked at."""
     for name, module in modules.items():
         dtype = (module.base_layer if isinstance(module, LoraLinear) else module).weight.dtype
-        if not dtype.is_floating_point:
-            continue
-        limit = torch.finfo(dtype).max
         for part in ("lora_A", "lora_B"):
             key = f"{name}.{part}.weight"
             t = state_dict[key]
-            if t.dtype != dtype and t.numel() and float(t.abs().max()) > limit:
+            if t.dtype == dtype or not dtype.is_floating_point or not t.numel():  # the common case: nothing to cast
+                continue
+            limit = torch.finfo(dtype).max
+            if float(t.abs().max()) > limit:
                 where = f" in {path!r}" if path else ""
                 raise NonFiniteError(
                     f"tensor {key!r}{where} holds values beyond {dtype}'s range (max {limit:.3g}); loaded into this model they "

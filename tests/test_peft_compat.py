@@ -56,3 +56,60 @@ def test_state_dict_key_mapping_round_trips() -> None:
     theirs = native_to_peft_state_dict(native, "default")
     assert set(theirs) == {"base_model.model.linear1.lora_A.default.weight", "base_model.model.linear1.lora_B.default.weight"}
     assert peft_to_native_state_dict(theirs).keys() == native.keys()
+
+
+def _merged_pair(r: int, alpha: float, seed: int = 1):
+    import copy
+
+    import peft
+
+    from mnist_peft.lora import LoraConfig, LoraModel, lora_layers
+    from mnist_peft.peft_compat import to_peft_config
+
+    torch.manual_seed(0)
+    base = MnistMLP().eval()
+    cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False)
+    torch.manual_seed(seed)
+    ours = LoraModel(copy.deepcopy(base), cfg)
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(cfg))
+    with torch.no_grad():
+        ours.merge()
+        theirs.merge_adapter()
+    pairs = [(layer.base_layer.weight, getattr(theirs.base_model.model, name).base_layer.weight) for name, layer in lora_layers(ours.model)]
+    return ours, pairs
+
+
+@pytest.mark.parametrize(("r", "alpha"), [(1, 2), (4, 8), (4, 12), (16, 16), (16, 40)])
+def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float) -> None:
+    # the README's claim: our merge rounds as peft's (one addmm pass where this BLAS rounds so, else two)
+    _, pairs = _merged_pair(r, alpha)
+    assert len(pairs) == 3
+    for ours, theirs in pairs:
+        assert torch.equal(ours, theirs)
+
+
+def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch) -> None:
+    """An addmm that rounds once (as a fused kernel would) must never reach a merged weight: the
+    probe sees it differ from the two-step and the merge keeps the two-step, peft's bits."""
+    from mnist_peft import lora
+
+    real = torch.addmm
+    calls = {"n": 0}
+
+    def rounds_once(w, b, a, *, out):
+        calls["n"] += 1
+        return out.copy_((w.double() + b.double() @ a.double()).to(out.dtype))
+
+    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    monkeypatch.setattr(torch, "addmm", rounds_once)
+    ours, pairs = _merged_pair(4, 8)
+    assert calls["n"] == 3 and all(v is False for v in lora._ADDMM_TWO_STEP.values())  # each layer probed, none used
+    for o, t in pairs:
+        assert torch.equal(o, t)
+    monkeypatch.setattr(torch, "addmm", real)
+    originals = [t.clone() for _, t in pairs]
+    ours.unmerge()
+    ours.merge()
+    for (o, _), t in zip(pairs, originals, strict=True):
+        assert torch.equal(o, t)  # the record's recomputation (unmerge's edit check) takes the same path
