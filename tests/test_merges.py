@@ -277,3 +277,25 @@ def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(t
     curve = sorted((p for p in result["curve"] if p["method"] == "ties"), key=lambda p: p["density"])
     assert drawn["ties"] == [p["test_accuracy"] for p in curve]
     assert Image.open(png).size[0] > 300
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_keeps_the_entries_peft_magnitude_pruning_keeps(ties: bool, dtype: torch.dtype) -> None:
+    """Our trim selects by linear-time partition; the kept entries must be exactly peft's topk mask,
+    also when equal magnitudes straddle the threshold (then topk's own choice is used)."""
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    from mnist_peft.combine import _trim
+
+    g = torch.Generator().manual_seed(11)
+    for shape in [(7, 9), (200, 150), (2000, 40)]:
+        delta = torch.randn(shape, generator=g, dtype=dtype)
+        if ties:
+            delta = (delta * 2).round() / 2  # a few distinct magnitudes: ties at every threshold
+        for density in (0.003, 0.1, 0.3, 0.77, 0.999):
+            if int(density * delta.numel()) < 1:
+                continue
+            ours, theirs = _trim(delta, density), magnitude_based_pruning(delta, density)
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (shape, density)
+            assert int((ours != 0).sum()) <= int(density * delta.numel())
