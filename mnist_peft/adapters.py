@@ -157,12 +157,15 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
     return reader(data, where)
 
 
+_LORA_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias"})
+"""The ``adapter_config.json`` keys our LoRA reads (the fields of :class:`LoraConfig`)."""
+
+
 def _lora_config_from_dict(data: dict[str, object], where: str) -> LoraConfig:
     """``peft_type: LORA``: every key checked against what our LoRA models (see ``_NEUTRAL_PEFT_KEYS``)."""
-    known = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias"}
-    kwargs = {k: v for k, v in data.items() if k in known}
+    kwargs = {k: v for k, v in data.items() if k in _LORA_KEYS}
     for key, value in data.items():
-        if key in known:
+        if key in _LORA_KEYS:
             continue
         if key in _NEUTRAL_PEFT_KEYS:
             allowed = _NEUTRAL_PEFT_KEYS[key]
@@ -266,11 +269,7 @@ def adapter_from_bytes(config: bytes, weights: bytes, *, folder: str | os.PathLi
     cfg_path = ADAPTER_CONFIG_NAME if folder is None else f"{folder}/{ADAPTER_CONFIG_NAME}"
     w_path = ADAPTER_WEIGHTS_NAME if folder is None else f"{folder}/{ADAPTER_WEIGHTS_NAME}"
     cfg_raw, raw = config, weights
-    try:
-        data = json.loads(cfg_raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{cfg_path!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=cfg_path) from exc
-    config = from_peft_config_dict(data, path=cfg_path)
+    config = _config_from_bytes(cfg_raw, cfg_path)
     try:
         tensors = st_load(raw)
         metadata = _read_metadata(raw)
@@ -293,6 +292,46 @@ def adapter_from_bytes(config: bytes, weights: bytes, *, folder: str | os.PathLi
         # Narrow floats (fp16, bf16, float8) are widened: the checks and the copy into the model work in float32.
         state[k] = t.to(torch.float32) if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t
     return AdapterFiles(config=config, state_dict=state, metadata=metadata, path=folder)
+
+
+_PARSED_CONFIGS: dict[bytes, LoraConfig] = {}
+"""Configs parsed cleanly (no error, nothing warned about), by the exact bytes of their file: the
+adapters of one recipe share those bytes, and a server loading many of them parses each kind once."""
+_PARSED_CONFIGS_MAX = 256
+
+
+def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:
+    """The config in ``adapter_config.json``'s bytes (see :func:`from_peft_config_dict`), a fresh
+    object on every call."""
+    known = _PARSED_CONFIGS.get(raw) if isinstance(raw, bytes) else None  # (a bytearray is not hashable)
+    if known is None:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{path!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=path) from exc
+        config = from_peft_config_dict(data, path=path)
+        # Only a config every key of which is read or known to be neutral is remembered: any other
+        # is parsed again each time, so its warnings are given each time.
+        if (
+            isinstance(raw, bytes)
+            and len(raw) <= 1 << 16
+            and isinstance(data, dict)
+            and all(k in _LORA_KEYS or k in _NEUTRAL_PEFT_KEYS for k in data)
+        ):
+            if len(_PARSED_CONFIGS) >= _PARSED_CONFIGS_MAX:
+                _PARSED_CONFIGS.pop(next(iter(_PARSED_CONFIGS)))
+            _PARSED_CONFIGS[raw] = config
+            return _fresh_config(config)
+        return config
+    return _fresh_config(known)
+
+
+def _fresh_config(config: LoraConfig) -> LoraConfig:
+    """A copy the caller may change (its list too), without re-running the checks it passed."""
+    out = object.__new__(LoraConfig)
+    out.__dict__.update(config.__dict__)
+    out.target_modules = list(config.target_modules)
+    return out
 
 
 def _unreadable(p: Path, folder: Path, exc: OSError) -> FileNotFoundError:

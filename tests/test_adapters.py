@@ -165,3 +165,39 @@ def test_load_stack_names_and_weights(saved, random_base, tmp_path) -> None:
 def test_missing_folder_is_a_file_not_found_error(tmp_path, random_base) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_adapter(tmp_path / "nope")
+
+
+def test_configs_parsed_once_by_their_bytes_are_still_each_callers_own(saved, monkeypatch) -> None:
+    """Loading many adapters of one recipe parses their (identical) config bytes once; each call
+    still gets its own object, and a config that warns, or fails, is parsed (and warns) every time."""
+    from mnist_peft import adapters
+
+    monkeypatch.setattr(adapters, "_PARSED_CONFIGS", {})
+    _, _, folder = saved
+    first = read_adapter(folder).config
+    first.target_modules.append("linear9")
+    first.r = 99
+    second = read_adapter(folder).config
+    assert second.r == 4 and second.target_modules == ["linear1", "linear2", "linear3"] and second is not first
+    assert len(adapters._PARSED_CONFIGS) == 1
+
+    cfg = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    cfg["brand_new_peft_field"] = "on"  # unknown to us: warned about on every read
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="brand_new_peft_field"):
+            read_adapter(folder)
+    cfg.pop("brand_new_peft_field")
+    cfg["use_rslora"] = "false"  # a string: refused on every read
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
+    for _ in range(2):
+        with pytest.raises(AdapterConfigError, match="use_rslora"):
+            read_adapter(folder)
+    assert len(adapters._PARSED_CONFIGS) == 1
+
+    monkeypatch.setattr(adapters, "_PARSED_CONFIGS_MAX", 3)
+    for r in (1, 2, 3, 5, 6):
+        cfg["use_rslora"], cfg["r"] = False, r
+        raw = json.dumps(cfg).encode()
+        assert adapters._config_from_bytes(raw, "x").r == r
+    assert len(adapters._PARSED_CONFIGS) == 3  # bounded: the oldest go
