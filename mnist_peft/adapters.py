@@ -12,8 +12,10 @@ kept short so the file stays close to the raw tensor bytes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,6 +300,7 @@ _PARSED_CONFIGS: dict[bytes, LoraConfig] = {}
 """Configs parsed cleanly (no error, nothing warned about), by the exact bytes of their file: the
 adapters of one recipe share those bytes, and a server loading many of them parses each kind once."""
 _PARSED_CONFIGS_MAX = 256
+_PARSED_CONFIGS_LOCK = threading.Lock()  # lookups are plain dict reads; adding and evicting take it
 
 
 def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:
@@ -310,27 +313,29 @@ def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptFileError(f"{path!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=path) from exc
         config = from_peft_config_dict(data, path=path)
-        # Only a config every key of which is read or known to be neutral is remembered: any other
-        # is parsed again each time, so its warnings are given each time.
+        # Only a LoRA config every key of which is read or known to be neutral is remembered: any
+        # other is parsed again each time, so its warnings are given each time.
         if (
             isinstance(raw, bytes)
             and len(raw) <= 1 << 16
+            and type(config) is LoraConfig
             and isinstance(data, dict)
+            and data.get("peft_type", "LORA") == "LORA"
             and all(k in _LORA_KEYS or k in _NEUTRAL_PEFT_KEYS for k in data)
         ):
-            if len(_PARSED_CONFIGS) >= _PARSED_CONFIGS_MAX:
-                _PARSED_CONFIGS.pop(next(iter(_PARSED_CONFIGS)))
-            _PARSED_CONFIGS[raw] = config
+            with _PARSED_CONFIGS_LOCK:
+                while len(_PARSED_CONFIGS) >= _PARSED_CONFIGS_MAX:
+                    _PARSED_CONFIGS.pop(next(iter(_PARSED_CONFIGS)))
+                _PARSED_CONFIGS[raw] = config
             return _fresh_config(config)
         return config
     return _fresh_config(known)
 
 
 def _fresh_config(config: LoraConfig) -> LoraConfig:
-    """A copy the caller may change (its list too), without re-running the checks it passed."""
-    out = object.__new__(LoraConfig)
-    out.__dict__.update(config.__dict__)
-    out.target_modules = list(config.target_modules)
+    """A copy the caller may change (its lists too), without re-running the checks it passed."""
+    out = object.__new__(type(config))
+    out.__dict__.update({k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in config.__dict__.items()})
     return out
 
 

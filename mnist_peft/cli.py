@@ -1004,7 +1004,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         type=_test_images,
         default=10_000,
         metavar="N",
-        help="test images in forward_unmerged and mixed_batch (default 10000, the whole test set)",
+        help="test images in forward_unmerged and mixed_batch, and at most this many ui_throughput requests "
+        "(default 10000, the whole test set)",
     )
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")
     p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its target")

@@ -154,7 +154,7 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1:
         return delta
     k = int(density * delta.numel())
-    magnitude = delta.abs().reshape(-1)
+    magnitude = delta.detach().abs().reshape(-1)
     if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
         import numpy as np
 

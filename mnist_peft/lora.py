@@ -251,13 +251,27 @@ class _AdapterParameters(nn.ParameterDict):
 _ATTRIBUTES_PROBE = _AdapterParameters()  # an empty one: its attributes are the names adapters cannot take
 
 
+@dataclass(frozen=True)
+class _Merged:
+    """One delta merged into a weight, with what its bits depend on (so unmerge can recompute them)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    first: bool
+    """The first of its merge call: ``W + delta`` into a fresh buffer (:func:`_weight_plus_delta_into`);
+    else the delta added to the weight so far."""
+    threads: int
+    """torch's thread count then: a GEMM's rounding may depend on how its work is split."""
+
+
 @dataclass
 class _MergeRecord:
     """What a merged layer keeps to restore its base weight (see :meth:`LoraLinear.commit_merge`)."""
 
     original: torch.Tensor  # the base weight unmerge puts back
     source: torch.Tensor  # the weight the logged merges were applied to
-    log: list[tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=list)  # (A, B, scaling), in order
+    log: list[_Merged] = field(default_factory=list)  # each merged delta, in order
     token: tuple | None = None  # the live weight's edit token right after the last merge
 
 
@@ -379,8 +393,10 @@ class LoraLinear(nn.Module):
                 # First merge, or merging more after an edit: restart the record from the live weight.
                 original = weight.detach() if record is None else self.unmerged_weight()
                 record = _MergeRecord(original=original, source=weight.detach())
+            threads = torch.get_num_threads()
             record.log += [
-                (self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone(), self.effective_scaling(n)) for n in adapter_names
+                _Merged(self.lora_A[n].detach().clone(), self.lora_B[n].detach().clone(), self.effective_scaling(n), i == 0, threads)
+                for i, n in enumerate(adapter_names)
             ]
             fused.set_data(weight, new_weight)
         record.token = _edit_token(weight)
@@ -405,11 +421,13 @@ class LoraLinear(nn.Module):
         if self._unedited():
             return record.original
         merged = record.source
-        for i, (A, B, s) in enumerate(record.log):  # the same ops as merged_weight: the same bits
-            if i == 0:
-                merged = _weight_plus_delta_into(torch.empty_like(merged, memory_format=torch.contiguous_format), merged, A, B, s)
-            else:
-                merged = merged + _delta_weight_into(torch.empty_like(merged), A, B, s)
+        for m in record.log:  # the same ops as merged_weight, on as many threads: the same bits
+            with _num_threads(m.threads):
+                if m.first:
+                    out = torch.empty_like(merged, memory_format=torch.contiguous_format)
+                    merged = _weight_plus_delta_into(out, merged, m.A, m.B, m.scaling)
+                else:
+                    merged = merged + _delta_weight_into(torch.empty_like(merged), m.A, m.B, m.scaling)
         if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
             return record.original
         return record.original.to(dtype=live.dtype, device=live.device) + (live - merged.to(dtype=live.dtype, device=live.device))
@@ -506,11 +524,30 @@ def _weight_plus_delta_into(out: torch.Tensor, weight: torch.Tensor, A: torch.Te
     the delta rounded, then added. One ``addmm`` pass over the weight where this BLAS is seen to
     round exactly so for these shapes and strides (:func:`_addmm_is_two_step`); else a GEMM into
     ``out`` and an add, two passes."""
-    if _is_power_of_two(s):
+    if _is_power_of_two(s) and out.dtype in (torch.float32, torch.float64) and out.numel() >= _ADDMM_MIN_NUMEL:
         sB = B if s == 1.0 else B * s
         if _addmm_is_two_step(out, weight, sB, A):
             return torch.addmm(weight, sB, A, out=out)
     return _delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
+
+
+_ADDMM_MIN_NUMEL = 4096
+"""Smaller weights always take the two-step merge: on a few values a kernel that rounds otherwise
+could agree with it by chance (and one pass saves nothing there)."""
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """Run with torch's intra-op thread count at ``n`` (as it was when a merge ran), then restore it."""
+    now = torch.get_num_threads()
+    if n == now:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(now)
 
 
 _ADDMM_TWO_STEP: dict[tuple, bool] = {}
@@ -545,8 +582,9 @@ def _addmm_is_two_step(out: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
         g = torch.Generator().manual_seed(0)
 
         def like(t: torch.Tensor, scale: float) -> torch.Tensor:
+            # drawn in float64, so that no dtype's products come out exact (which would hide a fused rounding)
             x = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-            return x.copy_(torch.randn(t.shape, generator=g) * scale)
+            return x.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64) * scale)
 
         w, b, a = like(weight, 0.05), like(B, 0.1), like(A, 0.1)
         one = torch.addmm(w, b, a, out=torch.empty_strided(out.size(), out.stride(), dtype=out.dtype, device=out.device))
@@ -557,6 +595,9 @@ def _addmm_is_two_step(out: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
 
 def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """:func:`get_delta_weight` (``(B @ A) * s``, peft's bits) written into ``out``, (out, in)."""
+    if out.device.type == "cpu" and out.dtype in (torch.float16, torch.bfloat16):
+        # peft computes a half-precision delta on CPU in float32 and casts the result
+        return out.copy_(_delta_weight_into(torch.empty(out.shape, dtype=torch.float32), A.float(), B.float(), s))
     if _is_power_of_two(s):
         # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s and
         # saves a pass over the (out, in) delta. (s == 1 is the common case.)

@@ -134,7 +134,7 @@ def merge_study(
     grid, curve, chosen = [], [], {}
     for method in methods:
         best = None
-        tested: dict[float, EvalResult] = {}  # density -> test result at its chosen scale
+        tested: dict[tuple[float, float], EvalResult] = {}  # (density, scale) -> test result
         for density in (1.0,) if method == "task_arithmetic" else cfg.densities:
             g = torch.Generator().manual_seed(cfg.seed)
             merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
@@ -150,7 +150,7 @@ def merge_study(
             # What the plot shows: each density at the scale validation chose for it, scored on test
             # (reported only; nothing is chosen on these numbers).
             update = {m: at_density[1] * d for m, d in low.items()}  # type: ignore[index]
-            tested[density] = _evaluate_update(base, update, test)
+            tested[density, at_density[1]] = _evaluate_update(base, update, test)  # type: ignore[index]
             curve.append(
                 {
                     "method": method,
@@ -158,11 +158,14 @@ def merge_study(
                     "scale": at_density[1],  # type: ignore[index]
                     "val_loss": at_density[0],  # type: ignore[index]
                     "val_accuracy": _evaluate_update(base, update, val).accuracy,
-                    "test_accuracy": tested[density].accuracy,
+                    "test_accuracy": tested[density, at_density[1]].accuracy,  # type: ignore[index]
                 }
             )
         val_loss, density, scale, low = best  # type: ignore[misc]
-        result = tested[density]  # the best overall is the best at its density: that point was scored already
+        # the best overall is the best at its density, scored above (but for NaN losses, where it need not be)
+        result = tested.get((density, scale))
+        if result is None:
+            result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
         densities = (1.0,) if method == "task_arithmetic" else tuple(cfg.densities)
         chosen[method] = {
             "density": density,

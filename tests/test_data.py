@@ -193,3 +193,14 @@ def test_loading_mnist_does_not_import_torchvision(data_root: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("n", "rows", "cols"), [(0, 28, 28), (N_TEST, 14, 56)])
+def test_images_that_are_not_28x28_mnist_images_are_refused(tmp_path: Path, tiny_bundle, n: int, rows: int, cols: int) -> None:
+    bundle, sums, _ = tiny_bundle
+    blob = struct.pack(">IIII", 2051, n, rows, cols) + bytes(n * rows * cols)
+    (bundle / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(blob, mtime=0))
+    sums = {**sums, "t10k-images-idx3-ubyte": hashlib.sha256(blob).hexdigest()}
+    with pytest.raises(DataIntegrityError) as err:
+        load_mnist(train=False, data_dir=str(tmp_path / "root"), bundle_dir=bundle, checksums=sums)
+    assert f"holds {n} images of {rows}x{cols} pixels" in str(err.value) and "t10k-images-idx3-ubyte" in str(err.value)

@@ -167,6 +167,27 @@ def test_ray_fleet_matches_the_local_executor_and_registers_in_one_write(
     assert registry_with_base.verify() == []
 
 
+def test_a_worker_reads_the_bases_folder_only_never_the_registry(
+    registry_with_base: AdapterRegistry, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Ray worker runs (``_train_one``) is handed the base's own folder: with the registry's
+    index gone and any registry use an error, it still trains and returns the adapter's files."""
+    from mnist_peft import fleet, registry
+
+    folder = registry_with_base.path("base")
+    for p in registry_with_base.root.glob("index.*"):
+        p.unlink()
+
+    def no_registry(*args, **kwargs):
+        raise AssertionError("a worker opened the registry")
+
+    monkeypatch.setattr(registry.AdapterRegistry, "__init__", no_registry)
+    job = AdapterJob(3, overrides=(("steps", 4), ("eval_every", 2)))
+    got = fleet._train_one(job, "base", str(folder.absolute()), str(data_root), None)
+    assert set(got) == {"name", "files"} and set(got["files"]) == set(fleet.ADAPTER_FILES)
+    assert b"linear2.lora_B.weight" in got["files"]["adapter_model.safetensors"]
+
+
 def test_ray_fleet_survives_a_worker_killed_mid_job(
     ray_local, registry_with_base: AdapterRegistry, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -299,3 +299,12 @@ def test_trim_keeps_the_entries_peft_magnitude_pruning_keeps(ties: bool, dtype: 
             ours, theirs = _trim(delta, density), magnitude_based_pruning(delta, density)
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (shape, density)
             assert int((ours != 0).sum()) <= int(density * delta.numel())
+
+
+def test_task_vector_merges_accept_deltas_that_require_grad() -> None:
+    g = torch.Generator().manual_seed(5)
+    deltas = [torch.randn(30, 20, generator=g).requires_grad_() for _ in range(3)]
+    for method in ("ties", "magnitude_prune"):
+        merged = merge_deltas(deltas, [1.0, 0.5, 1.0], method=method, density=0.3)
+        detached = merge_deltas([d.detach() for d in deltas], [1.0, 0.5, 1.0], method=method, density=0.3)
+        assert torch.equal(merged.detach(), detached)

@@ -58,7 +58,7 @@ def test_state_dict_key_mapping_round_trips() -> None:
     assert peft_to_native_state_dict(theirs).keys() == native.keys()
 
 
-def _merged_pair(r: int, alpha: float, seed: int = 1):
+def _merged_pair(r: int, alpha: float, seed: int = 1, dtype: torch.dtype = torch.float32):
     import copy
 
     import peft
@@ -70,9 +70,9 @@ def _merged_pair(r: int, alpha: float, seed: int = 1):
     base = MnistMLP().eval()
     cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False)
     torch.manual_seed(seed)
-    ours = LoraModel(copy.deepcopy(base), cfg)
+    ours = LoraModel(copy.deepcopy(base), cfg).to(dtype)
     torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(cfg)).to(dtype)
     with torch.no_grad():
         ours.merge()
         theirs.merge_adapter()
@@ -81,12 +81,14 @@ def _merged_pair(r: int, alpha: float, seed: int = 1):
 
 
 @pytest.mark.parametrize(("r", "alpha"), [(1, 2), (4, 8), (4, 12), (16, 16), (16, 40)])
-def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float) -> None:
-    # the README's claim: our merge rounds as peft's (one addmm pass where this BLAS rounds so, else two)
-    _, pairs = _merged_pair(r, alpha)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float, dtype: torch.dtype) -> None:
+    # the README's claim: our merge rounds as peft's (one addmm pass where this BLAS rounds so, else
+    # two; half precision on CPU through a float32 delta, as peft computes it)
+    _, pairs = _merged_pair(r, alpha, dtype=dtype)
     assert len(pairs) == 3
     for ours, theirs in pairs:
-        assert torch.equal(ours, theirs)
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
 
 
 def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch) -> None:
@@ -94,7 +96,6 @@ def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch)
     probe sees it differ from the two-step and the merge keeps the two-step, peft's bits."""
     from mnist_peft import lora
 
-    real = torch.addmm
     calls = {"n": 0}
 
     def rounds_once(w, b, a, *, out):
@@ -103,13 +104,61 @@ def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch)
 
     monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
     monkeypatch.setattr(torch, "addmm", rounds_once)
-    ours, pairs = _merged_pair(4, 8)
+    _, pairs = _merged_pair(4, 8)
     assert calls["n"] == 3 and all(v is False for v in lora._ADDMM_TWO_STEP.values())  # each layer probed, none used
     for o, t in pairs:
         assert torch.equal(o, t)
-    monkeypatch.setattr(torch, "addmm", real)
-    originals = [t.clone() for _, t in pairs]
+
+
+def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exact(monkeypatch) -> None:
+    """Where the probe says yes the merge is one addmm; either way, after a ``.data`` touch (which
+    makes unmerge recompute the merged weight and compare), unmerge gives the original tensor back."""
+    from mnist_peft import lora
+
+    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    used: list[tuple[int, ...]] = []
+    real = torch.addmm
+
+    def spy(w, b, a, *, out):
+        used.append(tuple(out.shape))
+        return real(w, b, a, out=out)
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    ours, pairs = _merged_pair(4, 8)  # probes each layer (the probe calls addmm too)
+    probed = {key[0]: ok for key, ok in lora._ADDMM_TWO_STEP.items()}
+    assert set(probed) == {(1000, 784), (2000, 1000), (10, 2000)}
     ours.unmerge()
-    ours.merge()
-    for (o, _), t in zip(pairs, originals, strict=True):
-        assert torch.equal(o, t)  # the record's recomputation (unmerge's edit check) takes the same path
+    used.clear()
+    with torch.no_grad():
+        ours.merge()  # probed already: only the merges' own calls now
+    assert sorted(used) == sorted(shape for shape, ok in probed.items() if ok)
+    for layer_weight, theirs in pairs:
+        assert torch.equal(layer_weight, theirs)
+    originals = {name: layer._merge.original.clone() for name, layer in lora.lora_layers(ours.model)}
+    for _, layer in lora.lora_layers(ours.model):
+        layer.base_layer.weight.data.sum()  # a touch that edits nothing
+    ours.unmerge()
+    for name, layer in lora.lora_layers(ours.model):
+        assert torch.equal(layer.base_layer.weight, originals[name]), name
+
+
+@pytest.mark.parametrize(("at_merge", "at_unmerge"), [(1, 2), (2, 1)])
+def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_merge: int, at_unmerge: int) -> None:
+    """A GEMM's rounding can depend on how many threads split it; unmerge's recomputation runs on
+    as many threads as the merge did."""
+    from mnist_peft import lora
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(at_merge)
+        ours, _ = _merged_pair(4, 12)
+        originals = {name: layer._merge.original.clone() for name, layer in lora.lora_layers(ours.model)}
+        for _, layer in lora.lora_layers(ours.model):
+            layer.base_layer.weight.data.sum()
+        torch.set_num_threads(at_unmerge)
+        ours.unmerge()
+        assert torch.get_num_threads() == at_unmerge  # restored after the recomputation
+    finally:
+        torch.set_num_threads(threads)
+    for name, layer in lora.lora_layers(ours.model):
+        assert torch.equal(layer.base_layer.weight, originals[name]), name
