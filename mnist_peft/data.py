@@ -208,10 +208,10 @@ def load_mnist(
         images = read_idx(raw / f"{prefix}-images-idx3-ubyte", ndim=3)
         labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", ndim=1)
         if images.shape[1:] != (28, 28) or not images.shape[0]:
+            what = "no images" if not images.shape[0] else f"images of {images.shape[1]}x{images.shape[2]} pixels"
             raise DataIntegrityError(
-                f"MNIST file {str(raw / f'{prefix}-images-idx3-ubyte')!r} holds {images.shape[0]} images of "
-                f"{images.shape[1]}x{images.shape[2]} pixels, not 28x28 MNIST images; delete it and run again to unpack "
-                "a fresh copy from the bundled data",
+                f"MNIST file {str(raw / f'{prefix}-images-idx3-ubyte')!r} holds {what}, not 28x28 MNIST images; "
+                "delete it and run again to unpack a fresh copy from the bundled data",
                 path=raw / f"{prefix}-images-idx3-ubyte",
             )
         if images.shape[0] != labels.shape[0]:

@@ -148,7 +148,10 @@ def compute_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> floa
 
 
 def get_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The weight update ``(B @ A) * scaling``, (out, in); the same float ops as peft's."""
+    """The weight update ``(B @ A) * scaling``, (out, in); the same float ops as peft's (which, for
+    float16/bfloat16 weights on CPU, computes in float32 and casts the result)."""
+    if lora_B.device.type == "cpu" and lora_B.dtype in (torch.float16, torch.bfloat16):
+        return ((lora_B.float() @ lora_A.float()) * scaling).to(lora_B.dtype)
     return (lora_B @ lora_A) * scaling
 
 
@@ -383,8 +386,10 @@ class LoraLinear(nn.Module):
         """Make ``new_weight`` (from :meth:`merged_weight`) live; the original is kept for unmerge.
 
         What unmerge needs to tell an edit made while merged is recorded, not copied: the weight
-        the merges started from, each merged ``(A, B, scaling)`` (small), and the live parameter's
-        edit token (:func:`_edit_token`).
+        the merges started from, each merged ``(A, B, scaling)`` (small) with how it was merged
+        (torch's thread count is read here: call this right after ``merged_weight``, on the same
+        thread, as :meth:`LoraModel.merge` does), and the live parameter's edit token
+        (:func:`_edit_token`).
         """
         weight = self.base_layer.weight
         record = self._merge
@@ -422,7 +427,7 @@ class LoraLinear(nn.Module):
             return record.original
         merged = record.source
         for m in record.log:  # the same ops as merged_weight, on as many threads: the same bits
-            with _num_threads(m.threads):
+            with _num_threads(m.threads, merged.device):
                 if m.first:
                     out = torch.empty_like(merged, memory_format=torch.contiguous_format)
                     merged = _weight_plus_delta_into(out, merged, m.A, m.B, m.scaling)
@@ -430,7 +435,9 @@ class LoraLinear(nn.Module):
                     merged = merged + _delta_weight_into(torch.empty_like(merged), m.A, m.B, m.scaling)
         if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
             return record.original
-        return record.original.to(dtype=live.dtype, device=live.device) + (live - merged.to(dtype=live.dtype, device=live.device))
+        original = record.original.to(dtype=live.dtype, device=live.device)
+        edit = live - merged.to(dtype=live.dtype, device=live.device)
+        return torch.where(edit == 0, original, original + edit)  # unedited entries keep their bits (-0.0 too)
 
     def unmerge(self) -> None:
         """Put the original weight tensor back (bit-exact, idempotent); an edit made while merged is kept."""
@@ -537,10 +544,13 @@ could agree with it by chance (and one pass saves nothing there)."""
 
 
 @contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    """Run with torch's intra-op thread count at ``n`` (as it was when a merge ran), then restore it."""
+def _num_threads(n: int, device: torch.device) -> Iterator[None]:
+    """Run with torch's intra-op thread count at ``n`` (as it was when a merge ran), then restore it.
+
+    Only for CPU work, and only for the rare recomputation of a touched merged weight: the count is
+    process-wide, so a thread that starts torch work meanwhile starts with ``n``."""
     now = torch.get_num_threads()
-    if n == now:
+    if n == now or device.type != "cpu":
         yield
         return
     torch.set_num_threads(n)
@@ -598,9 +608,10 @@ def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: f
     if out.device.type == "cpu" and out.dtype in (torch.float16, torch.bfloat16):
         # peft computes a half-precision delta on CPU in float32 and casts the result
         return out.copy_(_delta_weight_into(torch.empty(out.shape, dtype=torch.float32), A.float(), B.float(), s))
-    if _is_power_of_two(s):
+    if _is_power_of_two(s) and out.dtype in (torch.float32, torch.float64):
         # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s and
-        # saves a pass over the (out, in) delta. (s == 1 is the common case.)
+        # saves a pass over the (out, in) delta. (s == 1 is the common case.) Not in half
+        # precision: its subnormals start at 6e-5, where scaling loses bits.
         return torch.matmul(B if s == 1.0 else B * s, A, out=out)
     return torch.matmul(B, A, out=out).mul_(s)
 

@@ -84,7 +84,9 @@ def _merged_pair(r: int, alpha: float, seed: int = 1, dtype: torch.dtype = torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float, dtype: torch.dtype) -> None:
     # the README's claim: our merge rounds as peft's (one addmm pass where this BLAS rounds so, else
-    # two; half precision on CPU through a float32 delta, as peft computes it)
+    # two; half precision on CPU through a float32 delta, as peft computes it). Both models are cast
+    # whole, so peft's adapters are in the model's dtype too (on a half base peft would keep them in
+    # float32 by default, autocast_adapter_dtype=True, and merge other bits).
     _, pairs = _merged_pair(r, alpha, dtype=dtype)
     assert len(pairs) == 3
     for ours, theirs in pairs:
@@ -142,8 +144,9 @@ def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exa
         assert torch.equal(layer.base_layer.weight, originals[name]), name
 
 
+@pytest.mark.parametrize("alpha", [8, 12])  # s = 2 (may take addmm) and s = 3 (two steps)
 @pytest.mark.parametrize(("at_merge", "at_unmerge"), [(1, 2), (2, 1)])
-def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_merge: int, at_unmerge: int) -> None:
+def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_merge: int, at_unmerge: int, alpha: int) -> None:
     """A GEMM's rounding can depend on how many threads split it; unmerge's recomputation runs on
     as many threads as the merge did."""
     from mnist_peft import lora
@@ -151,7 +154,7 @@ def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_mer
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(at_merge)
-        ours, _ = _merged_pair(4, 12)
+        ours, _ = _merged_pair(4, alpha)
         originals = {name: layer._merge.original.clone() for name, layer in lora.lora_layers(ours.model)}
         for _, layer in lora.lora_layers(ours.model):
             layer.base_layer.weight.data.sum()
@@ -162,3 +165,71 @@ def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_mer
         torch.set_num_threads(threads)
     for name, layer in lora.lora_layers(ours.model):
         assert torch.equal(layer.base_layer.weight, originals[name]), name
+
+
+def _rounds_once(w, b, a, *, out):
+    """An addmm whose kernel rounds once (``W + B A`` summed exactly, then rounded), as a fused one would."""
+    return out.copy_((w.double() + b.double() @ a.double()).to(out.dtype))
+
+
+def test_unmerge_replays_each_merge_call_the_way_it_ran(monkeypatch) -> None:
+    """Two merge() calls, each starting with ``W + delta`` in one pass; with a one-pass kernel that
+    rounds otherwise than the two-step (forced in here), a replay that took the two-step for the
+    second call's delta would not give the merged weight back, and a touched unmerge would drift."""
+    from mnist_peft import lora
+    from mnist_peft.lora import LoraConfig, LoraModel
+
+    monkeypatch.setattr(torch, "addmm", _rounds_once)
+    monkeypatch.setattr(lora, "_addmm_is_two_step", lambda *args: True)
+    torch.manual_seed(0)
+    model = LoraModel(MnistMLP().eval(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    torch.manual_seed(1)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora.lora_layers(model.model)}
+    with torch.no_grad():
+        model.merge(["default"])
+        model.merge(["second"])
+    for _, layer in lora.lora_layers(model.model):
+        assert len(layer._merge.log) == 2 and all(m.first for m in layer._merge.log)  # each call began with W + delta
+        layer.base_layer.weight.data.sum()  # a touch: unmerge now recomputes the merged weight and compares
+    model.unmerge()
+    for name, layer in lora.lora_layers(model.model):
+        assert torch.equal(layer.base_layer.weight, originals[name]), name
+
+
+def test_the_probe_is_not_fooled_by_float64_products_that_happen_to_be_exact(monkeypatch) -> None:
+    """A one-pass kernel that rounds otherwise only where products are not exact in float64: probe
+    operands with float32 values would all be exact and hide it; the probe draws float64 values."""
+    from mnist_peft import lora
+
+    def exact_only_on_float32_values(w, b, a, *, out):
+        if all(torch.equal(t, t.float().double()) for t in (w, b, a)):  # every product exact: no rounding to tell
+            return out.copy_(torch.matmul(b, a).add_(w))
+        # else the sum kept in extended precision and rounded once (x86's 80-bit long double)
+        import numpy as np
+
+        ext = w.numpy().astype(np.longdouble) + b.numpy().astype(np.longdouble) @ a.numpy().astype(np.longdouble)
+        return out.copy_(torch.from_numpy(ext.astype(np.float64)))
+
+    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    monkeypatch.setattr(torch, "addmm", exact_only_on_float32_values)
+    w, b, a = torch.zeros(100, 64, dtype=torch.float64), torch.zeros(100, 1, dtype=torch.float64), torch.zeros(1, 64, dtype=torch.float64)
+    assert lora._addmm_is_two_step(torch.empty_like(w), w, b, a) is False
+
+
+def test_unmerge_after_a_cast_while_merged_keeps_negative_zeros() -> None:
+    from mnist_peft.lora import LoraConfig, LoraModel
+
+    torch.manual_seed(0)
+    base = MnistMLP().eval()
+    with torch.no_grad():
+        base.linear2.weight[:5, 0] = -0.0  # pruned weights hold -0.0
+    model = LoraModel(base, LoraConfig(r=4, lora_alpha=8))  # B = 0: the merge changes nothing
+    original = model.model.linear2.base_layer.weight.detach().to(torch.float64)
+    with torch.no_grad():
+        model.merge()
+    model.to(torch.float64)  # a cast while merged: unmerge must tell an edit from the cast
+    model.unmerge()
+    restored = model.model.linear2.base_layer.weight.detach()
+    assert torch.equal(restored, original)
+    assert bool(torch.signbit(restored[:5, 0]).all())  # still -0.0 (torch.equal does not tell)
