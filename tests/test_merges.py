@@ -308,3 +308,44 @@ def test_task_vector_merges_accept_deltas_that_require_grad() -> None:
         merged = merge_deltas(deltas, [1.0, 0.5, 1.0], method=method, density=0.3)
         detached = merge_deltas([d.detach() for d in deltas], [1.0, 0.5, 1.0], method=method, density=0.3)
         assert torch.equal(merged.detach(), detached)
+
+
+def test_a_methods_choice_is_scored_at_its_own_scale_even_after_a_nan_validation_loss(monkeypatch, data_root) -> None:
+    """The choice's test score is looked up by (density, scale) among the curve's scored points. A
+    NaN loss at a density's first scale sticks as that density's curve point, so the best point
+    (a later scale) was never scored there and must be scored anew, at its own scale."""
+    from mnist_peft import merge_study as ms
+
+    losses = iter([0.5, 0.6, float("nan"), 0.2])  # density 0.3: scales 0.1, 0.5; density 1.0: NaN, then the best
+    monkeypatch.setattr(ms, "_val_loss", lambda base, update, split: next(losses, 1.0))
+    scored: list[float] = []
+
+    class Scored:
+        accuracy = 0.5
+
+        def __init__(self, update):
+            self.size = float(sum(d.abs().sum() for d in update.values()))  # the update's scale shows in its size
+
+        def to_dict(self):
+            return {"size": self.size}
+
+    def evaluate_update(base, update, split):
+        scored.append(Scored(update).size)
+        return Scored(update)
+
+    monkeypatch.setattr(ms, "_evaluate_update", evaluate_update)
+    torch.manual_seed(0)
+    base = MnistMLP().eval()
+    files = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = LoraModel(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+        files.append(AdapterFiles(config=model.peft_config["default"], state_dict=model.lora_state_dict(), metadata={}))
+    cfg = ms.StudyConfig(densities=(0.3, 1.0), scales=(0.1, 0.5), val_size=100, search_steps=0)
+    result = ms.merge_study(base, files, data_dir=str(data_root), config=cfg, methods=("magnitude_prune",))
+    chosen = result["chosen"]["magnitude_prune"]
+    assert (chosen["density"], chosen["scale"]) == (1.0, 0.5)
+    curve = {p["density"]: p for p in result["curve"]}
+    assert curve[1.0]["scale"] == 0.1  # the NaN stuck
+    # scored in order: density 0.3's curve point (val, test), density 1.0's at scale 0.1 (val, test), the choice
+    assert scored[2] == scored[3] and chosen["test"]["size"] == pytest.approx(5 * scored[3], rel=1e-5)  # 0.5 / 0.1
