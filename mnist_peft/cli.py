@@ -467,8 +467,11 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         "failed": res.failed,
         "registered": res.registered,
         "pushed": res.pushed,
+        "base_revision": res.base_revision,
     }
     lines = [f"trained {len(res.trained)} adapters with the {res.executor} executor in {res.seconds:.1f} s"]
+    if res.base_revision:
+        lines.append(f"base {args.base} read at commit {res.base_revision[:12]} by the driver and every worker")
     for a in res.trained:
         wrong, before = a.metrics.get("wrong_per_digit"), a.metrics.get("wrong_per_digit_before")
         fix = f"digit {a.digit} wrong {before[a.digit]} -> {wrong[a.digit]}" if isinstance(wrong, list) and isinstance(before, list) else ""

@@ -425,6 +425,8 @@ class FleetResult:
     registered: list[dict[str, object]] = field(default_factory=list)
     pushed: dict[str, object] | None = None
     seconds: float = 0.0
+    base_revision: str | None = None
+    """The Hub commit of a Hub base that the driver and every Ray worker read (None otherwise)."""
 
 
 def fleet_jobs(digits: Sequence[int], seeds: Sequence[int] = (0,), *, prefix: str = "digit", **overrides: object) -> list[AdapterJob]:
@@ -456,10 +458,13 @@ _FINAL_ERRORS = (TrainConfigError, AdapterConfigError, InvalidArgumentError, Non
 """Worker errors that come from the job's own input, so a retry would only repeat them."""
 
 
-def _train_one(job: AdapterJob, base_ref: str, source: str, data_dir: str | None, fault: tuple[str, ...] | None) -> dict:
-    """A Ray task: load the base ``source`` (an absolute folder, or a Hub repo id), train one job
-    alone, and return its adapter files (``base_ref`` is what the adapter's config and card name as
-    its base, as the local executor writes them). The driver checks them and computes the metrics.
+def _train_one(
+    job: AdapterJob, base_ref: str, source: str, data_dir: str | None, fault: tuple[str, ...] | None, revision: str | None = None
+) -> dict:
+    """A Ray task: load the base ``source`` (an absolute folder, or a Hub repo id at commit
+    ``revision``, the one the driver checked), train one job alone, and return its adapter files
+    (``base_ref`` is what the adapter's config and card name as its base, as the local executor
+    writes them). The driver checks them and computes the metrics.
 
     An error of the job's own input (a recipe or adapter config error) comes back as
     ``{"error": ...}``: it would fail the same way again, so it is not retried. Anything else (a
@@ -485,7 +490,8 @@ def _train_one(job: AdapterJob, base_ref: str, source: str, data_dir: str | None
             with open(Path(fault[2]) / f"attempts-{job.name}", "a") as log:
                 log.write("attempt\n")
             raise TrainConfigError(f"injected input error of job {job.name}")
-        model, result = train_adapter(load_base(source), job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
+        base = load_base(source) if revision is None else load_base(source, revision=revision)
+        model, result = train_adapter(base, job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
     except _FINAL_ERRORS as exc:  # the job's own input: the same on any machine, every time
         return {"name": job.name, "error": f"{type(exc).__name__}: {exc}"}
     if fault and fault[0] == "kill-once" and fault[1] == job.name:
@@ -611,7 +617,15 @@ def run_fleet(
         _check_job(j)  # a bad recipe value is refused here, not in every worker
     torch.set_flush_denormal(True)  # before any torch work starts its threads: they keep what they start with
     registry = AdapterRegistry(root)
-    base = _check_base(resolve_base(base_ref, registry))  # the driver checks the base before any job starts
+    revision = None
+    if executor == "ray" and not Path(base_ref).exists() and registry_folder(base_ref, registry, "base") is None and "/" in base_ref:
+        from huggingface_hub import constants
+
+        from .hub import head_commit
+
+        if not constants.HF_HUB_OFFLINE:  # (offline, every process reads its own cache)
+            revision = head_commit(base_ref)  # a Hub base: the driver and every worker read this one commit
+    base = _check_base(resolve_base(base_ref, registry, revision=revision))  # the driver checks the base before any job starts
     fingerprint = base_fingerprint(base)
     tty = (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty
     start = time.perf_counter()
@@ -624,7 +638,7 @@ def run_fleet(
             source = os.path.abspath(folder) if folder is not None else base_ref
             returned, failed = _run_ray(
                 base_ref, source, jobs, tmp, data_dir=data_dir and str(resolve_data_root(data_dir).absolute()),
-                address=ray_address, retries=retries, quiet=quiet, tty=tty, fault=_fault,
+                address=ray_address, retries=retries, quiet=quiet, tty=tty, fault=_fault, revision=revision,
             )  # fmt: skip
             trained = _accept(returned, jobs, base, base_ref, fingerprint, failed, data_dir=data_dir, tmp=tmp)
         order = {n: i for i, n in enumerate(names)}
@@ -637,7 +651,7 @@ def run_fleet(
                 + ("" if not trained else ", or pass --allow-partial to keep the others"),
                 failed=failed,
             )  # fmt: skip
-        result = FleetResult(executor, trained, failed)
+        result = FleetResult(executor, trained, failed, base_revision=revision)
         placed = None
         if out:  # built next to ``out`` and renamed into place before registering: a failure leaves neither
             dest = Path(out)
@@ -800,6 +814,7 @@ def _run_ray(
     quiet: bool,
     tty: bool,
     fault: tuple[str, ...] | None,
+    revision: str | None = None,
 ) -> tuple[list[FleetAdapter], dict[str, str]]:
 
     try:
@@ -812,7 +827,9 @@ def _run_ray(
     elif address is not None:
         raise InvalidArgumentError("Ray is already initialised in this process; drop --ray-address or start a fresh process")
     try:
-        return _collect(ray, base_ref, source, jobs, tmp, data_dir=data_dir, retries=retries, quiet=quiet, tty=tty, fault=fault)
+        return _collect(
+            ray, base_ref, source, jobs, tmp, data_dir=data_dir, retries=retries, quiet=quiet, tty=tty, fault=fault, revision=revision
+        )
     finally:
         if started:  # a Ray this call started (not a caller's) ends with it
             ray.shutdown()
@@ -830,6 +847,7 @@ def _collect(
     quiet: bool,
     tty: bool,
     fault: tuple[str, ...] | None,
+    revision: str | None = None,
 ) -> tuple[list[FleetAdapter], dict[str, str]]:
     """Submit one task per job and gather them as they end (the progress bar moves per job)."""
     import os
@@ -842,7 +860,7 @@ def _collect(
     task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_train_one)
     if env:
         task = task.options(runtime_env={"env_vars": env})
-    pending = {task.remote(j, base_ref, source, data_dir, fault): j for j in jobs}
+    pending = {task.remote(j, base_ref, source, data_dir, fault, revision): j for j in jobs}
     status = {j.name: "pending" for j in jobs}
     bar = _Progress(jobs, unit_total=len(jobs), unit="job", tty=tty, quiet=quiet)
     trained: dict[str, FleetAdapter] = {}

@@ -154,6 +154,23 @@ def _commit_on_head(api, repo_id: str, operations: Callable[[str | None], list],
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def head_commit(repo_id: str, revision: str = "main", *, token: str | None = None) -> str:
+    """The commit ``revision`` of Hub repo ``repo_id`` is at now (40 hex digits).
+
+    Raises:
+        HubError: the Hub cannot be reached, or the repo or revision does not exist.
+    """
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi(token=token).repo_info(repo_id, revision=revision).sha
+    except Exception as exc:
+        raise hub_error(exc, repo_id, f"reading the commit of {revision!r}") from exc
+    if not sha:
+        raise HubError(f"the Hub did not say which commit {revision!r} of {repo_id!r} is; pass a folder or a registry base instead")
+    return sha
+
+
 def adapter_repo_id(repo_id: str, name: str) -> str:
     """The repo an adapter is published to by a per-adapter push: ``<repo_id>-<name>``."""
     return f"{repo_id}-{name}"

@@ -75,8 +75,9 @@ def resolve_adapter(ref: str, registry: AdapterRegistry) -> Path:
     return folder
 
 
-def resolve_base(ref: str, registry: AdapterRegistry) -> nn.Module:
-    """The base model ``ref`` names, loaded (a registry entry, checked; a folder; or a Hub repo id).
+def resolve_base(ref: str, registry: AdapterRegistry, *, revision: str | None = None) -> nn.Module:
+    """The base model ``ref`` names, loaded (a registry entry, checked; a folder; or a Hub repo id,
+    at ``revision`` if given).
 
     Raises:
         AmbiguousReferenceError, ModelNotFoundError, IntegrityError, and the load errors of
@@ -99,4 +100,4 @@ def resolve_base(ref: str, registry: AdapterRegistry) -> nn.Module:
                 "repo id (owner/name); see `mnist-peft registry list` or train one with `mnist-peft train-base`",
                 path=ref,
             )
-    return load_base(ref)
+    return load_base(ref) if revision is None else load_base(ref, revision=revision)

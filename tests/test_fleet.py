@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -429,5 +430,37 @@ def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_c
         assert head == out["pushed"]["commit"]
         assert {f.split("/")[0] for f in files if "/" in f} == {"digit-3", "digit-8"}  # both adapters in the push's one commit
         assert AdapterRegistry(root).verify() == []
+
+        # The base was read at one commit, by the driver and every worker: a newer base pushed later
+        # does not reach a worker that is handed that commit.
+        base_head = subprocess.run(
+            ["git", "-C", str(hub.repo_path("team/mnist-base")), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        assert out["base_revision"] == base_head.stdout.strip()
+        newer = load_base(BASE)
+        with torch.no_grad():
+            newer.linear2.weight.mul_(1.01)
+        newer.save_pretrained(tmp_path / "newer-base")
+        source.add("base", tmp_path / "newer-base")
+        assert run_cli("push", "--repo-id", "team/mnist-base", "--root", str(source.root), env=env).returncode == 0
+        worker = subprocess.run(
+            [sys.executable, "-c", _WORKER_AT_REVISION, out["base_revision"], str(data_root)],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        from mnist_peft.model import base_fingerprint
+
+        assert worker.stdout.split() == [base_fingerprint(load_base(BASE))] != [base_fingerprint(newer)]
     finally:
         hub.stop()
+
+
+_WORKER_AT_REVISION = """
+import sys
+from mnist_peft import fleet
+from mnist_peft.adapters import adapter_from_bytes
+job = fleet.AdapterJob(3, overrides=(("steps", 2), ("eval_every", 1)))
+got = fleet._train_one(job, "team/mnist-base", "team/mnist-base", sys.argv[2], None, sys.argv[1])
+files = adapter_from_bytes(got["files"]["adapter_config.json"], got["files"]["adapter_model.safetensors"])
+print(files.metadata["base_fingerprint"])
+"""
