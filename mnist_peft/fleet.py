@@ -501,7 +501,7 @@ def _train_one(
             os._exit(1)  # the worker dies with its work done but not returned, as a preempted machine's would
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
         _save(model, result, job, base_ref, tmp)
-        return {"name": job.name, "files": {f: (Path(tmp) / f).read_bytes() for f in ADAPTER_FILES}}
+        return {"name": job.name, "files": {f: (Path(tmp) / f).read_bytes() for f in ADAPTER_FILES}, "base_revision": revision}
 
 
 class _Progress:
@@ -594,7 +594,7 @@ def run_fleet(
     from pathlib import Path
 
     from .data import resolve_data_root
-    from .model import base_fingerprint
+    from .model import base_fingerprint, looks_like_path
     from .refs import registry_folder, resolve_base
     from .registry import AdapterRegistry
 
@@ -618,13 +618,19 @@ def run_fleet(
     torch.set_flush_denormal(True)  # before any torch work starts its threads: they keep what they start with
     registry = AdapterRegistry(root)
     revision = None
-    if executor == "ray" and not Path(base_ref).exists() and registry_folder(base_ref, registry, "base") is None and "/" in base_ref:
+    if executor == "ray" and "/" in base_ref and not Path(base_ref).exists() and not looks_like_path(base_ref):
+        # A Hub repo id (registry names hold no '/'): the driver and every worker read one commit.
+        # Offline, or with the Hub out of reach, each process reads its own cache instead, as
+        # before; a worker whose base differs is refused by the fingerprint check.
         from huggingface_hub import constants
 
         from .hub import head_commit
 
-        if not constants.HF_HUB_OFFLINE:  # (offline, every process reads its own cache)
-            revision = head_commit(base_ref)  # a Hub base: the driver and every worker read this one commit
+        if not constants.HF_HUB_OFFLINE:
+            try:
+                revision = head_commit(base_ref)
+            except HubError:
+                revision = None  # loading the base below reports what is wrong, or uses the cache
     base = _check_base(resolve_base(base_ref, registry, revision=revision))  # the driver checks the base before any job starts
     fingerprint = base_fingerprint(base)
     tty = (sys.stderr.isatty() and sys.stdout.isatty()) if tty is None else tty
@@ -872,7 +878,7 @@ def _collect(
                 job = pending.pop(ref)
                 try:
                     got = ray.get(ref)
-                    trained[job.name] = _receive(got, job, Path(tmp))
+                    trained[job.name] = _receive(got, job, Path(tmp), revision=revision)
                     status[job.name] = "done"
                 except Exception as exc:  # the job's own error after its retries, or a lost worker
                     failed[job.name] = _task_error(exc)
@@ -899,13 +905,18 @@ MAX_RETURNED_BYTES = 64 << 20
 """The most a worker may hand back for one adapter (an r=4 adapter is ~30 kB)."""
 
 
-def _receive(got: object, job: AdapterJob, tmp) -> FleetAdapter:
+def _receive(got: object, job: AdapterJob, tmp, *, revision: str | None = None) -> FleetAdapter:
     """Write a worker's returned files into the driver's staging folder, checking their shape first
-    (the files themselves are checked by :func:`_accept`)."""
+    (the files themselves are checked by :func:`_accept`), and that it read the base at ``revision``."""
     if isinstance(got, dict) and got.get("name") == job.name and isinstance(got.get("error"), str):
         raise FleetError(got["error"][:1000], failed={job.name: got["error"][:1000]})
     if not isinstance(got, dict) or got.get("name") != job.name or not isinstance(got.get("files"), dict):
         raise FleetError(f"job {job.name} returned something that is not a fleet result", failed={job.name: "bad result"})
+    if got.get("base_revision") != revision:
+        raise FleetError(
+            f"job {job.name} read the base at commit {str(got.get('base_revision'))[:40]!r}, not at {revision!r}",
+            failed={job.name: "other base commit"},
+        )
     files = got["files"]
     if set(files) != set(ADAPTER_FILES) or not all(isinstance(b, bytes) for b in files.values()):
         raise FleetError(

@@ -35,7 +35,7 @@ from .errors import HubError, IntegrityError, RegistryError, http_status, hub_er
 from .fileio import sha256_file
 from .registry import AdapterRegistry, RegistryEntry, confine, entry_from_dict, parse_ref
 
-__all__ = ["push_to_hub", "push_adapters_to_hub", "adapter_repo_id", "pull_from_hub", "PushResult", "PullResult"]
+__all__ = ["push_to_hub", "push_adapters_to_hub", "adapter_repo_id", "pull_from_hub", "head_commit", "PushResult", "PullResult"]
 
 INDEX_NAME = "index.json"
 PUSH_ATTEMPTS = 8  # commits retried on a conflict (another push landed first), re-reading the index each time
@@ -167,7 +167,9 @@ def head_commit(repo_id: str, revision: str = "main", *, token: str | None = Non
     except Exception as exc:
         raise hub_error(exc, repo_id, f"reading the commit of {revision!r}") from exc
     if not sha:
-        raise HubError(f"the Hub did not say which commit {revision!r} of {repo_id!r} is; pass a folder or a registry base instead")
+        raise HubError(
+            f"the Hub did not say which commit {revision!r} of {repo_id!r} is; pass a folder or a registry base instead", repo_id=repo_id
+        )
     return sha
 
 

@@ -179,6 +179,12 @@ def base_fingerprint(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str
     return h.hexdigest()
 
 
+def looks_like_path(ref: str) -> bool:
+    """Whether ``ref`` reads as a folder path rather than a Hub repo id (``owner/name``): absolute,
+    starting with ``.`` or ``~``, or with more than one ``/``."""
+    return Path(ref).is_absolute() or ref.startswith((".", "~")) or ref.count("/") > 1
+
+
 def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistMLP:
     """Load a base model from a folder or Hub repo id, with a clear error when it is not one."""
     p = Path(path_or_repo)
@@ -187,9 +193,7 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
             f"{str(p)!r} is not a base model folder (no model.safetensors); create one with `mnist-peft train-base --out DIR`",
             path=p,
         )
-    text = str(path_or_repo)
-    looks_like_path = p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
-    if not p.exists() and looks_like_path:
+    if not p.exists() and looks_like_path(str(path_or_repo)):
         raise ModelNotFoundError(
             f"base model folder {str(p)!r} does not exist; create one with `mnist-peft train-base --out DIR`",
             path=p,

@@ -185,7 +185,7 @@ def test_a_worker_reads_the_bases_folder_only_never_the_registry(
     monkeypatch.setattr(registry.AdapterRegistry, "__init__", no_registry)
     job = AdapterJob(3, overrides=(("steps", 4), ("eval_every", 2)))
     got = fleet._train_one(job, "base", str(folder.absolute()), str(data_root), None)
-    assert set(got) == {"name", "files"} and set(got["files"]) == set(fleet.ADAPTER_FILES)
+    assert set(got) == {"name", "files", "base_revision"} and got["base_revision"] is None and set(got["files"]) == set(fleet.ADAPTER_FILES)
     assert b"linear2.lora_B.weight" in got["files"]["adapter_model.safetensors"]
 
 
@@ -313,14 +313,28 @@ def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_pa
         {"name": "d3", "files": {"adapter_config.json": b"{}", "adapter_model.safetensors": b"", "README.md": "text, not bytes"}},
         {"name": "d3", "files": {f: b"" for f in ("adapter_config.json", "adapter_model.safetensors", "README.md", "../evil")}},
         {"name": "d3", "error": "ValueError: the job's own input"},
+        {
+            "name": "d3",
+            "files": {f: b"" for f in ("adapter_config.json", "adapter_model.safetensors", "README.md")},
+            "base_revision": "b" * 40,
+        },
+        {"name": "d3", "files": {f: b"" for f in ("adapter_config.json", "adapter_model.safetensors", "README.md")}},  # read main
     ],
 )
 def test_malformed_worker_results_are_refused(tmp_path: Path, got: object) -> None:
     from mnist_peft.fleet import _receive
 
     with pytest.raises(FleetError):
-        _receive(got, AdapterJob(3, name="d3"), tmp_path)
+        _receive(got, AdapterJob(3, name="d3"), tmp_path, revision="a" * 40)  # a fleet whose base was pinned to commit aaa...
     assert list(tmp_path.iterdir()) == []  # nothing written for a refused result
+
+
+@pytest.mark.parametrize("ref", ["./no/base", "/no/such/base", "no/such/base"])
+def test_a_missing_base_folder_is_named_as_a_folder_with_the_ray_executor_too(tmp_path: Path, ref: str) -> None:
+    from mnist_peft.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"base model folder .* does not exist"):
+        run_fleet(ref, fleet_jobs([3], steps=2), root=str(tmp_path / "reg"), executor="ray", out=str(tmp_path / "out"), quiet=True)
 
 
 def test_a_failure_while_registering_leaves_no_output_folder(
