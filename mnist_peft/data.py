@@ -205,14 +205,15 @@ def load_mnist(
     if key not in _CACHE:
         prefix = "train" if train else "t10k"
         raw = root / "MNIST" / "raw"
-        images = read_idx(raw / f"{prefix}-images-idx3-ubyte", ndim=3)
+        images_path = raw / f"{prefix}-images-idx3-ubyte"
+        images = read_idx(images_path, ndim=3)
         labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", ndim=1)
         if images.shape[1:] != (28, 28) or not images.shape[0]:
             what = "no images" if not images.shape[0] else f"images of {images.shape[1]}x{images.shape[2]} pixels"
             raise DataIntegrityError(
-                f"MNIST file {str(raw / f'{prefix}-images-idx3-ubyte')!r} holds {what}, not 28x28 MNIST images; "
+                f"MNIST file {str(images_path)!r} holds {what}, not 28x28 MNIST images; "
                 "delete it and run again to unpack a fresh copy from the bundled data",
-                path=raw / f"{prefix}-images-idx3-ubyte",
+                path=images_path,
             )
         if images.shape[0] != labels.shape[0]:
             raise DataIntegrityError(

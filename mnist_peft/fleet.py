@@ -490,7 +490,7 @@ def _train_one(
             with open(Path(fault[2]) / f"attempts-{job.name}", "a") as log:
                 log.write("attempt\n")
             raise TrainConfigError(f"injected input error of job {job.name}")
-        base = load_base(source) if revision is None else load_base(source, revision=revision)
+        base = load_base(source, revision=revision)
         model, result = train_adapter(base, job.digit, job.recipe, data_dir=data_dir, **dict(job.overrides))
     except _FINAL_ERRORS as exc:  # the job's own input: the same on any machine, every time
         return {"name": job.name, "error": f"{type(exc).__name__}: {exc}"}

@@ -150,9 +150,14 @@ def compute_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> floa
 def get_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """The weight update ``(B @ A) * scaling``, (out, in); the same float ops as peft's (which, for
     float16/bfloat16 weights on CPU, computes in float32 and casts the result)."""
-    if lora_B.device.type == "cpu" and lora_B.dtype in (torch.float16, torch.bfloat16):
+    if _delta_in_float32(lora_B):
         return ((lora_B.float() @ lora_A.float()) * scaling).to(lora_B.dtype)
     return (lora_B @ lora_A) * scaling
+
+
+def _delta_in_float32(t: torch.Tensor) -> bool:
+    """Whether peft computes the delta of weights like ``t`` in float32 (half precision on CPU)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def lora_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -359,10 +364,8 @@ class LoraLinear(nn.Module):
         out = self._scratch("merged", weight, avoid=weight)
         for i, name in enumerate(adapter_names):
             A, B, s = self.lora_A[name].detach(), self.lora_B[name].detach(), self.effective_scaling(name)
-            if i == 0:  # W + delta straight into the output: two buffers, not three
-                _weight_plus_delta_into(out, weight, A, B, s)
-            else:
-                out.add_(_delta_weight_into(self._scratch("delta", weight, avoid=weight), A, B, s))
+            delta = None if i == 0 else self._scratch("delta", weight, avoid=weight)
+            _merge_step(out, weight, A, B, s, delta)
         return out
 
     def _scratch(self, key: str, like: torch.Tensor, *, avoid: torch.Tensor) -> torch.Tensor:
@@ -426,13 +429,13 @@ class LoraLinear(nn.Module):
         if self._unedited():
             return record.original
         merged = record.source
-        for m in record.log:  # the same ops as merged_weight, on as many threads: the same bits
+        for m in record.log:  # merged_weight's steps, on as many threads: the same bits
             with _num_threads(m.threads, merged.device):
                 if m.first:
-                    out = torch.empty_like(merged, memory_format=torch.contiguous_format)
-                    merged = _weight_plus_delta_into(out, merged, m.A, m.B, m.scaling)
-                else:
-                    merged = merged + _delta_weight_into(torch.empty_like(merged), m.A, m.B, m.scaling)
+                    merged = _merge_step(torch.empty_like(merged, memory_format=torch.contiguous_format), merged, m.A, m.B, m.scaling)
+                else:  # added in place: never to the record's own weight
+                    merged = merged.clone() if merged is record.source else merged
+                    merged = _merge_step(merged, merged, m.A, m.B, m.scaling, torch.empty_like(merged))
         if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
             return record.original
         original = record.original.to(dtype=live.dtype, device=live.device)
@@ -526,6 +529,17 @@ class LoraLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={list(self.lora_A)}"
 
 
+def _merge_step(
+    out: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One adapter merged, as a merge call does it (and unmerge replays it): the call's first adapter
+    (``delta`` None) as ``weight + delta`` into ``out``; each later one's delta computed into ``delta``
+    and added to ``out`` in place (``out`` then already holds the weight so far)."""
+    if delta is None:
+        return _weight_plus_delta_into(out, weight, A, B, s)
+    return out.add_(_delta_weight_into(delta, A, B, s))
+
+
 def _weight_plus_delta_into(out: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """``weight + (B @ A) * s`` written into ``out`` (not ``weight``), with the bits of peft's merge:
     the delta rounded, then added. One ``addmm`` pass over the weight where this BLAS is seen to
@@ -605,8 +619,7 @@ def _addmm_is_two_step(out: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
 
 def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """:func:`get_delta_weight` (``(B @ A) * s``, peft's bits) written into ``out``, (out, in)."""
-    if out.device.type == "cpu" and out.dtype in (torch.float16, torch.bfloat16):
-        # peft computes a half-precision delta on CPU in float32 and casts the result
+    if _delta_in_float32(out):  # as peft: in float32, the result cast
         return out.copy_(_delta_weight_into(torch.empty(out.shape, dtype=torch.float32), A.float(), B.float(), s))
     if _is_power_of_two(s) and out.dtype in (torch.float32, torch.float64):
         # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s and

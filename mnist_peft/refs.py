@@ -100,4 +100,4 @@ def resolve_base(ref: str, registry: AdapterRegistry, *, revision: str | None = 
                 "repo id (owner/name); see `mnist-peft registry list` or train one with `mnist-peft train-base`",
                 path=ref,
             )
-    return load_base(ref) if revision is None else load_base(ref, revision=revision)
+    return load_base(ref, revision=revision)
