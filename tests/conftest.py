@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_peft.data import ensure_mnist, load_mnist
-from mnist_peft.model import MnistMLP
+from mnist_peft.model.data import ensure_mnist, load_mnist
+from mnist_peft.model.mlp import MnistMLP
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def random_base() -> MnistMLP:
 @pytest.fixture(scope="session")
 def trained_base_dir(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
     """A briefly trained base (1/2 epoch of the default recipe), saved with save_pretrained."""
-    from mnist_peft.recipes import train_base
+    from mnist_peft.training.recipes import train_base
 
     model, _ = train_base("default", data_dir=str(data_root), epochs=0.5)
     out = tmp_path_factory.mktemp("base")
@@ -99,7 +99,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, data_root: Path):
 
     require("gradio")
     require("gradio_client")
-    from mnist_peft.ui import spawn_app
+    from mnist_peft.app.ui import spawn_app
 
     work = tmp_path_factory.mktemp("ui-server")
     root = work / "adapters"

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mnist_peft.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, load_stack, read_adapter, save_adapter
 from mnist_peft.errors import AdapterConfigError, AdapterKeyError, AdapterShapeError, FingerprintMismatchError
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.model import MnistMLP
+from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, load_stack, read_adapter, save_adapter
+from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_stock_peft_loads_our_folder_with_identical_outputs(saved) -> None:
     ours, base_dir, folder = saved
     x = torch.randn(16, 784)
     theirs = peft.PeftModel.from_pretrained(MnistMLP.from_pretrained(base_dir), str(folder)).eval()
-    from mnist_peft.lora import set_forward_mode
+    from mnist_peft.tuners.lora.layer import set_forward_mode
 
     set_forward_mode(ours, "exact")
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_we_load_a_folder_written_by_peft_with_identical_outputs(random_base: Mn
     ours = LoraModel(copy.deepcopy(random_base))
     files = load_adapter(ours, tmp_path / "peft-adapter", activate=True)
     assert files.config.r == 8 and files.config.target_modules == ["linear1", "linear2"]
-    from mnist_peft.lora import set_forward_mode
+    from mnist_peft.tuners.lora.layer import set_forward_mode
 
     set_forward_mode(ours, "exact")
     x = torch.randn(16, 784)
@@ -170,7 +170,7 @@ def test_missing_folder_is_a_file_not_found_error(tmp_path, random_base) -> None
 def test_configs_parsed_once_by_their_bytes_are_still_each_callers_own(saved, monkeypatch) -> None:
     """Loading many adapters of one recipe parses their (identical) config bytes once; each call
     still gets its own object, and a config that warns, or fails, is parsed (and warns) every time."""
-    from mnist_peft import adapters
+    from mnist_peft.io import adapters
 
     monkeypatch.setattr(adapters, "_PARSED_CONFIGS", {})
     _, _, folder = saved

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from mnist_peft.analysis import logit_offset_tradeoff
-from mnist_peft.data import MnistSplit
-from mnist_peft.model import load_base
+from mnist_peft.experiments.headroom import logit_offset_tradeoff
+from mnist_peft.model.data import MnistSplit
+from mnist_peft.model.mlp import load_base
 
 
 def _errors_with_offset(logits: torch.Tensor, y: torch.Tensor, digit: int, offset: float) -> tuple[int, int]:

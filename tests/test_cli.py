@@ -105,7 +105,7 @@ def test_commands_that_compute_nothing_start_without_torch(tmp_path: Path) -> No
     from conftest import REPO
 
     code = (
-        "import sys\nfrom mnist_peft.cli import main\n"
+        "import sys\nfrom mnist_peft.cli.main import main\n"
         "for argv in (['registry', 'list', '--root', sys.argv[1]], ['push', '--repo-id', 'a/b', '--root', sys.argv[1]],"
         " ['pull', '--repo-id', 'a/b', '--root', sys.argv[1]], ['--help'], ['--version']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from mnist_peft.adapters import AdapterFiles
-from mnist_peft.combine import combine_adapters, lora_from_deltas, resize_adapter
 from mnist_peft.errors import AdapterConfigError, FingerprintMismatchError
-from mnist_peft.lora import LoraConfig, LoraModel, compute_scaling, get_delta_weight
-from mnist_peft.model import MnistMLP
+from mnist_peft.io.adapters import AdapterFiles
+from mnist_peft.merging.combine import combine_adapters, lora_from_deltas, resize_adapter
+from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, compute_scaling, get_delta_weight
 
 # Sums of float32 products of unit-scale factors, regrouped: agreement to ~1e-6 relative.
 COMBINE_TOLERANCE = 1e-5
@@ -50,7 +50,7 @@ def test_cat_equals_the_weighted_sum_of_deltas(random_base) -> None:
 def test_cat_matches_peft_add_weighted_adapter_cat(random_base) -> None:
     import peft
 
-    from mnist_peft.peft_compat import to_peft_config
+    from mnist_peft.io.peft_compat import to_peft_config
 
     a, b = _adapter(random_base, 2, 4, 1), _adapter(random_base, 4, 8, 2)
     theirs = peft.get_peft_model(copy.deepcopy(random_base), to_peft_config(a.config), adapter_name="one")
@@ -98,7 +98,7 @@ def test_resize_and_lora_from_deltas(random_base) -> None:
 def test_combined_adapter_loads_in_stock_peft(random_base, tmp_path) -> None:
     import peft
 
-    from mnist_peft.adapters import write_adapter
+    from mnist_peft.io.adapters import write_adapter
 
     a, b = _adapter(random_base, 2, 4, 1), _adapter(random_base, 2, 4, 2)
     res = combine_adapters([a, b], [1.0, 1.0], method="svd", r=3)

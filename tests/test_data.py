@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_peft.data import (
+from mnist_peft.errors import DataIntegrityError, DataNotFoundError
+from mnist_peft.model.data import (
     BUNDLE_DIR,
     CHECKSUMS,
     MNIST_MEAN,
@@ -25,7 +26,6 @@ from mnist_peft.data import (
     resolve_data_root,
     split_validation,
 )
-from mnist_peft.errors import DataIntegrityError, DataNotFoundError
 
 N_TRAIN, N_TEST = 30, 12
 
@@ -187,7 +187,7 @@ def test_images_and_labels_that_disagree_are_refused(tmp_path: Path, tiny_bundle
 
 def test_loading_mnist_does_not_import_torchvision(data_root: Path) -> None:
     # torchvision costs every command about a second; it is needed only to download missing files
-    code = "import sys; from mnist_peft.data import load_mnist; load_mnist(train=False); print('torchvision' in sys.modules)"
+    code = "import sys; from mnist_peft.model.data import load_mnist; load_mnist(train=False); print('torchvision' in sys.modules)"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "MNIST_PEFT_DATA": str(data_root)}
     )

@@ -56,7 +56,7 @@ def test_demo_quick_produces_the_report_and_plots_and_skips_finished_stages(tmp_
 
 
 def test_a_stage_saved_by_an_older_version_is_redone(tmp_path: Path) -> None:
-    from mnist_peft.demo import _Stages
+    from mnist_peft.experiments.demo import _Stages
 
     stages = _Stages(tmp_path, force=False, log=lambda line: None)
     (tmp_path / "stages" / "merge.json").write_text('{"grid": []}')  # no "curve": an older demo's

@@ -17,12 +17,12 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
-from mnist_peft.adapters import read_adapter
 from mnist_peft.errors import FleetError, InvalidArgumentError, InvalidNameError
-from mnist_peft.fleet import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
-from mnist_peft.model import load_base
-from mnist_peft.recipes import train_adapter
-from mnist_peft.registry import AdapterRegistry
+from mnist_peft.fleet.run import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
+from mnist_peft.io.adapters import read_adapter
+from mnist_peft.model.mlp import load_base
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.training.recipes import train_adapter
 
 BASE = REPO / "adapters" / "base" / "v1"
 
@@ -173,7 +173,8 @@ def test_a_worker_reads_the_bases_folder_only_never_the_registry(
 ) -> None:
     """What a Ray worker runs (``_train_one``) is handed the base's own folder: with the registry's
     index gone and any registry use an error, it still trains and returns the adapter's files."""
-    from mnist_peft import fleet, registry
+    from mnist_peft.fleet import run as fleet
+    from mnist_peft.registry import adapter_registry as registry
 
     folder = registry_with_base.path("base")
     for p in registry_with_base.root.glob("index.*"):
@@ -244,8 +245,8 @@ def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200"
     import dataclasses
     import json
 
-    from mnist_peft.adapters import read_adapter, write_adapter
-    from mnist_peft.fleet import FleetAdapter
+    from mnist_peft.fleet.run import FleetAdapter
+    from mnist_peft.io.adapters import read_adapter, write_adapter
 
     files = read_adapter(REPO / "adapters" / "digit-3" / "v1")
     files.metadata.update({"digit": digit, "steps": steps})
@@ -266,10 +267,10 @@ def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200"
 
 
 def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_path: Path, data_root: Path) -> None:
-    from mnist_peft.adapters import load_stack
-    from mnist_peft.fleet import _accept
-    from mnist_peft.model import base_fingerprint
-    from mnist_peft.train import evaluate
+    from mnist_peft.fleet.run import _accept
+    from mnist_peft.io.adapters import load_stack
+    from mnist_peft.model.mlp import base_fingerprint
+    from mnist_peft.training.loop import evaluate
 
     base = load_base(BASE)
     forged = {
@@ -322,7 +323,7 @@ def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_pa
     ],
 )
 def test_malformed_worker_results_are_refused(tmp_path: Path, got: object) -> None:
-    from mnist_peft.fleet import _receive
+    from mnist_peft.fleet.run import _receive
 
     with pytest.raises(FleetError):
         _receive(got, AdapterJob(3, name="d3"), tmp_path, revision="a" * 40)  # a fleet whose base was pinned to commit aaa...
@@ -359,9 +360,9 @@ def test_a_failure_while_registering_leaves_no_output_folder(
 
 def test_partial_fleet_exit_status_is_3(monkeypatch, capsys) -> None:
     """With --allow-partial the kept adapters are registered and the exit status says some failed."""
-    import mnist_peft.fleet as fleet
-    from mnist_peft.cli import main
-    from mnist_peft.fleet import FleetResult
+    import mnist_peft.fleet.run as fleet
+    from mnist_peft.cli.main import main
+    from mnist_peft.fleet.run import FleetResult
 
     def fake(base_ref, jobs, **kwargs):
         assert kwargs["allow_partial"] and kwargs["executor"] == "ray"
@@ -391,7 +392,7 @@ def test_train_adapters_cli_registers_and_writes_the_fleet(tmp_path: Path, data_
 
 
 def test_train_adapters_cli_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mnist_peft.cli import main
+    from mnist_peft.cli.main import main
 
     for args, code, needle in [
         (["--base", "base"], 2, "--register PREFIX, --out DIR"),
@@ -462,7 +463,7 @@ def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_c
             env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert worker.returncode == 0, worker.stderr[-2000:]
-        from mnist_peft.model import base_fingerprint
+        from mnist_peft.model.mlp import base_fingerprint
 
         assert worker.stdout.split() == [base_fingerprint(load_base(BASE))] != [base_fingerprint(newer)]
     finally:
@@ -471,8 +472,8 @@ def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_c
 
 _WORKER_AT_REVISION = """
 import sys
-from mnist_peft import fleet
-from mnist_peft.adapters import adapter_from_bytes
+from mnist_peft.fleet import run as fleet
+from mnist_peft.io.adapters import adapter_from_bytes
 job = fleet.AdapterJob(3, overrides=(("steps", 2), ("eval_every", 1)))
 got = fleet._train_one(job, "team/mnist-base", "team/mnist-base", sys.argv[2], None, sys.argv[1])
 files = adapter_from_bytes(got["files"]["adapter_config.json"], got["files"]["adapter_model.safetensors"])

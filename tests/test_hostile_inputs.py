@@ -11,7 +11,6 @@ import torch
 from conftest import run_cli
 from safetensors.torch import save_file
 
-from mnist_peft.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX, load_adapter, read_adapter, save_adapter
 from mnist_peft.errors import (
     AdapterConfigError,
     AdapterKeyError,
@@ -23,10 +22,11 @@ from mnist_peft.errors import (
     NonFiniteError,
     TrainConfigError,
 )
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.model import MnistMLP, load_base
-from mnist_peft.recipes import AdapterRecipe
-from mnist_peft.train import TrainConfig
+from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX, load_adapter, read_adapter, save_adapter
+from mnist_peft.model.mlp import MnistMLP, load_base
+from mnist_peft.training.loop import TrainConfig
+from mnist_peft.training.recipes import AdapterRecipe
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 @pytest.fixture()
@@ -176,7 +176,7 @@ def test_adapter_names_that_would_replace_an_attribute_are_refused_before_any_ch
 
 
 def test_load_stack_renames_a_folder_whose_name_cannot_name_an_adapter(random_base, adapter_dir, tmp_path) -> None:
-    from mnist_peft.adapters import load_stack
+    from mnist_peft.io.adapters import load_stack
 
     folder = adapter_dir.rename(tmp_path / "keys")
     model = load_stack(copy.deepcopy(random_base), [folder])
@@ -230,7 +230,7 @@ def test_float8_adapter_files_load_widened(random_base, adapter_dir, dtype) -> N
 def test_inject_adapter_refuses_a_bad_name_before_wrapping_anything(random_base) -> None:
     from torch import nn
 
-    from mnist_peft.lora import inject_adapter
+    from mnist_peft.tuners.lora.layer import inject_adapter
 
     net = copy.deepcopy(random_base)
     for name in ("a.b", "", "keys"):

@@ -13,9 +13,9 @@ import torch
 from conftest import REPO, run_cli
 from hub_server import HubServer, free_port
 
-from mnist_peft.adapters import save_adapter
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.registry import AdapterRegistry
+from mnist_peft.io.adapters import save_adapter
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def hub_env(hub: HubServer, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture()
 def registry(tmp_path: Path, trained_base_dir: Path) -> AdapterRegistry:
     """A registry with a base and two digit adapters."""
-    from mnist_peft.model import load_base
+    from mnist_peft.model.mlp import load_base
 
     reg = AdapterRegistry(tmp_path / "local")
     reg.add("base", trained_base_dir, metrics={"accuracy": 0.9})
@@ -123,7 +123,7 @@ def test_revision_pinning_returns_the_old_bytes_after_a_second_push(
 ) -> None:
     first = json.loads(run_cli("push", "--repo-id", "team/mnist-c", "--root", str(registry.root), "--json", env=hub_env).stdout)
     old = (registry.path("digit-9") / "adapter_model.safetensors").read_bytes()
-    from mnist_peft.model import load_base
+    from mnist_peft.model.mlp import load_base
 
     torch.manual_seed(123)
     model = LoraModel(load_base(registry.path("base")), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
@@ -191,7 +191,7 @@ def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, re
     from huggingface_hub import HfApi, ModelCard
     from safetensors.torch import load_file
 
-    from mnist_peft.model import load_base
+    from mnist_peft.model.mlp import load_base
 
     torch.manual_seed(77)
     model = LoraModel(load_base(registry.path("base")), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
@@ -237,7 +237,7 @@ def test_per_adapter_repos_are_hub_native_and_every_version_is_a_tag(hub_env, re
 
 def test_a_per_adapter_push_never_calls_other_bytes_by_an_existing_tag(hub_env, registry: AdapterRegistry, tmp_path: Path) -> None:
     """A second registry whose digit-3@1 is other weights cannot publish them as the repo's v1."""
-    from mnist_peft.model import load_base
+    from mnist_peft.model.mlp import load_base
 
     assert run_cli("push", "--repo-id", "team/tagged", "--per-adapter", "--root", str(registry.root), env=hub_env).returncode == 0
     other = AdapterRegistry(tmp_path / "other")

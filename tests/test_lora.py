@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mnist_peft.errors import AdapterConfigError, AdapterStateError, MergeError
-from mnist_peft.lora import LoraConfig, LoraModel, compute_scaling, get_delta_weight, lora_layers, set_forward_mode
-from mnist_peft.model import MnistMLP, count_parameters
-from mnist_peft.peft_compat import FUSED_TOLERANCE
+from mnist_peft.io.peft_compat import FUSED_TOLERANCE
+from mnist_peft.model.mlp import MnistMLP, count_parameters
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, compute_scaling, get_delta_weight, lora_layers, set_forward_mode
 
 # Merged and unmerged forwards sum the same terms in a different order (W x + B A x vs (W + B A) x):
 # float32 rounding of activations of magnitude ~10 over 2,000-term dot products stays below this.
@@ -196,7 +196,7 @@ def test_dotted_target_names_adapt_only_the_layer_they_name() -> None:
     """``target_modules`` entries match a module's whole name or a dotted suffix of it, as in peft."""
     from torch import nn
 
-    from mnist_peft.lora import LoraLinear
+    from mnist_peft.tuners.lora.layer import LoraLinear
 
     net = nn.ModuleDict({"a": nn.ModuleDict({"linear1": nn.Linear(4, 3)}), "b": nn.ModuleDict({"linear1": nn.Linear(4, 3)})})
     model = LoraModel(net, LoraConfig(r=2, target_modules=["a.linear1"]))
@@ -213,7 +213,7 @@ def test_dotted_target_names_adapt_only_the_layer_they_name() -> None:
 
 def test_adapter_weights_dict_behaves_as_a_parameter_dict() -> None:
     """The fast item assignment keeps everything a ParameterDict promises."""
-    from mnist_peft.lora import _AdapterParameters
+    from mnist_peft.tuners.lora.layer import _AdapterParameters
 
     d = _AdapterParameters()
     p = torch.nn.Parameter(torch.ones(2))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import run_cli
 
-from mnist_peft.adapters import load_stack, read_adapter, save_adapter
 from mnist_peft.errors import AdapterStateError, FingerprintMismatchError
-from mnist_peft.lora import LoraConfig, LoraModel, lora_layers, set_forward_mode
-from mnist_peft.model import MnistMLP, base_fingerprint
-from mnist_peft.peft_compat import FUSED_TOLERANCE
-from mnist_peft.serving import mixed_forward
+from mnist_peft.io.adapters import load_stack, read_adapter, save_adapter
+from mnist_peft.io.peft_compat import FUSED_TOLERANCE
+from mnist_peft.model.mlp import MnistMLP, base_fingerprint
+from mnist_peft.serving.forward import mixed_forward
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers, set_forward_mode
 
 
 def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,7 @@ def test_a_data_handle_kept_from_an_earlier_merge_never_aliases_a_later_live_wei
 
 
 def test_state_dict_taken_while_merged_is_not_overwritten_by_a_later_merge(abd: LoraModel) -> None:
-    from mnist_peft.serving import hot_swap
+    from mnist_peft.serving.forward import hot_swap
 
     hot_swap(abd, "a")
     taken = abd.state_dict()["model.linear2.base_layer.weight"]

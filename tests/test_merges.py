@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from mnist_peft.adapters import AdapterFiles
-from mnist_peft.combine import DELTA_METHODS, combine_adapters, merge_deltas
 from mnist_peft.errors import AdapterConfigError
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.model import MnistMLP
+from mnist_peft.io.adapters import AdapterFiles
+from mnist_peft.merging.combine import DELTA_METHODS, combine_adapters, merge_deltas
+from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 def _paper(deltas: list[torch.Tensor], w: list[float], method: str, density: float, sign: str, masks=None) -> torch.Tensor:
@@ -83,7 +83,7 @@ def test_the_merged_adapter_equals_peft_add_weighted_adapter(method: str, densit
     after its own random init of the new adapter, from the global generator)."""
     import peft
 
-    from mnist_peft.peft_compat import native_to_peft_state_dict, to_peft_config
+    from mnist_peft.io.peft_compat import native_to_peft_state_dict, to_peft_config
 
     torch.manual_seed(0)
     base = MnistMLP(48, 32, in_features=40).eval()
@@ -145,7 +145,7 @@ def test_a_ties_merge_from_the_cli_is_an_adapter_folder_stock_peft_loads_with_th
     import peft
     from conftest import run_cli
 
-    from mnist_peft.adapters import load_adapter, save_adapter
+    from mnist_peft.io.adapters import load_adapter, save_adapter
 
     torch.manual_seed(0)
     base = MnistMLP(48, 32, in_features=784).eval()
@@ -170,7 +170,7 @@ def test_a_ties_merge_from_the_cli_is_an_adapter_folder_stock_peft_loads_with_th
 def test_review_findings_a_narrow_layer_zero_density_mergekit_negatives_and_stray_density(tmp_path) -> None:
     """A layer narrower than r still gets rank-r factors (a loadable folder); density 0 is refused,
     not read as 1; mergekit's TIES refuses negative weights; --density with cat/svd is refused."""
-    from mnist_peft.adapters import load_adapter, write_adapter
+    from mnist_peft.io.adapters import load_adapter, write_adapter
 
     torch.manual_seed(0)
     base = MnistMLP(48, 32, in_features=40).eval()
@@ -194,10 +194,10 @@ def test_ties_on_the_reference_digit_adapters_equals_peft() -> None:
     import peft
     from conftest import REPO
 
-    from mnist_peft.adapters import read_adapter
-    from mnist_peft.model import load_base
-    from mnist_peft.peft_compat import native_to_peft_state_dict, to_peft_config
-    from mnist_peft.registry import AdapterRegistry
+    from mnist_peft.io.adapters import read_adapter
+    from mnist_peft.io.peft_compat import native_to_peft_state_dict, to_peft_config
+    from mnist_peft.model.mlp import load_base
+    from mnist_peft.registry.adapter_registry import AdapterRegistry
 
     registry = AdapterRegistry(REPO / "adapters")
     base = load_base(registry.path("base"))
@@ -220,11 +220,11 @@ def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(t
     from conftest import REPO
     from PIL import Image
 
-    from mnist_peft.adapters import read_adapter
-    from mnist_peft.merge_study import StudyConfig, merge_study
-    from mnist_peft.model import load_base
-    from mnist_peft.plots import plot_merge_study
-    from mnist_peft.registry import AdapterRegistry
+    from mnist_peft.experiments.merge_study import StudyConfig, merge_study
+    from mnist_peft.experiments.plots import plot_merge_study
+    from mnist_peft.io.adapters import read_adapter
+    from mnist_peft.model.mlp import load_base
+    from mnist_peft.registry.adapter_registry import AdapterRegistry
 
     registry = AdapterRegistry(REPO / "adapters")
     base = load_base(registry.path("base"))
@@ -246,7 +246,7 @@ def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(t
     # the validation split is the training set's own, not the test set: recomputed independently
     import torch.nn.functional as F
 
-    from mnist_peft.data import load_mnist, split_validation
+    from mnist_peft.model.data import load_mnist, split_validation
 
     _, val = split_validation(load_mnist(train=True, data_dir=str(data_root)), cfg.val_size, seed=cfg.seed)
     with torch.no_grad():
@@ -259,7 +259,7 @@ def test_merge_study_chooses_on_validation_and_plots_test_accuracy_per_density(t
     }
     assert result["adapters"] == [f"digit-{d}" for d in range(10)]
     # the plot draws the curve's test accuracies (captured before saving), and needs nothing else
-    import mnist_peft.plots as plots
+    import mnist_peft.experiments.plots as plots
 
     drawn = {}
     save = plots._save
@@ -286,7 +286,7 @@ def test_trim_keeps_the_entries_peft_magnitude_pruning_keeps(ties: bool, dtype: 
     also when equal magnitudes straddle the threshold (then topk's own choice is used)."""
     from peft.utils.merge_utils import magnitude_based_pruning
 
-    from mnist_peft.combine import _trim
+    from mnist_peft.merging.combine import _trim
 
     g = torch.Generator().manual_seed(11)
     for shape in [(7, 9), (200, 150), (2000, 40)]:
@@ -314,7 +314,7 @@ def test_a_methods_choice_is_scored_at_its_own_scale_even_after_a_nan_validation
     """The choice's test score is looked up by (density, scale) among the curve's scored points. A
     NaN loss at a density's first scale sticks as that density's curve point, so the best point
     (a later scale) was never scored there and must be scored anew, at its own scale."""
-    from mnist_peft import merge_study as ms
+    from mnist_peft.experiments import merge_study as ms
 
     losses = iter([0.5, 0.6, float("nan"), 0.2])  # density 0.3: scales 0.1, 0.5; density 1.0: NaN, then the best
     monkeypatch.setattr(ms, "_val_loss", lambda base, update, split: next(losses, 1.0))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_peft.errors import ModelLoadError
-from mnist_peft.model import MnistMLP, base_fingerprint, count_parameters, load_base
+from mnist_peft.model.mlp import MnistMLP, base_fingerprint, count_parameters, load_base
 
 
 def test_default_model_has_the_seed_parameter_count() -> None:

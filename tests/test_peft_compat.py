@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnist_peft.model import MnistMLP
-from mnist_peft.peft_compat import (
+from mnist_peft.io.peft_compat import (
     FORWARD_TOLERANCE,
     FUSED_TOLERANCE,
     GRAD_TOLERANCE,
@@ -17,6 +16,7 @@ from mnist_peft.peft_compat import (
     peft_to_native_state_dict,
     run_case,
 )
+from mnist_peft.model.mlp import MnistMLP
 
 CASES = default_cases()
 
@@ -63,8 +63,8 @@ def _merged_pair(r: int, alpha: float, seed: int = 1, dtype: torch.dtype = torch
 
     import peft
 
-    from mnist_peft.lora import LoraConfig, LoraModel, lora_layers
-    from mnist_peft.peft_compat import to_peft_config
+    from mnist_peft.io.peft_compat import to_peft_config
+    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers
 
     torch.manual_seed(0)
     base = MnistMLP().eval()
@@ -96,7 +96,7 @@ def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float
 def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch) -> None:
     """An addmm that rounds once (as a fused kernel would) must never reach a merged weight: the
     probe sees it differ from the two-step and the merge keeps the two-step, peft's bits."""
-    from mnist_peft import lora
+    from mnist_peft.tuners.lora import layer as lora
 
     calls = {"n": 0}
 
@@ -115,7 +115,7 @@ def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch)
 def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exact(monkeypatch) -> None:
     """Where the probe says yes the merge is one addmm; either way, after a ``.data`` touch (which
     makes unmerge recompute the merged weight and compare), unmerge gives the original tensor back."""
-    from mnist_peft import lora
+    from mnist_peft.tuners.lora import layer as lora
 
     monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
     used: list[tuple[int, ...]] = []
@@ -149,7 +149,7 @@ def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exa
 def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_merge: int, at_unmerge: int, alpha: int) -> None:
     """A GEMM's rounding can depend on how many threads split it; unmerge's recomputation runs on
     as many threads as the merge did."""
-    from mnist_peft import lora
+    from mnist_peft.tuners.lora import layer as lora
 
     threads = torch.get_num_threads()
     try:
@@ -176,8 +176,8 @@ def test_unmerge_replays_each_merge_call_the_way_it_ran(monkeypatch) -> None:
     """Two merge() calls, each starting with ``W + delta`` in one pass; with a one-pass kernel that
     rounds otherwise than the two-step (forced in here), a replay that took the two-step for the
     second call's delta would not give the merged weight back, and a touched unmerge would drift."""
-    from mnist_peft import lora
-    from mnist_peft.lora import LoraConfig, LoraModel
+    from mnist_peft.tuners.lora import layer as lora
+    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
     monkeypatch.setattr(torch, "addmm", _rounds_once)
     monkeypatch.setattr(lora, "_addmm_is_two_step", lambda *args: True)
@@ -200,7 +200,7 @@ def test_unmerge_replays_each_merge_call_the_way_it_ran(monkeypatch) -> None:
 def test_the_probe_is_not_fooled_by_float64_products_that_happen_to_be_exact(monkeypatch) -> None:
     """A one-pass kernel that rounds otherwise only where products are not exact in float64: probe
     operands with float32 values would all be exact and hide it; the probe draws float64 values."""
-    from mnist_peft import lora
+    from mnist_peft.tuners.lora import layer as lora
 
     def exact_only_on_float32_values(w, b, a, *, out):
         if all(torch.equal(t, t.float().double()) for t in (w, b, a)):  # every product exact: no rounding to tell
@@ -218,7 +218,7 @@ def test_the_probe_is_not_fooled_by_float64_products_that_happen_to_be_exact(mon
 
 
 def test_unmerge_after_a_cast_while_merged_keeps_negative_zeros() -> None:
-    from mnist_peft.lora import LoraConfig, LoraModel
+    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
     torch.manual_seed(0)
     base = MnistMLP().eval()

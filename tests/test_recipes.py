@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mnist_peft.errors import FingerprintMismatchError
-from mnist_peft.model import load_base
-from mnist_peft.recipes import ADAPTER_RECIPES, train_adapter
+from mnist_peft.model.mlp import load_base
+from mnist_peft.training.recipes import ADAPTER_RECIPES, train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_seed_recipe_fixes_its_digit_and_forgets_the_others(base, data_root) -> 
     assert result.after.wrong_per_digit[9] < result.before.wrong_per_digit[9] * 0.5
     assert result.after.accuracy < result.before.accuracy - 0.05  # the seed's catastrophic forgetting
     with model.disable_adapter():
-        from mnist_peft.train import evaluate
+        from mnist_peft.training.loop import evaluate
 
         assert evaluate(model, data_dir=str(data_root)).confusion == result.before.confusion
 
@@ -72,7 +72,7 @@ def test_resume_starts_from_the_saved_adapter_and_trains_on(base, data_root, tmp
     N + M resumed steps are not N + M straight ones; what resume promises is tested here."""
     import torch
 
-    from mnist_peft.adapters import save_adapter
+    from mnist_peft.io.adapters import save_adapter
 
     model, _ = train_adapter(base, 8, "replay", data_dir=str(data_root), steps=10, val_size=0)
     save_adapter(model, tmp_path / "a")
@@ -92,13 +92,13 @@ def test_resume_starts_from_the_saved_adapter_and_trains_on(base, data_root, tmp
 
 
 def evaluate_base_accuracy(base, data_root: Path) -> float:
-    from mnist_peft.train import evaluate
+    from mnist_peft.training.loop import evaluate
 
     return evaluate(base, data_dir=str(data_root)).accuracy
 
 
 def test_resume_onto_another_base_is_refused(base, data_root, tmp_path: Path, random_base) -> None:
-    from mnist_peft.adapters import save_adapter
+    from mnist_peft.io.adapters import save_adapter
 
     model, _ = train_adapter(base, 1, "replay", data_dir=str(data_root), steps=2, val_size=0)
     save_adapter(model, tmp_path / "a")
@@ -109,8 +109,8 @@ def test_resume_onto_another_base_is_refused(base, data_root, tmp_path: Path, ra
 def test_augmentation_keeps_shape_and_background_and_is_seeded(mnist_test) -> None:
     import torch
 
-    from mnist_peft.data import MNIST_MEAN, MNIST_STD
-    from mnist_peft.recipes import augment_batch
+    from mnist_peft.model.data import MNIST_MEAN, MNIST_STD
+    from mnist_peft.training.recipes import augment_batch
 
     x = mnist_test.x[:64]
     a = augment_batch(x, torch.Generator().manual_seed(1))

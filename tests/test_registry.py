@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from mnist_peft.adapters import save_adapter
 from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.registry import AdapterRegistry, parse_ref
+from mnist_peft.io.adapters import save_adapter
+from mnist_peft.registry.adapter_registry import AdapterRegistry, parse_ref
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def base_dir(random_base, tmp_path: Path) -> Path:
 
 
 def test_add_get_versions_and_metadata(tmp_path: Path, adapter_dir: Path, base_dir: Path, random_base) -> None:
-    from mnist_peft.model import base_fingerprint
+    from mnist_peft.model.mlp import base_fingerprint
 
     reg = AdapterRegistry(tmp_path / "reg")
     base = reg.add("base", base_dir)
@@ -111,7 +111,7 @@ def test_failed_add_changes_nothing(tmp_path: Path, adapter_dir: Path) -> None:
 
 _ADDER = """
 import sys
-from mnist_peft.registry import AdapterRegistry
+from mnist_peft.registry.adapter_registry import AdapterRegistry
 reg = AdapterRegistry(sys.argv[1])
 for i in range(int(sys.argv[3])):
     reg.add(f"{sys.argv[2]}-{i}", sys.argv[4])
@@ -128,7 +128,7 @@ def test_two_processes_adding_50_entries_each_end_with_100(tmp_path: Path, adapt
 
 _SLOW_ADDER = """
 import sys, time, shutil
-import mnist_peft.registry as r
+import mnist_peft.registry.adapter_registry as r
 real = shutil.copyfile
 def slow(src, dst, **kw):
     time.sleep(1.0)
@@ -262,7 +262,7 @@ def test_a_symlinked_write_ahead_log_is_refused(tmp_path: Path, adapter_dir: Pat
 
 def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
     """What keeps the registry's cost flat at scale: get and add query one name, never the whole index."""
-    from mnist_peft.index_store import SqliteIndex
+    from mnist_peft.registry.stores import SqliteIndex
 
     reg = AdapterRegistry(tmp_path / "reg")
     for name in ("a", "b", "c"):
@@ -278,7 +278,7 @@ def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter
 
 def test_a_migration_stopped_midway_leaves_the_old_index_in_force(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
     """The database is made aside and renamed in: a writer stopped while making it changes nothing."""
-    from mnist_peft.index_store import SqliteIndex
+    from mnist_peft.registry.stores import SqliteIndex
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)

@@ -17,10 +17,10 @@ import torch
 from conftest import run_cli
 from hub_server import HubServer
 
-from mnist_peft.adapters import save_adapter
 from mnist_peft.errors import IntegrityError, InvalidNameError, RegistryError
-from mnist_peft.lora import LoraConfig, LoraModel
-from mnist_peft.registry import AdapterRegistry, confine
+from mnist_peft.io.adapters import save_adapter
+from mnist_peft.registry.adapter_registry import AdapterRegistry, confine
+from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
 
 
 def _edit_index(reg: AdapterRegistry, change) -> None:
@@ -159,7 +159,7 @@ def test_reserved_names_and_a_missing_root(tmp_path: Path, adapter_dir: Path) ->
 
 
 def test_staging_leftovers_of_killed_writers_are_cleaned_on_the_next_write(tmp_path: Path, adapter_dir: Path) -> None:
-    from mnist_peft.registry import STAGING_MARKER
+    from mnist_peft.registry.adapter_registry import STAGING_MARKER
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
@@ -430,7 +430,7 @@ def test_remove_does_not_follow_a_link_swapped_in_after_its_checks(tmp_path: Pat
     victim = tmp_path / "victim"
     (victim / "v1").mkdir(parents=True)
     (victim / "v1" / "precious.txt").write_text("keep")
-    from mnist_peft.index_store import SqliteIndex
+    from mnist_peft.registry.stores import SqliteIndex
 
     real_write = SqliteIndex.write
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_peft.data import MnistSplit
-from mnist_peft.model import MnistMLP
-from mnist_peft.recipes import BASE_RECIPES, train_base
-from mnist_peft.train import TrainConfig, evaluate, fit
+from mnist_peft.model.data import MnistSplit
+from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.training.loop import TrainConfig, evaluate, fit
+from mnist_peft.training.recipes import BASE_RECIPES, train_base
 
 SHORT_RUN_ACCURACY = 0.90  # 10k images, 2 epochs at batch 128: measured ~0.93 on the test set
 
@@ -73,8 +73,8 @@ def test_recipes_are_the_seed_and_ours() -> None:
 
 def test_a_registered_recipe_becomes_a_cli_choice() -> None:
     """Adding a recipe is one call: the CLI's --recipe choices are read from the recipe registry."""
-    from mnist_peft.cli import build_parser
-    from mnist_peft.recipes import _RECIPES, BaseRecipe, register_recipe
+    from mnist_peft.cli.main import build_parser
+    from mnist_peft.training.recipes import _RECIPES, BaseRecipe, register_recipe
 
     recipe = register_recipe(BaseRecipe("tiny-test", "a test's own", TrainConfig(epochs=0.01, batch_size=256)))
     try:
@@ -91,7 +91,7 @@ def test_a_registered_recipe_becomes_a_cli_choice() -> None:
 def test_a_recipe_training_cannot_read_is_refused_when_registered() -> None:
     from dataclasses import dataclass
 
-    from mnist_peft.recipes import recipe_names, register_recipe
+    from mnist_peft.training.recipes import recipe_names, register_recipe
 
     @dataclass
     class OnlyTheProtocol:

@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import require
 
-from mnist_peft.adapters import load_stack
-from mnist_peft.data import normalize
-from mnist_peft.refs import resolve_base
-from mnist_peft.registry import AdapterRegistry
+from mnist_peft.io.adapters import load_stack
+from mnist_peft.model.data import normalize
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.registry.refs import resolve_base
 
 CHROMIUM = os.environ.get("MNIST_PEFT_CHROMIUM", "/usr/bin/chromium")
 # Headless, and quiet: without the background-networking flags chromium's own connections (updates,

@@ -1,0 +1,5 @@
+"""The mnist-peft command line."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,242 @@
+"""One adapter for all ten digits: the task-vector merges of the ten digit adapters, compared.
+
+Every choice is made on a validation split carved from the *training* set (the one the replay
+recipe holds out, so the adapters never trained on it), by cross-entropy: the base has seen those
+images, so accuracy on them sits near 1 and cannot choose, while the loss still moves. The test
+set only reports:
+
+- for each method (task arithmetic, TIES, DARE linear / TIES-style, magnitude prune) and each
+  density, the ten adapters are merged at weight 1 each and truncated to rank ``r``; a common
+  scale ``lambda`` (the papers' scaling coefficient) is then picked per (method, density) on the
+  validation split. With equal weights every method is linear in ``lambda``, so one merge and one
+  SVD serve every scale. The best (density, lambda) per method is evaluated on the test set;
+- baselines: the base, the best single adapter (picked on validation), and the plain stack of all
+  ten at weight 1/10 (exact, no truncation);
+- a learned combination (LoraHub-style): ten weights found by a gradient-free search (seeded
+  random coordinate steps, accepted when the validation loss falls), then truncated to rank r;
+  the validation loss reported for it is the truncated adapter's, like its test row.
+
+Models are evaluated with the merged update added to the base weights (what ``merge`` does).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_peft.io.adapters import AdapterFiles
+from mnist_peft.merging.combine import DELTA_METHODS, merge_deltas, svd_factors
+from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
+from mnist_peft.training.loop import EvalResult, evaluate
+from mnist_peft.tuners.lora.layer import compute_scaling
+
+__all__ = ["StudyConfig", "merge_study", "study_table"]
+
+
+@dataclass
+class StudyConfig:
+    densities: Sequence[float] = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    scales: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
+    r: int = 4
+    val_size: int = 5000
+    """Held out of the training set with seed ``seed``: the replay recipe's own split."""
+    seed: int = 0
+    search_steps: int = 60
+
+    @classmethod
+    def quick(cls) -> StudyConfig:
+        return cls(densities=(0.3,), scales=(0.1, 0.5, 1.0), val_size=2000, search_steps=4)
+
+
+def _deltas(adapters: Sequence[AdapterFiles]) -> dict[str, list[torch.Tensor]]:
+    """Per layer, each adapter's full update ``s B A`` (float32)."""
+    modules = sorted({k.rsplit(".", 2)[0] for f in adapters for k in f.state_dict})
+    out: dict[str, list[torch.Tensor]] = {}
+    for m in modules:
+        held = [f for f in adapters if f"{m}.lora_A.weight" in f.state_dict]
+        shape = (held[0].state_dict[f"{m}.lora_B.weight"].shape[0], held[0].state_dict[f"{m}.lora_A.weight"].shape[1])
+        out[m] = [
+            (f.state_dict[f"{m}.lora_B.weight"].float() @ f.state_dict[f"{m}.lora_A.weight"].float())
+            * compute_scaling(f.config.r, f.config.lora_alpha, f.config.use_rslora)
+            if f"{m}.lora_A.weight" in f.state_dict
+            else torch.zeros(shape)  # an adapter without this layer changes nothing there
+            for f in adapters
+        ]
+    return out
+
+
+def _updated(base: nn.Module, update: dict[str, torch.Tensor]) -> nn.Module:
+    model = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        for m, d in update.items():
+            model.get_submodule(m).weight.add_(d)
+    return model
+
+
+def _evaluate_update(base: nn.Module, update: dict[str, torch.Tensor], split: MnistSplit) -> EvalResult:
+    return evaluate(_updated(base, update), split)
+
+
+def _val_loss(base: nn.Module, update: dict[str, torch.Tensor], split: MnistSplit) -> float:
+    """Mean cross-entropy of the updated model on ``split`` (lower is better)."""
+    with torch.no_grad():
+        return float(F.cross_entropy(_updated(base, update)(split.x), split.y))
+
+
+def _low_rank(update: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for m, d in update.items():
+        A, B, _ = svd_factors(d, r)
+        out[m] = B @ A
+    return out
+
+
+def _search(base: nn.Module, deltas: dict[str, list[torch.Tensor]], val: MnistSplit, cfg: StudyConfig) -> tuple[list[float], float]:
+    """LoraHub-style: random coordinate steps on the ten weights, kept when the validation loss falls."""
+    n = len(next(iter(deltas.values())))
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def loss(w: list[float]) -> float:
+        return _val_loss(base, {m: sum(wi * d for wi, d in zip(w, ds, strict=True)) for m, ds in deltas.items()}, val)
+
+    best_w = [1.0 / n] * n
+    best = loss(best_w)
+    for _ in range(cfg.search_steps):
+        i = int(torch.randint(n, (1,), generator=g))
+        w = list(best_w)
+        w[i] = max(-1.0, min(2.0, w[i] + float(torch.randn(1, generator=g)) * 0.2))
+        s = loss(w)
+        if s < best:
+            best, best_w = s, w
+    return best_w, best
+
+
+def merge_study(
+    base: nn.Module,
+    adapters: Sequence[AdapterFiles],
+    *,
+    data_dir: str | None = None,
+    config: StudyConfig | None = None,
+    methods: Sequence[str] = DELTA_METHODS,
+) -> dict[str, object]:
+    """Run the study (see the module docstring); returns every validation score and the test results."""
+    cfg = config or StudyConfig()
+    _, val = split_validation(load_mnist(train=True, data_dir=data_dir), cfg.val_size, seed=cfg.seed)
+    test = load_mnist(train=False, data_dir=data_dir)
+    deltas = _deltas(adapters)
+    n = len(adapters)
+    grid, curve, chosen = [], [], {}
+    for method in methods:
+        best = None
+        tested: dict[tuple[float, float], EvalResult] = {}  # (density, scale) -> test result
+        for density in (1.0,) if method == "task_arithmetic" else cfg.densities:
+            g = torch.Generator().manual_seed(cfg.seed)
+            merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
+            low = _low_rank(merged, cfg.r)
+            at_density = None
+            for scale in cfg.scales:
+                val_loss = _val_loss(base, {m: scale * d for m, d in low.items()}, val)
+                grid.append({"method": method, "density": density, "scale": scale, "val_loss": val_loss})
+                if at_density is None or val_loss < at_density[0]:
+                    at_density = (val_loss, scale)
+                if best is None or val_loss < best[0]:
+                    best = (val_loss, density, scale, low)
+            # What the plot shows: each density at the scale validation chose for it, scored on test
+            # (reported only; nothing is chosen on these numbers).
+            update = {m: at_density[1] * d for m, d in low.items()}  # type: ignore[index]
+            tested[density, at_density[1]] = _evaluate_update(base, update, test)  # type: ignore[index]
+            curve.append(
+                {
+                    "method": method,
+                    "density": density,
+                    "scale": at_density[1],  # type: ignore[index]
+                    "val_loss": at_density[0],  # type: ignore[index]
+                    "val_accuracy": _evaluate_update(base, update, val).accuracy,
+                    "test_accuracy": tested[density, at_density[1]].accuracy,  # type: ignore[index]
+                }
+            )
+        val_loss, density, scale, low = best  # type: ignore[misc]
+        # the best overall is the best at its density, scored above (but for NaN losses, where it need not be)
+        result = tested.get((density, scale))
+        if result is None:
+            result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
+        densities = (1.0,) if method == "task_arithmetic" else tuple(cfg.densities)
+        chosen[method] = {
+            "density": density,
+            "scale": scale,
+            "val_loss": val_loss,
+            "test": result.to_dict(),
+            # a choice on the grid's edge may have a better one beyond it
+            "on_edge": [
+                k
+                for k, v, grid_values in (("density", density, densities), ("scale", scale, cfg.scales))
+                if len(grid_values) > 1 and v in (min(grid_values), max(grid_values))
+            ],
+        }
+    single_val = [_val_loss(base, {m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
+    best_single = min(range(n), key=lambda i: single_val[i])
+    weights, search_val = _search(base, deltas, val, cfg)
+    learned = _low_rank({m: sum(w * d for w, d in zip(weights, ds, strict=True)) for m, ds in deltas.items()}, cfg.r)
+    search_val = _val_loss(base, learned, val)  # the truncated adapter's, which the test row reports
+    return {
+        "r": cfg.r,
+        "val_size": cfg.val_size,
+        "config": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in asdict(cfg).items()},
+        "adapters": [_adapter_label(f, i) for i, f in enumerate(adapters)],
+        "grid": grid,
+        "curve": curve,
+        "chosen": chosen,
+        "base": {"val_loss": _val_loss(base, {}, val), "test": evaluate(base, test).to_dict()},
+        "best_single": {
+            "index": best_single,
+            "val_loss": single_val[best_single],
+            "test": _evaluate_update(base, {m: ds[best_single] for m, ds in deltas.items()}, test).to_dict(),
+        },
+        "stack_tenth": {"test": _evaluate_update(base, {m: sum(ds) / n for m, ds in deltas.items()}, test).to_dict()},
+        "learned": {"weights": weights, "val_loss": search_val, "test": _evaluate_update(base, learned, test).to_dict()},
+    }
+
+
+def _adapter_label(files: AdapterFiles, index: int) -> str:
+    """``digit-9`` for a registry folder ``.../digit-9/v1``, else the folder's name, else its position."""
+    if files.path is None:
+        return f"adapter {index}"
+    path = Path(files.path)
+    return path.parent.name if path.name.startswith("v") and path.name[1:].isdigit() else path.name
+
+
+def study_table(result: dict) -> list[str]:
+    """Markdown rows: each method's chosen merge and the baselines, on the test set."""
+    base_wrong = result["base"]["test"]["wrong_per_digit"]
+
+    def row(label: str, test: dict, how: str) -> str:
+        wrong = test["wrong_per_digit"]
+        fewer = sum(w < b for w, b in zip(wrong, base_wrong, strict=True))
+        more = sum(w > b for w, b in zip(wrong, base_wrong, strict=True))
+        return f"| {label} | {how} | {test['accuracy']:.4f} | {' '.join(map(str, wrong))} | {fewer} / {more} |"
+
+    lines = [
+        f"| model (rank {result['r']}) | chosen on validation | test accuracy | wrong per digit 0..9 | digits with fewer / more errors than the base |",
+        "|---|---|---|---|---|",
+        row("base", result["base"]["test"], "-"),
+        row(f"best single adapter ({_single_label(result)})", result["best_single"]["test"], "lowest validation loss"),
+        row("plain stack of all ten at 1/10 (exact)", result["stack_tenth"]["test"], "-"),
+    ]
+    for method, c in result["chosen"].items():
+        edge = f" (grid edge: {', '.join(c['on_edge'])})" if c.get("on_edge") else ""
+        lines.append(row(method, c["test"], f"density {c['density']:g}, scale {c['scale']:g}{edge}"))
+    weights = ", ".join(f"{w:.2f}".replace("-0.00", "0.00") for w in result["learned"]["weights"])
+    lines.append(row("learned weights (LoraHub-style search)", result["learned"]["test"], f"weights {weights}"))
+    return lines
+
+
+def _single_label(result: dict) -> str:
+    index = result["best_single"]["index"]
+    names = result.get("adapters")
+    return names[index] if names else f"adapter {index}"

@@ -1,0 +1,21 @@
+"""Training: the loop, recipes (registered by name) and the batched trainer."""
+
+from __future__ import annotations
+
+from .loop import EvalResult, TrainConfig, evaluate, fit
+from .recipes import ADAPTER_RECIPES, BASE_RECIPES, AdapterRecipe, BaseRecipe, Recipe, register_recipe, train_adapter, train_base
+
+__all__ = [
+    "EvalResult",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "ADAPTER_RECIPES",
+    "BASE_RECIPES",
+    "AdapterRecipe",
+    "BaseRecipe",
+    "Recipe",
+    "register_recipe",
+    "train_adapter",
+    "train_base",
+]

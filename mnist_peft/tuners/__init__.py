@@ -1,0 +1,1 @@
+"""Adapter types. ``base`` says what any adapter type implements; ``lora/`` is the native LoRA."""
