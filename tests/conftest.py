@@ -99,7 +99,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, data_root: Path):
 
     require("gradio")
     require("gradio_client")
-    from mnist_peft.app.ui import spawn_app
+    from mnist_peft.app.launch import spawn_app
 
     work = tmp_path_factory.mktemp("ui-server")
     root = work / "adapters"

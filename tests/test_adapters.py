@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from mnist_peft.errors import AdapterConfigError, AdapterKeyError, AdapterShapeError, FingerprintMismatchError
 from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, load_stack, read_adapter, save_adapter
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 @pytest.fixture()
@@ -46,7 +47,7 @@ def test_stock_peft_loads_our_folder_with_identical_outputs(saved) -> None:
     ours, base_dir, folder = saved
     x = torch.randn(16, 784)
     theirs = peft.PeftModel.from_pretrained(MnistMLP.from_pretrained(base_dir), str(folder)).eval()
-    from mnist_peft.tuners.lora.layer import set_forward_mode
+    from mnist_peft.tuners.lora.model import set_forward_mode
 
     set_forward_mode(ours, "exact")
     with torch.no_grad():
@@ -65,7 +66,7 @@ def test_we_load_a_folder_written_by_peft_with_identical_outputs(random_base: Mn
     ours = LoraModel(copy.deepcopy(random_base))
     files = load_adapter(ours, tmp_path / "peft-adapter", activate=True)
     assert files.config.r == 8 and files.config.target_modules == ["linear1", "linear2"]
-    from mnist_peft.tuners.lora.layer import set_forward_mode
+    from mnist_peft.tuners.lora.model import set_forward_mode
 
     set_forward_mode(ours, "exact")
     x = torch.randn(16, 784)

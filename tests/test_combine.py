@@ -11,7 +11,9 @@ from mnist_peft.errors import AdapterConfigError, FingerprintMismatchError
 from mnist_peft.io.adapters import AdapterFiles
 from mnist_peft.merging.combine import combine_adapters, lora_from_deltas, resize_adapter
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, compute_scaling, get_delta_weight
+from mnist_peft.tuners.lora.config import LoraConfig, compute_scaling
+from mnist_peft.tuners.lora.layer import get_delta_weight
+from mnist_peft.tuners.lora.model import LoraModel
 
 # Sums of float32 products of unit-scale factors, regrouped: agreement to ~1e-6 relative.
 COMBINE_TOLERANCE = 1e-5

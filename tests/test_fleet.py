@@ -18,10 +18,12 @@ from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
 from mnist_peft.errors import FleetError, InvalidArgumentError, InvalidNameError
-from mnist_peft.fleet.run import AdapterJob, fleet_jobs, parse_digits, run_fleet, train_batched
+from mnist_peft.fleet.jobs import fleet_jobs, parse_digits
+from mnist_peft.fleet.run import run_fleet
 from mnist_peft.io.adapters import read_adapter
 from mnist_peft.model.mlp import load_base
 from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.training.batched import AdapterJob, train_batched
 from mnist_peft.training.recipes import train_adapter
 
 BASE = REPO / "adapters" / "base" / "v1"
@@ -173,7 +175,7 @@ def test_a_worker_reads_the_bases_folder_only_never_the_registry(
 ) -> None:
     """What a Ray worker runs (``_train_one``) is handed the base's own folder: with the registry's
     index gone and any registry use an error, it still trains and returns the adapter's files."""
-    from mnist_peft.fleet import run as fleet
+    from mnist_peft.fleet.executors import ray as fleet
     from mnist_peft.registry import adapter_registry as registry
 
     folder = registry_with_base.path("base")
@@ -245,7 +247,7 @@ def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200"
     import dataclasses
     import json
 
-    from mnist_peft.fleet.run import FleetAdapter
+    from mnist_peft.fleet.executors.base import FleetAdapter
     from mnist_peft.io.adapters import read_adapter, write_adapter
 
     files = read_adapter(REPO / "adapters" / "digit-3" / "v1")
@@ -267,7 +269,7 @@ def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200"
 
 
 def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_path: Path, data_root: Path) -> None:
-    from mnist_peft.fleet.run import _accept
+    from mnist_peft.fleet.accept import accept_returned as _accept
     from mnist_peft.io.adapters import load_stack
     from mnist_peft.model.mlp import base_fingerprint
     from mnist_peft.training.loop import evaluate
@@ -323,7 +325,7 @@ def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_pa
     ],
 )
 def test_malformed_worker_results_are_refused(tmp_path: Path, got: object) -> None:
-    from mnist_peft.fleet.run import _receive
+    from mnist_peft.fleet.executors.ray import _receive
 
     with pytest.raises(FleetError):
         _receive(got, AdapterJob(3, name="d3"), tmp_path, revision="a" * 40)  # a fleet whose base was pinned to commit aaa...
@@ -472,9 +474,10 @@ def test_ray_workers_read_the_base_from_the_hub_and_the_fleet_is_pushed_in_one_c
 
 _WORKER_AT_REVISION = """
 import sys
-from mnist_peft.fleet import run as fleet
+from mnist_peft.fleet.executors import ray as fleet
 from mnist_peft.io.adapters import adapter_from_bytes
-job = fleet.AdapterJob(3, overrides=(("steps", 2), ("eval_every", 1)))
+from mnist_peft.training.batched import AdapterJob
+job = AdapterJob(3, overrides=(("steps", 2), ("eval_every", 1)))
 got = fleet._train_one(job, "team/mnist-base", "team/mnist-base", sys.argv[2], None, sys.argv[1])
 files = adapter_from_bytes(got["files"]["adapter_config.json"], got["files"]["adapter_model.safetensors"])
 print(files.metadata["base_fingerprint"])

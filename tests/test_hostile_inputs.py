@@ -26,7 +26,8 @@ from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KE
 from mnist_peft.model.mlp import MnistMLP, load_base
 from mnist_peft.training.loop import TrainConfig
 from mnist_peft.training.recipes import AdapterRecipe
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 @pytest.fixture()
@@ -230,7 +231,7 @@ def test_float8_adapter_files_load_widened(random_base, adapter_dir, dtype) -> N
 def test_inject_adapter_refuses_a_bad_name_before_wrapping_anything(random_base) -> None:
     from torch import nn
 
-    from mnist_peft.tuners.lora.layer import inject_adapter
+    from mnist_peft.tuners.lora.model import inject_adapter
 
     net = copy.deepcopy(random_base)
     for name in ("a.b", "", "keys"):

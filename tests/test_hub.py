@@ -15,7 +15,8 @@ from hub_server import HubServer, free_port
 
 from mnist_peft.io.adapters import save_adapter
 from mnist_peft.registry.adapter_registry import AdapterRegistry
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ import torch
 from mnist_peft.errors import AdapterConfigError, AdapterStateError, MergeError
 from mnist_peft.io.peft_compat import FUSED_TOLERANCE
 from mnist_peft.model.mlp import MnistMLP, count_parameters
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, compute_scaling, get_delta_weight, lora_layers, set_forward_mode
+from mnist_peft.tuners.lora.config import LoraConfig, compute_scaling
+from mnist_peft.tuners.lora.layer import get_delta_weight
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 # Merged and unmerged forwards sum the same terms in a different order (W x + B A x vs (W + B A) x):
 # float32 rounding of activations of magnitude ~10 over 2,000-term dot products stays below this.

@@ -13,7 +13,9 @@ from mnist_peft.io.adapters import load_stack, read_adapter, save_adapter
 from mnist_peft.io.peft_compat import FUSED_TOLERANCE
 from mnist_peft.model.mlp import MnistMLP, base_fingerprint
 from mnist_peft.serving.forward import mixed_forward
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers, set_forward_mode
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 
 def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ from mnist_peft.io.adapters import load_adapter, save_adapter
 from mnist_peft.io.peft_compat import to_peft_config
 from mnist_peft.model.mlp import MnistMLP
 from mnist_peft.serving.forward import mixed_forward
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers, set_forward_mode
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 LAYERS = ("linear1", "linear2", "linear3")
 NAMES = ("x1", "x2", "y3", "z4")  # none is a substring of "lora_" (peft warns on that)

@@ -10,9 +10,11 @@ import torch
 
 from mnist_peft.errors import AdapterConfigError
 from mnist_peft.io.adapters import AdapterFiles
-from mnist_peft.merging.combine import DELTA_METHODS, combine_adapters, merge_deltas
+from mnist_peft.merging.combine import combine_adapters
+from mnist_peft.merging.methods import DELTA_METHODS, merge_deltas
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 def _paper(deltas: list[torch.Tensor], w: list[float], method: str, density: float, sign: str, masks=None) -> torch.Tensor:
@@ -286,7 +288,7 @@ def test_trim_keeps_the_entries_peft_magnitude_pruning_keeps(ties: bool, dtype: 
     also when equal magnitudes straddle the threshold (then topk's own choice is used)."""
     from peft.utils.merge_utils import magnitude_based_pruning
 
-    from mnist_peft.merging.combine import _trim
+    from mnist_peft.merging.task_vectors import trim as _trim
 
     g = torch.Generator().manual_seed(11)
     for shape in [(7, 9), (200, 150), (2000, 40)]:

@@ -64,7 +64,9 @@ def _merged_pair(r: int, alpha: float, seed: int = 1, dtype: torch.dtype = torch
     import peft
 
     from mnist_peft.io.peft_compat import to_peft_config
-    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers
+    from mnist_peft.tuners.lora.config import LoraConfig
+    from mnist_peft.tuners.lora.model import LoraModel
+    from mnist_peft.tuners.lora.targets import lora_layers
 
     torch.manual_seed(0)
     base = MnistMLP().eval()
@@ -96,7 +98,7 @@ def test_merged_weights_are_peft_merged_weights_bit_for_bit(r: int, alpha: float
 def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch) -> None:
     """An addmm that rounds once (as a fused kernel would) must never reach a merged weight: the
     probe sees it differ from the two-step and the merge keeps the two-step, peft's bits."""
-    from mnist_peft.tuners.lora import layer as lora
+    from mnist_peft.tuners.lora import ledger
 
     calls = {"n": 0}
 
@@ -104,10 +106,10 @@ def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch)
         calls["n"] += 1
         return out.copy_((w.double() + b.double() @ a.double()).to(out.dtype))
 
-    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    monkeypatch.setattr(ledger, "_ADDMM_TWO_STEP", {})
     monkeypatch.setattr(torch, "addmm", rounds_once)
     _, pairs = _merged_pair(4, 8)
-    assert calls["n"] == 3 and all(v is False for v in lora._ADDMM_TWO_STEP.values())  # each layer probed, none used
+    assert calls["n"] == 3 and all(v is False for v in ledger._ADDMM_TWO_STEP.values())  # each layer probed, none used
     for o, t in pairs:
         assert torch.equal(o, t)
 
@@ -115,9 +117,10 @@ def test_a_blas_whose_addmm_rounds_otherwise_is_caught_by_the_probe(monkeypatch)
 def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exact(monkeypatch) -> None:
     """Where the probe says yes the merge is one addmm; either way, after a ``.data`` touch (which
     makes unmerge recompute the merged weight and compare), unmerge gives the original tensor back."""
-    from mnist_peft.tuners.lora import layer as lora
+    from mnist_peft.tuners.lora import ledger
+    from mnist_peft.tuners.lora.targets import lora_layers
 
-    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    monkeypatch.setattr(ledger, "_ADDMM_TWO_STEP", {})
     used: list[tuple[int, ...]] = []
     real = torch.addmm
 
@@ -127,7 +130,7 @@ def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exa
 
     monkeypatch.setattr(torch, "addmm", spy)
     ours, pairs = _merged_pair(4, 8)  # probes each layer (the probe calls addmm too)
-    probed = {key[0]: ok for key, ok in lora._ADDMM_TWO_STEP.items()}
+    probed = {key[0]: ok for key, ok in ledger._ADDMM_TWO_STEP.items()}
     assert set(probed) == {(1000, 784), (2000, 1000), (10, 2000)}
     ours.unmerge()
     used.clear()
@@ -136,11 +139,11 @@ def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exa
     assert sorted(used) == sorted(shape for shape, ok in probed.items() if ok)
     for layer_weight, theirs in pairs:
         assert torch.equal(layer_weight, theirs)
-    originals = {name: layer._merge.original.clone() for name, layer in lora.lora_layers(ours.model)}
-    for _, layer in lora.lora_layers(ours.model):
+    originals = {name: layer._merge.original.clone() for name, layer in lora_layers(ours.model)}
+    for _, layer in lora_layers(ours.model):
         layer.base_layer.weight.data.sum()  # a touch that edits nothing
     ours.unmerge()
-    for name, layer in lora.lora_layers(ours.model):
+    for name, layer in lora_layers(ours.model):
         assert torch.equal(layer.base_layer.weight, originals[name]), name
 
 
@@ -149,21 +152,21 @@ def test_merges_take_addmm_only_where_probed_and_a_touched_unmerge_stays_bit_exa
 def test_unmerge_after_a_touch_is_bit_exact_when_the_thread_count_changed(at_merge: int, at_unmerge: int, alpha: int) -> None:
     """A GEMM's rounding can depend on how many threads split it; unmerge's recomputation runs on
     as many threads as the merge did."""
-    from mnist_peft.tuners.lora import layer as lora
+    from mnist_peft.tuners.lora.targets import lora_layers
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(at_merge)
         ours, _ = _merged_pair(4, alpha)
-        originals = {name: layer._merge.original.clone() for name, layer in lora.lora_layers(ours.model)}
-        for _, layer in lora.lora_layers(ours.model):
+        originals = {name: layer._merge.original.clone() for name, layer in lora_layers(ours.model)}
+        for _, layer in lora_layers(ours.model):
             layer.base_layer.weight.data.sum()
         torch.set_num_threads(at_unmerge)
         ours.unmerge()
         assert torch.get_num_threads() == at_unmerge  # restored after the recomputation
     finally:
         torch.set_num_threads(threads)
-    for name, layer in lora.lora_layers(ours.model):
+    for name, layer in lora_layers(ours.model):
         assert torch.equal(layer.base_layer.weight, originals[name]), name
 
 
@@ -176,31 +179,33 @@ def test_unmerge_replays_each_merge_call_the_way_it_ran(monkeypatch) -> None:
     """Two merge() calls, each starting with ``W + delta`` in one pass; with a one-pass kernel that
     rounds otherwise than the two-step (forced in here), a replay that took the two-step for the
     second call's delta would not give the merged weight back, and a touched unmerge would drift."""
-    from mnist_peft.tuners.lora import layer as lora
-    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+    from mnist_peft.tuners.lora import ledger
+    from mnist_peft.tuners.lora.config import LoraConfig
+    from mnist_peft.tuners.lora.model import LoraModel
+    from mnist_peft.tuners.lora.targets import lora_layers
 
     monkeypatch.setattr(torch, "addmm", _rounds_once)
-    monkeypatch.setattr(lora, "_addmm_is_two_step", lambda *args: True)
+    monkeypatch.setattr(ledger, "_addmm_is_two_step", lambda *args: True)
     torch.manual_seed(0)
     model = LoraModel(MnistMLP().eval(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     torch.manual_seed(1)
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
-    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora.lora_layers(model.model)}
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model.model)}
     with torch.no_grad():
         model.merge(["default"])
         model.merge(["second"])
-    for _, layer in lora.lora_layers(model.model):
+    for _, layer in lora_layers(model.model):
         assert len(layer._merge.log) == 2 and all(m.first for m in layer._merge.log)  # each call began with W + delta
         layer.base_layer.weight.data.sum()  # a touch: unmerge now recomputes the merged weight and compares
     model.unmerge()
-    for name, layer in lora.lora_layers(model.model):
+    for name, layer in lora_layers(model.model):
         assert torch.equal(layer.base_layer.weight, originals[name]), name
 
 
 def test_the_probe_is_not_fooled_by_float64_products_that_happen_to_be_exact(monkeypatch) -> None:
     """A one-pass kernel that rounds otherwise only where products are not exact in float64: probe
     operands with float32 values would all be exact and hide it; the probe draws float64 values."""
-    from mnist_peft.tuners.lora import layer as lora
+    from mnist_peft.tuners.lora import ledger
 
     def exact_only_on_float32_values(w, b, a, *, out):
         if all(torch.equal(t, t.float().double()) for t in (w, b, a)):  # every product exact: no rounding to tell
@@ -211,14 +216,15 @@ def test_the_probe_is_not_fooled_by_float64_products_that_happen_to_be_exact(mon
         ext = w.numpy().astype(np.longdouble) + b.numpy().astype(np.longdouble) @ a.numpy().astype(np.longdouble)
         return out.copy_(torch.from_numpy(ext.astype(np.float64)))
 
-    monkeypatch.setattr(lora, "_ADDMM_TWO_STEP", {})
+    monkeypatch.setattr(ledger, "_ADDMM_TWO_STEP", {})
     monkeypatch.setattr(torch, "addmm", exact_only_on_float32_values)
     w, b, a = torch.zeros(100, 64, dtype=torch.float64), torch.zeros(100, 1, dtype=torch.float64), torch.zeros(1, 64, dtype=torch.float64)
-    assert lora._addmm_is_two_step(torch.empty_like(w), w, b, a) is False
+    assert ledger._addmm_is_two_step(torch.empty_like(w), w, b, a) is False
 
 
 def test_unmerge_after_a_cast_while_merged_keeps_negative_zeros() -> None:
-    from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+    from mnist_peft.tuners.lora.config import LoraConfig
+    from mnist_peft.tuners.lora.model import LoraModel
 
     torch.manual_seed(0)
     base = MnistMLP().eval()

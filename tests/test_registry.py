@@ -17,8 +17,10 @@ from conftest import REPO, run_cli
 
 from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
 from mnist_peft.io.adapters import save_adapter
-from mnist_peft.registry.adapter_registry import AdapterRegistry, parse_ref
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.registry.names import parse_ref
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 @pytest.fixture()
@@ -133,7 +135,7 @@ real = shutil.copyfile
 def slow(src, dst, **kw):
     time.sleep(1.0)
     return real(src, dst, **kw)
-r.shutil.copyfile = slow
+shutil.copyfile = slow  # the shutil the registry's writes copy with
 reg = r.AdapterRegistry(sys.argv[1])
 print("ready", flush=True)
 reg.add("victim", sys.argv[2])
@@ -262,7 +264,7 @@ def test_a_symlinked_write_ahead_log_is_refused(tmp_path: Path, adapter_dir: Pat
 
 def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
     """What keeps the registry's cost flat at scale: get and add query one name, never the whole index."""
-    from mnist_peft.registry.stores import SqliteIndex
+    from mnist_peft.registry.stores.sqlite import SqliteIndex
 
     reg = AdapterRegistry(tmp_path / "reg")
     for name in ("a", "b", "c"):
@@ -278,7 +280,7 @@ def test_lookups_and_adds_read_only_the_names_they_touch(tmp_path: Path, adapter
 
 def test_a_migration_stopped_midway_leaves_the_old_index_in_force(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
     """The database is made aside and renamed in: a writer stopped while making it changes nothing."""
-    from mnist_peft.registry.stores import SqliteIndex
+    from mnist_peft.registry.stores.sqlite import SqliteIndex
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)

@@ -19,13 +19,15 @@ from hub_server import HubServer
 
 from mnist_peft.errors import IntegrityError, InvalidNameError, RegistryError
 from mnist_peft.io.adapters import save_adapter
-from mnist_peft.registry.adapter_registry import AdapterRegistry, confine
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.registry.names import confine
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 
 def _edit_index(reg: AdapterRegistry, change) -> None:
     """Tamper with the index as someone with write access to it would: the raw document, unchecked."""
-    store = reg._store()
+    store = reg.store
     document = store.dump()
     change(document)
     store.load(document)
@@ -159,7 +161,7 @@ def test_reserved_names_and_a_missing_root(tmp_path: Path, adapter_dir: Path) ->
 
 
 def test_staging_leftovers_of_killed_writers_are_cleaned_on_the_next_write(tmp_path: Path, adapter_dir: Path) -> None:
-    from mnist_peft.registry.adapter_registry import STAGING_MARKER
+    from mnist_peft.registry.writes import STAGING_MARKER
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
@@ -430,7 +432,7 @@ def test_remove_does_not_follow_a_link_swapped_in_after_its_checks(tmp_path: Pat
     victim = tmp_path / "victim"
     (victim / "v1").mkdir(parents=True)
     (victim / "v1" / "precious.txt").write_text("keep")
-    from mnist_peft.registry.stores import SqliteIndex
+    from mnist_peft.registry.stores.sqlite import SqliteIndex
 
     real_write = SqliteIndex.write
 

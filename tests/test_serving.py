@@ -9,7 +9,9 @@ import torch
 
 from mnist_peft.errors import AdapterStateError
 from mnist_peft.serving.forward import hot_swap, mixed_forward
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers, set_forward_mode
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 # The mixed path runs the base GEMM over the whole (reordered) batch and adds each adapter's update
 # to its rows with an in-place rank-r addmm_; against one sample alone (the exact path: peft's op

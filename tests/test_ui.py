@@ -1,4 +1,4 @@
-"""The web app (``mnist_peft.app.ui``, ``mnist-peft ui``): preprocessing, the batched predictor and its
+"""The web app (``mnist_peft.app``, ``mnist_peft.serving.engine``, ``mnist-peft ui``): preprocessing, the batched predictor and its
 cache, the page handlers, the ``/predict`` API through ``gradio_client``, read-only use of the
 registry, and a load test. The browser test is ``tests/test_ui_browser.py``.
 
@@ -29,23 +29,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from mnist_peft.app.ui import (
-    SIDE,
-    Predictor,
-    UiHandlers,
-    drawing_to_ink,
-    image_to_input,
-    parse_stack,
-    preprocess_drawing,
-)
+from mnist_peft.app.drawing import drawing_to_ink, preprocess_drawing
+from mnist_peft.app.handlers import UiHandlers
 from mnist_peft.errors import InvalidArgumentError
 from mnist_peft.io.adapters import load_stack, save_adapter
 from mnist_peft.model.data import MNIST_MEAN, MNIST_STD, load_mnist, normalize
 from mnist_peft.model.mlp import MnistMLP
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.refs import resolve_base
+from mnist_peft.serving.engine import Predictor
+from mnist_peft.serving.requests import SIDE, image_to_input
+from mnist_peft.serving.stacks import parse_stack
 from mnist_peft.training.loop import predict
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
 
 # The served path folds stack weights into one `cat` adapter and runs a mixed batch; the library's
 # load_stack applies them at forward time. Same math, other float32 summation order: measured up to
@@ -616,8 +613,8 @@ def test_predict_endpoint_answers_what_the_library_computes(client, offline, mni
 
 
 def test_the_readme_gradio_client_snippet_runs_against_the_app(ui_server) -> None:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Web app", 1)[1].split("\n## ", 1)[0]
+    text = (REPO / "docs/web-app.md").read_text()
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
     block = next(b for b in section.split("```python\n")[1:] if "gradio_client" in b)
     snippet, printed = block.split("```", 1)[0], block.split("```text\n", 1)[1].split("```", 1)[0]
     assert 'Client("http://127.0.0.1:7860/"' in snippet
@@ -655,7 +652,7 @@ def local_app(registry, data_root):
     and hold its batches; started once for the module."""
     require("gradio")
     require("gradio_client")
-    from mnist_peft.app.ui import serve
+    from mnist_peft.app.launch import serve
 
     running = serve(UiHandlers(Predictor(registry, data_dir=str(data_root))), max_batch_size=16)
     yield running
@@ -704,7 +701,7 @@ def raw_result(url: str, session: str) -> dict:
 def test_concurrent_requests_are_answered_in_one_forward_per_batch(local_app, offline, mnist_test, monkeypatch) -> None:
     """While a held first batch runs, the other requests queue up; they are then served together,
     each batch in exactly one forward."""
-    from mnist_peft.app.ui import run_load
+    from mnist_peft.app.load import run_load
 
     handlers = local_app.handlers
     held, forwards = HeldBatches(handlers.api), []
@@ -812,7 +809,7 @@ def test_a_huge_drawing_is_refused_from_its_header_without_decoding_it(tmp_path:
     limit decodes to the very array the page drew."""
     from PIL import Image, ImageFile
 
-    from mnist_peft.app.ui import EditorPayload
+    from mnist_peft.app.drawing import EditorPayload
 
     Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
     drawn = render(u8_images(mnist_test, [4])[0], scale=8, top=40, left=60, style="white")
@@ -843,7 +840,8 @@ def test_the_app_listens_on_this_machine_only_sends_no_analytics_and_refreshes_i
     require("gradio")
     import inspect
 
-    from mnist_peft.app.ui import build_app, launch, serve
+    from mnist_peft.app.launch import launch, serve
+    from mnist_peft.app.page import build_app
     from mnist_peft.cli.main import build_parser
 
     assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
@@ -870,7 +868,8 @@ def test_load_200_requests_from_20_clients_all_answered_exactly(ui_server, offli
     clients; every answer is the library's for its input and stack. Reports p50/p99 latency and
     throughput, against the same requests one at a time (one client) and against 20 clients on an
     endpoint that does not batch. Timings are reported, not asserted (`mnist-peft bench` owns ratios)."""
-    from mnist_peft.app.ui import UNBATCHED_API_NAME, run_load
+    from mnist_peft.app.api import UNBATCHED_API_NAME
+    from mnist_peft.app.load import run_load
 
     g = torch.Generator().manual_seed(1)
     indices = torch.randperm(len(mnist_test.y), generator=g)[:200].tolist()
@@ -922,7 +921,7 @@ def test_ui_command_checks_its_options_then_refuses_a_registry_that_does_not_exi
 
 def test_run_load_closes_the_clients_it_made_when_another_fails_to_start(monkeypatch) -> None:
     gradio_client = require("gradio_client")
-    from mnist_peft.app.ui import run_load
+    from mnist_peft.app.load import run_load
 
     made, closed = [], []
 
@@ -949,7 +948,12 @@ def test_ui_command_without_gradio_says_how_to_install_it() -> None:
 
 
 def test_the_pure_parts_import_without_gradio() -> None:
-    """``mnist_peft.app.ui``'s preprocessing, predictor and handlers work without the ``[ui]`` extra."""
-    code = "import sys; import mnist_peft.app.ui; assert 'gradio' not in sys.modules and 'gradio_client' not in sys.modules"
+    """The app's preprocessing, handlers, tabs and page assembly, and the serving engine, import
+    (and work) without the ``[ui]`` extra: only building or serving the page imports gradio."""
+    code = (
+        "import sys; import mnist_peft.app, mnist_peft.app.drawing, mnist_peft.app.handlers, mnist_peft.app.page, "
+        "mnist_peft.app.tabs.draw, mnist_peft.app.launch, mnist_peft.serving.engine, mnist_peft.serving.stacks; "
+        "assert 'gradio' not in sys.modules and 'gradio_client' not in sys.modules"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_peft.io.adapters import AdapterFiles
-from mnist_peft.merging.combine import DELTA_METHODS, merge_deltas, svd_factors
+from mnist_peft.merging.methods import DELTA_METHODS, get_merge_method, merge_deltas
+from mnist_peft.merging.svd import svd_factors
 from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
 from mnist_peft.training.loop import EvalResult, evaluate
-from mnist_peft.tuners.lora.layer import compute_scaling
+from mnist_peft.tuners.lora.config import compute_scaling
 
 __all__ = ["StudyConfig", "merge_study", "study_table"]
 
@@ -130,60 +131,9 @@ def merge_study(
     _, val = split_validation(load_mnist(train=True, data_dir=data_dir), cfg.val_size, seed=cfg.seed)
     test = load_mnist(train=False, data_dir=data_dir)
     deltas = _deltas(adapters)
-    n = len(adapters)
-    grid, curve, chosen = [], [], {}
-    for method in methods:
-        best = None
-        tested: dict[tuple[float, float], EvalResult] = {}  # (density, scale) -> test result
-        for density in (1.0,) if method == "task_arithmetic" else cfg.densities:
-            g = torch.Generator().manual_seed(cfg.seed)
-            merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
-            low = _low_rank(merged, cfg.r)
-            at_density = None
-            for scale in cfg.scales:
-                val_loss = _val_loss(base, {m: scale * d for m, d in low.items()}, val)
-                grid.append({"method": method, "density": density, "scale": scale, "val_loss": val_loss})
-                if at_density is None or val_loss < at_density[0]:
-                    at_density = (val_loss, scale)
-                if best is None or val_loss < best[0]:
-                    best = (val_loss, density, scale, low)
-            # What the plot shows: each density at the scale validation chose for it, scored on test
-            # (reported only; nothing is chosen on these numbers).
-            update = {m: at_density[1] * d for m, d in low.items()}  # type: ignore[index]
-            tested[density, at_density[1]] = _evaluate_update(base, update, test)  # type: ignore[index]
-            curve.append(
-                {
-                    "method": method,
-                    "density": density,
-                    "scale": at_density[1],  # type: ignore[index]
-                    "val_loss": at_density[0],  # type: ignore[index]
-                    "val_accuracy": _evaluate_update(base, update, val).accuracy,
-                    "test_accuracy": tested[density, at_density[1]].accuracy,  # type: ignore[index]
-                }
-            )
-        val_loss, density, scale, low = best  # type: ignore[misc]
-        # the best overall is the best at its density, scored above (but for NaN losses, where it need not be)
-        result = tested.get((density, scale))
-        if result is None:
-            result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
-        densities = (1.0,) if method == "task_arithmetic" else tuple(cfg.densities)
-        chosen[method] = {
-            "density": density,
-            "scale": scale,
-            "val_loss": val_loss,
-            "test": result.to_dict(),
-            # a choice on the grid's edge may have a better one beyond it
-            "on_edge": [
-                k
-                for k, v, grid_values in (("density", density, densities), ("scale", scale, cfg.scales))
-                if len(grid_values) > 1 and v in (min(grid_values), max(grid_values))
-            ],
-        }
-    single_val = [_val_loss(base, {m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
-    best_single = min(range(n), key=lambda i: single_val[i])
-    weights, search_val = _search(base, deltas, val, cfg)
-    learned = _low_rank({m: sum(w * d for w, d in zip(weights, ds, strict=True)) for m, ds in deltas.items()}, cfg.r)
-    search_val = _val_loss(base, learned, val)  # the truncated adapter's, which the test row reports
+    grid: list[dict[str, object]] = []
+    curve: list[dict[str, object]] = []
+    chosen = {method: _study_method(base, deltas, method, cfg, val, test, n=len(adapters), grid=grid, curve=curve) for method in methods}
     return {
         "r": cfg.r,
         "val_size": cfg.val_size,
@@ -192,6 +142,100 @@ def merge_study(
         "grid": grid,
         "curve": curve,
         "chosen": chosen,
+        **_baselines(base, deltas, cfg, val, test, n=len(adapters)),
+    }
+
+
+def _study_method(
+    base: nn.Module,
+    deltas: dict[str, list[torch.Tensor]],
+    method: str,
+    cfg: StudyConfig,
+    val: MnistSplit,
+    test: MnistSplit,
+    *,
+    n: int,
+    grid: list[dict[str, object]],
+    curve: list[dict[str, object]],
+) -> dict[str, object]:
+    """One method over its (density, scale) grid: every point's validation loss appended to ``grid``,
+    each density's point at its best scale (scored on test) to ``curve``; returns the method's choice."""
+    best = None
+    tested: dict[tuple[float, float], EvalResult] = {}  # (density, scale) -> test result
+    densities = tuple(cfg.densities) if get_merge_method(method).needs_density else (1.0,)  # the table says which take one
+    for density in densities:
+        g = torch.Generator().manual_seed(cfg.seed)
+        merged = {m: merge_deltas(ds, [1.0] * n, method=method, density=density, generator=g) for m, ds in deltas.items()}
+        low = _low_rank(merged, cfg.r)
+        at_density = None
+        for scale in cfg.scales:
+            val_loss = _val_loss(base, {m: scale * d for m, d in low.items()}, val)
+            grid.append({"method": method, "density": density, "scale": scale, "val_loss": val_loss})
+            if at_density is None or val_loss < at_density[0]:
+                at_density = (val_loss, scale)
+            if best is None or val_loss < best[0]:
+                best = (val_loss, density, scale, low)
+        point: tuple[float, float] = at_density  # type: ignore[assignment]
+        tested[density, point[1]] = _curve_point(base, low, method, density, point, val, test, curve=curve)
+    val_loss, density, scale, low = best  # type: ignore[misc]
+    # the best overall is the best at its density, scored above (but for NaN losses, where it need not be)
+    result = tested.get((density, scale))
+    if result is None:
+        result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
+    return {
+        "density": density,
+        "scale": scale,
+        "val_loss": val_loss,
+        "test": result.to_dict(),
+        # a choice on the grid's edge may have a better one beyond it
+        "on_edge": [
+            k
+            for k, v, grid_values in (("density", density, densities), ("scale", scale, cfg.scales))
+            if len(grid_values) > 1 and v in (min(grid_values), max(grid_values))
+        ],
+    }
+
+
+def _curve_point(
+    base: nn.Module,
+    low: dict[str, torch.Tensor],
+    method: str,
+    density: float,
+    at_density: tuple[float, float],
+    val: MnistSplit,
+    test: MnistSplit,
+    *,
+    curve: list[dict[str, object]],
+) -> EvalResult:
+    """What the plot shows: a density at the scale validation chose for it, scored on test (reported
+    only; nothing is chosen on these numbers). Appends the point to ``curve``; returns the test result."""
+    val_loss, scale = at_density
+    update = {m: scale * d for m, d in low.items()}
+    result = _evaluate_update(base, update, test)
+    curve.append(
+        {
+            "method": method,
+            "density": density,
+            "scale": scale,
+            "val_loss": val_loss,
+            "val_accuracy": _evaluate_update(base, update, val).accuracy,
+            "test_accuracy": result.accuracy,
+        }
+    )
+    return result
+
+
+def _baselines(
+    base: nn.Module, deltas: dict[str, list[torch.Tensor]], cfg: StudyConfig, val: MnistSplit, test: MnistSplit, *, n: int
+) -> dict[str, object]:
+    """The rows every method is compared with: the base, the best single adapter (on validation), the
+    plain stack at 1/n, and the learned (searched, then truncated) combination."""
+    single_val = [_val_loss(base, {m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
+    best_single = min(range(n), key=lambda i: single_val[i])
+    weights, search_val = _search(base, deltas, val, cfg)
+    learned = _low_rank({m: sum(w * d for w, d in zip(weights, ds, strict=True)) for m, ds in deltas.items()}, cfg.r)
+    search_val = _val_loss(base, learned, val)  # the truncated adapter's, which the test row reports
+    return {
         "base": {"val_loss": _val_loss(base, {}, val), "test": evaluate(base, test).to_dict()},
         "best_single": {
             "index": best_single,

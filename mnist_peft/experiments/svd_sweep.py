@@ -11,7 +11,7 @@ from mnist_peft.merging.combine import delta_weights, lora_from_deltas
 from mnist_peft.model.mlp import count_parameters
 from mnist_peft.training.loop import evaluate
 from mnist_peft.training.recipes import finetune_full
-from mnist_peft.tuners.lora.layer import LoraModel
+from mnist_peft.tuners.lora.model import LoraModel
 
 __all__ = ["rank_sweep"]
 

@@ -29,7 +29,10 @@ from safetensors.torch import save as st_save
 from mnist_peft.errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError
 from mnist_peft.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_regular_file
 from mnist_peft.model.mlp import base_fingerprint
-from mnist_peft.tuners.lora.layer import DEFAULT_ADAPTER, LoraConfig, LoraModel, check_lora_state_dict, valid_adapter_name
+from mnist_peft.tuners.lora.config import DEFAULT_ADAPTER, LoraConfig
+from mnist_peft.tuners.lora.layer import valid_adapter_name
+from mnist_peft.tuners.lora.model import LoraModel
+from mnist_peft.tuners.lora.state_dict import check_lora_state_dict
 
 from .cards import digit_model_card, render_model_card
 
@@ -38,6 +41,7 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "MODEL_CARD_NAME",
     "KEY_PREFIX",
+    "clear_parsed_configs",
     "AdapterFiles",
     "save_adapter",
     "write_adapter",
@@ -302,6 +306,12 @@ _PARSED_CONFIGS: dict[bytes, LoraConfig] = {}
 adapters of one recipe share those bytes, and a server loading many of them parses each kind once."""
 _PARSED_CONFIGS_MAX = 256
 _PARSED_CONFIGS_LOCK = threading.Lock()  # lookups are plain dict reads; adding and evicting take it
+
+
+def clear_parsed_configs() -> None:
+    """Forget every remembered config: the next load of each file parses it again (the bench's cold load)."""
+    with _PARSED_CONFIGS_LOCK:
+        _PARSED_CONFIGS.clear()
 
 
 def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mnist_peft.tuners.lora.layer import LoraConfig
+    from mnist_peft.tuners.lora.config import LoraConfig
 
 __all__ = ["render_model_card", "digit_model_card", "base_model_card", "hub_adapter_card", "card_body"]
 

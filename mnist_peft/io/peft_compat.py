@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_peft.errors import InvalidArgumentError
-from mnist_peft.tuners.lora.layer import DEFAULT_ADAPTER, LoraConfig, LoraModel, lora_layers, set_forward_mode
+from mnist_peft.tuners.lora.config import DEFAULT_ADAPTER, LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 __all__ = [
     "FORWARD_TOLERANCE",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -36,6 +37,9 @@ class MnistMLP(
         >>> model(torch.zeros(2, 784)).shape
         torch.Size([2, 10])
     """
+
+    LAYER_NAMES: ClassVar[tuple[str, ...]] = ("linear1", "linear2", "linear3")
+    """The linear layers in the order ``forward`` runs them (a ReLU between each two)."""
 
     def __init__(self, hidden_size_1: int = 1000, hidden_size_2: int = 2000, in_features: int = 784, num_classes: int = 10) -> None:
         super().__init__()

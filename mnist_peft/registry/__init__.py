@@ -1,11 +1,30 @@
-"""The adapter registry: names and references, entries, reads and verify, writes, and the index stores."""
+"""The adapter registry: names and references, entries, reads and verify, writes, and the index stores.
+
+``AdapterRegistry(root, store=...)`` takes any :class:`IndexStore`; by default the index is
+``index.db`` in ``root``. (Reference resolution, ``refs``, needs torch and is imported from its module.)
+"""
 
 from __future__ import annotations
 
-from .adapter_registry import AdapterRegistry, RegistryEntry, parse_ref
+from .adapter_registry import AdapterRegistry
+from .entry import RegistryEntry, entry_from_dict
+from .names import confine, default_root, parse_ref, validate_name
+from .stores.base import IndexMovedError, IndexStore
+from .stores.folder import FolderIndex
+from .stores.json import JsonIndex
+from .stores.sqlite import SqliteIndex
 
 __all__ = [
     "AdapterRegistry",
+    "FolderIndex",
+    "IndexMovedError",
+    "IndexStore",
+    "JsonIndex",
     "RegistryEntry",
+    "SqliteIndex",
+    "confine",
+    "default_root",
+    "entry_from_dict",
     "parse_ref",
+    "validate_name",
 ]

@@ -19,7 +19,8 @@ from torch import nn
 
 from mnist_peft.errors import AmbiguousReferenceError, IntegrityError, InvalidNameError, ModelNotFoundError, RegistryError
 
-from .adapter_registry import AdapterRegistry, parse_ref
+from .adapter_registry import AdapterRegistry
+from .names import parse_ref
 
 __all__ = ["registry_folder", "resolve_adapter", "resolve_base"]
 

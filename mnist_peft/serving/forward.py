@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from mnist_peft.errors import AdapterStateError
-from mnist_peft.tuners.lora.layer import BASE_ADAPTER, LoraModel
+from mnist_peft.tuners.lora.config import BASE_ADAPTER
+from mnist_peft.tuners.lora.model import LoraModel
 
 __all__ = ["mixed_forward", "hot_swap"]
 

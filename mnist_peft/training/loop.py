@@ -28,6 +28,8 @@ __all__ = [
     "make_optimizer",
     "evaluate",
     "predict",
+    "EarlyStopping",
+    "training_plan",
     "progress_enabled",
     "seed_loader_permutation",
 ]
@@ -177,7 +179,7 @@ def fit(
         raise TrainConfigError("nothing to train: no parameter requires grad")
     n = len(train)
     opt, sched, steps_per_epoch, total = training_plan(params, config, n)
-    stopper = _EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
+    stopper = EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
     model.train()
     step, epoch, loss, loss_value, start = 0, 0, None, float("nan"), time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
@@ -214,7 +216,7 @@ def fit(
     )
 
 
-class _EarlyStopping:
+class EarlyStopping:
     """Validation checks every ``every`` steps (and at the last): the best state is kept, and
     training stops after ``patience`` checks without gain. Without ``val`` it never checks."""
 

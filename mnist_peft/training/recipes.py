@@ -31,7 +31,9 @@ from torch import nn
 from mnist_peft.errors import InvalidArgumentError, TrainConfigError
 from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.layer import LoraConfig, LoraModel, lora_layers
+from mnist_peft.tuners.lora.config import LoraConfig
+from mnist_peft.tuners.lora.model import LoraModel
+from mnist_peft.tuners.lora.targets import lora_layers
 
 from .loop import EvalResult, FitResult, TrainConfig, evaluate, fit, seed_loader_permutation
 
@@ -50,6 +52,8 @@ __all__ = [
     "train_adapter",
     "finetune_full",
     "augment_batch",
+    "resolve_recipe",
+    "DigitTask",
 ]
 
 RecipeKind = Literal["base", "adapter"]
@@ -302,7 +306,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((out - MNIST_MEAN) / MNIST_STD).reshape(n, 784)
 
 
-def _resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -> tuple[str, AdapterRecipe]:
+def resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -> tuple[str, AdapterRecipe]:
+    """``(name, recipe with overrides)`` for a registered adapter recipe's name or an :class:`AdapterRecipe`
+    (``None`` overrides are ignored).
+
+    Raises:
+        TrainConfigError: no adapter recipe of that name, or an override the recipe refuses.
+    """
     if isinstance(recipe, str):
         found = get_recipe("adapter", recipe)
         if not isinstance(found, AdapterRecipe):
@@ -338,7 +348,7 @@ def train_adapter(
     """
     import copy as _copy
 
-    name, recipe = _resolve_recipe(recipe, overrides)
+    name, recipe = resolve_recipe(recipe, overrides)
     torch.manual_seed(recipe.seed)
     if resume is not None:
         from mnist_peft.io.adapters import load_adapter
@@ -369,7 +379,7 @@ def finetune_full(
     """
     import copy as _copy
 
-    name, recipe = _resolve_recipe(recipe, overrides)
+    name, recipe = resolve_recipe(recipe, overrides)
     torch.manual_seed(recipe.seed)
     model = _copy.deepcopy(base)
     params = list(model.parameters())
@@ -378,7 +388,7 @@ def finetune_full(
     return model, _train_on_digit(model, params, base, digit, recipe, f"{name}-full", data_dir=data_dir, progress=progress)
 
 
-class _DigitTask:
+class DigitTask:
     """An adapter recipe's data and objective for one digit: batches that mix the digit with
     replayed others, cross-entropy plus a distillation term toward the base (the teacher) on the
     replayed samples, optional augmentation; one generator draws every random choice in order."""
@@ -470,7 +480,7 @@ def _train_on_digit(
     val = None
     if recipe.val_size:
         train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
-    task = _DigitTask(recipe, digit, train, base.eval(), torch.Generator().manual_seed(recipe.seed))
+    task = DigitTask(recipe, digit, train, base.eval(), torch.Generator().manual_seed(recipe.seed))
     fitted = fit(
         model,
         train,

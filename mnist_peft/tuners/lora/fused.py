@@ -26,6 +26,10 @@ How (the contract):
   takes only the used adapters' columns of ``x A^T``, so an unused adapter's values (even NaN)
   cannot reach the output.
 
+It is handed the parameters (W, b and each adapter's A by name) and the B's, never the layer,
+and imports nothing from ``layer``/``model``: the layer calls it. LoRA-only: it assumes the update
+``s (x A^T) B^T``, so another adapter type computes its own forward.
+
 Numerics: the sums are reordered (one GEMM over ``[W; A]``, an in-place ``addmm_``), so the result
 agrees with the exact path (peft's op order) to float rounding, not bit for bit; the bound is
 ``peft_compat.FUSED_TOLERANCE``.
@@ -33,28 +37,21 @@ agrees with the exact path (peft's op order) to float rounding, not bit for bit;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .layer import LoraLinear
+from .ledger import set_data
 
-__all__ = ["FusedLayout", "set_data", "ensure_layout", "detach_layout", "fused_supported", "fused_forward", "idle_rows_ok", "MAX_IDLE_ROWS"]
+__all__ = ["FusedLayout", "ensure_layout", "detach_layout", "fused_supported", "fused_forward", "idle_rows_ok", "MAX_IDLE_ROWS"]
 
 # An adapter that is loaded but not active still costs its rows of A in the one GEMM. Above this
 # many idle rows (or a quarter of the layer's outputs, whichever is larger) the exact path, which
 # computes only the active adapters, is cheaper.
 MAX_IDLE_ROWS = 64
 ROW_MULTIPLE = 8
-
-
-def set_data(p: torch.Tensor, value: torch.Tensor) -> None:
-    """``p.data = value``, as this package's own re-pointing (not counted as a user's edit)."""
-    torch._C.TensorBase.data.__set__(p, value)
 
 
 def fused_supported(weight: torch.Tensor) -> bool:
@@ -68,7 +65,7 @@ def _signature(t: torch.Tensor) -> tuple:
 
 @dataclass
 class FusedLayout:
-    """The buffers one :class:`~mnist_peft.tuners.lora.layer.LoraLinear`'s W, b and A's are views of."""
+    """The buffers one layer's W, b and A's (the parameters, not the layer) are views of."""
 
     wa: torch.Tensor  # (out + R', in), R' >= R
     bias: torch.Tensor | None  # (out + R',)
@@ -81,38 +78,35 @@ class FusedLayout:
     def rank(self) -> int:
         return sum(s.stop - s.start for s in self.rows.values())
 
-    def matches(self, layer: LoraLinear) -> bool:
-        """Whether every parameter of ``layer`` is still exactly its view into these buffers."""
-        return tuple(layer.lora_A) == self.names and _layer_signatures(layer) == self.signatures
+    def matches(self, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: Mapping[str, torch.Tensor]) -> bool:
+        """Whether ``weight``, ``bias`` and every ``lora_A`` (adapter name -> A) are still exactly their views into these buffers."""
+        return tuple(lora_A) == self.names and _signatures(weight, bias, lora_A) == self.signatures
 
 
-def _layer_signatures(layer: LoraLinear) -> tuple:
-    base = layer.base_layer
-    sigs = [_signature(base.weight), None if base.bias is None else _signature(base.bias)]
-    sigs += [_signature(layer.lora_A[name]) for name in layer.lora_A]
+def _signatures(weight: torch.Tensor, bias: torch.Tensor | None, lora_A: Mapping[str, torch.Tensor]) -> tuple:
+    sigs = [_signature(weight), None if bias is None else _signature(bias)]
+    sigs += [_signature(lora_A[name]) for name in lora_A]
     return tuple(sigs)
 
 
-def ensure_layout(layer: LoraLinear) -> FusedLayout | None:
-    """The layer's layout, rebuilt from its parameters' current values if any no longer matches;
-    ``None`` when the parameters are not this module's own (they cannot be re-pointed)."""
-    layout = layer._layout
-    if layout is not None and layout.matches(layer):
+def ensure_layout(
+    layout: FusedLayout | None, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: Mapping[str, torch.Tensor]
+) -> FusedLayout | None:
+    """``layout`` while ``weight``, ``bias`` and each ``lora_A`` (a layer's, adapter name -> A (r, in))
+    still match it; else a new layout built from their current values (the parameters re-pointed
+    into it); ``None`` when they are not all ``nn.Parameter`` objects (they cannot be re-pointed).
+    The caller (the layer) keeps the layout returned."""
+    if layout is not None and layout.matches(weight, bias, lora_A):
         return layout
-    base = layer.base_layer
-    params = [base.weight, *layer.lora_A.values()] + ([] if base.bias is None else [base.bias])
+    params = [weight, *lora_A.values()] + ([] if bias is None else [bias])
     if not all(isinstance(p, nn.Parameter) for p in params):
         return None
-    layout = _build(layer)
-    layer._layout = layout
-    return layout
+    return _build(weight, bias, lora_A)
 
 
-def _build(layer: LoraLinear) -> FusedLayout:
-    base = layer.base_layer
-    w = base.weight
-    names = tuple(layer.lora_A)
-    ranks = [layer.lora_A[n].shape[0] for n in names]
+def _build(w: torch.Tensor, b: torch.Tensor | None, lora_A: Mapping[str, torch.Tensor]) -> FusedLayout:
+    names = tuple(lora_A)
+    ranks = [lora_A[n].shape[0] for n in names]
     out, rank = w.shape[0], sum(ranks)
     # Plain tensors even when the first forward runs under inference_mode: the parameters are
     # re-pointed into these buffers and must stay usable for training afterwards.
@@ -124,29 +118,29 @@ def _build(layer: LoraLinear) -> FusedLayout:
         start = 0
         for name, r in zip(names, ranks, strict=True):
             rows[name] = slice(start, start + r)
-            wa[out + start : out + start + r].copy_(layer.lora_A[name])
+            wa[out + start : out + start + r].copy_(lora_A[name])
             start += r
         bias = None
-        if base.bias is not None:
+        if b is not None:
             bias = torch.zeros(total, dtype=w.dtype, device=w.device)
-            bias[:out].copy_(base.bias)
+            bias[:out].copy_(b)
         # Re-point the parameters into the buffers (same Parameter objects: optimizers keep them).
         # The content is copied exactly, so this is no edit: set_data leaves the edit count alone.
         set_data(w, wa[:out])
         if bias is not None:
-            set_data(base.bias, bias[:out])
+            set_data(b, bias[:out])
         for name in names:
-            set_data(layer.lora_A[name], wa[out + rows[name].start : out + rows[name].stop])
-    return FusedLayout(wa, bias, out, names, rows, _layer_signatures(layer))
+            set_data(lora_A[name], wa[out + rows[name].start : out + rows[name].stop])
+    return FusedLayout(wa, bias, out, names, rows, _signatures(w, b, lora_A))
 
 
-def detach_layout(layer: LoraLinear) -> None:
-    """Give every parameter its own compact storage again and drop the layout (on unload)."""
+def detach_layout(params: Iterable[torch.Tensor | None]) -> None:
+    """Give every parameter (a layer's W, b and A's) its own compact storage again (on unload;
+    the caller drops its layout)."""
     with torch.no_grad():
-        for p in [layer.base_layer.weight, layer.base_layer.bias, *layer.lora_A.values()]:
+        for p in params:
             if p is not None:
                 set_data(p, p.detach().clone(memory_format=torch.contiguous_format))
-    layer._layout = None
 
 
 def idle_rows_ok(layout: FusedLayout, used: Sequence[str], out_features: int) -> bool:

@@ -1,21 +1,9 @@
-"""Where a registry keeps its index, behind one small interface (:class:`IndexStore`).
+"""``index.db``: the registry's index in SQLite (:class:`SqliteIndex`, WAL mode).
 
-A store holds *raw* entries: the JSON objects of the ``index.json`` format, keyed by name and
-version, plus each name's high-water mark (the highest version it ever had). It never interprets
-an entry: the registry validates every entry it reads (a store's file is outside input like any
-other), and owns every folder on disk. Two stores:
-
-- :class:`SqliteIndex` (``index.db``, SQLite in WAL mode): the registry's index. Looking up a name
-  or adding a version touches only that name's rows through the primary key, so neither grows
-  with the size of the registry (``mnist-peft bench --only registry_add registry_get`` measures
-  10,000 entries against 10). Each write is one transaction: a crash leaves the old index or the
-  new one.
-- :class:`JsonIndex` (``index.json``): the exchange format, for the Hub and for people
-  (``mnist-peft registry export``). A registry made before ``index.db`` existed is read from its
-  ``index.json`` and moves to ``index.db`` on its first write (the JSON file is kept, renamed).
-
-A new store (say, a server's database) implements the same six methods; the registry does not
-change.
+Looking up a name or adding a version touches only that name's rows through the primary key, so
+neither grows with the size of the registry (``mnist-peft bench --only registry_add registry_get``
+measures 10,000 entries against 10). Each write is one transaction: a crash leaves the old index or
+the new one.
 """
 
 from __future__ import annotations
@@ -27,56 +15,19 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Protocol
 
 from mnist_peft.errors import RegistryError
-from mnist_peft.fileio import atomic_write_json, current_umask, read_regular_file
+from mnist_peft.fileio import current_umask
 
-__all__ = ["IndexStore", "SqliteIndex", "JsonIndex", "IndexMovedError", "INDEX_FORMAT"]
+from .base import INDEX_FORMAT, document_parts, empty_document, int_or_zero, sort_key, unreadable
 
-INDEX_FORMAT = 1  # the index.json document: {"format", "entries": [...], "high_water": {name: version}}
+__all__ = ["SqliteIndex"]
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,"
     " PRIMARY KEY (name, version)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS high_water (name TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID",
 )
-
-
-class IndexStore(Protocol):
-    """What the registry needs from an index. ``name=None`` means every name."""
-
-    path: Path
-
-    def exists(self) -> bool: ...
-
-    def entries(self, name: str | None = None) -> list[object]:
-        """The raw entries (of one name), in no particular order."""
-        ...
-
-    def marks(self, name: str | None = None) -> dict[str, object]:
-        """Raw high-water marks (of one name)."""
-        ...
-
-    def write(self, *, add: Sequence[dict[str, object]] = (), remove: Sequence[tuple[str, int]] = (), marks: dict[str, int]) -> None:
-        """One atomic change: drop ``remove``'s (name, version) rows, store ``add``, raise marks."""
-        ...
-
-    def dump(self) -> dict[str, object]:
-        """Everything, as an ``index.json`` document."""
-        ...
-
-    def load(self, document: dict[str, object]) -> None:
-        """Replace everything with an ``index.json`` document's entries and marks (atomically)."""
-        ...
-
-
-class IndexMovedError(RegistryError):
-    """An ``index.json`` vanished between choosing it and reading it (moved to ``index.db`` by a
-    writer meanwhile): the reader chooses again."""
-
-
-def _unreadable(path: Path, exc: BaseException) -> RegistryError:
-    return RegistryError(f"registry index {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); restore it from a backup")
 
 
 class SqliteIndex:
@@ -87,6 +38,9 @@ class SqliteIndex:
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def writable(self) -> bool:
+        return self.exists()
 
     def create(self, document: dict[str, object] | None = None) -> None:
         """Make the database, with its tables, WAL mode, the umask's file mode and ``document``'s
@@ -102,7 +56,7 @@ class SqliteIndex:
                 for statement in _SCHEMA:
                     c.execute(statement)
             os.chmod(tmp, 0o666 & ~current_umask())  # a normal file follows the umask
-            staged.load(document or {"format": INDEX_FORMAT, "entries": [], "high_water": {}})
+            staged.load(document or empty_document())
             with closing(sqlite3.connect(tmp)) as c:  # fold the log into the file before it moves
                 c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             os.replace(tmp, self.path)
@@ -125,7 +79,7 @@ class SqliteIndex:
             else:
                 connection = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         except sqlite3.Error as exc:
-            raise _unreadable(self.path, exc) from exc
+            raise unreadable(self.path, exc) from exc
         with closing(connection):
             try:
                 if create:  # a writer: WAL (a no-op once set), whatever an older writer left
@@ -139,7 +93,7 @@ class SqliteIndex:
                         f"registry index {str(self.path)!r} cannot be read from its read-only folder ({exc}); "
                         "copy the registry to a writable folder, or mount it read-write"
                     ) from exc
-                raise _unreadable(self.path, exc) from exc
+                raise unreadable(self.path, exc) from exc
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """A reader's connection when the folder is not writable (a read-only mount, a shared copy).
@@ -208,11 +162,11 @@ class SqliteIndex:
                 raise
 
     def dump(self) -> dict[str, object]:
-        entries = sorted(self.entries(), key=_sort_key)
+        entries = sorted(self.entries(), key=sort_key)
         return {"format": INDEX_FORMAT, "entries": entries, "high_water": dict(sorted(self.marks().items()))}
 
     def load(self, document: dict[str, object]) -> None:
-        entries, marks = _document_parts(self.path, document)
+        entries, marks = document_parts(self.path, document)
         with self._connect(create=True) as c:
             c.execute("BEGIN IMMEDIATE")
             try:
@@ -222,7 +176,7 @@ class SqliteIndex:
                 c.execute("DELETE FROM high_water")
                 c.executemany(
                     "INSERT OR REPLACE INTO entries (name, version, body) VALUES (?, ?, ?)",
-                    [(str(e.get("name")), _int_or_zero(e.get("version")), json.dumps(e)) for e in entries if isinstance(e, dict)],
+                    [(str(e.get("name")), int_or_zero(e.get("version")), json.dumps(e)) for e in entries if isinstance(e, dict)],
                 )
                 c.executemany("INSERT OR REPLACE INTO high_water (name, version) VALUES (?, ?)", [(str(k), v) for k, v in marks.items()])
                 c.execute("COMMIT")
@@ -231,20 +185,12 @@ class SqliteIndex:
                 raise
 
 
-def _sort_key(entry: object) -> tuple[str, int]:
-    return (str(entry.get("name")), _int_or_zero(entry.get("version"))) if isinstance(entry, dict) else ("", 0)
-
-
-def _int_or_zero(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63 else 0
-
-
 def _row_entry(path: Path, name: object, version: object, body: object) -> object:
     """One row's entry; a row whose body disagrees with its key is reported as such."""
     try:
         entry = json.loads(body) if isinstance(body, (str, bytes)) else None
     except (ValueError, RecursionError) as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable(path, exc) from exc
     if not isinstance(entry, dict):
         raise RegistryError(f"registry index {str(path)!r} has a row for {name}@{version} that is not an entry; restore it")
     body_version = entry.get("version")
@@ -254,64 +200,3 @@ def _row_entry(path: Path, name: object, version: object, body: object) -> objec
     if entry.get("name") != name or (key_version is not None and key_version != version):  # else the registry names the bad field
         raise RegistryError(f"registry index {str(path)!r} has a row for {name}@{version} that names another entry; restore it")
     return entry
-
-
-def _document_parts(path: Path, document: object) -> tuple[list[object], dict[str, object]]:
-    if not isinstance(document, dict) or not isinstance(document.get("entries"), list):
-        raise RegistryError(f"registry index {str(path)!r} has no 'entries' list; restore it from a backup")
-    marks = document.get("high_water") or {}
-    if not isinstance(marks, dict):
-        raise RegistryError(f"registry index {str(path)!r} has an invalid 'high_water' map; restore it from a backup")
-    return document["entries"], marks
-
-
-class JsonIndex:
-    """``index.json``: the whole index in one JSON document, rewritten on every change."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def exists(self) -> bool:
-        return self.path.is_file() or self.path.is_symlink()
-
-    def exported(self) -> bool:
-        """Whether this file is an export of an ``index.db`` (never an index in its own right)."""
-        return self._document().get("exported") is True
-
-    def _document(self) -> dict[str, object]:
-        if self.path.is_symlink():
-            raise RegistryError(f"{str(self.path)!r} is a symlink; the registry does not follow links: replace it with the real file")
-        try:
-            document = json.loads(read_regular_file(str(self.path)))
-        except FileNotFoundError:
-            raise IndexMovedError(f"registry index {str(self.path)!r} is gone (moved to index.db meanwhile?)") from None
-        except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:  # bad JSON, huge numbers, deep nesting
-            raise _unreadable(self.path, exc) from exc
-        _document_parts(self.path, document)
-        return document
-
-    def entries(self, name: str | None = None) -> list[object]:
-        entries, _ = _document_parts(self.path, self._document())
-        return [e for e in entries if name is None or (isinstance(e, dict) and e.get("name") == name)]
-
-    def marks(self, name: str | None = None) -> dict[str, object]:
-        _, marks = _document_parts(self.path, self._document())
-        return {k: v for k, v in marks.items() if name is None or k == name}
-
-    def write(self, *, add: Sequence[dict[str, object]] = (), remove: Sequence[tuple[str, int]] = (), marks: dict[str, int]) -> None:
-        document = self._document()
-        gone = set(remove)
-        entries = [e for e in document["entries"] if not (isinstance(e, dict) and (e.get("name"), e.get("version")) in gone)]
-        high = dict(document.get("high_water") or {})
-        for k, v in marks.items():
-            high[k] = max(v, high.get(k, 0)) if isinstance(high.get(k, 0), int) else v
-        self.load({"format": INDEX_FORMAT, "entries": [*entries, *add], "high_water": high})
-
-    def dump(self) -> dict[str, object]:
-        return self._document()
-
-    def load(self, document: dict[str, object]) -> None:
-        entries, marks = _document_parts(self.path, document)
-        entries = sorted(entries, key=_sort_key)
-        flag = {"exported": True} if document.get("exported") is True else {}
-        atomic_write_json(self.path, {"format": INDEX_FORMAT, **flag, "entries": entries, "high_water": dict(sorted(marks.items()))})

@@ -1,0 +1,238 @@
+"""Commands that make one adapter or model out of others: ``train-adapter``, ``merge`` (into the base)
+and ``combine`` (adapters into one, by any method in the merge table)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (
+    LazyChoices,
+    add_common,
+    add_model_args,
+    add_overrides,
+    add_recipe,
+    add_root,
+    emit,
+    fmt_ints,
+    fraction,
+    model_from_args,
+    out_folder,
+    register_output,
+    registry_path,
+    resolve_adapter,
+    resolve_base,
+)
+from .table import command
+
+__all__ = ["cmd_train_adapter", "cmd_merge", "cmd_combine"]
+
+
+def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, metavar="DIR", help="base model folder, registry name, or Hub repo id")
+    p.add_argument("--digit", required=True, type=int, choices=range(10), metavar="D", help="the digit 0..9 to fix")
+    p.add_argument("--out", metavar="DIR", help="folder to save the adapter in")
+    p.add_argument("--register", metavar="NAME", help="also add the adapter to the registry as the next version of NAME")
+    add_root(p)
+    add_recipe(p, "adapter", default="replay")
+    p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--steps", type=int, help="override the recipe's number of optimiser steps")
+    add_overrides(p)
+    p.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue training this adapter folder or registry entry (incremental update) instead of a fresh one; "
+        "a registry entry with no --out/--register is registered as its next version",
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of the saved tensors")
+    p.add_argument("--force", action="store_true", help="overwrite --out; accept a --resume adapter from another base")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(p)
+
+
+def _save_trained_adapter(args: argparse.Namespace, model, result, out: Path) -> dict | None:
+    """Write the adapter (metadata, card, --dtype) to ``out`` and register it if asked."""
+    import torch
+
+    from mnist_peft.training.recipes import save_trained_adapter
+
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    extra = {"resumed_from": str(args.resume)} if args.resume else None
+    save_trained_adapter(model, result, out, base_model=str(args.base), extra=extra, dtype=dtype)
+    return register_output(args, out, result.metrics(), digit=args.digit)
+
+
+@command(
+    "train-adapter",
+    help="train a per-digit LoRA adapter and save it in PEFT layout",
+    description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
+    "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
+    "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes the digit's images with replayed other "
+    "digits, distilled toward the base.",
+    arguments=_train_adapter_arguments,
+)
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    from mnist_peft.training.loop import progress_enabled
+    from mnist_peft.training.recipes import train_adapter
+
+    if args.resume and not args.out and not args.register and registry_path(args.resume, args, "lora") is not None:
+        from mnist_peft.registry.names import parse_ref
+
+        args.register = parse_ref(args.resume)[0]  # continue a registry entry: register its next version
+    out, _tmp = out_folder(args)
+    base = resolve_base(args.base, args)
+    model, result = train_adapter(
+        base,
+        args.digit,
+        args.recipe,
+        resume=resolve_adapter(args.resume, args) if args.resume else None,
+        force=args.force,
+        data_dir=args.data_dir,
+        progress=progress_enabled(args.quiet),
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    cfg = model.peft_config["default"]
+    registered = _save_trained_adapter(args, model, result, out)
+    d = args.digit
+    payload = {
+        "digit": d,
+        "recipe": result.recipe,
+        "out": str(out),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_parameters": model.num_lora_parameters(),
+        "before": result.before.to_dict(),
+        "after": result.after.to_dict(),
+        "registered": registered,
+    }
+    where = f"{registered['name']}@{registered['version']}" if registered else str(out)
+    text = (
+        f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
+        f"{result.steps} steps in {result.seconds:.1f} s\n"
+        f"digit {d} wrong: {result.before.wrong_per_digit[d]} -> {result.after.wrong_per_digit[d]}; "
+        f"accuracy {result.before.accuracy:.4f} -> {result.after.accuracy:.4f}\n"
+        f"wrong per digit before: {fmt_ints(result.before.wrong_per_digit)}\n"
+        f"wrong per digit after:  {fmt_ints(result.after.wrong_per_digit)}\n"
+        f"saved to {where} (next: mnist-peft eval --base {args.base} --adapter {where})"
+    )
+    emit(args, payload, text)
+    return 0
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p, adapter_required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to save the merged model in")
+    add_common(p, data=False)
+
+
+@command(
+    "merge",
+    help="merge adapters into the base and save a plain model",
+    description="Merge one or more adapters (weighted) into the base weights and save the result as a plain "
+    "MnistMLP folder that needs no adapter code to load.",
+    arguments=_merge_arguments,
+)
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mnist_peft.model.mlp import MnistMLP, base_fingerprint
+
+    out, _ = out_folder(args)
+    model = model_from_args(args)
+    plain = model.merge_and_unload(safe_merge=True)
+    assert isinstance(plain, MnistMLP)
+    plain.save_pretrained(out)
+    payload = {"out": str(out), "adapters": args.adapter, "weights": args.weight, "fingerprint": base_fingerprint(plain)}
+    emit(args, payload, f"merged {len(args.adapter)} adapter(s) into {out} (next: mnist-peft eval --base {out})")
+    return 0
+
+
+def _combine_methods() -> tuple[str, ...]:
+    from mnist_peft.merging.methods import METHODS
+
+    return METHODS
+
+
+def _combine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
+    add_root(p)
+    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
+    p.add_argument(
+        "--method",
+        choices=LazyChoices(_combine_methods),  # type: ignore[arg-type]
+        default="cat",
+        metavar="METHOD",
+        help="cat (exact), svd (the weighted sum truncated to --r), or a task-vector merge truncated to --r: "
+        "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune (peft's names ties_svd, dare_linear_svd, "
+        "dare_ties_svd, magnitude_prune_svd are accepted); default cat",
+    )
+    p.add_argument("--r", type=int, help="target rank (svd and the merges; merges default to the largest input rank)")
+    p.add_argument("--density", type=fraction, help="ties, dare_*, magnitude_prune: the share of each delta's entries kept")
+    p.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES sign election (default total)")
+    p.add_argument(
+        "--ties-mode",
+        choices=["peft", "mergekit"],
+        default="peft",
+        help="peft: elect signs on unweighted deltas, divide by the agreeing count; mergekit: on weighted deltas, "
+        "divide by the agreeing weights (default peft)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
+    p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
+    add_common(p, data=False)
+
+
+@command(
+    "combine",
+    help="combine adapters into one (exact cat, or rank-r SVD); also resizes one adapter",
+    description="Combine adapters into one whose delta is the weighted sum of theirs. 'cat' is exact (rank = sum "
+    "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
+    "With a single --adapter and --method svd it resizes that adapter to rank R.",
+    arguments=_combine_arguments,
+)
+def cmd_combine(args: argparse.Namespace) -> int:
+    from mnist_peft.io.adapters import read_adapter, write_adapter
+    from mnist_peft.io.cards import render_model_card
+    from mnist_peft.merging.combine import combine_adapters
+
+    out, _ = out_folder(args)
+    files = [read_adapter(resolve_adapter(a, args)) for a in args.adapter]
+    result = combine_adapters(
+        files,
+        args.weight,
+        method=args.method,
+        r=args.r,
+        force=args.force,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        ties_mode=args.ties_mode,
+        seed=args.seed,
+    )
+    meta = {"combined_from": ",".join(str(a) for a in args.adapter), "method": args.method}
+    if args.density is not None:
+        meta["density"] = f"{args.density:g}"
+    if args.weight:
+        meta["weights"] = ",".join(f"{w:g}" for w in args.weight)
+    base_model = next((f.metadata.get("base_model") for f in files if f.metadata.get("base_model")), None)
+    card = render_model_card(
+        base_model=base_model,
+        tags=["lora", "mnist", "mnist-peft", f"combine-{args.method}"],
+        title=f"combined LoRA adapter ({args.method})",
+        body=f"Combined from {', '.join(args.adapter)} with weights {args.weight or [1.0] * len(args.adapter)} by `{args.method}`; "
+        f"rank {result.config.r}. Relative Frobenius error per layer: {result.relative_error}.",
+    )
+    write_adapter(result.to_files(meta), out, model_card=card)
+    payload = {"out": str(out), "method": args.method, "r": result.config.r, "relative_error": result.relative_error}
+    errs = ", ".join(f"{k} {v:.2e}" for k, v in result.relative_error.items())
+    emit(
+        args,
+        payload,
+        f"combined {len(files)} adapter(s) by {args.method} into rank {result.config.r} at {out}\nrelative Frobenius error: {errs}",
+    )
+    return 0

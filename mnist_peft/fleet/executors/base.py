@@ -1,0 +1,106 @@
+"""The executor seam: the one interface that runs a fleet's jobs, what it is handed and what it hands back.
+
+An executor gets the jobs and a :class:`FleetWork` (the checked base, where a worker finds it, the
+staging folder, the run's options) and returns an :class:`ExecutorResult`: one PEFT adapter folder
+per trained job under ``work.staging`` (:func:`save_fleet_adapter` writes one) and an error per
+failed job. :func:`~mnist_peft.fleet.run.run_fleet` does everything else: it checks the jobs, pins
+the base, re-checks what a ``remote`` executor returns, writes ``--out``, registers and pushes.
+
+This module imports no torch, so that the name -> executor table (:mod:`.table`) can feed the
+``mnist-peft`` parser's ``--executor`` choices without slowing the commands that need no tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from mnist_peft.fleet.progress import FleetProgress
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mnist_peft.training.batched import AdapterJob
+    from mnist_peft.training.recipes import AdapterTrainResult
+    from mnist_peft.tuners.lora.model import LoraModel
+
+__all__ = ["ADAPTER_FILES", "Executor", "ExecutorResult", "FleetAdapter", "FleetWork", "save_fleet_adapter"]
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+"""The files a fleet job hands back (a PEFT adapter folder); nothing else is accepted from a worker."""
+
+
+@dataclass
+class FleetAdapter:
+    """One trained adapter of a fleet, saved in a folder of the driver's."""
+
+    name: str
+    digit: int
+    seed: int
+    steps: int
+    folder: str | None
+    """Where it is: a folder under ``out``, None when the fleet was only registered."""
+    metrics: dict[str, object]
+
+
+class ExecutorResult(NamedTuple):
+    """What an executor hands back: the adapters trained (in job order) and each failed job's error."""
+
+    trained: list[FleetAdapter]
+    failed: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FleetWork:
+    """Everything an executor needs besides the jobs; one run's, built by :func:`~mnist_peft.fleet.run.run_fleet`."""
+
+    base: nn.Module
+    """The driver's base, already checked (a plain ``MnistMLP``); an in-process executor trains on it."""
+    base_ref: str
+    """What each adapter's config and card name as its base."""
+    source: str
+    """Where a worker process loads the base from: its own folder (absolute) or its Hub repo id."""
+    revision: str | None
+    """The Hub commit of a Hub base that every worker must read (None otherwise)."""
+    staging: str
+    """The driver's temporary folder; executors write the adapter folders under it."""
+    data_dir: str | None
+    """The MNIST data root the caller gave (None: the default)."""
+    quiet: bool = False
+    tty: bool = False
+    """Whether stderr is a terminal (a live bar) or not (a status line now and then)."""
+    retries: int = 2
+    """How many times a remote executor re-runs a job whose worker died or which raised unexpectedly."""
+    address: str | None = None
+    """The cluster a remote executor connects to (None: its default)."""
+    fault: tuple[str, ...] | None = None
+    """A test hook for remote executors (see :func:`mnist_peft.fleet.executors.ray._train_one`)."""
+
+    def progress(self, jobs: Sequence[AdapterJob], *, total: int, unit: str) -> FleetProgress:
+        """The fleet's progress display, counting ``total`` ``unit``\\ s (steps, jobs)."""
+        return FleetProgress(jobs, unit_total=total, unit=unit, tty=self.tty, quiet=self.quiet)
+
+
+class Executor(Protocol):
+    """Runs a fleet's jobs. A new executor is one class with these three members, added to
+    :data:`~mnist_peft.fleet.executors.table.EXECUTORS` (or passed to ``run_fleet`` itself)."""
+
+    name: str
+    """What ``--executor`` and :attr:`FleetResult.executor <mnist_peft.fleet.run.FleetResult>` call it."""
+    remote: bool
+    """True when jobs run outside this process: the driver then pins a Hub base to one commit, hands
+    workers ``work.source``, and reads every returned folder as untrusted (it checks the tensors,
+    re-scores and rewrites each adapter). False: the folders are trusted as written."""
+
+    def run(self, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
+        """Train every job; a folder under ``work.staging`` per trained one, an error per failed one."""
+        ...
+
+
+def save_fleet_adapter(model: LoraModel, result: AdapterTrainResult, job: AdapterJob, base_ref: str, folder: str) -> FleetAdapter:
+    """Write one trained adapter as ``train-adapter`` writes it (metadata, model card), with its seed."""
+    from mnist_peft.training.recipes import save_trained_adapter
+
+    save_trained_adapter(model, result, folder, base_model=base_ref, extra={"seed": str(job.seed)})
+    return FleetAdapter(job.name, job.digit, job.seed, result.steps, str(folder), result.metrics())

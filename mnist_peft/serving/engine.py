@@ -1,0 +1,192 @@
+"""The serving engine: a base and its adapter stacks, answering batches of requests in one forward.
+
+:class:`Predictor` resolves each request's spec to a verified, base-checked stack
+(:func:`~mnist_peft.serving.stacks.resolve_stack`), loads each distinct stack once as one adapter
+(:class:`~mnist_peft.serving.cache.StackCache`, combined from the entries of
+:class:`~mnist_peft.serving.cache.EntryCache`) and turns a batch into **one mixed-adapter forward**
+(:func:`~mnist_peft.serving.forward.mixed_forward`). Every request of a batch is checked on its own:
+a bad one gets its error, never its batch-mates. No web framework here: the app (``mnist_peft.app``)
+calls :meth:`Predictor.answer` from its ``/predict`` endpoint and :meth:`Predictor.predict_pairs`
+from its Draw tab.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.model.data import load_mnist
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.tuners.lora.model import LoraModel
+
+from .cache import DEFAULT_CACHE_BYTES, CacheInfo, EntryCache, StackCache, check_cache_bytes
+from .forward import mixed_forward
+from .requests import Refused, image_to_input, logits_result, public_message
+from .stacks import Stack, resolve_stack
+
+__all__ = ["Predictor", "ServingEngine"]
+
+
+class Predictor:
+    """The app's model: a base and an LRU cache of adapter stacks, answering batches in one forward.
+
+    Each distinct stack is loaded once as one adapter, the exact ``cat`` combination of its members
+    with their weights folded in, and kept while the cache's byte budget allows (least recently
+    used first out, removed with ``delete_adapter``; a batch's own stacks stay while it runs, so a
+    batch may exceed the budget until it ends). The members come from a second, small LRU of
+    registry entries read and checked (up to :data:`~mnist_peft.serving.cache.ENTRY_CACHE_SIZE`,
+    keyed on ``name@version`` and the sha256 of both adapter files), so a new weight or mix of known
+    adapters reads no file. One lock serialises the model: a mixed forward owns its state while it
+    runs. Only registry entries are loaded (each adapter file read once and checked against its
+    recorded sha256, the base fingerprint compared); nothing is ever written.
+
+    Example:
+        >>> p = Predictor(AdapterRegistry("adapters"))
+        >>> stack = p.resolve("digit-9@1:1.0")
+        >>> p.predict_batch(x, [None, stack])   # (2, 10) logits in one forward
+    """
+
+    def __init__(
+        self, registry: AdapterRegistry, base: str = "base", *, cache_bytes: int = DEFAULT_CACHE_BYTES, data_dir: str | None = None
+    ) -> None:
+        from mnist_peft.registry.refs import resolve_base
+
+        check_cache_bytes(cache_bytes)
+        self.registry = registry
+        self.data_dir = data_dir
+        self.base_ref = base
+        self.model = LoraModel(resolve_base(base, registry)).eval()
+        self.fingerprint = self.model.base_fingerprint()  # once: the app never edits its base
+        self._stacks = StackCache(self.model, EntryCache(registry, self.fingerprint), budget=cache_bytes)
+        self._lock = threading.RLock()
+        self._test_logits: torch.Tensor | None = None
+
+    # -- stacks
+    def resolve(self, spec: object) -> Stack | None:
+        """The stack a spec names, against the registry now: see :func:`~mnist_peft.serving.stacks.resolve_stack`."""
+        return resolve_stack(self.registry, spec)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The stack cache's byte budget (change it with :meth:`resize_cache`)."""
+        return self._stacks.budget
+
+    def cache_info(self) -> CacheInfo:
+        with self._lock:
+            return self._stacks.info()
+
+    def cached(self) -> list[tuple[tuple, str]]:
+        """The cached stacks, least recently used first: ``(Stack.key, adapter name in the model)``."""
+        with self._lock:
+            return self._stacks.cached()
+
+    def resize_cache(self, cache_bytes: int) -> None:
+        """Change the cache's byte budget; least recently used stacks go until it holds."""
+        check_cache_bytes(cache_bytes)
+        with self._lock:
+            self._stacks.resize(cache_bytes)
+
+    # -- forward
+    def predict_batch(self, x: torch.Tensor, stacks: Sequence[Stack | None]) -> torch.Tensor:
+        """Logits (N, 10) of ``x`` (N, 784, normalised), row i through ``stacks[i]`` (``None``: the base),
+        in one mixed-adapter forward.
+
+        Raises:
+            AdapterStateError: ``stacks`` does not match ``x``'s rows.
+            IntegrityError, FingerprintMismatchError, and the adapter load errors: a stack's files.
+        """
+        with self._lock:
+            needed = {s.key for s in stacks if s is not None}
+            self._stacks.evict(keep=needed)  # room first, keeping what this batch uses
+            try:
+                names = [None if s is None else self._stacks.load(s) for s in stacks]
+                return mixed_forward(self.model, x, names)
+            finally:
+                self._stacks.evict()
+
+    def test_logits(self) -> torch.Tensor:
+        """The base's logits on the 10,000 MNIST test images (computed once)."""
+        with self._lock:
+            if self._test_logits is None:
+                x = load_mnist(train=False, data_dir=self.data_dir).x
+                self._test_logits = torch.cat(
+                    [mixed_forward(self.model, x[i : i + 2000], [None] * len(x[i : i + 2000])) for i in range(0, len(x), 2000)]
+                )
+            return self._test_logits
+
+    def predict_pairs(
+        self, xs: Sequence[torch.Tensor], stacks: Sequence[Stack | None]
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+        """Per request ``i``, the logits (10,) of ``xs[i]`` (1, 784) through the base and through
+        ``stacks[i]`` (the base again for ``None``), all in one mixed forward.
+
+        A request whose stack cannot be loaded (a file altered since it was listed, another base's
+        adapter) gets that error in its place; the others of the batch still get their answer.
+        """
+        rows, row_stacks, where = [], [], []
+        for x, stack in zip(xs, stacks, strict=True):
+            where.append((len(rows), len(rows) if stack is None else len(rows) + 1))
+            rows.append(x)
+            row_stacks.append(None)
+            if stack is not None:
+                rows.append(x)
+                row_stacks.append(stack)
+        if not rows:
+            return []
+        try:
+            logits = self.predict_batch(torch.cat(rows), row_stacks)
+        except Exception as exc:  # a stack's files are outside input too: whatever they raise fails their requests only
+            if len(xs) == 1:
+                return [exc]
+            return [self.predict_pairs([x], [s])[0] for x, s in zip(xs, stacks, strict=True)]  # find the bad one(s)
+        return [(logits[b], logits[s]) for b, s in where]
+
+    def answer(self, images: Sequence[object], specs: Sequence[str | None]) -> list[dict[str, Any]]:
+        """What ``/predict`` returns: per request, the base's and the stack's label, probabilities
+        and logits (``"stack": None`` for an empty spec).
+
+        Requests are checked one by one; a bad one (any image or spec from outside: wrong types,
+        huge numbers, unknown entries) gets ``{"error": "..."}`` and does not fail the others of its
+        batch, which all run in one forward. Messages name registry files relative to the registry.
+        """
+        if len(images) != len(specs):
+            raise InvalidArgumentError(f"got {len(images)} images and {len(specs)} adapter specs; give one spec per image")
+        answers: list[dict[str, Any]] = [{} for _ in images]
+        good: list[tuple[int, torch.Tensor, Stack | None]] = []
+        resolved: dict[str, Stack | None] = {}  # one registry lookup per distinct spec in the batch
+        for i, (image, spec) in enumerate(zip(images, specs, strict=True)):
+            try:
+                if isinstance(image, Refused):
+                    raise image.error
+                if isinstance(spec, Refused):
+                    raise spec.error
+                x = image_to_input(image)
+                key = spec if isinstance(spec, str) or spec is None else repr(spec)
+                if key not in resolved:
+                    resolved[key] = self.resolve(spec)
+                good.append((i, x, resolved[key]))
+            except Exception as exc:  # whatever a hostile request raises is its own answer, not its batch's
+                answers[i] = {"error": self.public_message(exc)}
+        outcomes = self.predict_pairs([x for _, x, _ in good], [s for _, _, s in good])
+        for (i, _, stack), outcome in zip(good, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                answers[i] = {"error": self.public_message(outcome)}
+                continue
+            base, with_stack = outcome
+            answers[i] = {
+                "base": logits_result(base),
+                "stack": None if stack is None else {**logits_result(with_stack), "adapters": stack.to_list()},
+            }
+        return answers
+
+    def public_message(self, exc: BaseException) -> str:
+        """``exc`` as one line for a web client: the registry's folder written ``<registry>``
+        (a browser has no use for the server's paths)."""
+        return public_message(exc, self.registry.root)
+
+
+ServingEngine = Predictor  # the name by what it is; ``Predictor`` is the name the app and its tests grew up with

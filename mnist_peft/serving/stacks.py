@@ -1,0 +1,171 @@
+"""Adapter stacks: a weighted list of registry references, parsed and checked at every door (a spec
+string from the web, a list of pairs from an API client, the Draw tab's pickers), and the
+:class:`Stack` a spec resolves to against the registry (:func:`resolve_stack`), keyed on every byte
+its combined adapter depends on (:func:`entry_key`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mnist_peft.errors import InvalidArgumentError, MnistPeftError
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.registry.entry import RegistryEntry
+from mnist_peft.registry.names import parse_ref
+
+__all__ = [
+    "MAX_STACK",
+    "MAX_WEIGHT",
+    "parse_stack",
+    "check_stack",
+    "stack_items",
+    "format_stack",
+    "Stack",
+    "entry_key",
+    "resolve_stack",
+]
+
+MAX_STACK = 10  # adapters in one stack
+MAX_WEIGHT = 10.0  # |stack weight|; far beyond any useful value, small enough to stay finite
+
+
+def parse_stack(spec: str | None) -> list[tuple[str, float]]:
+    """``"digit-9@1:1.0, digit-3:0.5"`` -> ``[("digit-9@1", 1.0), ("digit-3", 0.5)]``.
+
+    Registry references only (``name`` or ``name@version``; never a folder: the spec comes from
+    the web). A missing weight is 1. ``""``, ``"none"`` or ``"base"`` is the empty stack.
+
+    Raises:
+        InvalidArgumentError: a malformed reference or weight, a repeated adapter, a weight that is
+            not finite or beyond +-10, or more than 10 adapters.
+    """
+    if spec is None:
+        return []
+    if not isinstance(spec, str):
+        raise InvalidArgumentError(f"the adapter spec must be a string such as 'digit-9@1:1.0,digit-3:0.5', got {type(spec).__name__}")
+    if spec.strip().lower() in ("", "none", "base"):
+        return []
+    items: list[tuple[str, object]] = []
+    for part in spec.split(","):
+        ref, sep, weight_text = part.strip().partition(":")
+        items.append((ref.strip(), weight_text.strip() if sep else 1.0))
+    return check_stack(items, where=f"adapter spec {spec[:200]!r}: ")
+
+
+def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> list[tuple[str, float]]:
+    """``(ref, weight)`` pairs checked as :func:`parse_stack` checks them; weights become floats.
+
+    Raises:
+        InvalidArgumentError: see :func:`parse_stack`.
+    """
+    if len(items) > MAX_STACK:  # before any work: a hostile list may be long
+        raise InvalidArgumentError(f"{where}a stack holds at most {MAX_STACK} adapters; got {len(items)}")
+    checked: list[tuple[str, float]] = []
+    for ref, weight in items:
+        if not isinstance(ref, str):
+            raise InvalidArgumentError(f"{where}{str(ref)[:40]!r} is not a registry name (a string such as 'digit-9@1')")
+        try:
+            parse_ref(ref)
+        except MnistPeftError as exc:
+            raise InvalidArgumentError(f"{where}{exc}") from None
+        try:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float, str)):
+                raise TypeError(weight)
+            value = float(weight)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, such as 10**400
+            raise InvalidArgumentError(f"{where}the weight {str(weight)[:40]!r} of {ref!r} is not a number") from None
+        if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+            raise InvalidArgumentError(
+                f"{where}the weight of {ref!r} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {value}"
+            )
+        checked.append((ref, value))
+    names = [parse_ref(r)[0] for r, _ in checked]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"{where}an adapter is named twice; give each once (its weight scales it)")
+    return checked
+
+
+def stack_items(spec: object) -> list[tuple[str, float]]:
+    """A stack spec from outside as checked ``(ref, weight)`` pairs: a string (:func:`parse_stack`),
+    ``None``, or a list of ``[ref, weight]`` pairs (:func:`check_stack`). Anything else is refused.
+
+    Raises:
+        InvalidArgumentError: any other type, an item that is not a pair, or what the parsers refuse.
+    """
+    if spec is None or isinstance(spec, str):
+        return parse_stack(spec)
+    hint = "the adapter spec must be a string such as 'digit-9@1:1.0,digit-3:0.5' or a list of [name, weight] pairs"
+    if not isinstance(spec, (list, tuple)):
+        raise InvalidArgumentError(f"{hint}, got {type(spec).__name__}")
+    if len(spec) > MAX_STACK:
+        raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; got {len(spec)}")
+    for item in spec:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise InvalidArgumentError(f"{hint}; {str(item)[:40]!r} is not a [name, weight] pair")
+    return check_stack(spec)
+
+
+def format_stack(items: Sequence[tuple[str, float]]) -> str:
+    """The inverse of :func:`parse_stack`: ``"digit-9@1:1,digit-3@1:0.5"`` (``"none"`` when empty)."""
+    return ",".join(f"{ref}:{weight:g}" for ref, weight in items) or "none"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A weighted stack resolved against the registry: every entry's exact version and weights file.
+
+    ``key`` is everything the combined adapter depends on (entry refs, the sha256 of each entry's
+    weights file and of its ``adapter_config.json``, the weights), so a cached adapter can never
+    stand for other bytes.
+    """
+
+    items: tuple[tuple[str, float], ...]
+    """``(name@version, weight)`` per adapter, in the order given."""
+    key: tuple[tuple[str, str, str, float], ...]
+    """``(name@version, weights sha256, config sha256, weight)`` per adapter."""
+    entries: tuple[RegistryEntry, ...] = field(default=(), compare=False, repr=False)
+    """The registry entries, as the index described them when the stack was resolved."""
+
+    @property
+    def label(self) -> str:
+        return " + ".join(f"{w:g} x {ref}" if w != 1 else ref for ref, w in self.items)
+
+    def to_list(self) -> list[dict[str, object]]:
+        return [{"adapter": ref, "weight": w} for ref, w in self.items]
+
+
+def entry_key(entry: RegistryEntry) -> tuple[str, str, str]:
+    """What an entry's adapter depends on: ``name@version`` and the sha256 the index records for
+    its weights and its config (an entry the index lists without them cannot load, and says so)."""
+    from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+    return tuple(  # type: ignore[return-value]
+        [entry.ref, *(str(entry.files.get(fname, {}).get("sha256", "")) for fname in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME))]
+    )
+
+
+def resolve_stack(registry: AdapterRegistry, spec: object) -> Stack | None:
+    """The stack a spec names, against the registry now (``None`` for the empty stack): an
+    unversioned name is its latest version at this call, so a version registered while the app
+    runs is used from the next request on.
+
+    Raises:
+        InvalidArgumentError: a malformed spec (see :func:`stack_items`).
+        EntryNotFoundError, RegistryError: an entry that is not there, or not an adapter.
+    """
+    from mnist_peft.errors import RegistryError
+
+    items = stack_items(spec)
+    if not items:
+        return None
+    resolved, key, entries = [], [], []
+    for ref, weight in items:
+        entry = registry.get(ref)
+        if entry.kind != "lora":
+            raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not an adapter; pick a lora entry")
+        resolved.append((entry.ref, float(weight)))
+        key.append((*entry_key(entry), float(weight)))
+        entries.append(entry)
+    return Stack(tuple(resolved), tuple(key), tuple(entries))
