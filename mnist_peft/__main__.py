@@ -2,6 +2,6 @@
 
 import sys
 
-from mnist_peft.cli import main
+from mnist_peft.cli.main import main
 
 sys.exit(main())

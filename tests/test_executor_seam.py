@@ -9,6 +9,7 @@ driver re-checks, re-scores and rewrites every folder, as it does for Ray worker
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 from conftest import REPO
 from safetensors.torch import load_file
 
-from mnist_peft.fleet.executors.base import ExecutorResult, FleetWork, save_fleet_adapter
+from mnist_peft.errors import FleetError
+from mnist_peft.fleet.executors.base import ExecutorResult, FleetAdapter, FleetWork, save_fleet_adapter
 from mnist_peft.fleet.executors.table import EXECUTORS
 from mnist_peft.fleet.jobs import fleet_jobs
 from mnist_peft.fleet.run import run_fleet
@@ -135,3 +137,56 @@ def test_an_unknown_executor_name_is_refused_before_any_work(tmp_path: Path) -> 
     with pytest.raises(InvalidArgumentError, match="choose from local, ray"):
         run_fleet(str(BASE), fleet_jobs([1]), root=str(tmp_path / "reg"), register=True, executor="reversed")
     assert not (tmp_path / "reg").exists()
+
+
+class HandBack:
+    """A ``remote`` toy that trains nothing: it hands back what ``plan(jobs, work)`` returns."""
+
+    name = "hand-back"
+    remote = True
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def run(self, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
+        return self.plan(jobs, work)
+
+
+def test_the_driver_gates_a_remote_executors_folders_before_reading_them(
+    local_fleet, registry_with_base: AdapterRegistry, data_root: Path, tmp_path: Path
+) -> None:
+    jobs, local = local_fleet
+    good = {a.name: Path(a.folder) for a in local.trained}  # real adapters of these very jobs
+
+    def plan(jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
+        outside = tmp_path / "elsewhere" / "digit-2"  # a folder the driver did not hand out
+        shutil.copytree(good["digit-2"], outside)
+        extra = Path(work.staging) / "digit-5"
+        shutil.copytree(good["digit-5"], extra)
+        (extra / "notes.txt").write_text("one file too many")
+        return ExecutorResult([FleetAdapter("digit-2", 2, 0, 20, str(outside), {}), FleetAdapter("digit-5", 5, 0, 20, str(extra), {})], {})
+
+    with pytest.raises(FleetError, match="no job of the fleet succeeded") as err:
+        run_fleet("base", jobs, root=str(registry_with_base.root), executor=HandBack(plan), register=True, allow_partial=True,
+                  data_dir=str(data_root), quiet=True)  # fmt: skip
+    assert "outside the fleet's staging folder" in err.value.failed["digit-2"]
+    assert "expected exactly" in err.value.failed["digit-5"]
+    assert [e.name for e in registry_with_base.list()] == ["base"]  # nothing registered
+
+
+def test_a_job_the_executor_lost_fails_by_name_and_a_stray_result_is_refused(
+    local_fleet, registry_with_base: AdapterRegistry, data_root: Path
+) -> None:
+    jobs, _ = local_fleet
+    lost = HandBack(lambda jobs, work: ExecutorResult([], {"digit-2": "worker died"}))
+    with pytest.raises(FleetError) as err:
+        run_fleet("base", jobs, root=str(registry_with_base.root), executor=lost, register=True, data_dir=str(data_root), quiet=True)
+    assert err.value.failed == {
+        "digit-2": "worker died",
+        "digit-5": "executor 'hand-back' handed back neither an adapter nor an error for it",
+    }
+    stray = HandBack(lambda jobs, work: ExecutorResult([], {"digit-2": "x", "digit-5": "y", "digit-7": "z"}))
+    with pytest.raises(FleetError, match="a bug in the executor") as err:
+        run_fleet("base", jobs, root=str(registry_with_base.root), executor=stray, register=True, data_dir=str(data_root), quiet=True)
+    assert err.value.failed == {"digit-7": "not a job of this fleet"}
+    assert [e.name for e in registry_with_base.list()] == ["base"]

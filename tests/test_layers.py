@@ -88,6 +88,32 @@ def test_no_module_imports_another_in_a_circle() -> None:
     assert cycles == []
 
 
+def test_names_come_from_their_own_module_and_no_subpackage_takes_anothers_private_names() -> None:
+    """Inside the package a name is imported from the module that defines it, not from a subpackage's
+    ``__init__`` (only an ``__init__`` hands on its own modules' names), and a ``_private`` name is
+    imported only within its own subpackage."""
+    mods = _modules()
+    wrong = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith("mnist_peft")):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            names = [a.name for a in node.names if f"{target}.{a.name}" not in mods]  # names, not submodules
+            handed_on = [n for n in names if not n.startswith("__")]  # the package's own __version__ is its to give
+            if handed_on and target in mods and mods[target].name == "__init__.py" and path.name != "__init__.py":
+                wrong.append(f"{name} imports {handed_on} from the package {target}")
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private and _top(target) != _top(name):
+                wrong.append(f"{name} imports {private} from {target}")
+    assert wrong == []
+
+
 def test_the_architecture_page_names_every_subpackage() -> None:
     page = (REPO / "docs" / "architecture.md").read_text()
     subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())

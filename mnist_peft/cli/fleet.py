@@ -29,7 +29,7 @@ def _train_adapters_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", metavar="DIR", help="also write each adapter to DIR/NAME (DIR must be new or empty)")
     p.add_argument("--push", metavar="REPO_ID", help="after registering, push the fleet to this Hub repo in one commit")
-    p.add_argument("--executor", choices=LazyChoices(_executor_names), default="local", help="local: all adapters in one batched loop here "
+    p.add_argument("--executor", choices=LazyChoices(_executor_names), default="local", metavar="NAME", help="local: all adapters in one batched loop here "
                    "(default); ray: one Ray task per adapter")  # fmt: skip
     p.add_argument(
         "--ray-address",

@@ -16,7 +16,7 @@ from mnist_peft.training.recipes import AdapterTrainResult
 from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
 
-from .executors.base import FleetAdapter, save_fleet_adapter
+from .executors.base import FleetAdapter, check_returned_folder, save_fleet_adapter
 
 if TYPE_CHECKING:
     from mnist_peft.io.adapters import AdapterFiles
@@ -50,7 +50,7 @@ def accept_returned(
     for a in returned:
         job = by_name[a.name]
         try:
-            files = read_adapter(a.folder)
+            files = read_adapter(check_returned_folder(a.name, a.folder, tmp))
             steps = check_returned(files, job, fingerprint)
             model = LoraModel(copy.deepcopy(base))
             load_adapter(model, files, base_fingerprint=fingerprint)  # keys, shapes, finite values

@@ -239,6 +239,19 @@ def _accepted(executor: Executor, returned: ExecutorResult, jobs: Sequence[Adapt
     """A remote executor's folders checked and rewritten here (a refused one fails its job, see
     :func:`~mnist_peft.fleet.accept.accept_returned`); the failures in job order."""
     trained, failed = returned.trained, dict(returned.failed)
+    handed = [a.name for a in trained] + list(failed)
+    names = {j.name for j in jobs}
+    strays = {n: "not a job of this fleet" for n in handed if n not in names}
+    strays |= {n: "handed back twice" for n in handed if handed.count(n) > 1}
+    if strays:
+        raise FleetError(
+            f"executor {executor.name!r} handed back {sorted(strays)[:20]}, which is not one result for each of the jobs "
+            f"{sorted(names)[:20]} (a bug in the executor); nothing was registered or written",
+            failed=strays,
+        )
+    for j in jobs:  # a job the executor lost fails, named, instead of vanishing from the fleet
+        if j.name not in handed:
+            failed[j.name] = f"executor {executor.name!r} handed back neither an adapter nor an error for it"
     if executor.remote:
         from mnist_peft.model.mlp import base_fingerprint
 

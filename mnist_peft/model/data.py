@@ -1,6 +1,6 @@
 """MNIST: locate or unpack the bundled IDX files, read them, hand out tensors.
 
-The four IDX files ship inside the package gzip-compressed (``mnist_peft/data/*.gz``). On first use
+The four IDX files ship inside the package gzip-compressed (``mnist_peft/model/mnist/*.gz``). On first use
 they are checked against their sha256, unpacked into ``<root>/MNIST/raw/`` (write to a temporary
 file, check, rename, so a half-written file is never trusted): the layout
 ``torchvision.datasets.MNIST(root, download=False)`` reads. They are read here by a small IDX

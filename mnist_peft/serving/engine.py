@@ -75,6 +75,10 @@ class Predictor:
         """The stack cache's byte budget (change it with :meth:`resize_cache`)."""
         return self._stacks.budget
 
+    @cache_bytes.setter
+    def cache_bytes(self, cache_bytes: int) -> None:
+        self.resize_cache(cache_bytes)
+
     def cache_info(self) -> CacheInfo:
         with self._lock:
             return self._stacks.info()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from mnist_peft.errors import FleetError
 from mnist_peft.fleet.progress import FleetProgress
 
 if TYPE_CHECKING:
@@ -25,10 +27,44 @@ if TYPE_CHECKING:
     from mnist_peft.training.recipes import AdapterTrainResult
     from mnist_peft.tuners.lora.model import LoraModel
 
-__all__ = ["ADAPTER_FILES", "Executor", "ExecutorResult", "FleetAdapter", "FleetWork", "save_fleet_adapter"]
+__all__ = [
+    "ADAPTER_FILES",
+    "MAX_RETURNED_BYTES",
+    "Executor",
+    "ExecutorResult",
+    "FleetAdapter",
+    "FleetWork",
+    "check_returned_folder",
+    "save_fleet_adapter",
+]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 """The files a fleet job hands back (a PEFT adapter folder); nothing else is accepted from a worker."""
+
+MAX_RETURNED_BYTES = 64 << 20
+"""The most a worker may hand back for one adapter (an r=4 adapter is ~30 kB)."""
+
+
+def check_returned_folder(name: str, folder: str | None, staging: str) -> Path:
+    """The one gate on a ``remote`` executor's folder, before the driver reads a byte of it: a real
+    folder under ``staging`` (no link out of it), holding exactly :data:`ADAPTER_FILES` as regular
+    files, :data:`MAX_RETURNED_BYTES` at most in all. Returns the folder.
+
+    Raises:
+        FleetError: what is wrong, with ``failed={name: reason}`` (the job fails, the others go on).
+    """
+    path = Path(folder) if folder else None
+    if path is None or path.is_symlink() or not path.is_dir() or not path.resolve().is_relative_to(Path(staging).resolve()):
+        raise FleetError(f"job {name} was handed back outside the fleet's staging folder: {folder!r}", failed={name: "outside staging"})
+    entries = {p.name: p for p in path.iterdir()}
+    if sorted(entries) != sorted(ADAPTER_FILES) or any(p.is_symlink() or not p.is_file() for p in entries.values()):
+        raise FleetError(
+            f"job {name} handed back {sorted(entries)[:10]}; expected exactly {list(ADAPTER_FILES)} as regular files",
+            failed={name: "bad files"},
+        )
+    if sum(p.stat().st_size for p in entries.values()) > MAX_RETURNED_BYTES:
+        raise FleetError(f"job {name} handed back more than {MAX_RETURNED_BYTES >> 20} MB", failed={name: "too large"})
+    return path
 
 
 @dataclass

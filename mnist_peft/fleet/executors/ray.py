@@ -15,21 +15,18 @@ from typing import TYPE_CHECKING
 
 from mnist_peft.errors import AdapterConfigError, FleetError, InvalidArgumentError, NonFiniteError, TrainConfigError
 
-from .base import ADAPTER_FILES, ExecutorResult, FleetAdapter, FleetWork, save_fleet_adapter
+from .base import ADAPTER_FILES, MAX_RETURNED_BYTES, ExecutorResult, FleetAdapter, FleetWork, save_fleet_adapter
 
 if TYPE_CHECKING:
     from mnist_peft.training.batched import AdapterJob
 
-__all__ = ["RayExecutor", "MAX_RETURNED_BYTES"]
+__all__ = ["RayExecutor"]
 
 _FINAL_ERRORS = (TrainConfigError, AdapterConfigError, InvalidArgumentError, NonFiniteError)
 """Worker errors that come from the job's own input, so a retry would only repeat them."""
 
 _WORKER_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "MNIST_PEFT_DATA")
 """Environment a Ray worker gets from the driver: which Hub to read the base from, and the data root."""
-
-MAX_RETURNED_BYTES = 64 << 20
-"""The most a worker may hand back for one adapter (an r=4 adapter is ~30 kB)."""
 
 
 @dataclass(frozen=True)
