@@ -287,7 +287,7 @@ def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_pa
         "null-metadata": {"null_metadata": True},
     }
     jobs = [AdapterJob(3, name=n) for n in forged]
-    returned = [_returned(tmp_path / "in", n, **kw) for n, kw in forged.items()]
+    returned = [_returned(tmp_path / "t", n, **kw) for n, kw in forged.items()]  # handed back into the staging folder, as Ray's are
     failed: dict[str, str] = {}
     accepted = _accept(returned, jobs, base, "base", base_fingerprint(base), failed, data_dir=str(data_root), tmp=str(tmp_path / "t"))
     assert [a.name for a in accepted] == ["d3"]
@@ -302,7 +302,7 @@ def test_returned_adapters_are_checked_rewritten_and_scored_by_the_driver(tmp_pa
     other = load_base(BASE)
     with torch.no_grad():
         other.linear1.weight.add_(1e-3)
-    got = _accept([_returned(tmp_path / "in2", "other")], [AdapterJob(3, name="other")], other, "base", base_fingerprint(other), failed,
+    got = _accept([_returned(tmp_path / "t2", "other")], [AdapterJob(3, name="other")], other, "base", base_fingerprint(other), failed,
                   data_dir=str(data_root), tmp=str(tmp_path / "t2"))  # fmt: skip
     assert got == [] and "another base" in failed["other"]
 
