@@ -217,7 +217,7 @@ def bench_ui_throughput(base: nn.Module, x: torch.Tensor, *, data_dir: str | Non
         f"{batched.throughput:.1f} req/s (p50 {batched.percentile(0.5) * 1e3:.0f} ms, p99 {batched.percentile(0.99) * 1e3:.0f} ms); "
         f"the same {clients} clients without batching {unbatched.throughput:.1f} req/s (p50 {unbatched.percentile(0.5) * 1e3:.0f} ms, "
         f"p99 {unbatched.percentile(0.99) * 1e3:.0f} ms; batched / unbatched = {batched.throughput / unbatched.throughput:.2f}, "
-        "what batching itself adds); one client, one request at a time {sequential.throughput:.1f} req/s "
+        f"what batching itself adds); one client, one request at a time {sequential.throughput:.1f} req/s "
         f"(p50 {sequential.percentile(0.5) * 1e3:.0f} ms, p99 {sequential.percentile(0.99) * 1e3:.0f} ms; gradio_client polls "
         "every 50 ms, which floors one request's latency)",
     )
