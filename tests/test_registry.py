@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
+from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, ModelNotFoundError, RegistryError
 from mnist_peft.io.adapters import save_adapter
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.names import parse_ref
@@ -350,3 +350,15 @@ def test_a_registry_in_a_read_only_folder_is_read_without_writing_next_to_its_in
         RegistryError, match=r"read-only folder with unfinished writes in index\.db-wal; open the registry once where it is writable"
     ):
         reg.list()
+
+
+def test_a_missing_version_of_an_entry_names_the_versions_there_are(tmp_path: Path) -> None:
+    from mnist_peft.registry.refs import resolve_adapter
+
+    reg = AdapterRegistry(tmp_path / "reg")
+    reg.add("digit-9", REPO / "adapters" / "digit-9" / "v1")
+    assert resolve_adapter("digit-9@1", reg) == reg.path("digit-9@1")
+    with pytest.raises(EntryNotFoundError, match=r"'digit-9' has no version 7; versions: \[1\]"):
+        resolve_adapter("digit-9@7", reg)
+    with pytest.raises(ModelNotFoundError, match="neither a folder nor an entry"):  # an unknown name is still that
+        resolve_adapter("digit-8@1", reg)

@@ -37,6 +37,9 @@ def registry_folder(ref: str, registry: AdapterRegistry, kind: str) -> Path | No
     except InvalidNameError:
         return None
     if ref not in registry:
+        name, version = parse_ref(ref)
+        if version is not None and name in registry:
+            registry.get(ref)  # raises, naming the versions there are: a missing version is no folder question
         return None
     entry = registry.get(ref)
     if entry.kind != kind:
