@@ -7,6 +7,8 @@ offending name or path is kept as an attribute. The CLI alone turns these into o
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "FleetError",
     "http_status",
     "hub_error",
+    "redact_secrets",
+    "shown",
 ]
 
 
@@ -195,7 +199,39 @@ class HubError(MnistPeftError, OSError):
         return self.args[0]
 
 
-# ----------------------------------------------------------------------------- Hub failures
+def shown(text: object, limit: int = 60) -> str:
+    """``repr(text)`` cut to about ``limit`` characters: outside input named in a one-line message
+    (a 150 MB config value must not become a 150 MB warning)."""
+    r = repr(text)
+    return r if len(r) <= limit else f"{r[:limit]}...' ({len(str(text)):,} characters)"
+
+
+# ----------------------------------------------------------------------------- secrets and Hub failures
+_SECRET = re.compile(r"\b(?i:bearer)\s+[^\s\"',;]+|(?<![A-Za-z0-9])hf_[A-Za-z0-9]{8,}")
+"""``Bearer <anything>`` and Hugging Face tokens (``hf_`` and letters; a real one has 34)."""
+
+_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with every token in it replaced by ``<redacted>``: ``Bearer ...``, ``hf_...`` and the
+    configured token itself (``HF_TOKEN``, or the one ``hf auth login`` stored), whatever its form.
+
+    The one redaction of the package: every error line and traceback the CLI prints, and every Hub
+    error message, goes through it (a hostile server can echo a token into its error body).
+    """
+    configured = {os.environ.get(v, "") for v in _TOKEN_VARIABLES}
+    try:
+        from huggingface_hub import get_token
+
+        configured.add(get_token() or "")
+    except Exception:  # no huggingface_hub, or an unreadable token file: the patterns still apply
+        pass
+    for token in sorted((t.strip() for t in configured if len(t.strip()) >= 8), key=len, reverse=True):
+        text = text.replace(token, "<redacted>")
+    return _SECRET.sub(lambda m: "Bearer <redacted>" if m[0][:1] in "bB" else "<redacted>", text)
+
+
 def http_status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
@@ -228,9 +264,17 @@ def hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
     """A :class:`HubError` of the failure's kind (credentials, not found, conflict, server error,
     network), one line naming the fix. Never a server body: it may echo the token."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"{repo_id!r} at {constants.ENDPOINT}"
+    message = _hub_message(exc, where, action)
+    return HubError(redact_secrets(message), repo_id=repo_id)  # an endpoint URL may carry credentials
+
+
+def _hub_message(exc: BaseException, where: str, action: str) -> str:
+    """The one line of :func:`hub_error`, by the failure's kind."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     cause: BaseException | None = exc  # downloads wrap the HTTP failure (e.g. in LocalEntryNotFoundError)
     while cause is not None and http_status(cause) is None and not isinstance(cause, (RepositoryNotFoundError, RevisionNotFoundError)):
         cause = cause.__cause__ or cause.__context__
@@ -238,33 +282,21 @@ def hub_error(exc: BaseException, repo_id: str, action: str) -> HubError:
         exc = cause
     status = http_status(exc)
     if isinstance(exc, RevisionNotFoundError):
-        return HubError(f"{action} failed: revision not found in {where}; check --revision", repo_id=repo_id)
+        return f"{action} failed: revision not found in {where}; check --revision"
     if isinstance(exc, RemoteEntryNotFoundError):
-        return HubError(
-            f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again",
-            repo_id=repo_id,
-        )
+        return f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again"
     if status in (401, 403):
-        return HubError(
+        return (
             f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "
-            "to a token with access to this repo",
-            repo_id=repo_id,
+            "to a token with access to this repo"
         )
     if isinstance(exc, RepositoryNotFoundError) or status == 404:
-        return HubError(
-            f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)", repo_id=repo_id
-        )
+        return f"{action} failed: repository {where} not found; check the repo id (and HF_TOKEN for a private repo)"
     if status in (409, 412):
-        return HubError(
-            f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again", repo_id=repo_id
-        )
+        return f"{action} failed: {where} changed while pushing (HTTP {status}, a conflict); run the command again"
     if status is not None and status >= 500:
-        return HubError(
-            f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later", repo_id=repo_id
-        )
+        return f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later"
     if _is_network_error(exc):
-        return HubError(
-            f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT", repo_id=repo_id
-        )
+        return f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT"
     code = f"HTTP {status}" if status is not None else type(exc).__name__
-    return HubError(f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details", repo_id=repo_id)
+    return f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import torch
 from conftest import run_cli
 
 FIGURES = {
@@ -55,3 +57,59 @@ def test_bench_strict_exit_code_follows_the_targets(data_root) -> None:
     assert proc.returncode == (0 if figure["pass"] else 1)
     unknown = run_cli("bench", "--only", "nope")
     assert unknown.returncode == 1 and "unknown figure" in unknown.stderr
+
+
+class _Twice(torch.nn.Module):
+    """A model that does its forward twice: a path slowed on purpose, by exactly 2x the work."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model(x)
+        return self.model(x)
+
+
+class _Sleeper(torch.nn.Module):
+    """A "model" whose forward takes a known 20 ms of wall time. Sleeping, not computing: on a
+    shared 2-core VM (load averages of 15 seen here) a 1 ms GEMM measured anywhere from 0.8 to
+    100 ms, while a sleep's wall time moves only by the scheduler's wake-up latency."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x
+
+
+# Bands for a median of 9 interleaved calls: a load spike delays whichever calls run during it, and
+# round-robin spreads it over all paths alike; a median of 9 ignores up to 4 delayed calls. Twice
+# the time reads between 1.5x and 3x, the same between 1/1.35x and 1.35x: far apart, so a swapped,
+# mis-timed or mis-divided path cannot pass both.
+SELF_BAND = (1 / 1.35, 1.35)
+TWICE_BAND = (1.5, 3.0)
+
+
+def test_round_robin_timing_shows_twice_the_work_and_reads_1x_for_the_same_work() -> None:
+    from mnist_peft.experiments.bench_measure import time_round_robin
+
+    once = _Sleeper()
+    x = torch.zeros(1)
+    t = time_round_robin({"once": lambda: once(x), "again": lambda: once(x), "twice": lambda: _Twice(once)(x)}, reps=9, warmup=1)
+    assert SELF_BAND[0] <= t["again"] / t["once"] <= SELF_BAND[1], t
+    assert TWICE_BAND[0] <= t["twice"] / t["once"] <= TWICE_BAND[1], t
+
+
+@pytest.mark.parametrize("slowed", [False, True])
+def test_the_forward_figure_shows_a_path_slowed_on_purpose_in_its_ratio(monkeypatch, slowed: bool) -> None:
+    """``bench_forward_unmerged`` with "ours" replaced: the base itself (the figure must read ~1x)
+    or the base run twice per call (it must read ~2x). A figure that timed the wrong function,
+    divided the wrong way or reported something other than the measurement fails one of the two."""
+    from mnist_peft.experiments import bench_adapters
+
+    base = _Sleeper()
+    ours = _Twice(base) if slowed else base
+    monkeypatch.setattr(bench_adapters, "paired_models", lambda b: (ours, b, ["default"]))
+    figure = bench_adapters.bench_forward_unmerged(base, torch.zeros(4, 784), reps=9)
+    low, high = TWICE_BAND if slowed else SELF_BAND
+    assert low <= figure.ratio <= high, figure
+    assert figure.ratio == figure.ours / figure.base  # the ratio is of these two measurements

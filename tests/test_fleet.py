@@ -34,15 +34,21 @@ def _tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bo
 
 
 def test_batched_training_equals_training_each_adapter_alone(data_root: Path) -> None:
-    """Three adapters with different digits, seeds, ranks, learning rates, augmentation and early
-    stopping train together; each equals its solo ``train_adapter`` run with the same recipe."""
+    """Three adapters with different digits, seeds, ranks, learning rates, augmentation, early
+    stopping and recipes train together; each equals its solo ``train_adapter`` run bit for bit.
+
+    The seed recipe runs at 64 rows a batch (its default is 10): the equality contract needs every
+    job's rows to be at least the 38 for which the BLAS's row invariance holds (the test below);
+    at 10 rows this machine's kernels round differently, and after 60 Adam steps (whose
+    normalised updates grow any rounding difference) the adapters differ by up to ~6e-7, a
+    difference no derivation bounds tightly, so no test claims a tolerance there."""
     base = load_base(BASE)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     flags = [p.requires_grad for p in base.parameters()]
     jobs = [
         AdapterJob(1, "replay", (("eval_every", 10), ("patience", 1), ("seed", 0), ("steps", 60))),
         AdapterJob(6, "replay", (("augment", True), ("eval_every", 20), ("lr", 3e-3), ("r", 2), ("seed", 1), ("steps", 60))),
-        AdapterJob(9, "seed", (("steps", 60),), name="seed-9"),
+        AdapterJob(9, "seed", (("batch_size", 64), ("steps", 60)), name="seed-9"),
     ]
     batched = train_batched(base, jobs, data_dir=str(data_root))
     assert any(r.stopped_early for _, r in batched) and not all(r.stopped_early for _, r in batched)  # the fleet shrinks mid-run
@@ -52,11 +58,29 @@ def test_batched_training_equals_training_each_adapter_alone(data_root: Path) ->
         assert (result.steps, result.stopped_early) == (solo.steps, solo.stopped_early), job.name
         assert result.after.wrong_per_digit == solo.after.wrong_per_digit, job.name
         assert result.before.wrong_per_digit == solo.before.wrong_per_digit
-        if job.recipe == "replay":  # 128 rows per job: every GEMM row has the solo run's bits
-            assert _tensors_equal(ours, theirs), job.name
-        else:  # 10 rows per job: the BLAS's small-row kernels round differently; the contract's tolerance
-            assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-5) for k in ours), job.name
+        assert any(bool(v.any()) for k, v in ours.items() if "lora_B" in k), job.name  # trained: B left zero
+        assert _tensors_equal(ours, theirs), job.name  # 128 and 64 rows per job: every GEMM row has the solo run's bits
     assert _tensors_equal(base.state_dict(), original) and [p.requires_grad for p in base.parameters()] == flags  # base untouched
+
+
+@pytest.mark.parametrize("rows", [38, 64, 128])
+def test_a_gemm_row_has_the_same_bits_whatever_rows_surround_it(rows: int) -> None:
+    """The row invariance the batched trainer's equality contract rests on (training/batched.py):
+    for every product the stacked forward and backward compute (each base layer forward, and the
+    input gradient through it), a job's ``rows`` rows get the same bits stacked between other
+    jobs' rows as alone."""
+    torch.manual_seed(rows)
+    base = load_base(BASE)
+    for layer in (base.linear1, base.linear2, base.linear3):
+        w = layer.weight.detach()  # (out, in)
+        x = torch.randn(rows, w.shape[1])
+        stacked = torch.cat([torch.randn(128, w.shape[1]), x, torch.randn(rows + 7, w.shape[1])])
+        assert torch.equal(
+            torch.nn.functional.linear(stacked, w, layer.bias)[128 : 128 + rows], torch.nn.functional.linear(x, w, layer.bias)
+        )
+        g = torch.randn(rows, w.shape[0])  # dL/d(output) -> dL/d(input) = g @ W
+        g_stacked = torch.cat([torch.randn(128, w.shape[0]), g, torch.randn(rows + 7, w.shape[0])])
+        assert torch.equal((g_stacked @ w)[128 : 128 + rows], g @ w)
 
 
 def test_the_base_tables_give_the_bits_of_the_per_step_base(data_root: Path) -> None:
@@ -254,9 +278,13 @@ def _returned(tmp_path: Path, name: str, *, digit: str = "3", steps: str = "200"
     files.metadata.update({"digit": digit, "steps": steps})
     if config:
         files.config = dataclasses.replace(files.config, **config)
-    if nan:
-        files.state_dict["linear2.lora_B.weight"][0, 0] = float("nan")
     folder = write_adapter(files, tmp_path / name, model_card=card)
+    if nan:  # forged on disk: write_adapter refuses NaN
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "adapter_model.safetensors")
+        tensors["base_model.model.linear2.lora_B.weight"][0, 0] = float("nan")
+        save_file(tensors, folder / "adapter_model.safetensors", metadata=files.metadata)
     if null_metadata:  # safetensors itself allows "__metadata__": null
         weights = folder / "adapter_model.safetensors"
         raw = weights.read_bytes()

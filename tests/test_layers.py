@@ -12,7 +12,7 @@ PACKAGE = REPO / "mnist_peft"
 
 # Lowest first. A module may import from its own layer or the ones below, never from above.
 LAYERS = [
-    ["errors", "fileio"],
+    ["errors", "fileio", "numerics", "progress"],
     ["model"],
     ["tuners"],
     ["io"],

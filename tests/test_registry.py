@@ -326,12 +326,20 @@ def test_an_export_is_never_taken_for_the_index(tmp_path: Path, adapter_dir: Pat
         reg.list()
 
 
-def test_a_registry_in_a_read_only_folder_is_read_without_writing_next_to_its_index(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
-    """On a read-only mount SQLite cannot create ``index.db-shm``, which WAL mode needs even to read:
-    a folder the process may not write is read with the database opened ``immutable`` (no lock, no
-    side file), and a write-ahead log left non-empty there is refused with what to do, not ignored.
-    (Tests run as root, so the folder's permission is what ``os.access`` says.)"""
+def test_a_read_only_folder_is_read_with_sqlites_locks_or_a_checked_snapshot(tmp_path: Path, adapter_dir: Path, monkeypatch) -> None:
+    """A folder the process may not write (a registry another user writes, a read-only mount).
+
+    With no writer at work (no ``index.db-wal``), the file is read ``immutable`` (SQLite's ``mode=ro``
+    cannot open a WAL database where it cannot make ``index.db-shm``) and the read is kept only if
+    the file did not change meanwhile; a change makes it read again. With a writer at work, it is
+    read ``mode=ro``, with SQLite's locks on, so the writer's commits are seen and its checkpoints
+    never tear a read (``test_index_hardening`` runs a real concurrent writer). Where SQLite cannot
+    read it that way, the read is refused with what to do, not answered from a stale file. (Tests
+    run as root, so the folder's permission is what ``os.access`` says, and SQLite's answer on a
+    read-only mount, measured as an unprivileged user, is replayed.)"""
     import sqlite3
+
+    from mnist_peft.registry.stores import sqlite as sqlite_store
 
     reg = AdapterRegistry(tmp_path / "reg")
     reg.add("digit-7", adapter_dir)
@@ -342,13 +350,33 @@ def test_a_registry_in_a_read_only_folder_is_read_without_writing_next_to_its_in
         os, "access", lambda p, mode, **kw: False if Path(p) == reg.root and mode == os.W_OK else real_access(p, mode, **kw)
     )
     monkeypatch.setattr(sqlite3, "connect", lambda target, *a, **kw: opened.append(str(target)) or real_connect(target, *a, **kw))
+    assert not (reg.root / "index.db-wal").exists()
     assert [e.ref for e in reg.list()] == ["digit-7@1", "digit-7@2"] and reg.get("digit-7").version == 2
     assert opened and all(t.startswith("file:") and t.endswith("?mode=ro&immutable=1") for t in opened), opened
-    assert sorted(p.name for p in reg.root.glob("index.db*")) == ["index.db"]  # nothing written beside it
-    (reg.root / "index.db-wal").write_bytes(b"\0" * 64)  # a writer's log that was never folded in
-    with pytest.raises(
-        RegistryError, match=r"read-only folder with unfinished writes in index\.db-wal; open the registry once where it is writable"
-    ):
+
+    # The file changes under the snapshot (a writer's checkpoint): the read is not kept but done again.
+    opened.clear()
+    reg.list()
+    reads = len(opened)
+    calls = []
+    monkeypatch.setattr(sqlite_store, "_quiet_signature", lambda path: calls.append(path) or ((1,) if len(calls) == 1 else (2,)))
+    opened.clear()
+    assert [e.ref for e in reg.list()] == ["digit-7@1", "digit-7@2"]
+    assert len(opened) == reads + 1, opened  # the first read changed under it and was done again
+
+    # A writer at work: SQLite's read-only mode with its locks, never a snapshot.
+    monkeypatch.setattr(sqlite_store, "_quiet_signature", lambda path: None)
+    opened.clear()
+    assert reg.get("digit-7").version == 2
+    assert opened and all(t.endswith("?mode=ro") for t in opened), opened
+
+    def read_only_mount(target, *a, **kw):
+        refused = sqlite3.OperationalError("attempt to write a readonly database")  # no index.db-shm can be made there
+        refused.sqlite_errorname = "SQLITE_READONLY_DIRECTORY"
+        raise refused
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_mount)
+    with pytest.raises(RegistryError, match=r"cannot be read safely from a folder this user cannot write .* make the folder writable"):
         reg.list()
 
 

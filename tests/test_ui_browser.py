@@ -57,8 +57,9 @@ def browser():
 
 
 def _table(page) -> np.ndarray:
-    """The Draw tab's table (10 rows: digit, p base, p adapters, logit base, logit adapters) as numbers."""
-    cells = [[page.inner_text(f"#probabilities [data-testid='cell-{r}-{c}']") for c in range(5)] for r in range(10)]
+    """The Draw tab's table (10 rows: digit, p base, p adapters, logit base, logit adapters, change in
+    log-odds) as numbers."""
+    cells = [[page.inner_text(f"#probabilities [data-testid='cell-{r}-{c}']") for c in range(6)] for r in range(10)]
     return np.array([[float(v) for v in row] for row in cells])
 
 
@@ -125,5 +126,5 @@ def test_draw_a_digit_predict_and_switch_an_adapter_on_in_chromium(browser, ui_s
     np.testing.assert_allclose(after[:, 3], before[:, 3])  # the base's column stays
     np.testing.assert_allclose(after[:, 4], nine_logits.numpy(), atol=LOGIT_ATOL, rtol=0)  # the adapter's is the library's
     assert np.abs(after[:, 4] - before[:, 4]).max() > 0.1, "switching the adapter on did not move the logits"
-    assert (after[:, 2] != before[:, 2]).any(), "switching the adapter on did not move the probabilities shown"
+    assert not before[:, 5].any() and np.abs(after[:, 5]).max() > 0.1, "switching the adapter on did not move the log-odds shown"
     assert (tmp_path / "ui-draw-digit-9-adapter.png").stat().st_size > 10_000

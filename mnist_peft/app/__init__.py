@@ -1,4 +1,5 @@
-"""The Gradio web app (``mnist-peft ui``): draw a digit, switch adapters on, watch the probabilities move.
+"""The Gradio web app (``mnist-peft ui``): the test images the base gets wrong and the adapters that fix
+them; draw a digit, switch adapters on, see what they change (each digit's log-odds).
 
 A Gradio app (what a Hugging Face Space runs) over a registry, read-only: it lists, verifies and
 loads entries, and never writes or deletes anything in the registry. ``drawing`` turns a drawing

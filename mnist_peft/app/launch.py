@@ -25,7 +25,13 @@ from .handlers import UiHandlers
 from .page import DEFAULT_TABS, build_app
 from .tabs.base import Tab
 
-__all__ = ["RunningApp", "launch", "serve", "spawn_app"]
+__all__ = ["SESSION_CAPACITY", "RunningApp", "launch", "serve", "spawn_app"]
+
+# Sessions whose state gradio keeps (the oldest go first): each holds a copy of every component's
+# config and its last values, ~75 KB fresh and ~100 KB after a /predict (measured). Gradio's default,
+# 10,000, lets clients that each open a session (a session id is the client's to choose) hold ~1 GB;
+# 1,000 bounds it near 100 MB. A session pushed out only loses the Test images tab's gallery, picked again.
+SESSION_CAPACITY = 1000
 
 
 @dataclass
@@ -90,12 +96,13 @@ def serve(
         share=False,
         ssr_mode=False,
         quiet=True,
-        show_error=True,
+        show_error=False,  # an error escaping the gate (the app's process_api) is told as "Error", never its text
         run_history=False,
         mcp_server=False,
         pwa=False,
         enable_monitoring=False,
-        max_file_size="10mb",  # a drawing upload is ~20 KB; a huge one is refused before it is decoded
+        max_file_size="10mb",
+        state_session_capacity=SESSION_CAPACITY,  # a drawing upload is ~20 KB; a huge one is refused before it is decoded
         footer_links=["api", "settings"],
     )
     return RunningApp(app, f"http://{host}:{app.server_port}/", handlers)

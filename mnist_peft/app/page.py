@@ -16,9 +16,15 @@ from .tabs.draw import DrawTab
 from .tabs.registry import RegistryTab
 from .tabs.test_images import TestImagesTab
 
-__all__ = ["DEFAULT_TABS", "build_app"]
+__all__ = ["DEFAULT_TABS", "LEAD", "build_app"]
 
 DEFAULT_TABS: tuple[Tab, ...] = (DrawTab(), TestImagesTab(), RegistryTab())
+# What a newcomer reads first (when the page has the Test images tab): where adapters visibly fix things.
+LEAD = (
+    "**Start with Test images**: the test images the base gets wrong, and which adapter fixes each. "
+    "**Draw** runs your own digit through up to three adapters; **Registry** lists the entries and "
+    "shows what each adapter changes per digit against the base."
+)
 
 
 def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH, tabs: Sequence[Tab] = DEFAULT_TABS) -> Any:
@@ -38,7 +44,9 @@ def build_app(handlers: UiHandlers, *, max_batch_size: int = DEFAULT_MAX_BATCH, 
         gr.Markdown(
             f"# mnist-peft: LoRA adapters on MNIST\nBase `{handlers.predictor.base_ref}` "
             f"(fingerprint `{handlers.predictor.fingerprint[:12]}`) from the registry at `{handlers.registry.root}` (read-only)."
+            + (f"\n\n{LEAD}" if any(isinstance(tab, TestImagesTab) for tab in tabs) else "")
         )
+        app.public_root = handlers.registry.root  # the gate writes it <registry> in whatever the app tells a client
         page = Page(gr, app, handlers, public_errors(handlers, gr), max_batch_size)
         for tab in tabs:
             with gr.Tab(tab.title):

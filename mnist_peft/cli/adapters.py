@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import (
     LazyChoices,
@@ -15,15 +16,23 @@ from .common import (
     add_root,
     emit,
     fmt_ints,
-    fraction,
     model_from_args,
+    open_registry,
     out_folder,
     register_output,
     registry_path,
     resolve_adapter,
     resolve_base,
+    show_progress,
 )
 from .table import command
+
+if TYPE_CHECKING:
+    import torch
+
+    from mnist_peft.training.loop import EvalResult
+    from mnist_peft.training.recipes import AdapterTrainResult
+    from mnist_peft.tuners.lora.model import LoraModel
 
 __all__ = ["cmd_train_adapter", "cmd_merge", "cmd_combine"]
 
@@ -73,23 +82,23 @@ def _save_trained_adapter(args: argparse.Namespace, model, result, out: Path) ->
     arguments=_train_adapter_arguments,
 )
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    from mnist_peft.training.loop import progress_enabled
     from mnist_peft.training.recipes import train_adapter
 
-    if args.resume and not args.out and not args.register and registry_path(args.resume, args, "lora") is not None:
-        from mnist_peft.registry.names import parse_ref
-
-        args.register = parse_ref(args.resume)[0]  # continue a registry entry: register its next version
+    resumed_ref = _resumed_ref(args)
+    if resumed_ref and not args.out and not args.register:
+        args.register = resumed_ref.partition("@")[0]  # continue a registry entry: register its next version
     out, _tmp = out_folder(args)
     base = resolve_base(args.base, args)
+    resume = resolve_adapter(args.resume, args) if args.resume else None
+    resumed = _evaluate_adapter(base, resume, args) if resume is not None else None
     model, result = train_adapter(
         base,
         args.digit,
         args.recipe,
-        resume=resolve_adapter(args.resume, args) if args.resume else None,
+        resume=resume,
         force=args.force,
         data_dir=args.data_dir,
-        progress=progress_enabled(args.quiet),
+        progress=show_progress(args),
         r=args.r,
         lora_alpha=args.lora_alpha,
         steps=args.steps,
@@ -113,18 +122,56 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         "after": result.after.to_dict(),
         "registered": registered,
     }
+    if resumed is not None:
+        payload["resumed_from"] = {"ref": resumed_ref or str(args.resume), **resumed.to_dict()}
     where = f"{registered['name']}@{registered['version']}" if registered else str(out)
-    text = (
-        f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
-        f"{result.steps} steps in {result.seconds:.1f} s\n"
-        f"digit {d} wrong: {result.before.wrong_per_digit[d]} -> {result.after.wrong_per_digit[d]}; "
-        f"accuracy {result.before.accuracy:.4f} -> {result.after.accuracy:.4f}\n"
-        f"wrong per digit before: {fmt_ints(result.before.wrong_per_digit)}\n"
-        f"wrong per digit after:  {fmt_ints(result.after.wrong_per_digit)}\n"
-        f"saved to {where} (next: mnist-peft eval --base {args.base} --adapter {where})"
-    )
-    emit(args, payload, text)
+    text = _train_adapter_text(result, model, resumed_ref or str(args.resume), resumed)
+    emit(args, payload, f"{text}\nsaved to {where} (next: mnist-peft eval --base {args.base} --adapter {where})")
     return 0
+
+
+def _train_adapter_text(result: AdapterTrainResult, model: LoraModel, resumed_from: str, resumed: EvalResult | None) -> str:
+    """What ``train-adapter`` says it did: the change against the base, or, for a resumed run,
+    against the adapter it resumed from (evaluated: ``resumed``), then against the base too."""
+    d, cfg, after = result.digit, model.peft_config["default"], result.after
+    lines = [
+        f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
+        f"{result.steps} steps in {result.seconds:.1f} s"
+    ]
+    before = result.before
+    if resumed is not None:  # what this run changed is measured against the adapter it continued, not the base
+        lines.append(f"compared with the adapter it resumed from, {resumed_from}:")
+        before = resumed
+    lines += [
+        f"digit {d} wrong: {before.wrong_per_digit[d]} -> {after.wrong_per_digit[d]}; accuracy {before.accuracy:.4f} -> {after.accuracy:.4f}",
+        f"wrong per digit before: {fmt_ints(before.wrong_per_digit)}",
+        f"wrong per digit after:  {fmt_ints(after.wrong_per_digit)}",
+    ]
+    if resumed is not None:
+        base = result.before
+        lines.append(
+            f"against the base: digit {d} wrong {base.wrong_per_digit[d]} -> {after.wrong_per_digit[d]}; "
+            f"accuracy {base.accuracy:.4f} -> {after.accuracy:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _resumed_ref(args: argparse.Namespace) -> str | None:
+    """``name@version`` of the registry entry ``--resume`` names; None without --resume or for a folder."""
+    if not args.resume or registry_path(args.resume, args, "lora") is None:
+        return None
+    return open_registry(args).get(args.resume).ref
+
+
+def _evaluate_adapter(base: torch.nn.Module, folder: Path, args: argparse.Namespace) -> EvalResult:
+    """The test metrics of the adapter at ``folder`` on (a copy of) ``base``, as ``eval --adapter``
+    gives them: where a resumed run starts."""
+    import copy
+
+    from mnist_peft.io.adapters import load_stack
+    from mnist_peft.training.loop import evaluate
+
+    return evaluate(load_stack(copy.deepcopy(base), [folder], force=args.force), data_dir=args.data_dir)
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,10 +206,57 @@ def _combine_methods() -> tuple[str, ...]:
     return METHODS
 
 
+def _number(text: str, kind: type, flag: str) -> float | int:
+    """``text`` as a ``kind`` (float or int), or an argparse error naming ``flag`` (no 5000-digit numbers)."""
+    try:
+        if len(text) > 40:
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'} ({flag})") from None
+
+
+def _checked(text: str, kind: type, flag: str, check_name: str) -> float | int:
+    """Parse ``text`` and run the merging library's own check on it (the same range the API enforces)."""
+    import importlib
+
+    value = _number(text, kind, flag)
+    check = getattr(importlib.import_module("mnist_peft.merging.methods"), check_name)
+    try:
+        return check([value])[0] if check_name == "check_weights" else check(value)
+    except ValueError as exc:  # AdapterConfigError, InvalidArgumentError
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _weight(text: str) -> float:
+    """``--weight`` of ``combine``: finite, within +-MAX_WEIGHT."""
+    return _checked(text, float, "--weight", "check_weights")
+
+
+def _density(text: str) -> float:
+    """``--density``: in [MIN_DENSITY, 1]."""
+    return _checked(text, float, "--density", "check_density")
+
+
+def _seed(text: str) -> int:
+    """``--seed``: what a torch.Generator takes, 0 .. 2**64-1."""
+    return int(_checked(text, int, "--seed", "check_seed"))
+
+
+def _rank(text: str) -> int:
+    """``--r``: a positive integer (its upper bound depends on the adapters: checked before the work)."""
+    value = int(_number(text, int, "--r"))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--r must be >= 1, got {value}")
+    return value
+
+
 def _combine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", required=True, metavar="PATH", help="adapter folder or registry name; repeat for several")
     add_root(p)
-    p.add_argument("--weight", action="append", type=float, metavar="W", help="weight of each --adapter, in order (default 1)")
+    p.add_argument(
+        "--weight", action="append", type=_weight, metavar="W", help="weight of each --adapter, in order (default 1; within +-10000)"
+    )
     p.add_argument(
         "--method",
         choices=LazyChoices(_combine_methods),  # type: ignore[arg-type]
@@ -172,8 +266,13 @@ def _combine_arguments(p: argparse.ArgumentParser) -> None:
         "task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune (peft's names ties_svd, dare_linear_svd, "
         "dare_ties_svd, magnitude_prune_svd are accepted); default cat",
     )
-    p.add_argument("--r", type=int, help="target rank (svd and the merges; merges default to the largest input rank)")
-    p.add_argument("--density", type=fraction, help="ties, dare_*, magnitude_prune: the share of each delta's entries kept")
+    p.add_argument(
+        "--r",
+        type=_rank,
+        help="target rank (svd and the merges; merges default to the largest input rank); at most the highest rank a layer's "
+        "combined update can have",
+    )
+    p.add_argument("--density", type=_density, help="ties, dare_*, magnitude_prune: the share of each delta's entries kept, in [0.0001, 1]")
     p.add_argument("--majority-sign", choices=["total", "frequency"], default="total", help="TIES sign election (default total)")
     p.add_argument(
         "--ties-mode",
@@ -182,7 +281,7 @@ def _combine_arguments(p: argparse.ArgumentParser) -> None:
         help="peft: elect signs on unweighted deltas, divide by the agreeing count; mergekit: on weighted deltas, "
         "divide by the agreeing weights (default peft)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random drops, 0 .. 2**64-1 (default 0)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the combined adapter to")
     p.add_argument("--force", action="store_true", help="overwrite --out; combine adapters of different bases")
     add_common(p, data=False)

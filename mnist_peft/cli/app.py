@@ -38,7 +38,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from mnist_peft.app.blocks import require_gradio
     from mnist_peft.app.launch import launch
 
-    require_gradio()  # before loading anything: a missing extra is the first thing to say
+    require_gradio()  # before loading anything (main checked --base by name only): a missing extra is said first
     if args.port is not None and not 0 < args.port < 65536:  # every option is checked before the registry and base load
         raise UsageError(f"--port {args.port} is not a port number (1..65535)")
     if args.max_batch_size < 1:

@@ -7,18 +7,22 @@ resolving ``--base``/``--adapter`` refs through the registry, ``--out``/``--regi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
     "UsageError",
+    "warnings_as_lines",
+    "show_progress",
     "emit",
     "fmt_ints",
     "open_registry",
     "registry_path",
     "resolve_base",
     "resolve_adapter",
+    "check_refs",
     "register_output",
     "out_folder",
     "model_from_args",
@@ -30,6 +34,29 @@ __all__ = [
     "add_recipe",
     "fraction",
 ]
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Inside: each library warning (e.g. ``registry.writes.DigitMismatchWarning``) is printed as one
+    ``warning: ...`` line on stderr, without Python's file and source line."""
+    import sys
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:
+        from mnist_peft.errors import redact_secrets
+
+        print("warning: " + redact_secrets(" ".join(str(message).split())), file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores showwarning on the way out
+        warnings.showwarning = show
+        yield
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether long work shows progress: a bar on a terminal, a plain line every few seconds when
+    output is a pipe or a file (mnist_peft/progress.py); nothing with ``--quiet`` or ``--json``."""
+    return not (getattr(args, "quiet", False) or getattr(args, "json", False))
 
 
 class UsageError(Exception):
@@ -72,6 +99,26 @@ def resolve_adapter(arg: str, args: argparse.Namespace) -> Path:
     from mnist_peft.registry.refs import resolve_adapter as resolve_adapter_ref
 
     return resolve_adapter_ref(arg, open_registry(args))
+
+
+def check_refs(args: argparse.Namespace) -> None:
+    """Check ``--base``, ``--adapter`` and ``--resume`` with the registry's own resolver before torch is
+    imported (``main`` calls it first): a mistyped name, a missing version or a wrong kind is said
+    at once, in the same words the resolution would use seconds later, naming the entries there are.
+    Nothing is loaded; a Hub repo id is not asked for. Where there is no registry folder at all, the
+    command says so itself, after its own flag checks (a usage error, exit 2, comes first)."""
+    from mnist_peft.registry.refs import check_base_ref
+    from mnist_peft.registry.refs import resolve_adapter as resolve_adapter_ref
+
+    registry = open_registry(args)
+    if not registry.root.is_dir():
+        return
+    base = getattr(args, "base", None)
+    if isinstance(base, str):
+        check_base_ref(base, registry)
+    resume = getattr(args, "resume", None)
+    for ref in [*(getattr(args, "adapter", None) or []), *([resume] if resume else [])]:
+        resolve_adapter_ref(ref, registry)
 
 
 def register_output(args: argparse.Namespace, folder: Path, metrics: dict, digit: int | None = None) -> dict | None:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_common, add_model_args, add_root, emit, fraction, model_from_args, resolve_adapter, resolve_base
+from .common import add_common, add_model_args, add_root, emit, fraction, model_from_args, resolve_adapter, resolve_base, show_progress
 from .table import command
 
 __all__ = ["cmd_merge_study", "cmd_svd", "cmd_headroom", "cmd_demo", "cmd_bench"]
@@ -20,6 +20,7 @@ def _merge_study_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for merge-study.json and merge-vs-density.png")
     p.add_argument("--quick", action="store_true", help="a small grid (for a smoke test)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     add_root(p)
     add_common(p)
 
@@ -34,16 +35,21 @@ def _merge_study_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_merge_study_arguments,
 )
 def cmd_merge_study(args: argparse.Namespace) -> int:
-    from mnist_peft.experiments.merge_study import StudyConfig, merge_study, study_table
+    from mnist_peft.experiments.merge_study import StudyConfig, merge_study, study_evaluations, study_table
     from mnist_peft.experiments.plots import plot_merge_study
     from mnist_peft.fileio import atomic_write_json
     from mnist_peft.io.adapters import read_adapter
+    from mnist_peft.merging.methods import DELTA_METHODS
+    from mnist_peft.progress import Progress
 
     base = resolve_base(args.base, args)
     refs = args.adapter or [f"digit-{d}" for d in range(10)]
     files = [read_adapter(resolve_adapter(a, args)) for a in refs]
     out = Path(args.out)
-    result = merge_study(base, files, data_dir=args.data_dir, config=StudyConfig.quick() if args.quick else StudyConfig())
+    config = StudyConfig.quick() if args.quick else StudyConfig()
+    total = study_evaluations(config, DELTA_METHODS, len(files))
+    with Progress(total, "merge-study", enabled=show_progress(args), unit="evaluation") as bar:
+        result = merge_study(base, files, data_dir=args.data_dir, config=config, progress=lambda done, _: bar.update(done - bar.n))
     result["adapters"] = refs
     atomic_write_json(out / "merge-study.json", result)
     plot_merge_study(result, out / "merge-vs-density.png")
@@ -72,10 +78,10 @@ def _svd_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_svd(args: argparse.Namespace) -> int:
     from mnist_peft.experiments.svd_sweep import rank_sweep
-    from mnist_peft.training.loop import progress_enabled
 
     base = resolve_base(args.base, args)
-    sweep = rank_sweep(base, args.digit, args.ranks, steps=args.steps, data_dir=args.data_dir, progress=progress_enabled(args.quiet))
+    # a bar on a terminal, a line every few seconds otherwise (the training loop's own display)
+    sweep = rank_sweep(base, args.digit, args.ranks, steps=args.steps, data_dir=args.data_dir, progress=show_progress(args))
     if args.plot:
         from mnist_peft.experiments.plots import plot_curve
 
@@ -157,15 +163,15 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     help="the main job: the seed's experiment and ours, end to end, with a report",
     description="Reproduce the seed's digit-9 experiment (and its forgetting), evaluate the ten replay adapters "
     "(from the registry, or trained), a stack and combined adapters, check exact LoRA-off/unmerge, run a short "
-    "parity check against peft, an SVD rank sweep and the ten adapters merged into one (merge-study); write "
-    "report.md and PNG plots to --out. Finished stages "
+    "parity check against peft, an SVD rank sweep and the ten adapters merged into one (merge-study, on a coarser "
+    "grid, stated in the report); write report.md and PNG plots to --out, and print every stage's time. Each stage "
+    "shows its progress (a bar on a terminal, a line every few seconds with an estimate otherwise). Finished stages "
     "are skipped on a re-run unless --force.",
     arguments=_demo_arguments,
 )
 def cmd_demo(args: argparse.Namespace) -> int:
     from mnist_peft.experiments.demo import run_demo, summary_text
     from mnist_peft.experiments.demo_stages import DemoConfig
-    from mnist_peft.training.loop import progress_enabled
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
     log = (lambda s: None) if args.json or args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -175,7 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         root=getattr(args, "root", None),
         force=args.force,
         data_dir=args.data_dir,
-        progress=progress_enabled(args.quiet),
+        progress=show_progress(args),
         log=log,
     )
     emit(args, summary, summary_text(summary))
@@ -230,7 +236,6 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 )
 def cmd_bench(args: argparse.Namespace) -> int:
     from mnist_peft.experiments.bench import run_bench
-    from mnist_peft.training.loop import progress_enabled
 
     base = resolve_base(args.base, args) if args.base else None
     figures = run_bench(
@@ -241,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         train_fraction=args.train_fraction,
         registry_entries=args.registry_entries,
         data_dir=args.data_dir,
-        progress=progress_enabled(args.quiet),
+        progress=show_progress(args),
     )
     import platform
 

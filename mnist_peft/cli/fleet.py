@@ -40,6 +40,19 @@ def _train_adapters_arguments(p: argparse.ArgumentParser) -> None:
         "--retries", type=int, metavar="N", help="Ray re-runs of a job whose worker died or which raised unexpectedly (default 2)"
     )
     p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most the jobs may take in all; a job not ended by then fails by name (Ray tasks are cancelled); default: no limit",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="quality gate: a result whose test accuracy is more than POINTS below the base's fails its job, as does one that "
+        "makes its own digit worse or changes nothing (default 0.5; replay adapters cost 0.00-0.14)",
+    )
+    p.add_argument(
         "--allow-partial",
         action="store_true",
         help="if some jobs fail for good, keep and register the others (exit status 3 says some failed)",
@@ -117,7 +130,8 @@ def _fleet_text(args: argparse.Namespace, res) -> str:
     "each as a Ray task (workers read the base from the registry or the Hub; killed workers are retried). The driver "
     "checks every returned adapter, then registers the whole fleet in one registry write (--register) and, if asked, "
     "pushes it in one Hub commit (--push). A job that fails for good fails the fleet and nothing is registered, unless "
-    "--allow-partial (then the others are kept and the exit status is 3).",
+    "--allow-partial (then the others are kept and the exit status is 3). Every result passes a quality gate before it is "
+    "registered (--max-accuracy-drop; its own digit not worse); --timeout bounds the whole run.",
     arguments=_train_adapters_arguments,
 )
 def cmd_train_adapters(args: argparse.Namespace) -> int:
@@ -138,6 +152,8 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         push_repo=args.push,
         data_dir=args.data_dir,
         quiet=args.quiet,
+        timeout=args.timeout,
+        **({} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}),  # default: run_fleet's
     )
     payload = {
         "executor": res.executor,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from .common import UsageError, add_common, add_root, emit, open_registry
 from .table import command
 
-__all__ = ["cmd_push", "cmd_pull"]
+__all__ = ["cmd_push", "cmd_pull", "cmd_hub_local"]
 
 
 def _quiet_hub(args: argparse.Namespace) -> None:
@@ -86,8 +86,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     help="pull entries from a Hub repo into the registry",
     description="Pull every entry (or --name ones) of a Hub repo at --revision into the local registry. The repo's index.json "
     "is validated as untrusted input (plain file names, the repo layout's own folders, types) and every file is "
-    "checked against its sha256 before anything is added; a failed pull changes nothing. Pulled entries record the "
-    "repo id and commit they came from.",
+    "checked against its sha256 before anything is added (a file larger than the index records is cut off there); a "
+    "failed pull changes nothing. Pulled entries record the repo id and commit they came from, and keep their version "
+    "numbers where those are free here (else the next one, said in the output).",
     arguments=_hub_arguments(push=False),
     tensors=False,
 )
@@ -96,9 +97,64 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     _quiet_hub(args)
     res = pull_from_hub(args.repo_id, registry=open_registry(args), names=args.name, revision=args.revision)
-    payload = {"repo_id": res.repo_id, "revision": res.revision, "added": res.added, "unchanged": res.unchanged}
+    payload = {
+        "repo_id": res.repo_id,
+        "revision": res.revision,
+        "added": res.added,
+        "unchanged": res.unchanged,
+        "renumbered": res.renumbered,
+    }
     text = f"pulled {res.repo_id}@{res.revision[:12]}: added {', '.join(res.added) or 'nothing'}"
     if res.unchanged:
         text += f"; already up to date: {', '.join(res.unchanged)}"
+    for remote, local in res.renumbered.items():  # versions are never reused: a number used here is not taken again
+        text += f"\n{remote} is used here already (versions are never reused), stored as {local}"
     emit(args, payload, text + f"\nnext: mnist-peft registry list --root {open_registry(args).root}")
+    return 0
+
+
+def _hub_local_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="hub-local", metavar="DIR", help="folder for the Hub's repos and olah's log (default: ./hub-local)")
+    p.add_argument("--port", type=int, default=8999, metavar="N", help="port on 127.0.0.1 (default: 8999)")
+
+
+@command(
+    "hub-local",
+    help="run a local Hub on 127.0.0.1 to try push and pull without an account",
+    description="Start the local Hugging Face Hub the tests use (olah for reads, a small write server in front), on "
+    "127.0.0.1 only and without accounts, and keep it running until Ctrl-C (or SIGTERM), which stops both servers. "
+    'It needs olah in a venv of its own: `python3 -m venv .olah-venv && .olah-venv/bin/pip install "olah==0.5.4"` '
+    "(or MNIST_PEFT_OLAH pointing at its olah-cli). Point push and pull at it with the environment it prints.",
+    arguments=_hub_local_arguments,
+    tensors=False,
+)
+def cmd_hub_local(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from mnist_peft.hub.local_hub import HubServer
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be 1 to 65535, got {args.port}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    folder = Path(args.dir).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    hub = HubServer.start(folder, port=args.port)
+    try:
+        print(
+            f"a local Hub is running at {hub.endpoint} (repos in {folder}); in another shell:\n"
+            f"  export HF_ENDPOINT={hub.endpoint} HF_HUB_DISABLE_XET=1\n"
+            "  mnist-peft push --repo-id me/mnist-peft\n"
+            "  mnist-peft pull --repo-id me/mnist-peft --root pulled\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        while not stop.wait(0.5):  # wakes for the signal handler's event
+            pass
+    finally:
+        hub.stop()
+    print("the local Hub stopped", flush=True)
     return 0

@@ -19,10 +19,11 @@ from .common import (
     out_folder,
     register_output,
     resolve_base,
+    show_progress,
 )
 from .table import command
 
-__all__ = ["cmd_info", "cmd_train_base", "cmd_eval", "cmd_compare"]
+__all__ = ["cmd_info", "cmd_train_base", "cmd_eval", "cmd_compare", "confusion_lines"]
 
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +82,7 @@ def _train_base_arguments(p: argparse.ArgumentParser) -> None:
     arguments=_train_base_arguments,
 )
 def cmd_train_base(args: argparse.Namespace) -> int:
-    from mnist_peft.training.loop import evaluate, progress_enabled
+    from mnist_peft.training.loop import evaluate
     from mnist_peft.training.recipes import train_base
 
     out, _tmp = out_folder(args)
@@ -89,7 +90,7 @@ def cmd_train_base(args: argparse.Namespace) -> int:
     model, fit = train_base(
         args.recipe,
         data_dir=args.data_dir,
-        progress=progress_enabled(args.quiet),
+        progress=show_progress(args),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -152,13 +153,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         plot_error_rates({"model": result.error_rate_per_digit}, args.plot)
         payload["plot"] = str(args.plot)
-    text = (
-        f"accuracy {result.accuracy:.4f} on {result.n} test images\n"
-        f"wrong per digit 0..9: {fmt_ints(result.wrong_per_digit)}\n"
-        f"error rate per digit: {' '.join(f'{r:.3f}' for r in result.error_rate_per_digit)}"
-    )
-    emit(args, payload, text)
+    lines = [
+        f"accuracy {result.accuracy:.4f} on {result.n} test images",
+        f"wrong per digit 0..9: {fmt_ints(result.wrong_per_digit)}",
+        f"error rate per digit: {' '.join(f'{r:.3f}' for r in result.error_rate_per_digit)}",
+        *confusion_lines(result.confusion),
+    ]
+    if args.plot:
+        lines.append(f"plot: {args.plot}")
+    emit(args, payload, "\n".join(lines))
     return 0
+
+
+def confusion_lines(confusion: list[list[int]]) -> list[str]:
+    """The confusion matrix as aligned text: a row per true digit, a column per predicted one.
+
+    Example:
+        >>> confusion_lines([[5, 1], [0, 7]])
+        ['confusion (rows: true digit, columns: predicted):', '     0 1', '  0: 5 1', '  1: 0 7']
+    """
+    width = max(len(str(n)) for row in confusion for n in row)
+    cell = lambda v: f"{v:>{width}}"  # noqa: E731
+    lines = ["confusion (rows: true digit, columns: predicted):", "     " + " ".join(cell(d) for d in range(len(confusion)))]
+    lines += [f"{t:>3}: " + " ".join(cell(n) for n in row) for t, row in enumerate(confusion)]
+    return lines
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,7 +202,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from mnist_peft.io.peft_compat import default_cases, run_parity
     from mnist_peft.model.data import load_mnist
     from mnist_peft.model.mlp import MnistMLP
-    from mnist_peft.training.loop import progress_enabled
 
     if args.base:
         base = resolve_base(args.base, args)
@@ -203,7 +220,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
-        progress=progress_enabled(args.quiet),
+        progress=show_progress(args),
     )
     ok = all(r.passed for r in results)
     from mnist_peft.io.peft_compat import FORWARD_TOLERANCE, FUSED_TOLERANCE, GRAD_TOLERANCE, MERGE_TOLERANCE_ULPS, TRAIN_TOLERANCE

@@ -73,10 +73,9 @@ def run_bench(
     registry_entries: int = 10_000,
 ) -> list[Figure]:
     """Measure every figure (or ``only`` those named) in this one run."""
-    from tqdm.auto import tqdm
-
     from mnist_peft.model.data import load_mnist
     from mnist_peft.model.mlp import MnistMLP
+    from mnist_peft.progress import Progress
 
     if base is None:
         torch.manual_seed(0)
@@ -91,4 +90,9 @@ def run_bench(
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise InvalidArgumentError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
-    return [FIGURES[n](ctx) for n in tqdm(names, desc="bench", disable=not progress, leave=False)]
+    figures = []
+    with Progress(len(names), "bench", enabled=progress, unit="figure") as bar:
+        for n in names:
+            figures.append(FIGURES[n](ctx))
+            bar.update()
+    return figures

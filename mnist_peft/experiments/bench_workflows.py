@@ -69,6 +69,7 @@ def _registry_of(root, n: int, source, entry_template: dict[str, object]):
 
     reg = AdapterRegistry(root)
     reg.root.mkdir(parents=True)
+    store = reg.writable_store()  # made while the root is empty: an index missing beside entry folders is an error
     rows = []
     for i in range(n):
         name = f"tenant-{i:05d}"
@@ -77,7 +78,7 @@ def _registry_of(root, n: int, source, entry_template: dict[str, object]):
         for f in source.iterdir():
             os.link(f, folder / f.name)
         rows.append({**entry_template, "name": name, "version": 1, "path": f"{name}/v1"})
-    reg.writable_store().write(add=rows, marks={r["name"]: 1 for r in rows})
+    store.write(add=rows, marks={r["name"]: 1 for r in rows})
     return reg
 
 

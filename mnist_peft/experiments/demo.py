@@ -12,9 +12,11 @@ Stages (each result is cached as JSON under ``<out>/stages/``; a re-run skips fi
 5. ``exact``: LoRA off and unmerge give back the base bit for bit.
 6. ``parity``: a short native-vs-peft parity summary.
 7. ``svd``: LoRA extracted by SVD from a full fine-tune, accuracy vs rank.
+8. ``merge``: the ten adapters merged into one, on the demo's grid (the full grid is ``merge-study``'s).
 
-Then ``report.md`` and the PNG plots are written, and a one-screen summary is returned. The stages
-live in :mod:`.demo_stages`, the report and plots in :mod:`.demo_report`; this module runs them.
+Then ``report.md`` and the PNG plots are written, and a one-screen summary is returned, with every
+stage's time. The stages live in :mod:`.demo_stages`, the report and plots in :mod:`.demo_report`;
+this module runs them.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class _Stages:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.force = force
         self.log = log
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float | None] = {}
+        """Seconds per stage in order; None for one a former run had done (skipped)."""
 
     def run(self, name: str, fn: Callable[[], dict], *, needs: tuple[str, ...] = ()) -> dict:
         """``fn``'s result, or the one a former run saved (unless it lacks a key in ``needs``: an
@@ -64,6 +67,7 @@ class _Stages:
             saved = json.loads(path.read_text())
             if all(k in saved for k in needs):
                 self.log(f"[{name}] done before, skipped (--force to redo)")
+                self.timings[name] = None
                 return saved
             self.log(f"[{name}] saved by an older version of the demo: redone")
         self.log(f"[{name}] ...")
@@ -90,13 +94,17 @@ def run_demo(
     cfg = config or DemoConfig()
     run = DemoRun(cfg, out / "models", _open_registry(cfg, root, log), force, data_dir, progress)
     start = time.perf_counter()
-    results = _run_stages(_Stages(out, force, log), run)
+    stages = _Stages(out, force, log)
+    results = _run_stages(stages, run)
+    written = time.perf_counter()
     files = demo_plots(out, results, run.folders)
     atomic_write_text(out / "report.md", demo_report(results, run.folders))
+    stages.timings["report"] = time.perf_counter() - written
     base_info, seed, replay = results["base"], results["seed"], results["replay"]
     return {
         "out": str(out),
         "seconds": round(time.perf_counter() - start, 1),
+        "stages": {name: None if t is None else round(t, 1) for name, t in stages.timings.items()},
         "report": str(out / "report.md"),
         "plots": files,
         "base_accuracy": base_info["eval"]["accuracy"],
@@ -128,7 +136,9 @@ def _run_stages(stages: _Stages, run: DemoRun) -> dict[str, object]:
     run.folders = [Path(r["folder"]) for r in replay["rows"]]
     from .headroom import logit_offset_tradeoff  # the logit-offset reference for the same target (one pass: not cached)
 
+    start = time.perf_counter()
     results["headroom"] = [r.to_dict() for r in logit_offset_tradeoff(run.base, data_dir=run.data_dir)]
+    stages.timings["headroom"] = time.perf_counter() - start
     for name, stage in (("combine", stage_combine), ("exact", stage_exact), ("parity", stage_parity), ("svd", stage_svd)):
         results[name] = stages.run(name, partial(stage, run))
     results["merge"] = stages.run("merge", partial(stage_merge, run), needs=("curve", "config"))
@@ -144,6 +154,7 @@ def summary_text(summary: dict) -> str:
     return "\n".join(
         [
             f"mnist-peft demo finished in {s['seconds']} s",
+            "stages: " + ", ".join(f"{name} {'skipped (done before)' if t is None else f'{t} s'}" for name, t in s["stages"].items()),
             f"base accuracy {s['base_accuracy']:.4f}; the seed's digit-9 LoRA drops it to {s['seed_lora_accuracy']:.4f} (forgetting)",
             f"replay adapters, own-digit wrong before->after: {' '.join(fixed)}",
             f"replay adapters' overall accuracy: {' '.join(f'{a:.4f}' for a in s['replay_accuracy'])}",

@@ -30,27 +30,32 @@ def demo_plots(out: Path, results: dict, folders: list[Path]) -> list[str]:
 
 def demo_report(results: dict, folders: list[Path]) -> str:
     """``report.md``: one section per stage, the merge study's last."""
-    from .merge_study import study_table
+    from .merge_study import grid_note, study_table
 
     r = results
+    note = grid_note(r["merge"])
     report = _report(r["base"], r["seed"], r["replay"], r["headroom"], r["combine"], r["exact"], r["parity"], r["svd"], folders)
     return report + "\n".join(
         [
             "## 8. One adapter for all ten digits",
             "",
+            *([note, ""] if note else []),
             *study_table(r["merge"]),
             "",
             "Test accuracy vs density per method (each density at the scale validation chose for it):",
             "",
             "![Test accuracy vs density](merge-vs-density.png)",
             "",
+            _noise_caption("merge-vs-density.png", "merges", r["merge"]["base"]["test"]),
+            "",
         ]
     )
 
 
 def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, folders: list[Path]) -> list[str]:
-    from .plots import plot_curve, plot_error_rates, plot_heatmap
+    from .plots import plot_change_heatmap, plot_error_change, plot_error_rates, plot_svd_sweep
 
+    base_wrong = base_info["eval"]["wrong_per_digit"]
     paths = [
         plot_error_rates(
             {"seed-recipe base": seed["before"]["error_rate_per_digit"]},
@@ -62,49 +67,59 @@ def _plots(out: Path, base_info: dict, seed: dict, replay: dict, svd: dict, fold
             out / "error-rates-seed-lora.png",
             title="With the seed's digit-9 LoRA: 9 fixed, the others forgotten",
         ),
-        plot_error_rates(
-            {
-                "base": base_info["eval"]["error_rate_per_digit"],
-                "digit-9 LoRA (replay recipe)": replay["rows"][9]["eval"]["error_rate_per_digit"],
-            },
+        plot_error_change(
+            base_wrong,
+            replay["rows"][9]["eval"]["wrong_per_digit"],
             out / "error-rates-replay-lora.png",
-            title="With our digit-9 LoRA (replay recipe)",
+            digit=9,
+            label="Our digit-9 LoRA (replay recipe)",
         ),
-        plot_heatmap(
-            [r["eval"]["error_rate_per_digit"] for r in replay["rows"]],
+        plot_change_heatmap(
+            [r["eval"]["wrong_per_digit"] for r in replay["rows"]],
+            base_wrong,
             out / "adapter-digit-heatmap.png",
             row_labels=[f"digit-{r['digit']}" for r in replay["rows"]],
             col_labels=[str(d) for d in range(10)],
-            title="Error rate per test digit (columns) for each replay adapter (rows)",
+            title="Each replay adapter (rows) against the base:\nchange in test images wrong per digit (columns)",
         ),
-        plot_curve(
-            [r["r"] for r in svd["rows"]],
-            {
-                "LoRA by SVD": [r["accuracy"] for r in svd["rows"]],
-                "full fine-tune": [svd["full"]["accuracy"]] * len(svd["rows"]),
-                "base": [svd["base"]["accuracy"]] * len(svd["rows"]),
-            },
-            out / "svd-accuracy-vs-rank.png",
-            xlabel="rank r",
-            ylabel="test accuracy",
-            title="Digit 9: accuracy vs SVD rank",
-            logx=True,
-        ),
+        plot_svd_sweep(svd, out / "svd-accuracy-vs-rank.png", n_test=base_info["eval"]["n"]),
     ]
     paths.append(_savings_plot(out, base_info, seed, folders))
     return [str(p) for p in paths]
 
 
 def _savings_plot(out: Path, base_info: dict, seed: dict, folders: list[Path]) -> Path:
-    from .plots import plot_bars
+    """Parameters and file bytes, one panel each: the base, the seed's r=1 LoRA, a replay adapter."""
+    from mnist_peft.io.adapters import read_adapter
 
-    sizes = {
-        "base params": seed["base_parameters"],
-        "LoRA r=1 params": seed["lora_parameters"],
-        "base file (B)": (Path(base_info["path"]) / "model.safetensors").stat().st_size,
-        "r=4 adapter file (B)": (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size,
+    from .plots import plot_savings
+
+    adapter = read_adapter(folders[9])
+    r = adapter.config.r
+    panels = {
+        "parameters": {
+            "base": seed["base_parameters"],
+            "seed LoRA\nr=1": seed["lora_parameters"],
+            f"replay LoRA\nr={r}": sum(t.numel() for t in adapter.state_dict.values()),
+        },
+        "file size (bytes)": {
+            "base\nmodel.safetensors": (Path(base_info["path"]) / "model.safetensors").stat().st_size,
+            f"replay LoRA r={r}\n{ADAPTER_WEIGHTS_NAME}": (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size,
+        },
     }
-    return plot_bars(sizes, out / "savings.png", ylabel="count (log scale)", title="What an adapter costs next to its base", logy=True)
+    return plot_savings(panels, out / "savings.png", title="What an adapter costs next to its base")
+
+
+def _noise_caption(png: str, what: str, base_eval: dict) -> str:
+    """What the grey band of ``png`` is: the base's 95% binomial interval on the test set."""
+    from .plots import binomial_halfwidth
+
+    n = base_eval["n"]
+    images = binomial_halfwidth(base_eval["accuracy"], n) * n
+    return (
+        f"In `{png}` the grey band is the base's 95% binomial interval on the {n:,} test images "
+        f"(±{images:.0f} images): differences between the {what} that stay inside it are the test set's noise."
+    )
 
 
 def _fmt(values: list) -> str:
@@ -190,6 +205,9 @@ def _report_replay(base_info: dict, replay: dict, headroom: list[dict]) -> list[
         "the constant added to the digit's logit that cuts its errors by >= 40% with the fewest overall errors, "
         f"chosen on the test set itself. It keeps overall accuracy for {sum(h['both_met'] for h in headroom)}/10 digits.",
         "",
+        "`adapter-digit-heatmap.png` draws the table below as each adapter's change against the base, in test images "
+        "wrong (blue: fewer errors, red: more); `error-rates-replay-lora.png` draws the digit-9 adapter's row as bars.",
+        "",
         "### Error rate per test digit (columns) for each adapter (rows)",
         "",
         "| adapter | " + " | ".join(str(d) for d in range(10)) + " |",
@@ -252,6 +270,7 @@ def _report_svd_and_savings(svd: dict, base_info: dict, folders: list[Path]) -> 
     ]
     for r in svd["rows"]:
         lines.append(f"| LoRA r={r['r']} | {r['parameters']:,} | {r['accuracy']:.4f} | {r['wrong_per_digit'][9]} |")
+    lines += ["", _noise_caption("svd-accuracy-vs-rank.png", "ranks", base_info["eval"])]
     adapter_bytes = (folders[9] / ADAPTER_WEIGHTS_NAME).stat().st_size
     base_bytes = (Path(base_info["path"]) / "model.safetensors").stat().st_size
     lines += [

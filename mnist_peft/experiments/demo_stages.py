@@ -1,7 +1,9 @@
 """The demo's stages, one function each, and the state they hand on (see :mod:`.demo` for the run).
 
 Each stage takes the run's :class:`DemoRun` (its settings and what the earlier stages produced) and
-returns a JSON-able dict, which :mod:`.demo` caches under ``<out>/stages/``.
+returns a JSON-able dict, which :mod:`.demo` caches under ``<out>/stages/``. Each shows its progress
+(:class:`~mnist_peft.progress.Progress`: a bar on a terminal, a line every few seconds with an
+estimate otherwise): training through its loop's own, every other count of work here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from mnist_peft.io.adapters import ADAPTER_WEIGHTS_NAME, load_stack, read_adapter, save_adapter
 from mnist_peft.model.mlp import base_fingerprint, count_parameters, load_base
+from mnist_peft.progress import Progress
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.refs import registry_folder
 from mnist_peft.training.loop import EvalResult, evaluate
@@ -32,7 +35,12 @@ __all__ = [
     "stage_parity",
     "stage_merge",
     "stage_svd",
+    "PROGRESS_EVERY",
 ]
+
+PROGRESS_EVERY: float | None = None
+"""Seconds between two progress lines of a stage when output is not a terminal (``None``: the
+package's default, ``$MNIST_PEFT_PROGRESS_EVERY`` or 5 s)."""
 
 
 @dataclass
@@ -54,7 +62,7 @@ class DemoConfig:
     svd_combine_rank: int = 8
     use_registry: bool = True
     merge_quick: bool = False
-    """A small grid for the ten-adapter merge study (tests)."""
+    """A small grid for the ten-adapter merge study (tests); else the demo's grid (``StudyConfig.demo``)."""
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -82,6 +90,7 @@ class DemoRun:
     force: bool
     data_dir: str | None
     progress: bool
+    """Progress shown (a bar on a terminal, lines otherwise); False: nothing."""
     base_info: dict = field(default_factory=dict)
     """The ``base`` stage's result."""
     base: torch.nn.Module | None = None
@@ -100,6 +109,10 @@ class DemoRun:
     def adapter_folder(self, d: int) -> Path:
         """The registry's digit-d adapter if it was trained on this base, else the demo's own."""
         return self.registry_adapter(d) or self.models / f"digit-{d}"
+
+    def bar(self, total: int, desc: str, unit: str) -> Progress:
+        """A stage's progress over ``total`` units of work (shown as :attr:`progress` says)."""
+        return Progress(total, desc, enabled=self.progress, unit=unit, every=PROGRESS_EVERY)
 
 
 def stage_base(run: DemoRun) -> dict:
@@ -151,7 +164,13 @@ def _train_missing_adapters(run: DemoRun) -> dict[int, EvalResult]:
     if not todo:
         return {}
     steps = () if run.cfg.adapter_steps is None else (("steps", run.cfg.adapter_steps),)
-    trained = train_batched(run.base, [AdapterJob(d, "replay", steps) for d in todo], data_dir=run.data_dir)
+    jobs = [AdapterJob(d, "replay", steps) for d in todo]
+    with run.bar(sum(j.resolved()[1].steps for j in jobs), "replay: training", "step") as bar:
+
+        def shown(status: list[dict[str, object]]) -> None:  # a job stopped early counts all its steps
+            bar.update(sum(int(s["total" if s["state"] not in ("running", "pending") else "step"]) for s in status) - bar.n)
+
+        trained = train_batched(run.base, jobs, data_dir=run.data_dir, progress=shown)
     for d, (model, _) in zip(todo, trained, strict=True):
         save_adapter(model, run.models / f"digit-{d}", metadata={"digit": str(d), "recipe": "replay"})
     # the saved tensors are the trained ones (float32 both): the test scores train_batched made stand
@@ -162,10 +181,14 @@ def stage_replay(run: DemoRun) -> dict:
     """3. The ten replay adapters, each evaluated: the adapter x digit table."""
     scored = _train_missing_adapters(run)
     rows = []
-    for d in range(10):
-        folder = run.adapter_folder(d)
-        r = scored[d] if d in scored else evaluate(load_stack(copy.deepcopy(run.base), [folder]), data_dir=run.data_dir)
-        rows.append({"digit": d, "folder": str(folder), "eval": r.to_dict()})
+    with run.bar(10 - len(scored), "replay", "evaluation") as bar:
+        for d in range(10):
+            folder = run.adapter_folder(d)
+            r = scored.get(d)
+            if r is None:
+                r = evaluate(load_stack(copy.deepcopy(run.base), [folder]), data_dir=run.data_dir)
+                bar.update()
+            rows.append({"digit": d, "folder": str(folder), "eval": r.to_dict()})
     return {"rows": rows}
 
 
@@ -174,21 +197,25 @@ def stage_combine(run: DemoRun) -> dict:
     from mnist_peft.merging.combine import combine_adapters
 
     base, folders, cfg, data_dir = run.base, run.folders, run.cfg, run.data_dir
-    stack = load_stack(copy.deepcopy(base), [folders[d] for d in cfg.stack], [1.0] * len(cfg.stack))
-    unmerged = evaluate(stack, data_dir=data_dir)
-    stack.merge()
-    merged = evaluate(stack, data_dir=data_dir)
-    files = [read_adapter(f) for f in folders]
-    results = {}
-    for method, r in (("cat", None), ("svd", cfg.svd_combine_rank)):
-        comb = combine_adapters(files, method=method, r=r)
-        model = LoraModel(copy.deepcopy(base))
-        model.add_adapter("combined", comb.config, state_dict=comb.state_dict)
-        results[method] = {
-            "r": comb.config.r,
-            "relative_error": comb.relative_error,
-            "eval": evaluate(model, data_dir=data_dir).to_dict(),
-        }
+    with run.bar(4, "combine", "evaluation") as bar:
+        stack = load_stack(copy.deepcopy(base), [folders[d] for d in cfg.stack], [1.0] * len(cfg.stack))
+        unmerged = evaluate(stack, data_dir=data_dir)
+        bar.update()
+        stack.merge()
+        merged = evaluate(stack, data_dir=data_dir)
+        bar.update()
+        files = [read_adapter(f) for f in folders]
+        results = {}
+        for method, r in (("cat", None), ("svd", cfg.svd_combine_rank)):
+            comb = combine_adapters(files, method=method, r=r)
+            model = LoraModel(copy.deepcopy(base))
+            model.add_adapter("combined", comb.config, state_dict=comb.state_dict)
+            results[method] = {
+                "r": comb.config.r,
+                "relative_error": comb.relative_error,
+                "eval": evaluate(model, data_dir=data_dir).to_dict(),
+            }
+            bar.update()
     return {"stack_digits": list(cfg.stack), "stack_unmerged": unmerged.to_dict(), "stack_merged": merged.to_dict(), **results}
 
 
@@ -219,17 +246,34 @@ def stage_parity(run: DemoRun) -> dict:
 
     data = load_mnist(train=True, data_dir=run.data_dir)
     n = run.cfg.parity_steps * 32
-    res = run_parity(run.base, data.x[:n], data.y[:n], default_cases(run.cfg.parity_ranks), steps=run.cfg.parity_steps)
+    cases = default_cases(run.cfg.parity_ranks)
+    res = []
+    with run.bar(len(cases), "parity", "case") as bar:
+        for case in cases:  # one at a time for the progress line: each case seeds itself, so the same results
+            res += run_parity(run.base, data.x[:n], data.y[:n], [case], steps=run.cfg.parity_steps)
+            bar.update()
     return {"cases": [r.to_dict() for r in res], "passed": sum(r.passed for r in res), "total": len(res)}
 
 
 def stage_merge(run: DemoRun) -> dict:
-    """8. The ten replay adapters merged into one by each method, chosen on validation, reported on test."""
-    from .merge_study import StudyConfig, merge_study
+    """8. The ten replay adapters merged into one by each method, chosen on validation, reported on test:
+    on the demo's grid (stated in the report), the base's test result taken from the base stage."""
+    from mnist_peft.merging.methods import DELTA_METHODS
+
+    from .merge_study import StudyConfig, merge_study, study_evaluations
 
     files = [read_adapter(f) for f in run.folders]
-    config = StudyConfig.quick() if run.cfg.merge_quick else StudyConfig()
-    return merge_study(run.base, files, data_dir=run.data_dir, config=config)
+    config = StudyConfig.quick() if run.cfg.merge_quick else StudyConfig.demo()
+    total = study_evaluations(config, DELTA_METHODS, len(files), base_test_known=True)
+    with run.bar(total, "merge", "evaluation") as bar:
+        return merge_study(
+            run.base,
+            files,
+            data_dir=run.data_dir,
+            config=config,
+            progress=lambda done, _: bar.update(done - bar.n),
+            base_test=run.base_info["eval"],
+        )
 
 
 def stage_svd(run: DemoRun) -> dict:
@@ -237,4 +281,15 @@ def stage_svd(run: DemoRun) -> dict:
     from .svd_sweep import rank_sweep
 
     cfg = run.cfg
-    return rank_sweep(run.base, 9, cfg.svd_ranks, steps=cfg.svd_steps, data_dir=run.data_dir, progress=run.progress)
+    bars: list[Progress] = []  # the ranks' own, from the end of the fine-tune (which shows its steps itself)
+
+    def shown(done: int, total: int) -> None:
+        if not bars:
+            bars.append(run.bar(total, "svd", "rank"))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        return rank_sweep(run.base, 9, cfg.svd_ranks, steps=cfg.svd_steps, data_dir=run.data_dir, progress=run.progress, on_rank=shown)
+    finally:
+        for bar in bars:
+            bar.close()

@@ -16,13 +16,18 @@ set only reports:
   random coordinate steps, accepted when the validation loss falls), then truncated to rank r;
   the validation loss reported for it is the truncated adapter's, like its test row.
 
-Models are evaluated with the merged update added to the base weights (what ``merge`` does).
+Models are evaluated with the merged update added to the base weights (what ``merge`` does). Each
+evaluation is one forward pass of a split, counted for the progress callback.
+
+The demo runs a coarser grid (:meth:`StudyConfig.demo`, stated in its report by :func:`grid_note`);
+its points are points of the full grid, computed the same way, and the baseline and learned rows do
+not depend on the grid.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +42,10 @@ from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
 from mnist_peft.training.loop import EvalResult, evaluate
 from mnist_peft.tuners.lora.config import compute_scaling
 
-__all__ = ["StudyConfig", "merge_study", "study_table"]
+__all__ = ["StudyConfig", "merge_study", "study_evaluations", "study_table", "grid_note"]
+
+Progress = Callable[[int, int], None]
+"""Called after every model evaluation with ``(done, total)``."""
 
 
 @dataclass
@@ -53,6 +61,12 @@ class StudyConfig:
     @classmethod
     def quick(cls) -> StudyConfig:
         return cls(densities=(0.3,), scales=(0.1, 0.5, 1.0), val_size=2000, search_steps=4)
+
+    @classmethod
+    def demo(cls) -> StudyConfig:
+        """The demo's grid: 3 of the 11 densities and 5 of the 12 scales (13 merges instead of 45, a
+        quarter of the evaluations); the validation split and the search are the full study's."""
+        return cls(densities=(0.01, 0.05, 0.3), scales=(0.1, 0.2, 0.5, 1.0, 2.0))
 
 
 def _deltas(adapters: Sequence[AdapterFiles]) -> dict[str, list[torch.Tensor]]:
@@ -90,6 +104,30 @@ def _val_loss(base: nn.Module, update: dict[str, torch.Tensor], split: MnistSpli
         return float(F.cross_entropy(_updated(base, update)(split.x), split.y))
 
 
+class _Evaluations:
+    """The study's model evaluations (:func:`_val_loss`, :func:`_evaluate_update`: one forward pass of
+    a split each), counted and reported to ``progress``."""
+
+    def __init__(self, base: nn.Module, total: int, progress: Progress | None) -> None:
+        self.base, self.total, self.progress, self.done = base, total, progress, 0
+
+    def _counted(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done))
+
+    def val_loss(self, update: dict[str, torch.Tensor], split: MnistSplit) -> float:
+        loss = _val_loss(self.base, update, split)
+        self._counted()
+        return loss
+
+    def evaluate(self, update: dict[str, torch.Tensor] | None, split: MnistSplit) -> EvalResult:
+        """Test metrics of the updated model (of the base itself for ``None``)."""
+        result = evaluate(self.base, split) if update is None else _evaluate_update(self.base, update, split)
+        self._counted()
+        return result
+
+
 def _low_rank(update: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
     out = {}
     for m, d in update.items():
@@ -98,13 +136,13 @@ def _low_rank(update: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor
     return out
 
 
-def _search(base: nn.Module, deltas: dict[str, list[torch.Tensor]], val: MnistSplit, cfg: StudyConfig) -> tuple[list[float], float]:
+def _search(ev: _Evaluations, deltas: dict[str, list[torch.Tensor]], val: MnistSplit, cfg: StudyConfig) -> tuple[list[float], float]:
     """LoraHub-style: random coordinate steps on the ten weights, kept when the validation loss falls."""
     n = len(next(iter(deltas.values())))
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss(w: list[float]) -> float:
-        return _val_loss(base, {m: sum(wi * d for wi, d in zip(w, ds, strict=True)) for m, ds in deltas.items()}, val)
+        return ev.val_loss({m: sum(wi * d for wi, d in zip(w, ds, strict=True)) for m, ds in deltas.items()}, val)
 
     best_w = [1.0 / n] * n
     best = loss(best_w)
@@ -125,15 +163,25 @@ def merge_study(
     data_dir: str | None = None,
     config: StudyConfig | None = None,
     methods: Sequence[str] = DELTA_METHODS,
+    progress: Progress | None = None,
+    base_test: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """Run the study (see the module docstring); returns every validation score and the test results."""
+    """Run the study (see the module docstring); returns every validation score and the test results.
+
+    Args:
+        progress: called after every model evaluation with ``(done, total)``.
+        base_test: the base's test result (``evaluate(base).to_dict()``) where it is known already
+            (the demo's base stage): not computed again.
+    """
     cfg = config or StudyConfig()
     _, val = split_validation(load_mnist(train=True, data_dir=data_dir), cfg.val_size, seed=cfg.seed)
     test = load_mnist(train=False, data_dir=data_dir)
     deltas = _deltas(adapters)
     grid: list[dict[str, object]] = []
     curve: list[dict[str, object]] = []
-    chosen = {method: _study_method(base, deltas, method, cfg, val, test, n=len(adapters), grid=grid, curve=curve) for method in methods}
+    total = study_evaluations(cfg, methods, len(adapters), base_test_known=base_test is not None)
+    ev = _Evaluations(base, total, progress)
+    chosen = {method: _study_method(ev, deltas, method, cfg, val, test, n=len(adapters), grid=grid, curve=curve) for method in methods}
     return {
         "r": cfg.r,
         "val_size": cfg.val_size,
@@ -142,12 +190,20 @@ def merge_study(
         "grid": grid,
         "curve": curve,
         "chosen": chosen,
-        **_baselines(base, deltas, cfg, val, test, n=len(adapters)),
+        **_baselines(ev, deltas, cfg, val, test, n=len(adapters), base_test=base_test),
     }
 
 
+def study_evaluations(cfg: StudyConfig, methods: Sequence[str], n: int, *, base_test_known: bool = False) -> int:
+    """How many model evaluations :func:`merge_study` makes: per merge, one per scale and one at the
+    chosen scale (validation), and one on test; then the ``n`` single adapters, the search, the learned and the base's
+    validation losses, and four test results (three when the base's is known)."""
+    merges = sum(len(cfg.densities) if get_merge_method(m).needs_density else 1 for m in methods)
+    return merges * (len(cfg.scales) + 2) + n + (cfg.search_steps + 1) + 2 + (3 if base_test_known else 4)
+
+
 def _study_method(
-    base: nn.Module,
+    ev: _Evaluations,
     deltas: dict[str, list[torch.Tensor]],
     method: str,
     cfg: StudyConfig,
@@ -169,19 +225,19 @@ def _study_method(
         low = _low_rank(merged, cfg.r)
         at_density = None
         for scale in cfg.scales:
-            val_loss = _val_loss(base, {m: scale * d for m, d in low.items()}, val)
+            val_loss = ev.val_loss({m: scale * d for m, d in low.items()}, val)
             grid.append({"method": method, "density": density, "scale": scale, "val_loss": val_loss})
             if at_density is None or val_loss < at_density[0]:
                 at_density = (val_loss, scale)
             if best is None or val_loss < best[0]:
                 best = (val_loss, density, scale, low)
         point: tuple[float, float] = at_density  # type: ignore[assignment]
-        tested[density, point[1]] = _curve_point(base, low, method, density, point, val, test, curve=curve)
+        tested[density, point[1]] = _curve_point(ev, low, method, density, point, val, test, curve=curve)
     val_loss, density, scale, low = best  # type: ignore[misc]
     # the best overall is the best at its density, scored above (but for NaN losses, where it need not be)
     result = tested.get((density, scale))
     if result is None:
-        result = _evaluate_update(base, {m: scale * d for m, d in low.items()}, test)
+        result = ev.evaluate({m: scale * d for m, d in low.items()}, test)
     return {
         "density": density,
         "scale": scale,
@@ -197,7 +253,7 @@ def _study_method(
 
 
 def _curve_point(
-    base: nn.Module,
+    ev: _Evaluations,
     low: dict[str, torch.Tensor],
     method: str,
     density: float,
@@ -211,14 +267,14 @@ def _curve_point(
     only; nothing is chosen on these numbers). Appends the point to ``curve``; returns the test result."""
     val_loss, scale = at_density
     update = {m: scale * d for m, d in low.items()}
-    result = _evaluate_update(base, update, test)
+    result = ev.evaluate(update, test)
     curve.append(
         {
             "method": method,
             "density": density,
             "scale": scale,
             "val_loss": val_loss,
-            "val_accuracy": _evaluate_update(base, update, val).accuracy,
+            "val_accuracy": ev.evaluate(update, val).accuracy,
             "test_accuracy": result.accuracy,
         }
     )
@@ -226,24 +282,31 @@ def _curve_point(
 
 
 def _baselines(
-    base: nn.Module, deltas: dict[str, list[torch.Tensor]], cfg: StudyConfig, val: MnistSplit, test: MnistSplit, *, n: int
+    ev: _Evaluations,
+    deltas: dict[str, list[torch.Tensor]],
+    cfg: StudyConfig,
+    val: MnistSplit,
+    test: MnistSplit,
+    *,
+    n: int,
+    base_test: dict[str, object] | None,
 ) -> dict[str, object]:
     """The rows every method is compared with: the base, the best single adapter (on validation), the
     plain stack at 1/n, and the learned (searched, then truncated) combination."""
-    single_val = [_val_loss(base, {m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
+    single_val = [ev.val_loss({m: ds[i] for m, ds in deltas.items()}, val) for i in range(n)]
     best_single = min(range(n), key=lambda i: single_val[i])
-    weights, search_val = _search(base, deltas, val, cfg)
+    weights, search_val = _search(ev, deltas, val, cfg)
     learned = _low_rank({m: sum(w * d for w, d in zip(weights, ds, strict=True)) for m, ds in deltas.items()}, cfg.r)
-    search_val = _val_loss(base, learned, val)  # the truncated adapter's, which the test row reports
+    search_val = ev.val_loss(learned, val)  # the truncated adapter's, which the test row reports
     return {
-        "base": {"val_loss": _val_loss(base, {}, val), "test": evaluate(base, test).to_dict()},
+        "base": {"val_loss": ev.val_loss({}, val), "test": base_test if base_test is not None else ev.evaluate(None, test).to_dict()},
         "best_single": {
             "index": best_single,
             "val_loss": single_val[best_single],
-            "test": _evaluate_update(base, {m: ds[best_single] for m, ds in deltas.items()}, test).to_dict(),
+            "test": ev.evaluate({m: ds[best_single] for m, ds in deltas.items()}, test).to_dict(),
         },
-        "stack_tenth": {"test": _evaluate_update(base, {m: sum(ds) / n for m, ds in deltas.items()}, test).to_dict()},
-        "learned": {"weights": weights, "val_loss": search_val, "test": _evaluate_update(base, learned, test).to_dict()},
+        "stack_tenth": {"test": ev.evaluate({m: sum(ds) / n for m, ds in deltas.items()}, test).to_dict()},
+        "learned": {"weights": weights, "val_loss": search_val, "test": ev.evaluate(learned, test).to_dict()},
     }
 
 
@@ -284,3 +347,18 @@ def _single_label(result: dict) -> str:
     index = result["best_single"]["index"]
     names = result.get("adapters")
     return names[index] if names else f"adapter {index}"
+
+
+def grid_note(result: dict) -> str | None:
+    """A sentence saying how this result's grid differs from the full study's (None: it is the full one)."""
+    cfg, full = result.get("config"), StudyConfig()
+    if cfg is None or (list(cfg["densities"]) == list(full.densities) and list(cfg["scales"]) == list(full.scales)):
+        return None
+    shown = f"densities {', '.join(f'{v:g}' for v in cfg['densities'])} and scales {', '.join(f'{v:g}' for v in cfg['scales'])}"
+    whole = f"{len(full.densities)} densities x {len(full.scales)} scales: `mnist-peft merge-study`, reported in docs/results.md"
+    if cfg["val_size"] != full.val_size or cfg["search_steps"] != full.search_steps:
+        return f"A smoke-test configuration, not the study's numbers: {shown}, a validation split of {cfg['val_size']} (the full grid: {whole})."
+    return (
+        f"This run evaluates a coarser grid than the full study: {shown} (the full grid: {whole}). Its points are "
+        "points of the full grid, computed the same way; the base, single-adapter, stack and learned rows do not depend on the grid."
+    )

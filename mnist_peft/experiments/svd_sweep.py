@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -25,8 +25,11 @@ def rank_sweep(
     lr: float = 1e-4,
     data_dir: str | None = None,
     progress: bool = False,
+    on_rank: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]:
-    """Fine-tune all of ``base`` on ``digit``, then evaluate rank-r LoRA approximations of the delta.
+    """Fine-tune all of ``base`` on ``digit``, then evaluate rank-r LoRA approximations of the delta
+    (``on_rank(done, total)`` is called once the fine-tune is done and after each rank's evaluation,
+    for a progress display).
 
     Returns ``{"base": metrics, "full": metrics + parameters, "rows": [{r, parameters, accuracy,
     wrong_per_digit, relative_error}, ...]}``.
@@ -35,6 +38,8 @@ def rank_sweep(
     finetuned, result = finetune_full(base, digit, data_dir=data_dir, progress=progress, steps=steps, val_size=0, lr=lr)
     deltas = delta_weights(base, finetuned)
     rows = []
+    if on_rank is not None:
+        on_rank(0, len(ranks))
     for r in ranks:
         extracted = lora_from_deltas(deltas, r)
         model = LoraModel(copy.deepcopy(base))
@@ -49,6 +54,8 @@ def rank_sweep(
                 "relative_error": extracted.relative_error,
             }
         )
+        if on_rank is not None:
+            on_rank(len(rows), len(ranks))
     full = {
         "accuracy": result.after.accuracy,
         "wrong_per_digit": result.after.wrong_per_digit,

@@ -1,4 +1,5 @@
-"""What a ``remote`` executor hands back, read as untrusted files: checked, re-scored and rewritten by the driver."""
+"""What a fleet keeps: a ``remote`` executor's folders read as untrusted files (checked, re-scored and
+rewritten by the driver), and the quality gate every result passes before it is registered."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ from .executors.base import FleetAdapter, check_returned_folder, save_fleet_adap
 if TYPE_CHECKING:
     from mnist_peft.io.adapters import AdapterFiles
 
-__all__ = ["accept_returned", "check_returned"]
+__all__ = ["DEFAULT_MAX_ACCURACY_DROP", "accept_returned", "check_returned", "quality_gate"]
+
+DEFAULT_MAX_ACCURACY_DROP = 0.5
+"""Points of test accuracy a fleet adapter may cost below its base's by default (``--max-accuracy-drop``):
+the replay adapters of docs/results.md cost 0.00-0.14 points; a wrong or broken adapter costs far more."""
 
 
 def accept_returned(
@@ -91,3 +96,39 @@ def check_returned(files: AdapterFiles, job: AdapterJob, fingerprint: str) -> in
     if wrong:
         raise FleetError(f"job {job.name} returned an adapter that is not the job's: {wrong}", failed={job.name: str(wrong)})
     return int(steps)
+
+
+def quality_gate(adapter: FleetAdapter, *, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> str | None:
+    """Why a fleet result may not be kept, with its numbers (None: it passes). Its metrics are the
+    driver's, on the test set: overall accuracy at most ``max_accuracy_drop`` points below the
+    base's, no more mistakes on its own digit than the base makes, and an update that is not zero
+    in every layer (such an adapter is the base itself, not a trained one). Any metric that is
+    missing or not a finite number fails it too (every comparison below is False for NaN)."""
+    m, d = adapter.metrics, adapter.digit
+    acc, before = m.get("accuracy"), m.get("accuracy_before")
+    wrong, wrong_before = m.get("wrong_per_digit"), m.get("wrong_per_digit_before")
+    if not (
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (acc, before))
+        and all(isinstance(w, list) and len(w) == 10 and all(isinstance(n, int) for n in w) for w in (wrong, wrong_before))
+    ):
+        return "quality gate: its test metrics are missing or malformed"
+    drop = (before - acc) * 100  # type: ignore[operator]
+    if not drop <= max_accuracy_drop:
+        return (
+            f"quality gate: test accuracy {before:.4f} -> {acc:.4f} ({-drop:+.2f} points), more than the allowed "
+            f"{max_accuracy_drop:g} points below the base's (--max-accuracy-drop)"
+        )
+    if not wrong[d] <= wrong_before[d]:  # type: ignore[index]
+        return f"quality gate: digit {d} wrong {wrong_before[d]} -> {wrong[d]} on the test set: an adapter for digit {d} must not make it worse"  # type: ignore[index]
+    if adapter.folder is not None and _zero_update(Path(adapter.folder)):
+        return "quality gate: its update is zero in every layer: it changes nothing (the base's answers exactly), so it was not trained"
+    return None
+
+
+def _zero_update(folder: Path) -> bool:
+    """Whether ``B @ A`` is zero in every layer of the adapter in ``folder`` (A or B all zeros)."""
+    from mnist_peft.io.adapters import read_adapter
+
+    tensors = read_adapter(folder).state_dict
+    pairs = [(k, k.replace("lora_A", "lora_B")) for k in tensors if "lora_A" in k]
+    return not any(bool(tensors[a].any()) and bool(tensors[b].any()) for a, b in pairs if b in tensors)

@@ -7,8 +7,9 @@
 - **execute**: the jobs go to an executor (:mod:`mnist_peft.fleet.executors`: ``local`` trains them
   all in one batched loop here, ``ray`` one Ray task per job, or any other :class:`Executor`);
 - **publish**: what a remote executor returned is checked and re-scored on the driver
-  (:mod:`mnist_peft.fleet.accept`), then the fleet is written to ``out``, registered in one registry
-  write (:meth:`AdapterRegistry.add_many`) and, if asked, pushed in one Hub commit.
+  (:mod:`mnist_peft.fleet.accept`), every result passes the quality gate (accuracy, its own digit),
+  then the fleet is written to ``out``, registered in one registry write
+  (:meth:`AdapterRegistry.add_many`) and, if asked, pushed in one Hub commit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mnist_peft.errors import FleetError, HubError, InvalidArgumentError, MnistP
 from mnist_peft.model.mlp import MnistMLP
 from mnist_peft.training.batched import AdapterJob, check_base
 
-from .accept import accept_returned
+from .accept import DEFAULT_MAX_ACCURACY_DROP, accept_returned, quality_gate
 from .executors.base import Executor, ExecutorResult, FleetAdapter, FleetWork
 from .executors.table import get_executor
 from .jobs import check_job
@@ -66,6 +67,8 @@ def run_fleet(
     data_dir: str | None = None,
     quiet: bool = False,
     tty: bool | None = None,
+    timeout: float | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
     _fault: tuple[str, ...] | None = None,
 ) -> FleetResult:
     """Train ``jobs`` on the base ``base_ref`` and keep the results: folders under ``out``, one
@@ -85,6 +88,12 @@ def run_fleet(
             of :data:`~mnist_peft.fleet.executors.table.EXECUTORS`, or an :class:`~mnist_peft.fleet.executors.base.Executor` itself.
         retries: how many times Ray re-runs a job whose worker died or which raised unexpectedly.
         allow_partial: with failed jobs, keep (and register) the others instead of failing all.
+        timeout: seconds the jobs may take in all (None: no limit); a job not ended by then fails
+            by name (its Ray task is cancelled; the local batched run stops), as does every job of
+            an executor that does not return by then.
+        max_accuracy_drop: the quality gate's bound: a result whose test accuracy is more than this
+            many points below the base's fails its job (as does one that makes its own digit worse,
+            or whose update is zero).
 
     Raises:
         FleetError: a job failed for good and ``allow_partial`` is off, or no job succeeded;
@@ -97,6 +106,7 @@ def run_fleet(
     from mnist_peft.registry.adapter_registry import AdapterRegistry
 
     chosen = validate(jobs, executor, out=out, register=register, push_repo=push_repo, retries=retries)
+    timeout, max_accuracy_drop = check_limits(timeout, max_accuracy_drop)
     torch.set_flush_denormal(True)  # before any torch work starts its threads: they keep what they start with
     registry = AdapterRegistry(root)
     base, revision, source = pin(base_ref, registry, remote=chosen.remote)
@@ -104,8 +114,9 @@ def run_fleet(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mnist-peft-fleet-") as tmp:
         work = FleetWork(
-            base, base_ref, source, revision, tmp, data_dir, quiet=quiet, tty=tty, retries=retries, address=ray_address, fault=_fault
-        )
+            base, base_ref, source, revision, tmp, data_dir, quiet=quiet, tty=tty, retries=retries, address=ray_address, fault=_fault,
+            timeout=timeout, deadline=None if timeout is None else time.monotonic() + timeout,
+        )  # fmt: skip
         returned = execute(chosen, jobs, work)
         result = publish(
             chosen,
@@ -118,6 +129,7 @@ def run_fleet(
             allow_partial=allow_partial,
             push_repo=push_repo,
             token=token,
+            max_accuracy_drop=max_accuracy_drop,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -152,6 +164,27 @@ def validate(
     return chosen
 
 
+def check_limits(timeout: float | None, max_accuracy_drop: float) -> tuple[float | None, float]:
+    """``timeout`` and ``max_accuracy_drop`` checked before any work: a positive number of seconds
+    (or None), and a number of points from 0 to 100.
+
+    Raises:
+        InvalidArgumentError: anything else (NaN, Inf, a negative number, not a number).
+    """
+    from mnist_peft.numerics import require_finite_number
+
+    if timeout is not None:
+        timeout = require_finite_number(timeout, name="timeout", fix="give the seconds the fleet may take, e.g. --timeout 3600")
+        if timeout <= 0:
+            raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout:g}")
+    drop = require_finite_number(
+        max_accuracy_drop, name="max_accuracy_drop", fix="give points of test accuracy, e.g. --max-accuracy-drop 0.5"
+    )
+    if not 0 <= drop <= 100:
+        raise InvalidArgumentError(f"max_accuracy_drop must be from 0 to 100 points of test accuracy, got {drop:g}")
+    return timeout, drop
+
+
 def pin(base_ref: str, registry: AdapterRegistry, *, remote: bool) -> tuple[MnistMLP, str | None, str]:
     """``(base, revision, source)``: the base the driver checked before any job starts, the Hub
     commit every worker reads (a remote executor's Hub base; else None), and where a worker loads
@@ -183,9 +216,40 @@ def pin(base_ref: str, registry: AdapterRegistry, *, remote: bool) -> tuple[Mnis
     return base, revision, source
 
 
+EXECUTOR_GRACE_S = 10.0
+"""How long past the deadline the driver waits for an executor to hand back what it has."""
+
+
 def execute(executor: Executor, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
-    """Hand the jobs to ``executor``: what it returns is checked by :func:`publish`."""
-    trained, failed = executor.run(jobs, work)
+    """Hand the jobs to ``executor``: what it returns is checked by :func:`publish`.
+
+    With a deadline (``work.deadline``), an executor that says it stops there itself
+    (``stops_at_deadline``, as the built-in ones do) runs here; any other runs in a thread of its
+    own, and if it has not returned :data:`EXECUTOR_GRACE_S` after the deadline (a hung worker it
+    keeps waiting for), it is left behind and every job fails by name.
+    """
+    if work.deadline is None or getattr(executor, "stops_at_deadline", False):
+        trained, failed = executor.run(jobs, work)
+        return ExecutorResult(list(trained), dict(failed))
+    import threading
+
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = executor.run(jobs, work)
+        except BaseException as exc:  # handed to the driver's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"fleet-{executor.name}", daemon=True)
+    thread.start()
+    thread.join((work.remaining() or 0.0) + EXECUTOR_GRACE_S)
+    if thread.is_alive():  # daemon: it ends with the process; its staging folder is removed below it
+        what = f"executor {executor.name!r} had not handed it back {EXECUTOR_GRACE_S:g} s after the deadline"
+        return ExecutorResult([], {j.name: work.timed_out(what) for j in jobs})
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    trained, failed = box["result"]  # type: ignore[misc]
     return ExecutorResult(list(trained), dict(failed))
 
 
@@ -201,13 +265,25 @@ def publish(
     allow_partial: bool,
     push_repo: str | None = None,
     token: str | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
 ) -> FleetResult:
-    """Keep the fleet: accept what came back, refuse it if jobs failed (unless ``allow_partial`` and
-    some succeeded), write ``out``, register it in one write, push it in one commit. A failure before
-    the push leaves neither ``out`` nor a registry change."""
+    """Keep the fleet: accept what came back and pass it through the quality gate
+    (:func:`~mnist_peft.fleet.accept.quality_gate`: a result that fails it is a failed job), refuse
+    the fleet if jobs failed (unless ``allow_partial`` and some succeeded), write ``out``, register
+    it in one write, push it in one commit. A failure before the push leaves neither ``out`` nor a
+    registry change."""
     import shutil
 
     trained, failed = _accepted(executor, returned, jobs, work)
+    kept = []
+    for a in trained:  # every executor's results, the local one's too: numbers decide, not where they ran
+        reason = quality_gate(a, max_accuracy_drop=max_accuracy_drop)
+        if reason is None:
+            kept.append(a)
+        else:
+            failed[a.name] = reason
+    order = {j.name: i for i, j in enumerate(jobs)}
+    trained, failed = kept, dict(sorted(failed.items(), key=lambda kv: order[kv[0]]))
     if failed and (not allow_partial or not trained):
         what = "no job of the fleet succeeded" if not trained else f"{len(failed)} of {len(jobs)} fleet jobs failed"
         raise FleetError(

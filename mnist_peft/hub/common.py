@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_peft.errors import HubError, RegistryError, hub_error
@@ -49,6 +49,9 @@ class PullResult:
     revision: str
     added: list[str]
     unchanged: list[str]
+    renumbered: dict[str, str] = field(default_factory=dict)
+    """Remote ``name@N`` -> local ``name@M`` for entries whose number was used here already (else the
+    remote number is kept)."""
 
 
 def head_commit(repo_id: str, revision: str = "main", *, token: str | None = None) -> str:

@@ -1,9 +1,11 @@
 """Pull registry entries from a Hub repo (:func:`pull_from_hub`): a bundle at a revision, or one
-version of a per-adapter repo by its tag (``name@N``); everything checked before anything is added."""
+version of a per-adapter repo by its tag (``name@N``); everything checked before anything is added.
+
+Every file is downloaded by :func:`download_capped`: the remote index records its size, and a
+server that sends more is cut off there, before the excess is read (the sha256 is checked after)."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,10 @@ from mnist_peft.registry.names import confine, parse_ref
 
 from .common import PullResult, remote_index
 
-__all__ = ["pull_from_hub"]
+__all__ = ["DOWNLOAD_CHUNK", "MAX_PULLED_FILE_BYTES", "download_capped", "pull_from_hub"]
+
+DOWNLOAD_CHUNK = 64 << 10
+"""Bytes read at a time: a file larger than its recorded size is refused at most this much past it."""
 
 
 def pull_from_hub(
@@ -28,15 +33,17 @@ def pull_from_hub(
 ) -> PullResult:
     """Pull every entry (or ``names``) of ``repo_id`` at ``revision`` into the local registry.
 
-    Everything is downloaded and checked against the remote index's sha256 before anything is
-    added, and all entries are added in one index write: a pull that fails changes nothing.
-    Entries whose files are already in the registry byte for byte are not added again.
+    Everything is downloaded (never more than the remote index's recorded size) and checked against
+    its sha256 before anything is added, and all entries are added in one index write: a pull that
+    fails changes nothing. Entries whose files are already in the registry byte for byte are not
+    added again. An entry keeps its remote version number where that number was never used here;
+    otherwise it gets the next one, listed in ``renumbered``.
 
     Raises:
         HubError: the Hub cannot be reached, or the repo / revision / a file is missing.
         IntegrityError: a downloaded file does not match the index (tampered or corrupted).
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     refs = [parse_ref(n) for n in names] if names else []
     pinned = [(n, v) for n, v in refs if v is not None]
@@ -65,18 +72,70 @@ def pull_from_hub(
             raise HubError(f"{repo_id!r} has no entries {unknown}; it has {sorted(remote)}", repo_id=repo_id)
         source = {"repo_id": repo_id, "revision": sha, **({"tag": revision} if pinned else {})}
         with tempfile.TemporaryDirectory() as tmp:
-            # Every name below was validated: plain file names, the repo layout's own folders.
-            patterns = [f"{remote[n][1]}/{f}" if remote[n][1] else f for n in wanted for f in remote[n][0]["files"]]  # type: ignore[union-attr]
-            snap = Path(
-                snapshot_download(repo_id, revision=sha, allow_patterns=patterns, token=token, local_dir=os.path.join(tmp, "files"))
-            )
+            snap = Path(tmp) / "files"
+            for n in wanted:  # every name was validated: plain file names, the repo layout's own folders
+                entry, folder = remote[n]
+                for fname, meta in entry["files"].items():  # type: ignore[union-attr]
+                    rel = f"{folder}/{fname}" if folder else fname
+                    download_capped(repo_id, sha, rel, confine(snap, rel), size=int(meta["size"]), token=token, label=f"{n}/{fname}")
             items, unchanged = _checked_items(registry, repo_id, remote, wanted, snap, source)
             added = registry.add_many(items)
     except (HubError, IntegrityError, RegistryError):
         raise
     except Exception as exc:
         raise hub_error(exc, repo_id, "pull") from exc
-    return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged)
+    wanted_refs = [f"{name}@{opts['version']}" for name, _, opts in items]
+    renumbered = {want: e.ref for want, e in zip(wanted_refs, added, strict=True) if want != e.ref}
+    return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged, renumbered=renumbered)
+
+
+MAX_PULLED_FILE_BYTES = 256 << 20
+"""The most one pulled file may hold: the base is 11.2 MB, and an adapter of the highest rank each layer
+allows (r = min(in, out)) about 25 MB in float32."""
+
+
+def download_capped(repo_id: str, revision: str, path_in_repo: str, dest: Path, *, size: int, token: str | None, label: str) -> int:
+    """Download ``path_in_repo`` of ``repo_id`` at ``revision`` to ``dest``, reading at most
+    ``size + 1`` bytes (plus one :data:`DOWNLOAD_CHUNK`): ``size`` is what the repo's index records,
+    and a file that turns out larger is refused there. Returns the bytes read.
+
+    Raises:
+        IntegrityError: the server sends more than ``size`` bytes (or says it will).
+    """
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
+
+    def too_large(what: str) -> IntegrityError:
+        return IntegrityError(
+            f"pulled file {label} from {repo_id!r} is larger than the {size:,} bytes its index records ({what}): tampered or "
+            "corrupted on the server; nothing was added",
+            path=dest,
+        )
+
+    if size > MAX_PULLED_FILE_BYTES:  # the recorded size is the stranger's word: it is not a cap by itself
+        raise IntegrityError(
+            f"pulled file {label} from {repo_id!r} is recorded as {size:,} bytes, more than any base or adapter file "
+            f"needs ({MAX_PULLED_FILE_BYTES:,}); refusing it before downloading; nothing was added",
+            path=dest,
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = hf_hub_url(repo_id, path_in_repo, revision=revision)
+    headers = build_hf_headers(token=token)
+    read = 0
+    with http_stream_backoff(
+        "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, retry_on_status_codes=(408, 429)
+    ) as response:
+        hf_raise_for_status(response)
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and not response.headers.get("Content-Encoding") and int(declared) > size:
+            raise too_large(f"the server announced {int(declared):,}; nothing of it was read")
+        with open(dest, "xb") as f:
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                read += len(chunk)
+                if read > size:
+                    raise too_large(f"the download was stopped after {read:,} bytes")
+                f.write(chunk)
+    return read
 
 
 def _require_tag(api, repo_id: str, name: str, version: int) -> None:
@@ -114,7 +173,8 @@ def _checked_items(
         if _already_there(registry, n, files):
             unchanged.append(n)
             continue
-        items.append((n, folder, {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source}))
+        opts = {"metrics": entry.get("metrics"), "digit": entry.get("digit"), "files": sorted(files), "source": source}
+        items.append((n, folder, {**opts, "version": entry["version"]}))  # the remote number, kept where it is free here
     return items, unchanged
 
 

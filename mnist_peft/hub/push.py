@@ -227,6 +227,6 @@ def _check_published(api, repo_id: str, entry: RegistryEntry, token: str | None)
     if ours != theirs:
         raise RegistryError(
             f"tag v{entry.version} of {repo_id!r} holds other weights than the local {entry.ref}; tags are never moved. "
-            "(A pulled entry gets the next local version number, so a registry that pulled from elsewhere numbers "
-            "differently): push to another repo id"
+            "(A pulled entry keeps its remote version number only where that number was free, so a registry that "
+            "pulled from elsewhere may number differently): push to another repo id"
         )

@@ -26,15 +26,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from mnist_peft.errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError
+from mnist_peft.errors import AdapterConfigError, AdapterKeyError, CorruptFileError, FingerprintMismatchError, shown
 from mnist_peft.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_regular_file
 from mnist_peft.model.mlp import base_fingerprint
+from mnist_peft.numerics import parse_json_config, require_bounded_updates, require_finite
 from mnist_peft.tuners.lora.config import DEFAULT_ADAPTER, LoraConfig
 from mnist_peft.tuners.lora.layer import valid_adapter_name
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.state_dict import check_lora_state_dict
 
 from .cards import digit_model_card, render_model_card
+from .probe import probe_layers
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -158,7 +160,7 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
     reader = ADAPTER_TYPES.get(peft_type) if isinstance(peft_type, str) else None
     if reader is None:
         raise AdapterConfigError(
-            f"peft_type={peft_type!r}{where} is not supported: mnist_peft implements {sorted(ADAPTER_TYPES)}; "
+            f"peft_type={shown(peft_type)}{where} is not supported: mnist_peft implements {sorted(ADAPTER_TYPES)}; "
             "load this adapter with peft itself"
         )
     return reader(data, where)
@@ -177,9 +179,9 @@ def _lora_config_from_dict(data: dict[str, object], where: str) -> LoraConfig:
         if key in _NEUTRAL_PEFT_KEYS:
             allowed = _NEUTRAL_PEFT_KEYS[key]
             if allowed and value not in allowed:
-                raise AdapterConfigError(f"{key}={value!r}{where} is not supported by mnist_peft's LoRA; only {allowed} is")
+                raise AdapterConfigError(f"{shown(key)}={shown(value)}{where} is not supported by mnist_peft's LoRA; only {allowed} is")
         elif value not in (None, False, {}, []):  # an unset feature of a newer peft is harmless
-            warnings.warn(f"ignoring unknown adapter config key {key}={value!r}{where} (from a newer peft?)", stacklevel=2)
+            warnings.warn(f"ignoring unknown adapter config key {shown(key)}={shown(value)}{where} (from a newer peft?)", stacklevel=2)
     if isinstance(kwargs.get("target_modules"), str):
         raise AdapterConfigError(f"target_modules{where} is a regex string; list the module names instead")
     if "r" not in kwargs or "target_modules" not in kwargs:
@@ -230,7 +232,9 @@ def write_adapter(
 ) -> Path:
     """Write an in-memory adapter (config, tensors, header metadata) as a PEFT folder, atomically per file."""
     folder = Path(folder)
-    tensors = {KEY_PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in files.state_dict.items()}
+    state = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in files.state_dict.items()}
+    _require_usable(files.config, state, folder)
+    tensors = {KEY_PREFIX + k: v for k, v in state.items()}
     header = {"format": "pt", **files.metadata}
     for k, v in header.items():
         if not isinstance(v, str):
@@ -244,6 +248,18 @@ def write_adapter(
         )
     atomic_write_text(folder / MODEL_CARD_NAME, model_card)
     return folder
+
+
+_WRITE_FIX = "training diverged (lower --lr or lora_alpha) or the inputs are too large; nothing was written"
+
+
+def _require_usable(config: LoraConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """The gate of every adapter written (``train-adapter``, ``combine --out``, the fleet): tensors
+    finite (after any ``dtype`` narrowing) and each layer's update bounded on the probe batch, the
+    checks every reader makes, so no file is written that ``load``/``registry add`` would refuse."""
+    what = f"the adapter to write to {str(folder)!r}"
+    require_finite(state, what=what, fix=_WRITE_FIX, path=str(folder))
+    require_bounded_updates(probe_layers(state, config.scaling), what=what, fix=_WRITE_FIX, path=str(folder))
 
 
 def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
@@ -319,10 +335,8 @@ def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:
     object on every call."""
     known = _PARSED_CONFIGS.get(raw) if isinstance(raw, bytes) else None  # (a bytearray is not hashable)
     if known is None:
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptFileError(f"{path!r} is not valid JSON ({exc}); re-save or re-download the adapter", path=path) from exc
+        # Size and depth bounded before and while parsing (a 150 MB or 100,000-deep file is refused in one line).
+        data = parse_json_config(raw, path=path, fix="re-save or re-download the adapter")
         config = from_peft_config_dict(data, path=path)
         # Only a LoRA config every key of which is read or known to be neutral is remembered: any
         # other is parsed again each time, so its warnings are given each time.

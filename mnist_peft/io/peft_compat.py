@@ -303,7 +303,7 @@ def run_parity(
     The first ``batch_size`` samples are the forward/gradient batch; training cycles through
     ``steps`` batches of ``x``.
     """
-    from tqdm.auto import tqdm
+    from mnist_peft.progress import Progress
 
     cases = list(cases) if cases is not None else default_cases()
     n = x.shape[0]
@@ -312,6 +312,8 @@ def run_parity(
         for i in range(steps)
     ]
     results = []
-    for case in tqdm(cases, desc="parity", disable=not progress, leave=False):
-        results.append(run_case(case, base, x[:batch_size], y[:batch_size], train_batches=batches, seed=seed))
+    with Progress(len(cases), "parity", enabled=progress, unit="case") as bar:
+        for case in cases:
+            results.append(run_case(case, base, x[:batch_size], y[:batch_size], train_batches=batches, seed=seed))
+            bar.update()
     return results

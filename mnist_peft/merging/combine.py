@@ -32,11 +32,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mnist_peft.errors import AdapterConfigError, FingerprintMismatchError
+from mnist_peft.errors import AdapterConfigError, FingerprintMismatchError, MergeError
 from mnist_peft.io.adapters import AdapterFiles
+from mnist_peft.numerics import require_finite
 from mnist_peft.tuners.lora.config import LoraConfig, compute_scaling
+from mnist_peft.tuners.lora.state_dict import check_bounded_updates
 
-from .methods import MergeMethod, density_method_names, get_merge_method, merge_deltas
+from .methods import (
+    MIN_DENSITY,
+    MergeMethod,
+    check_density,
+    check_seed,
+    check_weights,
+    density_method_names,
+    get_merge_method,
+    merge_deltas,
+)
 from .svd import svd_factors
 
 __all__ = [
@@ -45,6 +56,7 @@ __all__ = [
     "resize_adapter",
     "lora_from_deltas",
     "delta_weights",
+    "max_rank",
 ]
 
 
@@ -175,25 +187,75 @@ def combine_adapters(
     """
     if not adapters:
         raise AdapterConfigError("nothing to combine: give at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    weights = check_weights([1.0] * len(adapters) if weights is None else list(weights))
     if len(weights) != len(adapters):
         raise AdapterConfigError(f"got {len(weights)} weights for {len(adapters)} adapters; give one --weight per --adapter")
     entry = get_merge_method(method)
     fingerprint = _common_fingerprint(adapters, force)
+    _check_options(adapters, entry, r, density, seed)
+    try:
+        if entry.kind == "factors":
+            state, errors, new_r, modules = _combine_factors(adapters, weights, entry, r)
+        else:
+            new_r = r if r is not None else max(f.config.r for f in adapters)
+            options = {"density": density, "majority_sign": majority_sign, "ties_mode": ties_mode, "seed": seed}
+            state, errors, modules = _merge_by_delta(adapters, weights, entry.name, new_r, options)
+    except torch.linalg.LinAlgError as exc:  # the inputs are finite and bounded, so this is rare: one line, not "a bug"
+        raise MergeError(f"the {entry.name} combination failed: {' '.join(str(exc).split())[:200]}; lower the weights") from None
+    config = LoraConfig(r=new_r, lora_alpha=new_r, target_modules=modules)
+    # The result is checked before anyone can write it: cat and ties can overflow finite inputs.
+    fix = f"the {entry.name} combination overflowed; lower the weights or combine fewer adapters"
+    require_finite(state, what=f"the {entry.name} combination", fix=fix)
+    check_bounded_updates(config, state)
+    return CombineResult(config=config, state_dict=state, relative_error=errors, base_fingerprint=fingerprint)
+
+
+def max_rank(adapters: Sequence[AdapterFiles], method: str = "svd") -> int:
+    """The highest rank any layer's combined update can have: ``min(in, out, sum of the input ranks
+    there)`` per layer for a factor method (``svd``), ``min(in, out)`` for a task-vector merge (its
+    trimming and dropping can raise the rank of a sum); the largest over the layers."""
+    entry = get_merge_method(method)
+    sizes: dict[str, list[int]] = {}  # layer -> [in, out, sum of ranks]
+    for f in adapters:
+        for key, t in f.state_dict.items():
+            module, part, _ = key.rsplit(".", 2)
+            size = sizes.setdefault(module, [0, 0, 0])
+            if part == "lora_A" and t.dim() == 2:
+                size[0] = t.shape[1]
+                size[2] += t.shape[0]
+            elif part == "lora_B" and t.dim() == 2:
+                size[1] = t.shape[0]
+    caps = [min(n_in, n_out, total) if entry.kind == "factors" else min(n_in, n_out) for n_in, n_out, total in sizes.values()]
+    return max(caps, default=0)
+
+
+def _check_options(adapters: Sequence[AdapterFiles], entry: MergeMethod, r: int | None, density: float | None, seed: int | None) -> None:
+    """Every option and every input checked before any work: rank within what the layers allow,
+    density and seed in range, each adapter's values finite with bounded outputs (``io.probe``'s check)."""
     if density is not None and not entry.needs_density:
         raise AdapterConfigError(f"--density applies to {_and_list(density_method_names())}, not to {entry.name}")
-    if entry.kind == "factors":
-        state, errors, new_r, modules = _combine_factors(adapters, weights, entry, r)
-    else:
-        if entry.needs_density and density is None:
-            raise AdapterConfigError(f"the {entry.name} merge needs a density in (0, 1] (--density), the share of each delta it keeps")
-        new_r = r if r is not None else max(f.config.r for f in adapters)
-        if new_r < 1:
-            raise AdapterConfigError(f"rank must be >= 1, got {new_r}")
-        options = {"density": density, "majority_sign": majority_sign, "ties_mode": ties_mode, "seed": seed}
-        state, errors, modules = _merge_by_delta(adapters, weights, entry.name, new_r, options)
-    config = LoraConfig(r=new_r, lora_alpha=new_r, target_modules=modules)
-    return CombineResult(config=config, state_dict=state, relative_error=errors, base_fingerprint=fingerprint)
+    if entry.needs_density and density is None:
+        raise AdapterConfigError(
+            f"the {entry.name} merge needs a density in [{MIN_DENSITY:g}, 1] (--density), the share of each delta it keeps"
+        )
+    if density is not None:
+        check_density(density)
+    if seed is not None:
+        check_seed(seed)
+    for f in adapters:
+        where = f"adapter {str(f.path)!r}" if f.path else "an input adapter"
+        require_finite(f.state_dict, what=where, fix="the adapter is corrupt; re-train it or use another version")
+        check_bounded_updates(f.config, f.state_dict, None if f.path is None else str(f.path))
+    if r is None:
+        return
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterConfigError(f"rank must be an integer >= 1 (--r), got {str(r)[:40]}")
+    highest = max_rank(adapters, entry.name)
+    if r > highest:
+        raise AdapterConfigError(
+            f"--r {r} is above the highest rank any layer's combined update can have ({highest}: "
+            f"{'min(in, out, sum of the input ranks)' if entry.kind == 'factors' else 'min(in, out)'} over the layers); use --r <= {highest}"
+        )
 
 
 def resize_adapter(adapter: AdapterFiles, r: int) -> CombineResult:

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import torch
 
 from mnist_peft.errors import AdapterConfigError
+from mnist_peft.numerics import MAX_SEED, MAX_WEIGHT, require_finite_number  # the bounds live below; handed on here
+from mnist_peft.numerics import check_seed as _check_seed
 
 from .svd import cat_method, svd_method
 from .task_vectors import dare_linear, dare_ties, magnitude_prune, task_arithmetic, ties
@@ -39,7 +41,40 @@ __all__ = [
     "METHODS",
     "DELTA_METHODS",
     "PEFT_NAMES",
+    "MIN_DENSITY",
+    "MAX_SEED",
+    "MAX_WEIGHT",
+    "check_density",
+    "check_seed",
+    "check_weights",
 ]
+
+MIN_DENSITY = 1e-4
+"""The smallest density accepted: DARE rescales the entries it keeps by ``1/density``, and a density of
+1e-300 would scale them to Inf (a layer too small for a density keeps no entry: refused per layer)."""
+
+
+def check_density(density: object) -> float:
+    """``density`` as a float in ``[MIN_DENSITY, 1]``, else :class:`AdapterConfigError` naming the range."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not MIN_DENSITY <= density <= 1:
+        raise AdapterConfigError(
+            f"density must be in [{MIN_DENSITY:g}, 1] (the share of each delta's entries kept), got {str(density)[:40]}"
+        )
+    return float(density)
+
+
+def check_seed(seed: object) -> int:
+    """DARE's seed: :func:`mnist_peft.numerics.check_seed` (0 .. 2**64-1, the rule training's seed
+    follows too), refused as an :class:`AdapterConfigError`."""
+    return _check_seed(seed, error=AdapterConfigError)
+
+
+def check_weights(weights: Sequence[object]) -> list[float]:
+    """Each weight as a finite float within ``+-MAX_WEIGHT`` (the finiteness gate of :mod:`mnist_peft.numerics`;
+    the bound a stack weight has too)."""
+    fix = f"give each adapter a finite weight within +-{MAX_WEIGHT:g} (--weight)"
+    return [require_finite_number(w, name=f"weight {i + 1}", fix=fix, max_abs=MAX_WEIGHT) for i, w in enumerate(weights)]
+
 
 MergeKind = Literal["deltas", "factors"]
 
@@ -129,14 +164,13 @@ def merge_deltas(
     (see :mod:`mnist_peft.merging.task_vectors`).
 
     Raises:
-        AdapterConfigError: an unknown method, sign rule or TIES mode, or a density outside (0, 1].
+        AdapterConfigError: an unknown method, sign rule or TIES mode, or a density outside [MIN_DENSITY, 1].
     """
     method = _by_peft_name().get(method, method)
     entry = MERGE_METHODS.get(method)
     if entry is None or entry.kind != "deltas":
         raise AdapterConfigError(f"unknown merge method {method!r}; use one of {', '.join(delta_method_names())}")
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise AdapterConfigError(f"density must be in (0, 1], got {density!r}")
+    density = check_density(density)
     if ties_mode not in ("peft", "mergekit"):
         raise AdapterConfigError(f"ties_mode must be 'peft' or 'mergekit', got {ties_mode!r}")
     return entry.fn(deltas, weights, density=density, majority_sign=majority_sign, ties_mode=ties_mode, generator=generator)

@@ -11,7 +11,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from mnist_peft.errors import ConfigMismatchError, CorruptFileError, ModelLoadError, ModelNotFoundError, hub_error
+from mnist_peft.errors import ConfigMismatchError, CorruptFileError, ModelLoadError, ModelNotFoundError, NonFiniteError, hub_error
+from mnist_peft.numerics import MAX_CONFIG_BYTES, parse_json_config, probe_batch, require_bounded, require_finite
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -49,6 +50,15 @@ class MnistMLP(
         self.relu = nn.ReLU()
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: object, **kwargs: object) -> MnistMLP:  # type: ignore[override]
+        """The mixin's loader, with a local folder's ``config.json`` bounded first (size, JSON depth):
+        the mixin would parse a 150 MB or 100,000-deep file itself and fail with a raw message."""
+        config = Path(pretrained_model_name_or_path) / CONFIG_NAME
+        if config.is_file():
+            _read_config(config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[return-value]
+
+    @classmethod
     def _from_pretrained(  # type: ignore[override]
         cls,
         *,
@@ -83,6 +93,14 @@ class MnistMLP(
         _check_config_against_header(model_kwargs, model_file)
         model = cls(**model_kwargs)  # type: ignore[arg-type]
         load_model(model, model_file, strict=True, device=map_location)
+        # A NaN weight would not stop a forward: every answer would silently be garbage (eval: 0.098).
+        require_finite(
+            model.state_dict(),
+            what=f"base model {model_file!r}",
+            fix=_BASE_FIX,
+            path=model_file,
+        )
+        probe_base(model, what=f"base model {model_file!r}", path=model_file)
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +123,42 @@ def expected_shapes(
         shapes[f"linear{i}.weight"] = (n_out, n_in)
         shapes[f"linear{i}.bias"] = (n_out,)
     return shapes
+
+
+_BASE_FIX = "the file is corrupt or training diverged; re-train the base (`mnist-peft train-base`) or re-download it"
+
+
+def _read_config(path: Path) -> object:
+    """``config.json`` parsed within the bounds of :func:`~mnist_peft.numerics.parse_json_config`
+    (at most one byte past the limit is read)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"cannot read {str(path)!r} ({exc.strerror or exc}); it must be a regular file you may read", path=path
+        ) from None
+    if len(raw) > MAX_CONFIG_BYTES:  # name the file's real size, not the bytes read
+        raise CorruptFileError(
+            f"{str(path)!r} is {size:,} bytes, above the {MAX_CONFIG_BYTES:,} a config may have; re-save or re-download the base", path=path
+        )
+    return parse_json_config(raw, path=str(path), fix="re-save or re-download the base")
+
+
+@torch.no_grad()
+def probe_base(model: nn.Module, *, what: str, path: str | None = None) -> None:
+    """Refuse a base whose logits on the fixed probe batch (:func:`~mnist_peft.numerics.probe_batch`,
+    8 unit-RMS rows) are not finite or exceed :data:`~mnist_peft.numerics.MAX_ABS_OUTPUT`: finite
+    weights of 1e30 pass the NaN check, yet every answer is NaN (eval would report 0.098)."""
+    linear1 = getattr(model, "linear1", None)
+    in_features = getattr(linear1, "in_features", None) or getattr(getattr(linear1, "base_layer", None), "in_features", 784)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.from_numpy(probe_batch(in_features).copy()).to(dtype)
+    try:
+        require_bounded({"logits": model(x)}, what=f"{what}'s outputs on the probe batch", fix=_BASE_FIX)
+    except NonFiniteError as exc:
+        raise NonFiniteError(str(exc), key=exc.key, path=path) from None
 
 
 def _check_config_against_header(config: dict[str, object], model_file: str) -> None:
@@ -153,6 +207,8 @@ def read_safetensors_header(path: str | os.PathLike[str], *, max_bytes: int = 1 
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{str(path)!r} has a corrupt safetensors header ({exc})", path=path) from exc
+    except RecursionError:  # a header nested 100,000 deep
+        raise CorruptFileError(f"{str(path)!r} has a safetensors header nested too deeply; re-save or re-download it", path=path) from None
     if not isinstance(header, dict) or not all(isinstance(v, dict) and "shape" in v for k, v in header.items() if k != "__metadata__"):
         raise CorruptFileError(f"{str(path)!r} has a safetensors header of the wrong form", path=path)
     return header
@@ -204,7 +260,7 @@ def load_base(path_or_repo: str | os.PathLike[str], **kwargs: object) -> MnistML
         )
     try:
         model = MnistMLP.from_pretrained(str(path_or_repo), **kwargs)
-    except ModelLoadError:
+    except (ModelLoadError, NonFiniteError):
         raise
     except Exception as exc:
         if not p.exists():  # a Hub repo id: one line of the failure's kind, never the server's body

@@ -1,7 +1,7 @@
 """The adapter registry: names and references, entries, reads and verify, writes, and the index stores.
 
 ``AdapterRegistry(root, store=...)`` takes any :class:`IndexStore`; by default the index is
-``index.db`` in ``root``. (Reference resolution, ``refs``, needs torch and is imported from its module.)
+``index.db`` in ``root``. (Reference resolution is in ``refs``, imported from its module; it imports torch only to load a base.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ file names, types); an entry's folder is always ``<name>/v<version>``, derived, 
 registry touches goes through :func:`confine`: no ``..``, no absolute paths, no symlinks below the
 root. The registry deletes only what it created: entry folders it lists, and its own
 leftovers in ``.staging/``. Version numbers are never reused (a per-name high-water mark survives
-``rm``).
+``rm``, and every ``<name>/v<N>`` on disk counts as used). An index that is missing, empty or not
+exactly what the registry writes (tables dropped, views, triggers) beside entry folders is an
+error that says to restore it, never an empty registry.
 
 The class is assembled from its concerns: names and :func:`confine` (``names``), entries
 (``entry``), reads and verify (``reads``), writes (``writes``); the index is a store behind the

@@ -8,12 +8,11 @@ from dataclasses import asdict, dataclass, field
 
 from mnist_peft.errors import InvalidNameError, RegistryError
 
-from .names import validate_file_name, validate_name
+from .names import MAX_VERSION, validate_file_name, validate_name
 
-__all__ = ["KINDS", "MAX_VERSION", "RegistryEntry", "entry_from_dict"]
+__all__ = ["KINDS", "RegistryEntry", "entry_from_dict"]
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-MAX_VERSION = 10**9  # a version number beyond this is not one the registry wrote
 KINDS = ("base", "lora")
 
 

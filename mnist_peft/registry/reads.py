@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 from mnist_peft.errors import EntryNotFoundError, IntegrityError, InvalidNameError, RegistryError
 from mnist_peft.fileio import read_regular_file, sha256_file
 
-from .entry import MAX_VERSION, RegistryEntry, entry_from_dict
-from .names import confine, parse_ref, validate_file_name
+from .entry import RegistryEntry, entry_from_dict
+from .names import MAX_VERSION, confine, parse_ref, validate_file_name
 from .stores.base import IndexMovedError, IndexStore
 
 __all__ = ["RegistryReads"]
@@ -76,16 +77,29 @@ class RegistryReads:
         name, version = parse_ref(ref)
         versions = self._read(name)[0]
         if not versions:
-            known = sorted({e.name for e in self._read_index()})
-            raise EntryNotFoundError(
-                f"no registry entry {name!r} in {str(self.root)!r}; entries: {known or 'none'} (see `mnist-peft registry list`)", name=name
-            )
+            raise EntryNotFoundError(f"no registry entry {name!r} in {str(self.root)!r}; {self.names_hint(name)}", name=name)
         if version is None:
             return max(versions, key=lambda e: e.version)
         for e in versions:
             if e.version == version:
                 return e
         raise EntryNotFoundError(f"{name!r} has no version {version}; versions: {sorted(e.version for e in versions)}", name=ref)
+
+    def names_hint(self, name: str, *, shown: int = 5) -> str:
+        """What to say when ``name`` is not an entry: a few of the names there are, and the closest
+        ones (``did you mean 'digit-9'?``). One line whatever the registry's size.
+
+        Example:
+            >>> reg.names_hint("digit9")
+            "entries: digit-7, digit-9 (did you mean 'digit-9'?); see `mnist-peft registry list`"
+        """
+        known = sorted({e.name for e in self._read_index()})
+        if not known:
+            return "the registry has no entries yet (add one with `mnist-peft registry add NAME FOLDER`)"
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        listed = ", ".join(known[:shown]) + (f" and {len(known) - shown:,} more" if len(known) > shown else "")
+        guess = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return f"entries: {listed}{guess}; see `mnist-peft registry list`"
 
     def __contains__(self, ref: str) -> bool:
         try:
@@ -103,7 +117,9 @@ class RegistryReads:
 
     # -- integrity
     def verify_entry(self, entry: RegistryEntry) -> None:
-        """Raise :class:`IntegrityError` naming the first missing, resized, altered or linked file."""
+        """Raise :class:`IntegrityError` naming the first missing, resized, altered or linked file, or,
+        for an adapter, a layer whose update on the fixed probe batch is not finite or too large
+        (``io.probe``: an entry added before that check, or by another tool). Torch-free."""
         try:
             folder = self.folder(entry)
         except RegistryError as exc:
@@ -111,11 +127,23 @@ class RegistryReads:
         paths = {fname: self._file_path(entry, fname) for fname in entry.files}
         if not folder.is_dir():
             raise IntegrityError(f"{entry.ref}: folder {str(folder)!r} is missing; re-add or pull the entry again", path=folder)
+        probed = ("adapter_config.json", "adapter_model.safetensors")
+        probe = entry.kind == "lora" and all(f in entry.files for f in probed)
         for fname, info in entry.files.items():
             p = paths[fname]
             if not p.is_file():
                 raise _missing(entry, p)
-            _check_recorded(entry, p, info, p.stat().st_size, lambda p=p: sha256_file(p))
+            if not (probe and fname in probed):  # those two are read (and checked) once, below
+                _check_recorded(entry, p, info, p.stat().st_size, lambda p=p: sha256_file(p))
+        if probe:
+            from mnist_peft.errors import ModelLoadError, NonFiniteError
+            from mnist_peft.io.probe import probe_adapter_bytes
+
+            config, weights = (self.read_file(entry, fname) for fname in probed)
+            try:
+                probe_adapter_bytes(config, weights, what=f"adapter {entry.ref}", path=str(paths[probed[1]]))
+            except (NonFiniteError, ModelLoadError) as exc:
+                raise IntegrityError(f"{entry.ref}: {exc}", path=paths[probed[1]]) from None
 
     def read_file(self, entry: RegistryEntry, fname: str) -> bytes:
         """The bytes of one of ``entry``'s files, checked against the size and sha256 the index

@@ -14,30 +14,33 @@ ambiguous rather than silently resolved to either (write ``./name`` or ``name@N`
 from __future__ import annotations
 
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mnist_peft.errors import AmbiguousReferenceError, IntegrityError, InvalidNameError, ModelNotFoundError, RegistryError
 
 from .adapter_registry import AdapterRegistry
-from .names import parse_ref
+from .names import parse_ref, shown, validate_name
 
-__all__ = ["registry_folder", "resolve_adapter", "resolve_base"]
+if TYPE_CHECKING:  # torch is not imported here: the CLI checks names with this module before it imports torch
+    from torch import nn
+
+__all__ = ["check_base_ref", "registry_folder", "resolve_adapter", "resolve_base"]
 
 
 def registry_folder(ref: str, registry: AdapterRegistry, kind: str) -> Path | None:
     """The verified folder of registry entry ``ref`` of ``kind`` ("base" or "lora"), or None if there is none.
 
     Raises:
+        InvalidNameError: ``ref`` is a registry name with an invalid version (``digit-9@²``).
         RegistryError: the entry exists but is of the other kind.
         IntegrityError: a file of the entry is missing or altered.
     """
     try:
-        parse_ref(ref)
+        validate_name(ref.partition("@")[0])
     except InvalidNameError:
-        return None
+        return None  # not a registry name (a path, a Hub id)
+    name, version = parse_ref(ref)  # a registry name: a bad version is said as such, not taken for a folder
     if ref not in registry:
-        name, version = parse_ref(ref)
         if version is not None and name in registry:
             registry.get(ref)  # raises, naming the versions there are: a missing version is no folder question
         return None
@@ -45,6 +48,14 @@ def registry_folder(ref: str, registry: AdapterRegistry, kind: str) -> Path | No
     if entry.kind != kind:
         raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}; pass a {kind} entry")
     return registry.path(ref)
+
+
+def _names_hint(ref: str, registry: AdapterRegistry) -> str:
+    """The registry's names (a few, the closest first named) for a reference that is none of them."""
+    try:
+        return registry.names_hint(ref.partition("@")[0])
+    except RegistryError:  # no registry there: nothing to list
+        return "see `mnist-peft registry list`"
 
 
 def _refuse_ambiguous(ref: str, registry: AdapterRegistry) -> None:
@@ -74,7 +85,7 @@ def resolve_adapter(ref: str, registry: AdapterRegistry) -> Path:
     folder = registry_folder(ref, registry, "lora")
     if folder is None:
         raise ModelNotFoundError(
-            f"adapter {ref!r} is neither a folder nor an entry of the registry at {str(registry.root)!r} (see `mnist-peft registry list`)",
+            f"adapter {shown(ref)} is neither a folder nor an entry of the registry at {str(registry.root)!r}; {_names_hint(ref, registry)}",
             path=ref,
         )
     return folder
@@ -90,19 +101,34 @@ def resolve_base(ref: str, registry: AdapterRegistry, *, revision: str | None = 
     """
     from mnist_peft.model.mlp import base_fingerprint, load_base
 
+    folder = check_base_ref(ref, registry)
+    if folder is None:  # a folder or a Hub repo id
+        return load_base(ref, revision=revision)
+    model = load_base(folder)
+    entry = registry.get(ref)
+    if entry.base_fingerprint and base_fingerprint(model) != entry.base_fingerprint:
+        raise IntegrityError(f"base {entry.ref!r} does not have the fingerprint the registry recorded", path=folder)
+    return model
+
+
+def check_base_ref(ref: str, registry: AdapterRegistry) -> Path | None:
+    """The name checks of :func:`resolve_base`, without loading anything (torch-free): the verified
+    folder of registry entry ``ref``, or None for a folder or a Hub repo id (loaded as given).
+
+    The CLI calls it before it imports torch, so that a mistyped name is said at once, in the words
+    :func:`resolve_base` would use seconds later.
+
+    Raises:
+        AmbiguousReferenceError, ModelNotFoundError, InvalidNameError, RegistryError, IntegrityError.
+    """
     _refuse_ambiguous(ref, registry)
-    if not Path(ref).exists():
-        folder = registry_folder(ref, registry, "base")
-        if folder is not None:
-            model = load_base(folder)
-            entry = registry.get(ref)
-            if entry.base_fingerprint and base_fingerprint(model) != entry.base_fingerprint:
-                raise IntegrityError(f"base {entry.ref!r} does not have the fingerprint the registry recorded", path=folder)
-            return model
-        if "/" not in ref:  # not a folder, not in the registry, and not owner/name: don't ask the Hub
-            raise ModelNotFoundError(
-                f"base {ref!r} is neither a folder, nor an entry of the registry at {str(registry.root)!r}, nor a Hub "
-                "repo id (owner/name); see `mnist-peft registry list` or train one with `mnist-peft train-base`",
-                path=ref,
-            )
-    return load_base(ref, revision=revision)
+    if Path(ref).exists():
+        return None
+    folder = registry_folder(ref, registry, "base")
+    if folder is None and "/" not in ref:  # not a folder, not in the registry, and not owner/name: don't ask the Hub
+        raise ModelNotFoundError(
+            f"base {shown(ref)} is neither a folder, nor an entry of the registry at {str(registry.root)!r}, nor a Hub "
+            f"repo id (owner/name); {_names_hint(ref, registry)}, or train one with `mnist-peft train-base`",
+            path=ref,
+        )
+    return folder

@@ -17,7 +17,7 @@ from mnist_peft.errors import RegistryError
 from mnist_peft.fileio import current_umask, fsync_dir, sha256_file
 
 from .entry import RegistryEntry
-from .names import confine, parse_ref, validate_file_name, validate_name
+from .names import MAX_VERSION, confine, highest_version_folder, parse_ref, validate_file_name, validate_name
 from .reads import RegistryReads
 from .stores.base import INDEX_FORMAT, IndexStore, empty_document
 
@@ -76,10 +76,15 @@ class RegistryWrites(RegistryReads):
         """Add several folders under one lock and one index write: all of them or none.
 
         Each item is ``(name, folder, options)`` with the options of :meth:`add`. A new version is
-        one above every version the name ever had (removed ones included); a folder in the way
-        that the index does not list is left alone, and the next free number is taken.
+        one above every version the name ever had: the index's high-water mark (removed versions
+        included) and every ``<name>/v<N>`` on disk, listed or not (such a folder is left alone), so
+        an index that lost its marks still never hands out a number twice. An item's options may
+        name the ``version`` it wants (a pull keeps the remote number): it gets it when that number
+        is above all of those and at most :data:`MAX_VERSION_JUMP` above, else the next one (compare
+        the returned entries' versions).
         """
         prepared = [_prepare(name, Path(folder), opts) for name, folder, opts in items]  # every check before the lock
+        wanted = [_wanted_version(opts) for _, _, opts in items]
         added: list[RegistryEntry] = []
         with self._lock(create=True):
             store = self.writable_store()
@@ -90,13 +95,16 @@ class RegistryWrites(RegistryReads):
                 marks.update(their_marks)
             staging_root = self._staging_root()
             try:
-                for name, src, info, names, metrics, source in prepared:
+                for (name, src, info, names, metrics, source), want in zip(prepared, wanted, strict=True):
                     parent = confine(self.root, name)
                     if parent.exists() and not parent.is_dir():
                         raise RegistryError(f"{str(parent)!r} is in the way of entry {name!r} and is not a folder; move it away")
-                    version = 1 + max([marks.get(name, 0), *(e.version for e in [*entries, *added] if e.name == name)])
-                    while os.path.lexists(confine(self.root, f"{name}/v{version}")):
-                        version += 1  # not ours (the index does not list it): never deleted, skipped
+                    listed = [e.version for e in [*entries, *added] if e.name == name]
+                    following = 1 + max([marks.get(name, 0), highest_version_folder(self.root, name), *listed])
+                    # a wanted number far ahead would spend the name's numbers (a hostile remote's 1e9): the next one instead
+                    version = want if following <= want <= following + MAX_VERSION_JUMP else following
+                    if version > MAX_VERSION:
+                        raise RegistryError(f"{name!r} has used every version number up to {MAX_VERSION:,}; add it under another name")
                     parent.mkdir(exist_ok=True)
                     files = self._place(name, version, src, names, staging_root)
                     added.append(_new_entry(name, version, info, files, metrics, source))
@@ -177,17 +185,28 @@ class RegistryWrites(RegistryReads):
         return gone
 
 
+class DigitMismatchWarning(UserWarning):
+    """An entry named ``digit-N`` is added for an adapter that records another digit (a name is
+    the user's choice, so this is a warning, not a refusal; the CLI prints it as ``warning: ...``)."""
+
+
 def _describe_folder(folder: Path) -> dict[str, object]:
-    """kind, fingerprint, digit, r, lora_alpha read from a base or adapter folder."""
+    """kind, fingerprint, digit, r, lora_alpha read from a base or adapter folder, whose numbers are
+    checked first: a base with a NaN or Inf weight, or an adapter with one or whose outputs on the
+    probe batch are not finite or too large (``io.probe``), is refused (:class:`NonFiniteError`)."""
     from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
+    from mnist_peft.io.probe import PROBE_FIX, probe_adapter
+    from mnist_peft.numerics import require_finite
 
     if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / ADAPTER_WEIGHTS_NAME).is_file():
         files = read_adapter(folder)
+        require_finite(files.state_dict, what=f"adapter {str(folder)!r}", fix=PROBE_FIX, path=str(folder))
+        probe_adapter(files)
         digit = files.metadata.get("digit")
         return {
             "kind": "lora",
             "base_fingerprint": files.base_fingerprint,
-            "digit": int(digit) if digit is not None and digit.isdigit() else None,
+            "digit": int(digit) if digit is not None and digit.isascii() and digit.isdigit() and len(digit) < 4 else None,
             "r": files.config.r,
             "lora_alpha": files.config.lora_alpha,
         }
@@ -209,6 +228,7 @@ def _prepare(name: str, src: Path, opts: dict[str, object]) -> tuple:
     info = _describe_folder(src)
     if opts.get("digit") is not None:
         info["digit"] = opts["digit"]
+    _warn_if_digit_differs(name, info.get("digit"))
     names = opts.get("files") or sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     for fname in names:  # type: ignore[union-attr]
         validate_file_name(fname)
@@ -218,6 +238,36 @@ def _prepare(name: str, src: Path, opts: dict[str, object]) -> tuple:
     if missing:
         raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
     return (name, src, info, names, dict(opts.get("metrics") or {}), opts.get("source"))  # type: ignore[call-overload]
+
+
+def _warn_if_digit_differs(name: str, digit: object) -> None:
+    """:class:`DigitMismatchWarning` when ``name`` reads ``digit-N`` and the adapter records another digit."""
+    import re
+    import warnings
+
+    named = re.match(r"digit-([0-9])(?![0-9])", name)
+    if named and isinstance(digit, int) and digit != int(named.group(1)):
+        warnings.warn(
+            DigitMismatchWarning(
+                f"entry {name!r} is named for digit {named.group(1)}, but the adapter records digit {digit}; "
+                "check that this is the adapter you meant (or name the entry after its digit)"
+            ),
+            stacklevel=5,  # the caller of add() / add_many()
+        )
+
+
+MAX_VERSION_JUMP = 10_000
+"""How far above a name's next free version a wanted (pulled) version may lie and still be kept."""
+
+
+def _wanted_version(opts: dict[str, object]) -> int:
+    """The ``version`` an item of :meth:`~RegistryWrites.add_many` asks for (0: none), checked."""
+    want = opts.get("version")
+    if want is None:
+        return 0
+    if isinstance(want, bool) or not isinstance(want, int) or not 1 <= want <= MAX_VERSION:
+        raise RegistryError(f"a wanted version must be an integer from 1 to {MAX_VERSION:,}, got {str(want)[:40]!r}")
+    return want
 
 
 def _new_entry(

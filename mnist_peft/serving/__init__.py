@@ -2,7 +2,8 @@
 
 ``forward`` runs one batch through many adapters; ``stacks`` parses and resolves a weighted stack
 spec; ``cache`` keeps checked entries and combined stacks; ``engine`` (:class:`Predictor`) answers a
-batch of requests in one forward; ``requests`` checks one request's image and words its errors.
+batch of requests in one forward, all model work on one thread (``lane``); ``requests`` checks one
+request's image, refuses an answer that is not finite, and words every error a client sees (the one gate).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
 - :class:`StackCache`: each distinct weighted stack combined into one adapter of the engine's model
   (the exact ``cat`` combination), kept while a byte budget allows and removed with ``delete_adapter``.
 
-Neither locks: the engine (:class:`~mnist_peft.serving.engine.Predictor`) calls them under its lock.
+Neither locks: the engine (:class:`~mnist_peft.serving.engine.Predictor`) calls them on its one
+model thread (:class:`~mnist_peft.serving.lane.ModelLane`).
 """
 
 from __future__ import annotations

@@ -12,20 +12,20 @@ from its Draw tab.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.errors import InvalidArgumentError, NonFiniteError
 from mnist_peft.model.data import load_mnist
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.tuners.lora.model import LoraModel
 
 from .cache import DEFAULT_CACHE_BYTES, CacheInfo, EntryCache, StackCache, check_cache_bytes
 from .forward import mixed_forward
-from .requests import Refused, image_to_input, logits_result, public_message
+from .lane import ModelLane
+from .requests import Refused, image_to_input, logits_result, public_message, require_answer
 from .stacks import Stack, resolve_stack
 
 __all__ = ["Predictor", "ServingEngine"]
@@ -40,9 +40,12 @@ class Predictor:
     batch may exceed the budget until it ends). The members come from a second, small LRU of
     registry entries read and checked (up to :data:`~mnist_peft.serving.cache.ENTRY_CACHE_SIZE`,
     keyed on ``name@version`` and the sha256 of both adapter files), so a new weight or mix of known
-    adapters reads no file. One lock serialises the model: a mixed forward owns its state while it
-    runs. Only registry entries are loaded (each adapter file read once and checked against its
-    recorded sha256, the base fingerprint compared); nothing is ever written.
+    adapters reads no file. One thread, the engine's :class:`~mnist_peft.serving.lane.ModelLane`,
+    does all model work, whichever thread calls: a mixed forward owns the model's state while it
+    runs, and the adapters the cache creates and frees live in one malloc arena (called from a web
+    server's many threads, they fragmented dozens of arenas and the process kept growing). Only
+    registry entries are loaded (each adapter file read once and checked against its recorded
+    sha256, the base fingerprint compared); nothing is ever written.
 
     Example:
         >>> p = Predictor(AdapterRegistry("adapters"))
@@ -62,7 +65,7 @@ class Predictor:
         self.model = LoraModel(resolve_base(base, registry)).eval()
         self.fingerprint = self.model.base_fingerprint()  # once: the app never edits its base
         self._stacks = StackCache(self.model, EntryCache(registry, self.fingerprint), budget=cache_bytes)
-        self._lock = threading.RLock()
+        self._lane = ModelLane()  # all model work on one thread: serialised, and its memory in one malloc arena
         self._test_logits: torch.Tensor | None = None
 
     # -- stacks
@@ -80,19 +83,16 @@ class Predictor:
         self.resize_cache(cache_bytes)
 
     def cache_info(self) -> CacheInfo:
-        with self._lock:
-            return self._stacks.info()
+        return self._lane.run(self._stacks.info)
 
     def cached(self) -> list[tuple[tuple, str]]:
         """The cached stacks, least recently used first: ``(Stack.key, adapter name in the model)``."""
-        with self._lock:
-            return self._stacks.cached()
+        return self._lane.run(self._stacks.cached)
 
     def resize_cache(self, cache_bytes: int) -> None:
         """Change the cache's byte budget; least recently used stacks go until it holds."""
         check_cache_bytes(cache_bytes)
-        with self._lock:
-            self._stacks.resize(cache_bytes)
+        self._lane.run(self._stacks.resize, cache_bytes)
 
     # -- forward
     def predict_batch(self, x: torch.Tensor, stacks: Sequence[Stack | None]) -> torch.Tensor:
@@ -103,24 +103,28 @@ class Predictor:
             AdapterStateError: ``stacks`` does not match ``x``'s rows.
             IntegrityError, FingerprintMismatchError, and the adapter load errors: a stack's files.
         """
-        with self._lock:
-            needed = {s.key for s in stacks if s is not None}
-            self._stacks.evict(keep=needed)  # room first, keeping what this batch uses
-            try:
-                names = [None if s is None else self._stacks.load(s) for s in stacks]
-                return mixed_forward(self.model, x, names)
-            finally:
-                self._stacks.evict()
+        return self._lane.run(self._predict_batch, x, stacks)
+
+    def _predict_batch(self, x: torch.Tensor, stacks: Sequence[Stack | None]) -> torch.Tensor:
+        needed = {s.key for s in stacks if s is not None}
+        self._stacks.evict(keep=needed)  # room first, keeping what this batch uses
+        try:
+            names = [None if s is None else self._stacks.load(s) for s in stacks]
+            return mixed_forward(self.model, x, names)
+        finally:
+            self._stacks.evict()
 
     def test_logits(self) -> torch.Tensor:
         """The base's logits on the 10,000 MNIST test images (computed once)."""
-        with self._lock:
-            if self._test_logits is None:
-                x = load_mnist(train=False, data_dir=self.data_dir).x
-                self._test_logits = torch.cat(
-                    [mixed_forward(self.model, x[i : i + 2000], [None] * len(x[i : i + 2000])) for i in range(0, len(x), 2000)]
-                )
-            return self._test_logits
+        return self._lane.run(self._base_test_logits)
+
+    def _base_test_logits(self) -> torch.Tensor:
+        if self._test_logits is None:
+            x = load_mnist(train=False, data_dir=self.data_dir).x
+            self._test_logits = torch.cat(
+                [mixed_forward(self.model, x[i : i + 2000], [None] * len(x[i : i + 2000])) for i in range(0, len(x), 2000)]
+            )
+        return self._test_logits
 
     def predict_pairs(
         self, xs: Sequence[torch.Tensor], stacks: Sequence[Stack | None]
@@ -129,7 +133,9 @@ class Predictor:
         ``stacks[i]`` (the base again for ``None``), all in one mixed forward.
 
         A request whose stack cannot be loaded (a file altered since it was listed, another base's
-        adapter) gets that error in its place; the others of the batch still get their answer.
+        adapter), or whose logits are not finite or beyond
+        :data:`~mnist_peft.numerics.MAX_ABS_OUTPUT` (:func:`~mnist_peft.serving.requests.require_answer`),
+        gets that error in its place; the others of the batch still get their answer.
         """
         rows, row_stacks, where = [], [], []
         for x, stack in zip(xs, stacks, strict=True):
@@ -147,7 +153,7 @@ class Predictor:
             if len(xs) == 1:
                 return [exc]
             return [self.predict_pairs([x], [s])[0] for x, s in zip(xs, stacks, strict=True)]  # find the bad one(s)
-        return [(logits[b], logits[s]) for b, s in where]
+        return [_checked_pair(logits[b], logits[s], stack) for (b, s), stack in zip(where, stacks, strict=True)]
 
     def answer(self, images: Sequence[object], specs: Sequence[str | None]) -> list[dict[str, Any]]:
         """What ``/predict`` returns: per request, the base's and the stack's label, probabilities
@@ -191,6 +197,17 @@ class Predictor:
         """``exc`` as one line for a web client: the registry's folder written ``<registry>``
         (a browser has no use for the server's paths)."""
         return public_message(exc, self.registry.root)
+
+
+def _checked_pair(base: torch.Tensor, with_stack: torch.Tensor, stack: Stack | None) -> tuple[torch.Tensor, torch.Tensor] | Exception:
+    """One request's two rows of logits, or the error that says which of them is no usable answer."""
+    try:
+        require_answer(base, who="the base")
+        if stack is not None:
+            require_answer(with_stack, who=f"the stack {stack.label!r}")
+    except NonFiniteError as exc:
+        return exc
+    return base, with_stack
 
 
 ServingEngine = Predictor  # the name by what it is; ``Predictor`` is the name the app and its tests grew up with

@@ -1,24 +1,46 @@
 """One request from outside, as the engine takes it in and answers it: the image checked and
 normalised (:func:`image_to_input`), an input the web framework already refused (:class:`Refused`),
 an answer's fields (:func:`logits_result`), and an error as one line a web client may see
-(:func:`public_message`: the registry's folder written ``<registry>``).
+(:func:`public_message`, the one gate every error a client sees passes: the toolkit's own messages
+with the registry's folder written ``<registry>`` and any other server path ``<path>``, anything
+else one fixed :data:`GENERIC_MESSAGE`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.errors import InvalidArgumentError, MnistPeftError
 from mnist_peft.model.data import MNIST_MEAN, MNIST_STD
+from mnist_peft.numerics import require_bounded
 
-__all__ = ["SIDE", "image_to_input", "Refused", "logits_result", "message", "public_message"]
+__all__ = [
+    "GENERIC_MESSAGE",
+    "SIDE",
+    "Refused",
+    "image_to_input",
+    "logits_result",
+    "message",
+    "public_message",
+    "require_answer",
+    "without_paths",
+]
 
 SIDE = 28  # MNIST images are 28 x 28
+GENERIC_MESSAGE = (
+    "the server could not answer this request: check its values against the app's API page "
+    "(an image of 28 x 28 numbers in [0, 1], an adapter spec such as 'digit-9@1:1.0') and send it again"
+)
+MAX_MESSAGE_CHARS = 1000  # a message quotes outside input cut short; this bounds the whole line
+# An absolute POSIX path not inside a word, a URL or an already written "<registry>/...": what a
+# message may carry of the server's folders (the data directory, a base folder, the working directory).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>/:-])/[\w.@+~-][^\s'\"(),;:]*")
 
 
 def image_to_input(pixels: object) -> torch.Tensor:
@@ -47,6 +69,18 @@ class Refused:
     error: Exception
 
 
+def require_answer(logits: torch.Tensor, *, who: str) -> None:
+    """Refuse to tell an answer (a row of logits, or rows) that is not finite or beyond
+    :data:`~mnist_peft.numerics.MAX_ABS_OUTPUT`: JSON has no NaN, and a logit of 1e30 is no answer.
+
+    Raises:
+        NonFiniteError: naming ``who`` ("the base", "the stack 'digit-9@1'") and what to do.
+    """
+    require_bounded(
+        {"logits": logits}, what=f"{who}'s answer for this image", fix="this stack cannot answer it; try other adapters or weights"
+    )
+
+
 def logits_result(logits: torch.Tensor) -> dict[str, Any]:
     """One row of logits (10,) as an answer's ``{"label", "probabilities", "logits"}``."""
     return {"label": int(logits.argmax()), "probabilities": logits.softmax(0).tolist(), "logits": logits.tolist()}
@@ -58,16 +92,29 @@ def message(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def public_message(exc: BaseException, root: Path) -> str:
-    """:func:`message` with ``root`` (as given, absolute, resolved) replaced by ``<registry>``
-    wherever it starts a path."""
-    import re
+def public_message(exc: BaseException, root: Path | None = None) -> str:
+    """The one line a web client is told about ``exc``: every error an app handler, the engine or
+    the web framework's input checks raise passes here before it leaves the server.
 
-    text = message(exc)
-    forms = {str(root), str(root.absolute())}
-    with contextlib.suppress(OSError, RuntimeError):
-        forms.add(str(root.resolve()))
-    for form in sorted(forms, key=len, reverse=True):  # the longest first: an absolute root contains the relative one
-        if form not in ("", ".", "/"):
-            text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?=/|'|\"|\s|$)", "<registry>", text)
-    return text
+    The toolkit's own errors (:class:`~mnist_peft.errors.MnistPeftError`: a message written for the
+    user, naming the problem and the fix) are told as :func:`message` without the server's paths
+    (:func:`without_paths`); anything else (a ``TypeError``, a framework's error, a bug) is told
+    as :data:`GENERIC_MESSAGE`, never its text, its type or a traceback.
+    """
+    if not isinstance(exc, MnistPeftError):
+        return GENERIC_MESSAGE
+    text = without_paths(message(exc), root)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def without_paths(text: str, root: Path | None = None) -> str:
+    """``text`` with ``root`` (as given, absolute, resolved) written ``<registry>`` wherever it
+    starts a path, and every other absolute path written ``<path>``."""
+    if root is not None:
+        forms = {str(root), str(root.absolute())}
+        with contextlib.suppress(OSError, RuntimeError):
+            forms.add(str(root.resolve()))
+        for form in sorted(forms, key=len, reverse=True):  # the longest first: an absolute root contains the relative one
+            if form not in ("", ".", "/"):
+                text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?=/|'|\"|\s|$)", "<registry>", text)
+    return _ABSOLUTE_PATH.sub("<path>", text)

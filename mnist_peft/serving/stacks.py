@@ -16,6 +16,8 @@ from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.registry.names import parse_ref
 
 __all__ = [
+    "MAX_ITEM_CHARS",
+    "MAX_SPEC_CHARS",
     "MAX_STACK",
     "MAX_WEIGHT",
     "parse_stack",
@@ -29,6 +31,10 @@ __all__ = [
 
 MAX_STACK = 10  # adapters in one stack
 MAX_WEIGHT = 10.0  # |stack weight|; far beyond any useful value, small enough to stay finite
+# One item of a spec, "name@version:weight" with spaces: a name is at most 100 characters, a version
+# 10 digits, a weight ~25 ("-1.2345678901234567e-05"); 200 leaves room for spaces around each part.
+MAX_ITEM_CHARS = 200
+MAX_SPEC_CHARS = MAX_STACK * (MAX_ITEM_CHARS + 1)  # ten items and their commas: 2,010 characters
 
 
 def parse_stack(spec: str | None) -> list[tuple[str, float]]:
@@ -37,14 +43,25 @@ def parse_stack(spec: str | None) -> list[tuple[str, float]]:
     Registry references only (``name`` or ``name@version``; never a folder: the spec comes from
     the web). A missing weight is 1. ``""``, ``"none"`` or ``"base"`` is the empty stack.
 
+    The sizes are checked before any work (a spec from the web may be megabytes long): its length
+    against :data:`MAX_SPEC_CHARS`, then its commas against :data:`MAX_STACK`, both without
+    copying or splitting it.
+
     Raises:
-        InvalidArgumentError: a malformed reference or weight, a repeated adapter, a weight that is
-            not finite or beyond +-10, or more than 10 adapters.
+        InvalidArgumentError: a spec over 2,010 characters, a malformed reference or weight, a
+            repeated adapter, a weight that is not finite or beyond +-10, or more than 10 adapters.
     """
     if spec is None:
         return []
     if not isinstance(spec, str):
         raise InvalidArgumentError(f"the adapter spec must be a string such as 'digit-9@1:1.0,digit-3:0.5', got {type(spec).__name__}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise InvalidArgumentError(
+            f"the adapter spec is {len(spec):,} characters; the limit is {MAX_SPEC_CHARS:,} ({MAX_STACK} adapters, "
+            f"'name@version:weight' each): send a shorter one"
+        )
+    if spec.count(",") >= MAX_STACK:
+        raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; got {spec.count(',') + 1} comma-separated items")
     if spec.strip().lower() in ("", "none", "base"):
         return []
     items: list[tuple[str, object]] = []
@@ -65,17 +82,19 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
     checked: list[tuple[str, float]] = []
     for ref, weight in items:
         if not isinstance(ref, str):
-            raise InvalidArgumentError(f"{where}{str(ref)[:40]!r} is not a registry name (a string such as 'digit-9@1')")
+            raise InvalidArgumentError(f"{where}{_short(ref)!r} is not a registry name (a string such as 'digit-9@1')")
+        if len(ref) > MAX_ITEM_CHARS:  # before the name's pattern is matched against it
+            raise InvalidArgumentError(f"{where}the adapter name {ref[:40]!r}... is {len(ref):,} characters; a name is at most 100")
         try:
             parse_ref(ref)
         except MnistPeftError as exc:
             raise InvalidArgumentError(f"{where}{exc}") from None
         try:
-            if isinstance(weight, bool) or not isinstance(weight, (int, float, str)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float, str)) or (isinstance(weight, str) and len(weight) > 40):
                 raise TypeError(weight)
             value = float(weight)
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, such as 10**400
-            raise InvalidArgumentError(f"{where}the weight {str(weight)[:40]!r} of {ref!r} is not a number") from None
+            raise InvalidArgumentError(f"{where}the weight {_short(weight)!r} of {ref!r} is not a number") from None
         if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
             raise InvalidArgumentError(
                 f"{where}the weight of {ref!r} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {value}"
@@ -85,6 +104,17 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"{where}an adapter is named twice; give each once (its weight scales it)")
     return checked
+
+
+def _short(value: object) -> str:
+    """``value`` shown in at most 40 characters, for a message: a container through ``reprlib`` (a
+    hostile list may be huge or deeply nested), and an int of 5,000 digits, which has no ``str``."""
+    import reprlib
+
+    try:
+        return (reprlib.repr(value) if isinstance(value, (list, tuple, dict, set)) else str(value))[:40]
+    except (ValueError, RecursionError):  # Python refuses to write an int of more than 4,300 digits
+        return f"<{type(value).__name__} too long to show>"
 
 
 def stack_items(spec: object) -> list[tuple[str, float]]:
@@ -103,7 +133,7 @@ def stack_items(spec: object) -> list[tuple[str, float]]:
         raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; got {len(spec)}")
     for item in spec:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise InvalidArgumentError(f"{hint}; {str(item)[:40]!r} is not a [name, weight] pair")
+            raise InvalidArgumentError(f"{hint}; {_short(item)!r} is not a [name, weight] pair")
     return check_stack(spec)
 
 

@@ -14,13 +14,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from mnist_peft.errors import TrainConfigError
+from mnist_peft.errors import NonFiniteError, TrainConfigError
 from mnist_peft.fileio import progress_enabled
 from mnist_peft.model.data import MnistSplit, load_mnist
+from mnist_peft.numerics import MAX_ABS_OUTPUT, check_seed, first_non_finite, require_bounded
+from mnist_peft.progress import Progress
 
 __all__ = [
+    "MAX_BATCH_SIZE",
+    "check_batch_size",
     "TrainConfig",
     "EvalResult",
     "FitResult",
@@ -33,6 +36,20 @@ __all__ = [
     "progress_enabled",
     "seed_loader_permutation",
 ]
+
+
+MAX_BATCH_SIZE = 60_000
+"""The largest batch: MNIST's training set. A larger one holds no more images, only (for the
+replayed digits, drawn with replacement) copies, and is refused before any memory is allocated."""
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int in ``[1, MAX_BATCH_SIZE]``, else :class:`TrainConfigError` naming the range."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise TrainConfigError(
+            f"batch_size (--batch-size) must be an integer from 1 to {MAX_BATCH_SIZE:,} (the training set's size), got {str(batch_size)[:40]}"
+        )
+    return batch_size
 
 
 @dataclass
@@ -63,8 +80,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise TrainConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise TrainConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
+        check_seed(self.seed, name="seed (--seed)", error=TrainConfigError)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.schedule not in ("none", "onecycle"):
@@ -100,13 +117,25 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+_LOGITS_FIX = (
+    f"its answers are not usable numbers (limit +-{MAX_ABS_OUTPUT:g}); lower the stack weights (--weight) or use another "
+    "adapter or base (one that diverged in training or was tampered with)"
+)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 10_000) -> torch.Tensor:
     """Predicted labels (N,) in eval mode (the model's mode is restored afterwards)."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+        labels = []
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i : i + batch_size])
+            # A NaN logit's argmax is 0: a broken model would be scored (0.098), not refused.
+            require_bounded({"logits": logits}, what="the model's outputs", fix=_LOGITS_FIX)
+            labels.append(logits.argmax(1))
+        return torch.cat(labels)
     finally:
         model.train(was_training)
 
@@ -182,12 +211,14 @@ def fit(
     stopper = EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
     model.train()
     step, epoch, loss, loss_value, start = 0, 0, None, float("nan"), time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    bar = Progress(total, desc, enabled=progress, unit="step")
     while step < total and not stopper.stopped:
         for idx in batches(epoch) if batches is not None else _epoch_batches(n, config.batch_size):
             if step >= total:
                 break
             loss = loss_fn(model, train.x[idx], train.y[idx])
+            if not math.isfinite(loss_now := float(loss.detach())):  # a step on it would make every weight NaN
+                raise _diverged(f"the loss became {loss_now} at step {step + 1}", config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -195,14 +226,19 @@ def fit(
                 sched.step()
             step += 1
             if step % 50 == 0 or step == total:
-                loss_value = float(loss.detach())
+                loss_value = loss_now
                 bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.update(1)
-            if stopper.check(model, step, last=step == total):
-                break
+            try:
+                if stopper.check(model, step, last=step == total):
+                    break
+            except NonFiniteError:  # the weights diverged on this step's update
+                raise _diverged(f"the model's outputs became NaN or Inf at step {step}", config) from None
         epoch += 1
     bar.close()
     loss_value = float(loss.detach()) if loss is not None else loss_value
+    if first_non_finite((str(i), p) for i, p in enumerate(params)) is not None:  # the last update is seen by no loss
+        raise _diverged(f"the weights became NaN or Inf at step {step}", config)
     stopper.restore_best(model)
     model.eval()
     return FitResult(
@@ -214,6 +250,11 @@ def fit(
         stopped_early=stopper.stopped,
         history=stopper.history,
     )
+
+
+def _diverged(what: str, config: TrainConfig) -> TrainConfigError:
+    """The one-line error of a run that diverged (nothing is saved: the caller never gets a model)."""
+    return TrainConfigError(f"{what}: training diverged; lower --lr (now {config.lr:g}) or --lora-alpha, and train again")
 
 
 class EarlyStopping:

@@ -31,11 +31,12 @@ from torch import nn
 from mnist_peft.errors import InvalidArgumentError, TrainConfigError
 from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
 from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.numerics import check_seed
 from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
-from mnist_peft.tuners.lora.targets import lora_layers
+from mnist_peft.tuners.lora.targets import check_rank, lora_layers
 
-from .loop import EvalResult, FitResult, TrainConfig, evaluate, fit, seed_loader_permutation
+from .loop import EvalResult, FitResult, TrainConfig, check_batch_size, evaluate, fit, seed_loader_permutation
 
 __all__ = [
     "Recipe",
@@ -219,6 +220,8 @@ class AdapterRecipe:
             raise TrainConfigError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
         if self.steps < 1 or self.batch_size < 1:
             raise TrainConfigError("steps and batch_size must be >= 1")
+        check_batch_size(self.batch_size)  # bounds checked here, before any data is loaded or memory taken
+        check_seed(self.seed, name="seed (--seed)", error=TrainConfigError)
 
 
 # The seed notebook: only digit-D images, batch 10, 100 steps, r=1, alpha=1, A ~ N(0, 1), Adam 1e-3.
@@ -356,10 +359,9 @@ def train_adapter(
         model = LoraModel(_copy.deepcopy(base))
         load_adapter(model, resume, force=force)
     else:
-        model = LoraModel(
-            _copy.deepcopy(base),
-            LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights),
-        )
+        config = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)
+        check_rank(base, config)  # before the copy, the factors and the data
+        model = LoraModel(_copy.deepcopy(base), config)
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     return model, _train_on_digit(model, params, base, digit, recipe, name, data_dir=data_dir, progress=progress)
 

@@ -1,6 +1,8 @@
-"""The Draw tab: a sketchpad, up to three adapter pickers with a weight each, and the base's
-probabilities next to those of the chosen stack. The drawing becomes the model's input as MNIST was
-made (:func:`~mnist_peft.app.drawing.preprocess_drawing`); every request of a batch is checked on its
+"""The Draw tab: a sketchpad, up to three adapter pickers with a weight each, the base's
+probabilities next to those of the chosen stack, and what the stack changes: each digit's change in
+log-odds (:func:`log_odds`), a chart that moves where the probabilities of a clear drawing sit at
+~100%. The drawing becomes the model's input as MNIST was made
+(:func:`~mnist_peft.app.drawing.preprocess_drawing`); every request of a batch is checked on its
 own, and the batch runs in one mixed forward (:meth:`~mnist_peft.serving.engine.Predictor.predict_pairs`).
 """
 
@@ -20,12 +22,35 @@ from ..context import AppContext
 from ..drawing import EditorPayload, preprocess_drawing
 from .base import Page
 
-__all__ = ["DISPLAY_SCALE", "ELEM", "NONE_CHOICE", "SLOTS", "WEIGHT_RANGE", "DrawResult", "DrawTab", "draw"]
+__all__ = [
+    "CHANGE_COLUMNS",
+    "DECIMALS",
+    "DISPLAY_SCALE",
+    "ELEM",
+    "INTRO",
+    "NONE_CHOICE",
+    "SLOTS",
+    "TABLE_HEADERS",
+    "WEIGHT_RANGE",
+    "DrawResult",
+    "DrawTab",
+    "draw",
+    "log_odds",
+]
 
 SLOTS = 3  # adapter pickers on the Draw tab
 WEIGHT_RANGE = (-2.0, 2.0)  # a picker's weight slider; a value outside it is a hand-made request, refused
 DISPLAY_SCALE = 8  # the 28 x 28 input is shown 8x, each pixel an 8 x 8 block (exactly recoverable: every 8th pixel)
 NONE_CHOICE = "(none)"
+DECIMALS = 4  # every number of the table, fixed-point: one format (gradio wrote 1.2e-6 as 0.0000012 and 2.944e-7 as is)
+TABLE_HEADERS = ["digit", "p base", "p adapters", "logit base", "logit adapters", "change in log-odds"]
+CHANGE_COLUMNS = ["digit", "change in log-odds"]  # the chart's data: digit ("0".."9"), the adapters' log-odds minus the base's
+INTRO = (
+    "A clearly drawn digit is one the base already gets right at ~100%: an adapter barely moves its "
+    "probabilities, and what it changes shows in the **change in log-odds** chart (log p/(1-p) per digit, "
+    "adapters minus base: +2.3 is ten times the odds). To see adapters fix the base's real mistakes, "
+    "open the **Test images** tab."
+)
 ELEM = {  # element ids the browser test (and anyone scripting the page) relies on
     "sketchpad": "sketchpad",
     "predict": "predict-button",
@@ -34,6 +59,7 @@ ELEM = {  # element ids the browser test (and anyone scripting the page) relies 
     "probabilities": "probabilities",
     "base_label": "base-probabilities",
     "stack_label": "stack-probabilities",
+    "change": "log-odds-change",
 }
 
 
@@ -45,12 +71,14 @@ class DrawResult:
     base: dict[str, float] | None  # gr.Label value: digit -> probability
     stack: dict[str, float] | None
     message: str  # the predicted digits, or what went wrong and what to do
-    table: list[list[object]] | None  # digit, base p, stack p (4 significant digits), base logit, stack logit (4 places)
+    table: list[list[object]] | None  # digit, then TABLE_HEADERS' numbers as text with DECIMALS places
+    change: dict[str, Any] | None = None  # gr.BarPlot value: CHANGE_COLUMNS, one row per digit
 
 
 def draw(ctx: AppContext, drawings: Sequence[object], *slots: Sequence[object]) -> tuple[list, ...]:
-    """Batched: drawings and ``SLOTS`` (adapter, weight) pairs of lists -> five lists of outputs
-    (the 28 x 28 image, the base's and the stack's probabilities, the message, the table).
+    """Batched: drawings and ``SLOTS`` (adapter, weight) pairs of lists -> six lists of outputs
+    (the 28 x 28 image, the base's and the stack's probabilities, the message, the table, the
+    change in log-odds per digit).
 
     A drawing is an image or sketchpad value (see :func:`drawing_to_ink`) or an
     :class:`EditorPayload` (the page's value before decoding, decoded here one request at a
@@ -80,25 +108,48 @@ def draw(ctx: AppContext, drawings: Sequence[object], *slots: Sequence[object]) 
         if isinstance(outcome, Exception):
             results[i].message = ctx.predictor.public_message(outcome)
             continue
-        base, with_stack = outcome
-        pb, ps = base.softmax(0), with_stack.softmax(0)
-        name = "no adapter" if stack is None else stack.label
-        results[i] = DrawResult(
-            image=_enlarge((image * 255).round().to(torch.uint8)).numpy(),
-            base={str(d): float(pb[d]) for d in range(10)},
-            stack={str(d): float(ps[d]) for d in range(10)},
-            message=f"base: {int(base.argmax())} · {name}: {int(with_stack.argmax())}",
-            table=[
-                [d, _significant(pb[d]), _significant(ps[d]), round(float(base[d]), 4), round(float(with_stack[d]), 4)] for d in range(10)
-            ],
-        )
+        results[i] = _result(image, *outcome, "no adapter" if stack is None else stack.label)
     return (
         [r.image for r in results],
         [r.base for r in results],
         [r.stack for r in results],
         [r.message for r in results],
         [r.table for r in results],
+        [r.change for r in results],
     )
+
+
+def _result(image: torch.Tensor, base: torch.Tensor, with_stack: torch.Tensor, name: str) -> DrawResult:
+    """What the tab shows for one answered drawing: ``base`` and ``with_stack`` are its logits (10,)."""
+    pb, ps = base.softmax(0), with_stack.softmax(0)
+    change = (log_odds(with_stack) - log_odds(base)).tolist()
+    return DrawResult(
+        image=_enlarge((image * 255).round().to(torch.uint8)).numpy(),
+        base={str(d): float(pb[d]) for d in range(10)},
+        stack={str(d): float(ps[d]) for d in range(10)},
+        message=f"base: {int(base.argmax())} · {name}: {int(with_stack.argmax())}",
+        table=[[d, *(_fixed(float(v)) for v in (pb[d], ps[d], base[d], with_stack[d])), _fixed(change[d], signed=True)] for d in range(10)],
+        change={
+            "columns": list(CHANGE_COLUMNS),
+            "data": [[str(d), round(change[d], DECIMALS)] for d in range(10)],
+            "datatypes": {"digit": "nominal", "change in log-odds": "quantitative"},
+            "mark": "bar",
+        },
+    )
+
+
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """Each digit's log-odds, ``log(p / (1 - p))``, from one row of logits (10,), without forming
+    ``1 - p`` (which rounds to 0 in float32 for a digit at ~100%): the digit's logit minus the
+    logsumexp of the others. Unlike the probability it does not saturate: switching the digit-9
+    adapter on moves a clear 9's log-odds by about +2 (seven times the odds) while its probability
+    stays at 1.0000.
+
+    >>> log_odds(torch.tensor([0.0, 0.0])).tolist()
+    [0.0, 0.0]
+    """
+    others = logits.expand(len(logits), -1).masked_fill(torch.eye(len(logits), dtype=torch.bool), -torch.inf)  # (10, 10), own logit out
+    return logits - others.logsumexp(1)
 
 
 def _slider_weight(value: object, slot: int) -> float:
@@ -111,9 +162,11 @@ def _slider_weight(value: object, slot: int) -> float:
     return float(value)
 
 
-def _significant(p: torch.Tensor) -> float:
-    """A probability to 4 significant digits: a small one (1.234e-08) moves visibly when an adapter is switched on."""
-    return float(f"{float(p):.4g}")
+def _fixed(value: float, *, signed: bool = False) -> str:
+    """``value`` with :data:`DECIMALS` places, never in scientific notation (a signed one with its
+    ``+``); a value that rounds to zero is ``0.0000``, not ``-0.0000``."""
+    text = f"{value:+.{DECIMALS}f}" if signed else f"{value:.{DECIMALS}f}"
+    return f"{0:.{DECIMALS}f}" if float(text) == 0 else text
 
 
 def _enlarge(pixels: torch.Tensor) -> torch.Tensor:
@@ -147,6 +200,7 @@ class DrawTab:
     def build(self, page: Page) -> None:
         gr, handlers = page.gr, page.handlers
         choices = [NONE_CHOICE, *handlers.adapter_choices()]
+        gr.Markdown(INTRO, elem_id="draw-intro")
         with gr.Row():
             with gr.Column(scale=2):
                 sketch = gr.Sketchpad(
@@ -188,7 +242,8 @@ class DrawTab:
 
     @staticmethod
     def _outputs(gr: Any) -> list[Any]:
-        """The results column: the message, the input as the model sees it, both probabilities, the table."""
+        """The results column: the message, the input as the model sees it, both probabilities, the
+        change in log-odds per digit, the table."""
         message = gr.Markdown("Draw a digit, then press Predict.", label="prediction", elem_id=ELEM["prediction"])
         preprocessed = gr.Image(
             label="what the model sees: the 28 x 28 input, shown 8x", elem_id=ELEM["preprocessed"], format="png", height=240
@@ -196,10 +251,17 @@ class DrawTab:
         with gr.Row():
             base_label = gr.Label(label="base", num_top_classes=10, elem_id=ELEM["base_label"])
             stack_label = gr.Label(label="with the adapters", num_top_classes=10, elem_id=ELEM["stack_label"])
+        change = gr.BarPlot(
+            x=CHANGE_COLUMNS[0],
+            y=CHANGE_COLUMNS[1],
+            label="what the adapters change: log-odds per digit, adapters minus base (+2.3: ten times the odds)",
+            elem_id=ELEM["change"],
+            height=220,
+        )
         table = gr.Dataframe(
-            headers=["digit", "p base", "p adapters", "logit base", "logit adapters"],
-            label="probabilities and logits",
+            headers=TABLE_HEADERS,
+            label=f"probabilities, logits and the change in log-odds ({DECIMALS} places)",
             elem_id=ELEM["probabilities"],
             interactive=False,
         )
-        return [preprocessed, base_label, stack_label, message, table]
+        return [preprocessed, base_label, stack_label, message, table, change]

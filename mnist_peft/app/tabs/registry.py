@@ -1,6 +1,7 @@
 """The Registry tab: every entry and version with its metrics, fingerprint and ``verify`` status, and
-the adapter x digit heat map of test error rates measured on the app's base (cached in the context's
-memo while the entries it was measured on stay the same).
+the adapter x digit heat map of each adapter's change against the app's base: test images wrong per
+digit, adapter minus base, on a diverging map centred on zero (cached in the context's memo while the
+entries it was measured on stay the same).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import torch
 
 from mnist_peft.model.data import load_mnist
 from mnist_peft.registry.entry import RegistryEntry
+from mnist_peft.serving.requests import require_answer
 
 from ..context import AppContext, verify_status
 from .base import Page
 
-__all__ = ["RegistryTab", "heatmap", "registry_table"]
+__all__ = ["HEATMAP_TITLE", "RegistryTab", "heatmap", "registry_table"]
+
+HEATMAP_TITLE = "Each adapter (rows) against the base:\nchange in test images wrong per digit (columns)"  # as the demo's picture
 
 
 def registry_table(ctx: AppContext) -> list[list[object]]:
@@ -46,10 +50,17 @@ def registry_table(ctx: AppContext) -> list[list[object]]:
 
 
 def heatmap(ctx: AppContext) -> tuple[Any, list[list[object]]]:
-    """The adapter x digit heat map of test error rates on the app's base: the latest version of
-    each adapter entry that has a digit (left out if it does not verify or fits another base).
-    Returns the picture (an RGB array, ``None`` without adapters) and the table of rates; cached
-    while those entries stay the same."""
+    """The adapter x digit heat map of each adapter's change against the app's base: per test digit,
+    the number of test images the adapter gets wrong minus the number the base gets wrong (negative:
+    fewer mistakes), for the latest version of each adapter entry that has a digit (left out if it
+    does not verify or fits another base).
+
+    Returns the picture (an RGB array, ``None`` without an adapter that can be applied: a diverging
+    map centred on zero, the base's own count under each digit) and the table of changes, one row per
+    adapter ending in its status: ``"ok"``, or ``"cannot be applied: ..."`` for an adapter that
+    verifies yet cannot be combined or applied, or whose outputs are no usable numbers (its own row
+    is marked, blank in the table and named in the picture's title, not drawn; the others still
+    show). Cached while those entries stay the same."""
     latest: dict[str, RegistryEntry] = {}
     for e in ctx.registry.list():
         if e.kind == "lora" and e.digit is not None:
@@ -61,33 +72,58 @@ def heatmap(ctx: AppContext) -> tuple[Any, list[list[object]]]:
     if key in memo:
         return memo[key]
     test = load_mnist(train=False, data_dir=ctx.predictor.data_dir)
-    counts = torch.bincount(test.y, minlength=10).to(torch.float64)
-    matrix, table = [], []
+    base_wrong = _wrong_per_digit(test.y, ctx.predictor.test_logits().argmax(1))  # the base: the Test images tab's mistakes
+    rows, labels, broken, table = [], [], [], []
     for entry, stack in zip(entries, stacks, strict=True):
-        chunks = [test.x[i : i + 2500] for i in range(0, len(test.y), 2500)]
-        pred = torch.cat([ctx.predictor.predict_batch(chunk, [stack] * len(chunk)).argmax(1) for chunk in chunks])
-        wrong = torch.bincount(test.y[pred != test.y], minlength=10).to(torch.float64)
-        rates = (wrong / counts).tolist()
-        matrix.append(rates)
-        table.append([entry.ref, *(round(r, 4) for r in rates)])
-    picture = None
-    if matrix:
-        from PIL import Image
-
-        from mnist_peft.experiments.plots import plot_heatmap
-
-        with tempfile.TemporaryDirectory(prefix="mnist-peft-ui-") as tmp:
-            path = plot_heatmap(
-                matrix,
-                Path(tmp) / "heatmap.png",
-                row_labels=[e.ref for e in entries],
-                col_labels=[str(d) for d in range(10)],
-                title="Test error rate per digit (columns) for each adapter (rows)",
-            )
-            with Image.open(path) as image:
-                picture = np.asarray(image.convert("RGB"))
+        try:
+            wrong = _adapter_wrong(ctx, test, stack, entry.ref)
+        except Exception as exc:  # one adapter's files are outside input: it marks its own row, not the tab
+            table.append([entry.ref, *[""] * 10, "cannot be applied: " + ctx.public_message(exc)])
+            broken.append(entry.ref)
+            continue
+        rows.append(wrong)
+        labels.append(entry.ref)
+        table.append([entry.ref, *(w - b for w, b in zip(wrong, base_wrong, strict=True)), "ok"])
+    picture = _picture(rows, base_wrong, labels, broken) if rows else None
     memo[key] = (picture, table)
     return memo[key]
+
+
+def _wrong_per_digit(y: torch.Tensor, pred: torch.Tensor) -> list[int]:
+    """How many test images of each digit 0..9 ``pred`` gets wrong."""
+    return torch.bincount(y[pred != y], minlength=10).tolist()
+
+
+def _adapter_wrong(ctx: AppContext, test: Any, stack: Any, ref: str) -> list[int]:
+    """How many test images of each digit one adapter gets wrong, its logits checked to be usable numbers.
+
+    Raises:
+        NonFiniteError: the adapter's logits are not finite or beyond ``MAX_ABS_OUTPUT``.
+        Exception: whatever loading the adapter raises (its files are outside input).
+    """
+    preds = []
+    for i in range(0, len(test.y), 2500):
+        chunk = test.x[i : i + 2500]
+        logits = ctx.predictor.predict_batch(chunk, [stack] * len(chunk))
+        require_answer(logits, who=f"adapter {ref!r}")
+        preds.append(logits.argmax(1))
+    return _wrong_per_digit(test.y, torch.cat(preds))
+
+
+def _picture(rows: list[list[int]], base_wrong: list[int], labels: list[str], broken: list[str]) -> Any:
+    """The change heat map (:func:`~mnist_peft.experiments.plots.plot_change_heatmap`, the demo's
+    picture) as an RGB array; the adapters that cannot be applied are named in its title."""
+    from PIL import Image
+
+    from mnist_peft.experiments.plots import plot_change_heatmap  # lazily: matplotlib only when the map is asked for
+
+    title = HEATMAP_TITLE + (f"\n(not drawn, cannot be applied: {', '.join(broken)}; see the table)" if broken else "")
+    with tempfile.TemporaryDirectory(prefix="mnist-peft-ui-") as tmp:
+        path = plot_change_heatmap(
+            rows, base_wrong, Path(tmp) / "heatmap.png", row_labels=labels, col_labels=[str(d) for d in range(10)], title=title
+        )
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
 
 
 class RegistryTab:
@@ -106,10 +142,10 @@ class RegistryTab:
         )
         verify = gr.Button("Verify again", elem_id="verify-button")
         heat_button = gr.Button("Compute the adapter x digit heat map (a few seconds)", elem_id="heatmap-button")
-        heat_image = gr.Image(label="adapter x digit test error rate", format="png", elem_id="heatmap")
+        heat_image = gr.Image(label="adapter x digit: change in test images wrong against the base", format="png", elem_id="heatmap")
         heat_table = gr.Dataframe(
-            headers=["adapter", *[str(d) for d in range(10)]],
-            label="test error rate per digit",
+            headers=["adapter", *[str(d) for d in range(10)], "status"],
+            label="change in test images wrong per digit against the base (negative: fewer mistakes than the base)",
             interactive=False,
             elem_id="heatmap-table",
         )

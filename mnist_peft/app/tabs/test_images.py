@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.errors import InvalidArgumentError, NonFiniteError
 from mnist_peft.model.data import MNIST_MEAN, MNIST_STD, load_mnist
-from mnist_peft.serving.requests import SIDE
+from mnist_peft.serving.requests import SIDE, require_answer
 
 from ..context import AppContext
 from .base import Page
@@ -20,60 +20,86 @@ __all__ = ["TestImagesTab", "image_detail", "wrong_images"]
 
 def wrong_images(ctx: AppContext, digit: object) -> tuple[list[tuple[Any, str]], list[list[object]], list[int]]:
     """The test images of ``digit`` the base gets wrong: gallery items, a table (test index, base
-    says, p of the true digit, the adapters that fix it), and the test indices in order."""
+    says, p of the true digit, the adapters that fix it, and any that cannot be applied), and the
+    test indices in order."""
     d = _digit(digit)
     test = load_mnist(train=False, data_dir=ctx.predictor.data_dir)
     logits = ctx.predictor.test_logits()
     wrong = ((test.y == d) & (logits.argmax(1) != d)).nonzero()[:, 0].tolist()
-    fixes = _fixes(ctx, wrong, d)
+    results, broken = _per_adapter(ctx, wrong, d)
+    not_applied = f"; cannot be applied: {', '.join(broken)}" if broken else ""
     gallery, table = [], []
     for idx in wrong:
         said = int(logits[idx].argmax())
-        fixed_by = [ref for ref, ok in fixes.get(idx, []) if ok]
+        fixed_by = [ref for ref, _, _, ok in results.get(idx, []) if ok]
         gallery.append((_test_image(test.x[idx]), f"#{idx}: base says {said}"))
-        table.append([idx, said, round(float(logits[idx].softmax(0)[d]), 4), ", ".join(fixed_by) or "none"])
+        table.append([idx, said, round(float(logits[idx].softmax(0)[d]), 4), (", ".join(fixed_by) or "none") + not_applied])
     return gallery, table, wrong
 
 
 def image_detail(ctx: AppContext, digit: object, index: int) -> list[list[object]]:
-    """One test image: what each registry adapter predicts for it, p of the true digit, fixed or not."""
+    """One test image: what each registry adapter predicts for it, p of the true digit, fixed or not
+    (an adapter that cannot be applied gets its own row saying so)."""
     d = _digit(digit)
-    rows = []
-    for ref, said, p, ok in _per_adapter(ctx, [index], d).get(index, []):
-        rows.append([ref, said, round(p, 4), "fixes it" if ok else "-"])
-    return rows
+    results, broken = _per_adapter(ctx, [index], d)
+    rows: list[list[object]] = [[ref, said, round(p, 4), "fixes it" if ok else "-"] for ref, said, p, ok in results.get(index, [])]
+    return rows + [[ref, "-", "-", why] for ref, why in broken.items()]
 
 
-def _fixes(ctx: AppContext, indices: list[int], digit: int) -> dict[int, list[tuple[str, bool]]]:
-    return {i: [(ref, ok) for ref, _, _, ok in v] for i, v in _per_adapter(ctx, indices, digit).items()}
-
-
-def _per_adapter(ctx: AppContext, indices: list[int], digit: int) -> dict[int, list[tuple[str, int, float, bool]]]:
-    """Each of ``indices`` through each usable adapter entry: one mixed forward."""
+def _per_adapter(ctx: AppContext, indices: list[int], digit: int) -> tuple[dict[int, list[tuple[str, int, float, bool]]], dict[str, str]]:
+    """Each of ``indices`` through each usable adapter entry, in one mixed forward: per index,
+    ``(ref, says, p(digit), fixes it)``; and each adapter that cannot be applied, with why."""
     if not indices:
-        return {}
+        return {}, {}
     test = load_mnist(train=False, data_dir=ctx.predictor.data_dir)
     entries = ctx.usable(ctx.registry.list())
-    stacks = [ctx.predictor.resolve([(e.ref, 1.0)]) for e in entries]
-    x = test.x[indices]
-    logits = ctx.predictor.predict_batch(x.repeat(len(stacks), 1), [s for s in stacks for _ in indices])
     out: dict[int, list[tuple[str, int, float, bool]]] = {i: [] for i in indices}
-    for a, entry in enumerate(entries):
+    broken: dict[str, str] = {}
+    for entry, logits in zip(entries, _adapter_logits(ctx, test.x[indices], [e.ref for e in entries]), strict=True):
+        if isinstance(logits, Exception):
+            broken[entry.ref] = "cannot be applied: " + ctx.public_message(logits)
+            continue
         for k, idx in enumerate(indices):
-            row = logits[a * len(indices) + k]
-            said = int(row.argmax())
-            out[idx].append((entry.ref, said, float(row.softmax(0)[digit]), said == digit))
-    return out
+            said = int(logits[k].argmax())
+            out[idx].append((entry.ref, said, float(logits[k].softmax(0)[digit]), said == digit))
+    return out, broken
+
+
+def _adapter_logits(ctx: AppContext, x: torch.Tensor, refs: list[str]) -> list[torch.Tensor | Exception]:
+    """``x`` through each adapter of ``refs``: one mixed forward; if it fails, one forward per adapter
+    to find the one(s) that cannot be applied. Each adapter's logits are checked to be usable numbers;
+    an adapter that fails gets its error in its place (its files are outside input), the others their logits."""
+    stacks = [ctx.predictor.resolve([(ref, 1.0)]) for ref in refs]
+    n = len(x)
+    parts: list[torch.Tensor | Exception]
+    try:
+        logits = ctx.predictor.predict_batch(x.repeat(len(stacks), 1), [s for s in stacks for _ in range(n)])
+        parts = [logits[a * n : (a + 1) * n] for a in range(len(stacks))]
+    except Exception:  # some adapter's files: find which, by itself
+        parts = []
+        for stack in stacks:
+            try:
+                parts.append(ctx.predictor.predict_batch(x, [stack] * n))
+            except Exception as exc:
+                parts.append(exc)
+    for a, (ref, part) in enumerate(zip(refs, parts, strict=True)):
+        if not isinstance(part, Exception):
+            try:
+                require_answer(part, who=f"adapter {ref!r}")
+            except NonFiniteError as exc:
+                parts[a] = exc
+    return parts
 
 
 def _digit(value: object) -> int:
-    try:
-        d = int(str(value))
-    except ValueError:
-        raise InvalidArgumentError(f"digit must be 0..9, got {str(value)[:20]!r}") from None
-    if not 0 <= d <= 9:
-        raise InvalidArgumentError(f"digit must be 0..9, got {d}")
-    return d
+    """A digit from the page: the dropdown's ``"0"``..``"9"`` (or an int 0..9), nothing else (no
+    ``'٣'``, no ``' 3'``, no ``'0_3'``, which ``int()`` would take)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 9:
+        return value
+    if isinstance(value, str) and len(value) == 1 and value in "0123456789":
+        return int(value)
+    shown = value[:20] if isinstance(value, str) else type(value).__name__
+    raise InvalidArgumentError(f"digit must be one of 0..9, got {shown!r}")
 
 
 def _test_image(x: torch.Tensor) -> Any:
@@ -107,9 +133,10 @@ class TestImagesTab:
         digit.change(public(handlers.wrong_images), [digit], [gallery, wrong_table, indices], api_name="wrong_images", **page.model_queue)
 
         def select(d, idx, evt):  # annotated below: gradio reads real types, and this module's are strings
-            if not isinstance(evt.index, int) or not 0 <= evt.index < len(idx):
+            index = getattr(evt, "index", None)
+            if not isinstance(idx, list) or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(idx):
                 raise InvalidArgumentError("pick an image of the gallery shown")
-            return handlers.image_detail(d, idx[evt.index])
+            return handlers.image_detail(d, idx[index])
 
         select.__annotations__ = {"d": str, "idx": list, "evt": gr.SelectData, "return": list}
         gallery.select(public(select), [digit, indices], [detail], api_visibility="private", **page.model_queue)

@@ -112,6 +112,22 @@ class FleetWork:
     """The cluster a remote executor connects to (None: its default)."""
     fault: tuple[str, ...] | None = None
     """A test hook for remote executors (see :func:`mnist_peft.fleet.executors.ray._train_one`)."""
+    timeout: float | None = None
+    """The fleet's ``--timeout`` in seconds (None: no deadline)."""
+    deadline: float | None = None
+    """When the jobs must have ended, on :func:`time.monotonic`'s clock (None: no deadline). An
+    executor stops there and fails every job it has not finished with :meth:`timed_out`; the
+    driver stops waiting for one that does not."""
+
+    def remaining(self) -> float | None:
+        """Seconds left before :attr:`deadline` (0 once it passed; None: no deadline)."""
+        import time
+
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self, what: str = "the job was cancelled") -> str:
+        """The error of a job that had not ended when the fleet's deadline came."""
+        return f"did not finish within the fleet's --timeout of {self.timeout:g} s; {what} (raise --timeout, or find why it hangs)"
 
     def progress(self, jobs: Sequence[AdapterJob], *, total: int, unit: str) -> FleetProgress:
         """The fleet's progress display, counting ``total`` ``unit``\\ s (steps, jobs)."""
@@ -130,7 +146,11 @@ class Executor(Protocol):
     re-scores and rewrites each adapter). False: the folders are trusted as written."""
 
     def run(self, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
-        """Train every job; a folder under ``work.staging`` per trained one, an error per failed one."""
+        """Train every job; a folder under ``work.staging`` per trained one, an error per failed one.
+
+        An executor may also say ``stops_at_deadline = True``: it then ends at ``work.deadline``
+        itself (each job not finished failed with ``work.timed_out(...)``) and runs in the driver's
+        thread; without it, the driver runs it in a thread and stops waiting shortly after."""
         ...
 
 

@@ -15,12 +15,18 @@ if TYPE_CHECKING:
 __all__ = ["LocalExecutor"]
 
 
+class _DeadlinePassed(Exception):
+    """Raised from the progress callback to end the batched run at the fleet's deadline."""
+
+
 @dataclass(frozen=True)
 class LocalExecutor:
     """All jobs together here: one base GEMM per layer for all of them; each adapter equals its solo run."""
 
     name: str = "local"
     remote: bool = False
+    stops_at_deadline: bool = True
+    """It ends the run at ``work.deadline`` itself (see :class:`~.base.Executor`)."""
 
     def run(self, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
         """Train ``jobs`` on ``work.base`` in one loop; the progress bar counts steps."""
@@ -32,9 +38,14 @@ class LocalExecutor:
         def report(status: list[dict[str, object]]) -> None:
             done = sum(int(s["total"]) if s["state"] != "running" else int(s["step"]) for s in status)
             bar.update(status, done)
+            if work.remaining() == 0:  # checked after every step: the batched run ends at the deadline
+                raise _DeadlinePassed(done)
 
         try:
             out = train_batched(work.base, jobs, data_dir=work.data_dir, progress=report)
+        except _DeadlinePassed as passed:  # the jobs train as one batch: none of them has ended
+            what = f"the batched run was stopped at step {passed.args[0]} of {sum(totals)} (all jobs together)"
+            return ExecutorResult([], {j.name: work.timed_out(what) for j in jobs})
         finally:
             bar.close()
         trained = [

@@ -35,6 +35,8 @@ class RayExecutor:
 
     name: str = "ray"
     remote: bool = True
+    stops_at_deadline: bool = True
+    """It ends the run at ``work.deadline`` itself (see :class:`~.base.Executor`)."""
 
     def run(self, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult:
         """Start (or join) Ray, run the jobs as tasks and gather them; a Ray started here ends here."""
@@ -69,7 +71,8 @@ def _train_one(
     ``fault`` is a test hook: ``("kill-once", NAME, DIR)`` ends the worker process the first time job
     NAME has trained, before it returns (a marker in DIR remembers it); ``("fail", NAME)`` makes job
     NAME raise every time; ``("bad-input", NAME, DIR)`` gives it an input error (each attempt is
-    logged in DIR).
+    logged in DIR); ``("hang", NAME)`` makes job NAME's worker hang (until the fleet's deadline
+    cancels it).
     """
     import os
     import tempfile
@@ -81,6 +84,10 @@ def _train_one(
 
     if fault and fault[0] == "fail" and fault[1] == job.name:
         raise RuntimeError(f"injected failure of job {job.name}")
+    if fault and fault[0] == "hang" and fault[1] == job.name:
+        import time
+
+        time.sleep(10**6)
     torch.set_flush_denormal(True)  # as the driver does: the same floats on both executors
     try:
         if fault and fault[0] == "bad-input" and fault[1] == job.name:
@@ -122,7 +129,13 @@ def _collect(ray, jobs: Sequence[AdapterJob], work: FleetWork) -> ExecutorResult
     failed: dict[str, str] = {}
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            left = work.remaining()
+            if left == 0:  # the fleet's deadline: the jobs still out fail by name, and are cancelled below
+                failed |= {job.name: work.timed_out("its Ray task was cancelled") for job in pending.values()}
+                status |= {job.name: "failed" for job in pending.values()}
+                bar.update([{"name": n, "state": s} for n, s in status.items()], len(trained) + len(failed))
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0 if left is None else min(5.0, left))
             for ref in ready:
                 job = pending.pop(ref)
                 try:

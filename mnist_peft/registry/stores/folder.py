@@ -4,7 +4,8 @@
 before ``index.db`` existed, its ``<root>/index.json``
 (:class:`~mnist_peft.registry.stores.json.JsonIndex`) is read as it is until the first write,
 which moves it to ``index.db`` (the JSON file is kept, renamed ``index.json.imported``). An
-``index.json`` that is only an export of an ``index.db`` is never taken for the index.
+``index.json`` that is only an export of an ``index.db`` is never taken for the index, and no index
+at all beside entry folders is an error (the index was lost), never a new, empty registry.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from mnist_peft.errors import RegistryError
 from mnist_peft.fileio import fsync_dir
 
-from ..names import DB_NAME, IMPORTED_NAME, INDEX_NAME, confine
+from ..names import DB_NAME, IMPORTED_NAME, INDEX_NAME, confine, entry_folders
 from .json import JsonIndex
 from .sqlite import SqliteIndex
 
@@ -54,7 +55,22 @@ class FolderIndex:
         return self._current().path
 
     def exists(self) -> bool:
-        return self._current().exists()
+        """Whether there is an index; no index beside entry folders is an error, never an empty registry.
+
+        Raises:
+            RegistryError: the index is missing but ``root`` holds ``<name>/v<N>`` folders (a
+                registry's first write makes the index before any folder, so its index was lost).
+        """
+        current = self._current()
+        if current.exists():
+            return True
+        held = entry_folders(self.root, limit=4)
+        if held:
+            raise RegistryError(
+                f"registry index {str(current.path)!r} is missing, but {str(self.root)!r} holds entry folders "
+                f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): restore index.db from a backup (the folders are left as they are)"
+            )
+        return False
 
     def writable(self) -> bool:
         """Only ``index.db`` is written to: an ``index.json`` registry is moved by :meth:`create` first."""

@@ -12,11 +12,15 @@ from typing import ClassVar, Literal
 
 from mnist_peft.errors import AdapterConfigError
 
-__all__ = ["BASE_ADAPTER", "DEFAULT_ADAPTER", "InitKind", "LoraConfig", "compute_scaling"]
+__all__ = ["BASE_ADAPTER", "DEFAULT_ADAPTER", "MAX_LORA_ALPHA", "InitKind", "LoraConfig", "compute_scaling"]
 
 InitKind = bool | Literal["gaussian", "seed"]
 DEFAULT_ADAPTER = "default"
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+MAX_LORA_ALPHA = 1e6
+"""The largest ``lora_alpha``. peft takes any number (its type is ``int``, unchecked); in use it is
+r to 2r (8 to 512). The scaling ``lora_alpha / r`` multiplies every update and its gradient: at
+1e30 one Adam step turns the adapter into NaN, so a bound far above any real value is set here."""
 
 
 def _check_finite(value: object, what: str) -> float:
@@ -63,8 +67,8 @@ class LoraConfig:
         self.target_modules = sorted(set(self.target_modules))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise AdapterConfigError(f"r must be a positive integer, got {self.r!r}")
-        if _check_finite(self.lora_alpha, "lora_alpha") <= 0:
-            raise AdapterConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0 < _check_finite(self.lora_alpha, "lora_alpha") <= MAX_LORA_ALPHA:
+            raise AdapterConfigError(f"lora_alpha must be > 0 and at most {MAX_LORA_ALPHA:g} (--lora-alpha), got {self.lora_alpha!r}")
         if not 0.0 <= _check_finite(self.lora_dropout, "lora_dropout") < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if not isinstance(self.use_rslora, bool):

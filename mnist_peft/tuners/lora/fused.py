@@ -3,20 +3,24 @@
 
 How (the contract):
 
-- The layer's base weight, bias and every ``A_i`` *live in* two buffers this module owns (a
-  :class:`FusedLayout`)::
+- The layer's base weight and bias *live in* two buffers this module owns (a
+  :class:`FusedLayout`), which also hold a copy of every ``A_i``::
 
-      wa    (out + R', in)  [W; A_1; ...; A_k; 0]    W = wa[:out], A_i = a block of rows
+      wa    (out + R', in)  [W; A_1; ...; A_k; 0]    W = wa[:out], A_i copied into a block of rows
       bias  (out + R',)     [b; 0]                   b = bias[:out]      (absent without a bias)
 
   (R' pads R so that out + R' is a multiple of 8: a GEMM 2,004 columns wide runs ~11% slower
-  than one 2,008 wide, measured here with MKL.) Each of those parameters' ``.data`` is a compact
-  view into its buffer, so an in-place edit by any route (``p.data.mul_(10)``, ``p.add_(1)`` under
+  than one 2,008 wide, measured here with MKL.) W's and b's ``.data`` are compact views into
+  their buffers, so an in-place edit by any route (``p.data.mul_(10)``, ``p.add_(1)`` under
   ``no_grad``, an optimizer step, numpy on ``p.detach()``) writes the buffer itself, and the next
-  forward computes with it: there is nothing to invalidate. The small ``B_i`` keep their own
-  storage and are read (concatenated when several are used) on every call.
-- Before every use :meth:`FusedLayout.matches` checks that each of those parameters still *is*
-  its view: same storage address, shape, strides, dtype and device, and the layer holds exactly
+  forward computes with it: there is nothing to invalidate. The ``A_i`` keep their own storage (a
+  user's ``torch.save`` of an A writes its r x in values, not the base weight with it) and are
+  copied into their rows on every call (r x in values each, a few microseconds), so an edit of an
+  A by any route is seen too. The small ``B_i`` keep their own storage and are read (concatenated
+  when several are used) on every call.
+- Before every use :meth:`FusedLayout.matches` checks that W and b still *are* their views and
+  each A is the tensor the layout was built for: same storage address, shape, strides, dtype and
+  device, and the layer holds exactly
   the adapters the layout was built for. Anything else (``p.data = other``, ``model.to(...)``, an
   adapter added or deleted, ``copy.deepcopy``) fails the check, and :func:`ensure_layout` builds a
   new layout from the parameters' current values and re-points them into it. Only registered
@@ -73,6 +77,7 @@ class FusedLayout:
     names: tuple[str, ...]  # adapters, in row order
     rows: dict[str, slice]  # adapter -> its columns of x A^T, in [0, R)
     signatures: tuple  # what each parameter must look like for the layout to hold
+    a_rows: tuple[torch.Tensor, ...] = ()  # each adapter's block of rows of wa, in ``names`` order (A is copied in)
 
     @property
     def rank(self) -> int:
@@ -97,6 +102,8 @@ def ensure_layout(
     into it); ``None`` when they are not all ``nn.Parameter`` objects (they cannot be re-pointed).
     The caller (the layer) keeps the layout returned."""
     if layout is not None and layout.matches(weight, bias, lora_A):
+        for rows, A in zip(layout.a_rows, lora_A.values(), strict=True):
+            rows.copy_(A.detach())  # the A's own their storage: their current values, copied in
         return layout
     params = [weight, *lora_A.values()] + ([] if bias is None else [bias])
     if not all(isinstance(p, nn.Parameter) for p in params):
@@ -124,20 +131,21 @@ def _build(w: torch.Tensor, b: torch.Tensor | None, lora_A: Mapping[str, torch.T
         if b is not None:
             bias = torch.zeros(total, dtype=w.dtype, device=w.device)
             bias[:out].copy_(b)
-        # Re-point the parameters into the buffers (same Parameter objects: optimizers keep them).
-        # The content is copied exactly, so this is no edit: set_data leaves the edit count alone.
+        # Re-point W and b into the buffers (same Parameter objects: optimizers keep them). The
+        # content is copied exactly, so this is no edit: set_data leaves the edit count alone. The
+        # A's are not re-pointed: a parameter the user sees owns its storage (a view would carry the
+        # base weight into every torch.save of an A); their rows are refreshed on every call.
         set_data(w, wa[:out])
         if bias is not None:
             set_data(b, bias[:out])
-        for name in names:
-            set_data(lora_A[name], wa[out + rows[name].start : out + rows[name].stop])
-    return FusedLayout(wa, bias, out, names, rows, _signatures(w, b, lora_A))
+        a_rows = tuple(wa[out + rows[name].start : out + rows[name].stop] for name in names)
+    return FusedLayout(wa, bias, out, names, rows, _signatures(w, b, lora_A), a_rows)
 
 
 def detach_layout(params: Iterable[torch.Tensor | None]) -> None:
     """Give every parameter (a layer's W, b and A's) its own compact storage again (on unload;
     the caller drops its layout)."""
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, also when unloaded inside inference_mode
         for p in params:
             if p is not None:
                 set_data(p, p.detach().clone(memory_format=torch.contiguous_format))

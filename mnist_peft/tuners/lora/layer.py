@@ -265,7 +265,7 @@ class LoraLinear(nn.Module):
     def unmerge(self) -> None:
         """Put the original weight tensor back (bit-exact, idempotent); an edit made while merged is kept."""
         if self._merge is not None:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, also inside inference_mode
                 ledger.set_data(self.base_layer.weight, self.unmerged_weight())
             self._merge = None
         self.merged_adapters.clear()

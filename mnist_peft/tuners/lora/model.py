@@ -15,11 +15,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from mnist_peft.errors import AdapterStateError, InvalidArgumentError, MergeError
+from mnist_peft.errors import AdapterConfigError, AdapterStateError, InvalidArgumentError, MergeError
+from mnist_peft.numerics import MAX_WEIGHT, first_non_finite, require_finite_number
 
-from .config import BASE_ADAPTER, DEFAULT_ADAPTER, LoraConfig, _check_finite
+from .config import BASE_ADAPTER, DEFAULT_ADAPTER, LoraConfig
 from .layer import AdapterState, ForwardMode, LoraLinear, release_layer, valid_adapter_name
-from .state_dict import adapter_state_dict, base_state_dict, check_fits_dtypes, check_lora_state_dict
+from .state_dict import adapter_state_dict, base_state_dict, check_bounded_updates, check_fits_dtypes, check_lora_state_dict
 from .targets import lora_layers, target_layers
 
 __all__ = ["LoraModel", "inject_adapter", "set_forward_mode"]
@@ -66,6 +67,7 @@ def _inject(
             model, config, state_dict, path=source, targets={n: (m.out_features, m.in_features) for n, m in modules.items()}
         )
         check_fits_dtypes(state_dict, modules, source)
+        check_bounded_updates(config, state_dict, source)  # finite values of 1e19 would still overflow the outputs
     if state is None:
         state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
     for name, module in modules.items():
@@ -111,12 +113,20 @@ def _stack_weights(names: list[str], weights: Sequence[float] | None) -> list[fl
         raise AdapterStateError(f"got {len(weights)} weights for {len(names)} adapters; give one weight per adapter")
     if weights is None:
         return [1.0] * len(names)
-    return [_check_finite(w, f"stack weight of {n!r}") for n, w in zip(names, weights, strict=True)]
+    fix = f"give each adapter a finite weight within +-{MAX_WEIGHT:g} (--weight)"
+    try:  # the bound of combine's weights: one bound for every door that takes a weight
+        return [
+            require_finite_number(w, name=f"stack weight of {n!r}", fix=fix, max_abs=MAX_WEIGHT)
+            for n, w in zip(names, weights, strict=True)
+        ]
+    except InvalidArgumentError as exc:
+        raise AdapterConfigError(str(exc)) from None
 
 
 def _merge_plan(model: nn.Module, names: list[str], safe_merge: bool) -> list[tuple[LoraLinear, list[str], torch.Tensor]]:
     """``(layer, adapters to merge there, merged weight)`` for each layer with work to do; nothing is
-    live yet. With ``safe_merge`` a non-finite merged weight raises :class:`MergeError`."""
+    live yet. With ``safe_merge`` a non-finite merged weight raises :class:`MergeError` (the check is
+    the finiteness gate of :mod:`mnist_peft.numerics`)."""
     plan = []
     for lname, layer in lora_layers(model):
         todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
@@ -124,7 +134,7 @@ def _merge_plan(model: nn.Module, names: list[str], safe_merge: bool) -> list[tu
             plan.append((lname, layer, todo, layer.merged_weight(todo)))
     if safe_merge:
         for lname, _, todo, weight in plan:
-            if not torch.isfinite(weight).all():
+            if first_non_finite([(lname, weight)]) is not None:
                 raise MergeError(
                     f"merging adapter(s) {todo} into {lname!r} gives NaN/Inf weights; the model was left "
                     "unchanged. Check the adapter's weights (or lower its stack weight)"
@@ -256,11 +266,14 @@ class LoraModel(nn.Module):
             self.state.disabled = was
 
     # -- merge
-    def merge(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = True) -> None:
         """Add the (active, or named) adapters' deltas into the base weights of the layers holding them.
 
-        Idempotent: adapters already merged are skipped. With ``safe_merge``, every new weight is
-        checked for NaN/Inf first and nothing changes if one is found.
+        Idempotent: adapters already merged are skipped. With ``safe_merge`` (the default, as the
+        CLI's ``merge``), every new weight is checked for NaN/Inf first and nothing changes if one is
+        found; ``safe_merge=False`` skips that check (peft's default: the caller vouches for the
+        weights). Works inside ``torch.inference_mode()`` and ``torch.no_grad()``: the merged weights
+        are ordinary tensors, so the model trains afterwards.
 
         Raises:
             MergeError: ``safe_merge`` found a non-finite merged weight (the model is untouched).
@@ -269,15 +282,18 @@ class LoraModel(nn.Module):
         self.require_adapters(names)
         if len(set(names)) != len(names):
             raise AdapterStateError(f"adapter names {names} repeat a name; merge each adapter once")
-        for layer, todo, weight in _merge_plan(self.model, names, safe_merge):
-            layer.commit_merge(todo, weight)
+        # Outside inference mode: a tensor made inside it and put into a Parameter would make the
+        # model untrainable ("Setting requires_grad=True on inference tensor...").
+        with torch.inference_mode(False), torch.no_grad():
+            for layer, todo, weight in _merge_plan(self.model, names, safe_merge):
+                layer.commit_merge(todo, weight)
 
     def unmerge(self) -> None:
         """Restore every base weight bit-exactly (keeping edits made while merged); idempotent."""
         for layer in self._layers():
             layer.unmerge()
 
-    def _unwrap(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+    def _unwrap(self, merge: bool, safe_merge: bool = True) -> nn.Module:
         if merge:
             self.merge(safe_merge=safe_merge)
         for name, layer in list(lora_layers(self.model)):
@@ -286,8 +302,9 @@ class LoraModel(nn.Module):
         self.state.active, self.state.weights = [], {}
         return self.model
 
-    def merge_and_unload(self, *, safe_merge: bool = False) -> nn.Module:
-        """Merge the active adapters and return the plain base model (e.g. an ``MnistMLP``).
+    def merge_and_unload(self, *, safe_merge: bool = True) -> nn.Module:
+        """Merge the active adapters and return the plain base model (e.g. an ``MnistMLP``); ``safe_merge``
+        as in :meth:`merge` (on by default: a non-finite merged weight is refused).
 
         Raises:
             MergeError: ``safe_merge`` found a non-finite merged weight (the model is untouched).

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from mnist_peft.errors import AdapterKeyError, AdapterShapeError, NonFiniteError
+from mnist_peft.numerics import MAX_ABS_OUTPUT, first_non_finite, require_bounded_updates, require_finite
 
 from .config import LoraConfig
 from .layer import LoraLinear
 from .targets import find_targets, lora_layers
 
-__all__ = ["adapter_state_dict", "base_state_dict", "check_lora_state_dict", "check_fits_dtypes"]
+__all__ = ["adapter_state_dict", "base_state_dict", "check_bounded_updates", "check_lora_state_dict", "check_fits_dtypes"]
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -24,8 +25,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
-            # Copies: lora_A is a view into the fused buffers, which hold the base weight and
-            # the other adapters too (torch.save of a view writes its whole storage).
+            # Copies: the caller may edit or keep them without touching the model.
             out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach().clone()
             out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach().clone()
     return out
@@ -88,22 +88,54 @@ def _check_keys(config: LoraConfig, state_dict: dict[str, torch.Tensor], targets
 
 def _check_values_finite(flat: torch.Tensor, tensors: dict[str, torch.Tensor], path: str | None) -> None:
     """Raise :class:`NonFiniteError` naming the first of ``tensors`` (whose values ``flat`` holds,
-    concatenated) with a NaN or Inf.
-
-    One sum over all the values: a NaN or Inf anywhere makes it non-finite, so a finite sum proves
-    every value finite (six times cheaper than ``isfinite``). A non-finite sum (also a mere
-    overflow of large finite values) is settled value by value.
-    """
-    if math.isfinite(float(flat.sum())) or bool(torch.isfinite(flat).all()):
+    concatenated) with a NaN or Inf: the finiteness gate (:mod:`mnist_peft.numerics`) on ``flat``
+    first, one sum over every value (the hot path: a finite sum proves every value finite), and only
+    if that fails on each tensor, to name it."""
+    if first_non_finite([("", flat)]) is None:
         return
-    key = next(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
-    where = f" in {path!r}" if path else ""
-    raise NonFiniteError(
-        f"tensor {key!r}{where} holds NaN or Inf values; the adapter is corrupt or diverged in training: "
-        "re-train it or load another version",
-        key=key,
-        path=path,
+    where = f"adapter {path!r}" if path else "the adapter weights"
+    require_finite(
+        tensors, what=where, fix="the adapter is corrupt or diverged in training: re-train it or load another version", path=path
     )
+
+
+def check_bounded_updates(config: LoraConfig, state_dict: dict[str, torch.Tensor], path: str | None = None) -> None:
+    """Refuse weights whose update of some layer is not finite or too large on the fixed probe batch
+    (:func:`mnist_peft.numerics.require_bounded_updates`; ``io.probe`` runs the same check on files).
+
+    On the load path, so a bound settles most layers first: for a probe row x of unit RMS
+    (``||x|| = sqrt(in)``), ``|y_j| <= |s| ||B||_F ||A||_F sqrt(in)``; a layer within the limit by that
+    bound passes the probe for sure (one fused norm call for the whole adapter). Only a layer the
+    bound does not settle (large or non-finite values) is probed, so the verdict is the probe's.
+
+    Raises:
+        NonFiniteError: names the layer (e.g. finite values of 1e19, whose outputs overflow).
+    """
+    pairs = []
+    for key, A in state_dict.items():
+        name, sep, _ = key.partition(".lora_A.")
+        B = state_dict.get(f"{name}.lora_B.weight") if sep else None
+        if B is not None and A.dim() == 2:
+            pairs.append((name, A, B))
+    if not pairs:
+        return
+    tensors = [t.detach() for _, A, B in pairs for t in (A, B)]
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = [float(n) for n in (foreach_norm(tensors) if foreach_norm else [t.norm() for t in tensors])]
+    s = abs(config.scaling)
+    unsettled = [
+        (name, _float64(A), _float64(B), config.scaling)
+        for i, (name, A, B) in enumerate(pairs)
+        if not s * norms[2 * i] * norms[2 * i + 1] * math.sqrt(A.shape[1]) <= MAX_ABS_OUTPUT  # NaN and Inf fail too
+    ]
+    if unsettled:
+        where = f"adapter {path!r}" if path else "the adapter weights"
+        fix = "the adapter diverged in training or was tampered with; re-train it or use another version"
+        require_bounded_updates(unsettled, what=where, fix=fix, path=path)
+
+
+def _float64(t: torch.Tensor):  # -> numpy.ndarray
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
 def check_fits_dtypes(state_dict: dict[str, torch.Tensor], modules: dict[str, nn.Linear | LoraLinear], path: str | None) -> None:

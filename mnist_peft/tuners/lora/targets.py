@@ -12,7 +12,7 @@ from mnist_peft.errors import AdapterConfigError
 from .config import LoraConfig
 from .layer import LoraLinear
 
-__all__ = ["find_targets", "lora_layers", "target_layers"]
+__all__ = ["check_rank", "find_targets", "lora_layers", "target_layers"]
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -68,6 +68,23 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, i
         AdapterConfigError: a target module is missing or not an ``nn.Linear``.
     """
     return {name: (m.out_features, m.in_features) for name, m in target_layers(model, config).items()}
+
+
+def check_rank(model: nn.Module, config: LoraConfig) -> None:
+    """Refuse ``config.r`` above the highest rank any target layer's update can have (``min(in, out)``,
+    the largest over the layers: the bound of ``combine --r``), before any factor is allocated: training
+    at r=100,000 allocates GBs that add nothing. A layer narrower than r is allowed, as in peft, so
+    :class:`~mnist_peft.tuners.lora.model.LoraModel` itself stays peft's equal; training calls this.
+
+    Raises:
+        AdapterConfigError: r is above that rank (or a target module is missing).
+    """
+    highest = max((min(n_out, n_in) for n_out, n_in in find_targets(model, config).values()), default=0)
+    if config.r > highest:
+        raise AdapterConfigError(
+            f"r={config.r} (--r) is above the highest rank any target layer's update can have ({highest}: "
+            f"min(in, out) over {sorted(config.target_modules)}); use --r <= {highest}"
+        )
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
