@@ -24,6 +24,7 @@ _LAZY = {
     "resolve_data_root": "model",
     "split_validation": "model",
     "LoraConfig": "tuners.lora",
+    "DoraConfig": "tuners.dora",
     "LoraModel": "tuners.lora",
     "get_delta_weight": "tuners.lora",
     "MnistMLP": "model",
@@ -103,6 +104,7 @@ __all__ = [
     "run_fleet",
     # LoRA and adapters
     "LoraConfig",
+    "DoraConfig",
     "LoraModel",
     "get_delta_weight",
     "save_adapter",

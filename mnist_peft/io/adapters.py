@@ -4,6 +4,7 @@ A folder holds::
 
     adapter_config.json          a valid peft.LoraConfig (target_modules sorted)
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+                                 (DoRA, ``use_dora: true``: also .lora_magnitude_vector (out,))
     README.md                    model card with YAML front matter (library_name: peft, base_model, tags)
 
 Extra metadata (digit, recipe, base fingerprint, ...) lives in the safetensors header as str -> str,
@@ -30,6 +31,8 @@ from mnist_peft.errors import AdapterConfigError, AdapterKeyError, CorruptFileEr
 from mnist_peft.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_regular_file
 from mnist_peft.model.mlp import base_fingerprint
 from mnist_peft.numerics import parse_json_config, require_bounded_updates, require_finite
+from mnist_peft.tuners.dora.config import DoraConfig
+from mnist_peft.tuners.dora.magnitude import MAGNITUDE_KEY, check_magnitudes
 from mnist_peft.tuners.lora.config import DEFAULT_ADAPTER, LoraConfig
 from mnist_peft.tuners.lora.layer import valid_adapter_name
 from mnist_peft.tuners.lora.model import LoraModel
@@ -79,7 +82,6 @@ _NEUTRAL_PEFT_KEYS: dict[str, tuple[object, ...]] = {
     "layers_pattern": (None,),
     "rank_pattern": ({}, None),
     "alpha_pattern": ({}, None),
-    "use_dora": (False,),
     "lora_bias": (False,),
     "megatron_config": (None,),
     "megatron_core": (),
@@ -138,7 +140,7 @@ def to_peft_config_dict(config: LoraConfig, *, base_model_name_or_path: str | No
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
@@ -166,13 +168,20 @@ def from_peft_config_dict(data: dict[str, object], *, path: str | os.PathLike[st
     return reader(data, where)
 
 
-_LORA_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias"})
-"""The ``adapter_config.json`` keys our LoRA reads (the fields of :class:`LoraConfig`)."""
+_LORA_KEYS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights", "bias", "use_dora"})
+"""The ``adapter_config.json`` keys our LoRA reads (the fields of :class:`LoraConfig`, and ``use_dora``)."""
+
+_LORA_VARIANTS: dict[object, type[LoraConfig]] = {False: LoraConfig, None: LoraConfig, True: DoraConfig}
+"""``use_dora`` -> the config class: peft writes DoRA as ``peft_type: LORA`` with ``use_dora: true``."""
 
 
 def _lora_config_from_dict(data: dict[str, object], where: str) -> LoraConfig:
     """``peft_type: LORA``: every key checked against what our LoRA models (see ``_NEUTRAL_PEFT_KEYS``)."""
-    kwargs = {k: v for k, v in data.items() if k in _LORA_KEYS}
+    kwargs = {k: v for k, v in data.items() if k in _LORA_KEYS and k != "use_dora"}
+    use_dora = data.get("use_dora", False)
+    config_class = _LORA_VARIANTS.get(use_dora) if isinstance(use_dora, (bool, type(None))) else None
+    if config_class is None:
+        raise AdapterConfigError(f"use_dora{where} must be true or false, got {shown(use_dora)}")
     for key, value in data.items():
         if key in _LORA_KEYS:
             continue
@@ -186,7 +195,7 @@ def _lora_config_from_dict(data: dict[str, object], where: str) -> LoraConfig:
         raise AdapterConfigError(f"target_modules{where} is a regex string; list the module names instead")
     if "r" not in kwargs or "target_modules" not in kwargs:
         raise AdapterConfigError(f"adapter config{where} lacks 'r' or 'target_modules'; is this a LoRA adapter_config.json?")
-    return LoraConfig(**kwargs)  # type: ignore[arg-type]
+    return config_class(**kwargs)  # type: ignore[arg-type]
 
 
 # Adapter types by ``peft_type``: the reader of each one's config. A second type (IA3, DoRA) is a
@@ -243,8 +252,9 @@ def write_adapter(
     atomic_write_bytes(folder / ADAPTER_WEIGHTS_NAME, st_save(tensors, metadata=header))
     atomic_write_json(folder / ADAPTER_CONFIG_NAME, to_peft_config_dict(files.config, base_model_name_or_path=base_model_name_or_path))
     if model_card is None:
+        kind = files.config.adapter_type
         model_card = render_model_card(
-            base_model=base_model_name_or_path, tags=["lora", "mnist", "mnist-peft"], title=f"LoRA adapter {folder.name}"
+            base_model=base_model_name_or_path, tags=[kind, "mnist", "mnist-peft"], title=f"{kind.upper() if kind != 'lora' else 'LoRA'} adapter {folder.name}"
         )
     atomic_write_text(folder / MODEL_CARD_NAME, model_card)
     return folder
@@ -260,6 +270,7 @@ def _require_usable(config: LoraConfig, state: dict[str, torch.Tensor], folder: 
     what = f"the adapter to write to {str(folder)!r}"
     require_finite(state, what=what, fix=_WRITE_FIX, path=str(folder))
     require_bounded_updates(probe_layers(state, config.scaling), what=what, fix=_WRITE_FIX, path=str(folder))
+    check_magnitudes(state.items(), what=what, fix=_WRITE_FIX, path=str(folder))
 
 
 def read_adapter(folder: str | os.PathLike[str]) -> AdapterFiles:
@@ -306,6 +317,9 @@ def adapter_from_bytes(config: bytes, weights: bytes, *, folder: str | os.PathLi
             head, sep, tail = k.partition(f".{part}.")
             if sep and tail != "weight" and tail.endswith(".weight"):
                 k = f"{head}.{part}.weight"
+        head, sep, tail = k.partition(f".{MAGNITUDE_KEY}.")  # "...lora_magnitude_vector[.default].weight" (peft's live keys)
+        if sep and tail.endswith("weight"):
+            k = f"{head}.{MAGNITUDE_KEY}"
         if k in state:
             raise AdapterKeyError(
                 f"{str(w_path)!r} holds two tensors for {k!r} (e.g. with and without an adapter name); keep one and re-save the file",
@@ -343,7 +357,7 @@ def _config_from_bytes(raw: bytes, path: str) -> LoraConfig:
         if (
             isinstance(raw, bytes)
             and len(raw) <= 1 << 16
-            and type(config) is LoraConfig
+            and type(config) in (LoraConfig, DoraConfig)
             and isinstance(data, dict)
             and data.get("peft_type", "LORA") == "LORA"
             and all(k in _LORA_KEYS or k in _NEUTRAL_PEFT_KEYS for k in data)

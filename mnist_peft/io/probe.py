@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mnist_peft.errors import CorruptFileError
 from mnist_peft.numerics import parse_json_config, require_bounded_updates
+from mnist_peft.tuners.dora.magnitude import check_magnitudes
 from mnist_peft.tuners.lora.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ def probe_adapter(files: _Files, *, what: str | None = None) -> None:
     path = None if files.path is None else str(files.path)
     where = what or (f"adapter {path!r}" if path else "the adapter")
     require_bounded_updates(probe_layers(files.state_dict, files.config.scaling), what=where, fix=PROBE_FIX, path=path)
+    check_magnitudes(files.state_dict.items(), what=where, fix=PROBE_FIX, path=path)
 
 
 def probe_adapter_bytes(config: bytes, weights: bytes, *, what: str, path: str | None = None) -> None:
@@ -89,7 +91,9 @@ def probe_adapter_bytes(config: bytes, weights: bytes, *, what: str, path: str |
         cfg = LoraConfig(r=data["r"], lora_alpha=data["lora_alpha"], use_rslora=data.get("use_rslora", False))  # type: ignore[index,union-attr]
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # (AdapterConfigError is a ValueError)
         raise CorruptFileError(f"{what}: adapter_config.json is not a readable LoRA config ({exc})", path=path) from None
-    require_bounded_updates(probe_layers(_numpy_tensors(weights, what, path), cfg.scaling), what=what, fix=PROBE_FIX, path=path)
+    tensors = _numpy_tensors(weights, what, path)
+    require_bounded_updates(probe_layers(tensors, cfg.scaling), what=what, fix=PROBE_FIX, path=path)
+    check_magnitudes(tensors.items(), what=what, fix=PROBE_FIX, path=path)  # DoRA's magnitude vectors (no other tensor is looked at)
 
 
 def _numpy_tensors(weights: bytes, what: str, path: str | None) -> Mapping[str, Any]:

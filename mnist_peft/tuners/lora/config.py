@@ -42,6 +42,10 @@ class LoraConfig:
 
     peft_type: ClassVar[str] = "LORA"
     """The ``peft_type`` of ``adapter_config.json`` (a class constant, not a field: ``to_dict`` omits it)."""
+    use_dora: ClassVar[bool] = False
+    """peft's ``use_dora`` (a class constant: DoRA is its own config, :class:`mnist_peft.tuners.dora.config.DoraConfig`)."""
+    adapter_type: ClassVar[str] = "lora"
+    """The adapter type's name, as the registry and the CLI show it ("lora", "dora")."""
 
     r: int = 8
     """Rank of the update: ``lora_A`` is (r, in), ``lora_B`` is (out, r)."""
@@ -83,6 +87,11 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return compute_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+    def layer_variant(self) -> object | None:
+        """What a layer runs for an adapter of this config: None is plain LoRA; an adapter type that
+        shares LoRA's A and B returns its :class:`~mnist_peft.tuners.lora.layer.LoraVariant` (DoRA)."""
+        return None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

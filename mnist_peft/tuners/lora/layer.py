@@ -25,14 +25,20 @@ Two forward paths compute the same equation:
 
 Merge is out of place and ``unmerge`` restores the base weight bit-exactly; how, and what it
 assumes, is the merge ledger's (:mod:`mnist_peft.tuners.lora.ledger`).
+
+Adapter types that share LoRA's A and B (DoRA) plug in per adapter, as peft's ``lora_variant``:
+each adapter's config names its :class:`LoraVariant` (``config.layer_variant()``; None is plain
+LoRA, this module's :class:`LoraVariant` itself), and the layer hands every per-adapter step
+(create, forward, a mixed-batch block, a merge step, its extra tensors) to it. So LoRA and DoRA
+adapters live on one layer, stack, and share one mixed batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +53,7 @@ __all__ = [
     "AdapterState",
     "ForwardMode",
     "LoraLinear",
+    "LoraVariant",
     "get_delta_weight",
     "init_lora_weights_",
     "lora_forward",
@@ -97,6 +104,73 @@ def _mixed_block_(result: torch.Tensor, rows: torch.Tensor, A: torch.Tensor, B: 
         result += lora_forward(rows, A, B, s)
     else:  # (s x A^T) B^T added in place by one rank-r GEMM
         result.addmm_((rows @ A.t()).mul_(s), B.t())
+
+
+# ----------------------------------------------------------------------------- the adapter-type seam
+class LoraVariant:
+    """How one adapter of a :class:`LoraLinear` computes; this class is plain LoRA.
+
+    An adapter type that shares LoRA's A and B subclasses it (DoRA:
+    :class:`mnist_peft.tuners.dora.layer.DoraVariant`) and is named by its config's
+    ``layer_variant()``. Every method takes the layer and the adapter's name; the layer calls
+    nothing else of a type, so a new type touches no LoRA code.
+    """
+
+    name = "lora"
+    fusable = True
+    """Whether the fused inference path (:mod:`~mnist_peft.tuners.lora.fused`, the update
+    ``s (x A^T) B^T``) computes this type; otherwise the layer runs each adapter's :meth:`forward`."""
+    extra_keys: tuple[str, ...] = ()
+    """Per-layer tensors beyond ``lora_A.weight``/``lora_B.weight``, by their key suffix in a state dict
+    (DoRA: ``lora_magnitude_vector``)."""
+
+    def init(self, layer: LoraLinear, adapter_name: str, weights: Mapping[str, torch.Tensor] | None) -> None:
+        """Create the type's own tensors for a new adapter (A and B exist already); ``weights`` holds the
+        layer's tensors by key suffix when loading (copy them), else None (initialise them)."""
+
+    def extra_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of :attr:`extra_keys` on a layer of this size (checked before a load)."""
+        return {}
+
+    def check_values(self, tensors: Mapping[str, torch.Tensor], *, what: str, fix: str, path: str | None) -> None:
+        """Refuse loaded values of the type's own tensors that would overflow the model (``tensors`` holds
+        the whole adapter; A and B are checked by the LoRA checks)."""
+
+    def parameters(self, layer: LoraLinear, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The type's own parameters of one adapter, by key suffix (for state dicts and trainability)."""
+        return {}
+
+    def delete(self, layer: LoraLinear, adapter_name: str) -> None:
+        """Drop the type's own tensors of one adapter."""
+
+    def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor, exact: bool) -> torch.Tensor:
+        """``result`` (the output so far) with this adapter's update added, at its effective scaling
+        (scaling x stack weight). With ``exact`` the same float ops as peft's layer (also for gradients)."""
+        p = layer.lora_dropout[adapter_name]  # what nn.Dropout(p) would do (identity at p = 0, as peft's nn.Identity)
+        xd = F.dropout(x, p, layer.training) if p > 0 else x
+        return result + lora_forward(xd, layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.effective_scaling(adapter_name))
+
+    def mixed_block_(self, layer: LoraLinear, adapter_name: str, result: torch.Tensor, rows: torch.Tensor, exact: bool) -> None:
+        """Add the adapter's update (at its scaling, no stack weight) to ``result``, the base output of its
+        rows ``rows`` in a mixed batch, in place (inference only)."""
+        _mixed_block_(result, rows, layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name], exact)
+
+    def merge_step(self, layer: LoraLinear, adapter_name: str) -> ledger.MergeStep:
+        """The adapter's update as the merge ledger takes it, at its effective scaling."""
+        return ledger.LoraDelta(layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach(), layer.effective_scaling(adapter_name))
+
+    def delta_weight(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
+        """The adapter's update of the base weight at its scaling: merged weight = weight + delta."""
+        return get_delta_weight(layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name])
+
+
+PLAIN_LORA = LoraVariant()
+
+
+def variant_of(config: Any) -> LoraVariant:
+    """The :class:`LoraVariant` a config asks for (``config.layer_variant()``; plain LoRA when None)."""
+    found = config.layer_variant() if hasattr(config, "layer_variant") else None
+    return PLAIN_LORA if found is None else found
 
 
 # ----------------------------------------------------------------------------- the state
@@ -191,6 +265,7 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.variants: dict[str, LoraVariant] = {}  # name -> its adapter type (plain LoRA, DoRA, ...)
         self.state = state if state is not None else AdapterState()
         self.merged_adapters: list[str] = []
         self._merge: ledger.MergeRecord | None = None  # while merged: how to restore the base
@@ -208,34 +283,59 @@ class LoraLinear(nn.Module):
         return [n for n in self.state.active if n in self.lora_A]
 
     # -- adapters
-    def update_layer(self, adapter_name: str, config: LoraConfig, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def update_layer(
+        self, adapter_name: str, config: LoraConfig, weights: Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Add (or re-create) adapter ``adapter_name``: fresh weights drawn per ``config``, or
-        ``weights=(A, B)`` copied in (no random draws)."""
+        ``weights`` copied in (no random draws): the layer's tensors by key suffix
+        (``{"lora_A.weight": A, "lora_B.weight": B, ...}``, plus the type's :attr:`LoraVariant.extra_keys`),
+        or ``(A, B)`` for plain LoRA."""
         w = self.base_layer.weight
+        if isinstance(weights, tuple):
+            weights = {"lora_A.weight": weights[0], "lora_B.weight": weights[1]}
         if weights is None:
             A = torch.empty(config.r, self.in_features, dtype=w.dtype, device=w.device)
             B = torch.empty(self.out_features, config.r, dtype=w.dtype, device=w.device)
             init_lora_weights_(A, B, config.init_lora_weights)
         else:
-            A, B = (t.clone() if t.dtype == w.dtype and t.device == w.device else t.to(dtype=w.dtype, device=w.device) for t in weights)
+            A, B = (self.own_copy(weights[k]) for k in ("lora_A.weight", "lora_B.weight"))
         self.lora_A[adapter_name] = nn.Parameter(A)
         self.lora_B[adapter_name] = nn.Parameter(B)
         self.lora_dropout[adapter_name] = config.lora_dropout
         self.r[adapter_name] = config.r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.scaling
+        old = self.variants.get(adapter_name)
+        if old is not None:
+            old.delete(self, adapter_name)
+        variant = self.variants[adapter_name] = variant_of(config)
+        variant.init(self, adapter_name, weights)
+
+    def own_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` copied, in the base weight's dtype and device (a loaded tensor is never shared)."""
+        w = self.base_layer.weight
+        return t.clone() if t.dtype == w.dtype and t.device == w.device else t.to(dtype=w.dtype, device=w.device)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise AdapterStateError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
+        self.variants.pop(adapter_name, PLAIN_LORA).delete(self, adapter_name)
         for d in (self.lora_A, self.lora_B):
             del d[adapter_name]
         for d in (self.lora_dropout, self.r, self.lora_alpha, self.scaling):
             d.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """One adapter's weight update (out, in) at its scaling (as peft's layer method; no stack weight)."""
-        return get_delta_weight(self.lora_A[adapter_name], self.lora_B[adapter_name], self.scaling[adapter_name])
+        """One adapter's weight update (out, in) at its scaling (as peft's layer method; no stack weight):
+        merged weight = weight + delta (for DoRA, the whole rescaled difference)."""
+        return self.variants[adapter_name].delta_weight(self, adapter_name)
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """One adapter's parameters of this layer by key suffix (``lora_A.weight``, ``lora_B.weight``
+        and the type's extra tensors), live (not copies)."""
+        out = {"lora_A.weight": self.lora_A[adapter_name], "lora_B.weight": self.lora_B[adapter_name]}
+        out.update(self.variants[adapter_name].parameters(self, adapter_name))
+        return out
 
     def effective_scaling(self, adapter_name: str) -> float:
         """scaling * stack weight; exactly ``scaling`` when the stack weight is 1."""
@@ -243,9 +343,9 @@ class LoraLinear(nn.Module):
         s = self.scaling[adapter_name]
         return s if w == 1.0 else s * w
 
-    # -- merge / unmerge (the ledger's: LoRA-only, see ledger.py)
-    def _deltas(self, adapter_names: Sequence[str]) -> list[ledger.LoraDelta]:
-        return [(self.lora_A[n].detach(), self.lora_B[n].detach(), self.effective_scaling(n)) for n in adapter_names]
+    # -- merge / unmerge (the ledger's, with each adapter type's merge step)
+    def _deltas(self, adapter_names: Sequence[str]) -> list[ledger.MergeStep]:
+        return [self.variants[n].merge_step(self, n) for n in adapter_names]
 
     def merged_weight(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """The current weight plus the named adapters' deltas (at their effective scaling), in a
@@ -282,9 +382,10 @@ class LoraLinear(nn.Module):
         active = [n for n in state.active if n in self.lora_A and n not in self.merged_adapters]
         if not active:
             return self.base_layer(x)
-        layout = None if state.forward_mode == "exact" or self._needs_exact(active) else self._fused_layout()
+        exact = state.forward_mode == "exact" or self._needs_exact(active)
+        layout = None if exact or not all(self.variants[n].fusable for n in active) else self._fused_layout()
         if layout is None or not fused.idle_rows_ok(layout, active, self.out_features):
-            return self._forward_exact(x, active)
+            return self._forward_each(x, active, exact)
         w = self.base_layer.weight
         columns = [s for n in active for s in [self.effective_scaling(n)] * self.r[n]]  # each used column's scaling
         scale = torch.tensor(columns, dtype=w.dtype, device=w.device)  # (R_used,)
@@ -297,7 +398,7 @@ class LoraLinear(nn.Module):
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:  # e.g. torch.nn.utils.prune
             return True
         return torch.is_grad_enabled() and (
-            base.weight.requires_grad or any(self.lora_A[n].requires_grad or self.lora_B[n].requires_grad for n in active)
+            base.weight.requires_grad or any(t.requires_grad for n in active for t in self.adapter_tensors(n).values())
         )
 
     def _fused_layout(self) -> fused.FusedLayout | None:
@@ -309,12 +410,11 @@ class LoraLinear(nn.Module):
             self._layout = layout
         return layout
 
-    def _forward_exact(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+    def _forward_each(self, x: torch.Tensor, active: list[str], exact: bool) -> torch.Tensor:
+        """peft's order: the base output, then each active adapter's update in turn (its type's forward)."""
         result = self.base_layer(x)
         for name in active:
-            p = self.lora_dropout[name]  # what nn.Dropout(p) would do (identity at p = 0, as peft's nn.Identity)
-            xd = F.dropout(x, p, self.training) if p > 0 else x
-            result = result + lora_forward(xd, self.lora_A[name], self.lora_B[name], self.effective_scaling(name))
+            result = self.variants[name].forward(self, name, x, result, exact)
         return result
 
     def _forward_mixed(self, x: torch.Tensor, n: int, blocks: list[tuple[str, int, int]]) -> torch.Tensor:
@@ -334,7 +434,7 @@ class LoraLinear(nn.Module):
         exact = self.state.forward_mode == "exact"
         for name, start, stop in blocks:
             if name in self.lora_A and start != stop:
-                _mixed_block_(result[start:stop], x[start:stop], self.lora_A[name], self.lora_B[name], self.scaling[name], exact)
+                self.variants[name].mixed_block_(self, name, result[start:stop], x[start:stop], exact)
         return result
 
     def extra_repr(self) -> str:

@@ -1,12 +1,11 @@
 """The merge ledger: merge a LoRA delta into a weight out of place, and unmerge bit-exactly.
 
-LoRA-only. Everything here assumes the update is ``W + s * B @ A`` with A (r, in), B (out, r) and a
-float scaling s, computed with peft's float ops (:func:`~mnist_peft.tuners.lora.layer.get_delta_weight`'s
-bits). Another adapter type may reuse the ledger only if it can hand over each merged update as
-such an ``(A, B, s)`` triple (:data:`LoraDelta`) whose ``W + s * B @ A`` *is* its merged weight, bit
-for bit. A type whose merged weight is not that sum (DoRA rescales by ``||W + delta||``, IA3
-multiplies ``W``) needs a ledger of its own: a deterministic ``merged_weight(source, log)`` that
-unmerge can replay, and the same edit tracking (which is generic, and can be shared).
+The ledger takes the adapter type as an argument: each merged update is a :class:`MergeStep`, an
+object that writes its merged weight deterministically (the same bits every time it is asked, so
+unmerge can replay it). :class:`LoraDelta` is LoRA's (``W + s * B @ A`` with peft's float ops,
+:func:`~mnist_peft.tuners.lora.layer.get_delta_weight`'s bits); DoRA's rescales each row
+(:class:`mnist_peft.tuners.dora.layer.DoraDelta`). The record, the edit tracking and the replay
+below do not look inside a step.
 
 How unmerge stays exact. Merge is out of place and the original weight tensor is kept, so
 ``unmerge`` restores the base weight bit-exactly by putting that tensor back: no subtraction, no
@@ -24,6 +23,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,8 +31,10 @@ from torch import nn
 __all__ = [
     "LoraDelta",
     "MergeRecord",
+    "MergeStep",
     "commit_merge",
     "delta_in_float32",
+    "delta_weight_into",
     "merged_weight",
     "set_data",
     "track_data_access",
@@ -40,8 +42,33 @@ __all__ = [
     "untrack_data_access",
 ]
 
-LoraDelta = tuple[torch.Tensor, torch.Tensor, float]
-"""One adapter's update as the ledger takes it: ``(A (r, in), B (out, r), s)``, delta ``(B @ A) * s``."""
+class MergeStep(Protocol):
+    """One adapter's merged update as the ledger takes it (the adapter type's part of a merge)."""
+
+    def merge_into(self, out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """Write the merged weight; deterministic (unmerge replays it). The first step of a merge call gets
+        ``delta`` None and writes ``merge(weight)`` into ``out`` (never into ``weight``); each later one gets
+        ``out is weight`` (the weight so far) and a scratch ``delta`` buffer, and updates ``out`` in place."""
+        ...
+
+    def kept(self) -> MergeStep:
+        """A copy that later edits of the adapter's parameters cannot change (what the record keeps)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """LoRA's step: the delta ``(B @ A) * scaling`` added to the weight, with peft's bits."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scaling: float
+
+    def merge_into(self, out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        return _merge_step(out, weight, self.A, self.B, self.scaling, delta)
+
+    def kept(self) -> LoraDelta:
+        return LoraDelta(self.A.clone(), self.B.clone(), self.scaling)
 
 
 def set_data(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -57,14 +84,12 @@ def delta_in_float32(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- the record
 @dataclass(frozen=True)
 class _Merged:
-    """One delta merged into a weight, with what its bits depend on (so unmerge can recompute them)."""
+    """One update merged into a weight, with what its bits depend on (so unmerge can recompute them)."""
 
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
+    step: MergeStep
     first: bool
-    """The first of its merge call: ``W + delta`` into a fresh buffer (:func:`_weight_plus_delta_into`);
-    else the delta added to the weight so far."""
+    """The first of its merge call: written from the weight into a fresh buffer; else applied to the
+    weight so far, in place."""
     threads: int
     """torch's thread count then: a GEMM's rounding may depend on how its work is split."""
 
@@ -80,18 +105,20 @@ class MergeRecord:
 
 
 # ----------------------------------------------------------------------------- merge / unmerge
-def merged_weight(weight: torch.Tensor, deltas: Sequence[LoraDelta], scratch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``weight`` (detached) plus each delta, in a tensor that is not the live one.
+def merged_weight(weight: torch.Tensor, deltas: Sequence[MergeStep], scratch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``weight`` (detached) with each step merged in turn, in a tensor that is not the live one.
 
-    Each delta is :func:`get_delta_weight`'s float ops added to the weight, as peft merges, so
-    a merged weight has the same bits as peft's. The live weight is never written. Scratch
+    Each step computes with peft's float ops (a LoRA delta is :func:`get_delta_weight`'s ops added
+    to the weight), so a merged weight has the same bits as peft's. The live weight is never written. Scratch
     buffers (kept in ``scratch``, the layer's) are reused across merges (a fresh 8 MB tensor costs
     more in page faults than the merge itself); neither is ever the live weight.
     """
     out = _scratch(scratch, "merged", weight, avoid=weight)
-    for i, (A, B, s) in enumerate(deltas):
-        delta = None if i == 0 else _scratch(scratch, "delta", weight, avoid=weight)
-        _merge_step(out, weight, A, B, s, delta)
+    for i, step in enumerate(deltas):
+        if i == 0:
+            step.merge_into(out, weight, None)
+        else:
+            step.merge_into(out, out, _scratch(scratch, "delta", weight, avoid=weight))
     return out
 
 
@@ -113,12 +140,12 @@ def _scratch(cache: dict[str, torch.Tensor], key: str, like: torch.Tensor, *, av
     return buf
 
 
-def commit_merge(weight: nn.Parameter, record: MergeRecord | None, deltas: Sequence[LoraDelta], new_weight: torch.Tensor) -> MergeRecord:
+def commit_merge(weight: nn.Parameter, record: MergeRecord | None, deltas: Sequence[MergeStep], new_weight: torch.Tensor) -> MergeRecord:
     """Make ``new_weight`` (from :func:`merged_weight` of ``deltas``) the live ``weight``; returns the
     record to keep (``record``, extended, or a new one), which keeps the original for unmerge.
 
     What unmerge needs to tell an edit made while merged is recorded, not copied: the weight
-    the merges started from, each merged ``(A, B, scaling)`` (small) with how it was merged
+    the merges started from, each merged step (small: LoRA's ``(A, B, scaling)``) with how it was merged
     (torch's thread count is read here: call this right after ``merged_weight``, on the same
     thread, as :meth:`LoraModel.merge` does), and the live parameter's edit token
     (:func:`_edit_token`).
@@ -129,7 +156,7 @@ def commit_merge(weight: nn.Parameter, record: MergeRecord | None, deltas: Seque
             original = weight.detach() if record is None else unmerged_weight(weight, record)
             record = MergeRecord(original=original, source=weight.detach())
         threads = torch.get_num_threads()
-        record.log += [_Merged(A.clone(), B.clone(), s, i == 0, threads) for i, (A, B, s) in enumerate(deltas)]
+        record.log += [_Merged(step.kept(), i == 0, threads) for i, step in enumerate(deltas)]
         set_data(weight, new_weight)
     record.token = _edit_token(weight)
     return record
@@ -156,10 +183,10 @@ def unmerged_weight(weight: torch.Tensor, record: MergeRecord | None) -> torch.T
     for m in record.log:  # merged_weight's steps, on as many threads: the same bits
         with _num_threads(m.threads, merged.device):
             if m.first:
-                merged = _merge_step(torch.empty_like(merged, memory_format=torch.contiguous_format), merged, m.A, m.B, m.scaling)
-            else:  # added in place: never to the record's own weight
+                merged = m.step.merge_into(torch.empty_like(merged, memory_format=torch.contiguous_format), merged, None)
+            else:  # applied in place: never to the record's own weight
                 merged = merged.clone() if merged is record.source else merged
-                merged = _merge_step(merged, merged, m.A, m.B, m.scaling, torch.empty_like(merged))
+                merged = m.step.merge_into(merged, merged, torch.empty_like(merged))
     if live.dtype == merged.dtype and live.device == merged.device and torch.equal(live, merged):
         return record.original
     original = record.original.to(dtype=live.dtype, device=live.device)
@@ -176,7 +203,7 @@ def _merge_step(
     and added to ``out`` in place (``out`` then already holds the weight so far)."""
     if delta is None:
         return _weight_plus_delta_into(out, weight, A, B, s)
-    return out.add_(_delta_weight_into(delta, A, B, s))
+    return out.add_(delta_weight_into(delta, A, B, s))
 
 
 def _weight_plus_delta_into(out: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -188,7 +215,7 @@ def _weight_plus_delta_into(out: torch.Tensor, weight: torch.Tensor, A: torch.Te
         sB = B if s == 1.0 else B * s
         if _addmm_is_two_step(out, weight, sB, A):
             return torch.addmm(weight, sB, A, out=out)
-    return _delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
+    return delta_weight_into(out, A, B, s).add_(weight)  # fl(delta + W) == fl(W + delta)
 
 
 _ADDMM_MIN_NUMEL = 4096
@@ -256,10 +283,10 @@ def _addmm_is_two_step(out: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
     return known
 
 
-def _delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+def delta_weight_into(out: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
     """:func:`get_delta_weight` (``(B @ A) * s``, peft's bits) written into ``out``, (out, in)."""
     if delta_in_float32(out):  # as peft: in float32, the result cast
-        return out.copy_(_delta_weight_into(torch.empty(out.shape, dtype=torch.float32), A.float(), B.float(), s))
+        return out.copy_(delta_weight_into(torch.empty(out.shape, dtype=torch.float32), A.float(), B.float(), s))
     if _is_power_of_two(s) and out.dtype in (torch.float32, torch.float64):
         # Scaling by 2^k commutes with rounding, so (s B) @ A has the bits of (B @ A) * s and
         # saves a pass over the (out, in) delta. (s == 1 is the common case.) Not in half

@@ -75,8 +75,8 @@ def _inject(
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(module, state)
             _replace_module(model, name, layer)
-        pair = None if state_dict is None else (state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"])
-        layer.update_layer(adapter_name, config, pair)
+        weights = None if state_dict is None else {k[len(name) + 1 :]: t for k, t in state_dict.items() if k.startswith(f"{name}.")}
+        layer.update_layer(adapter_name, config, weights)
     return list(modules)
 
 

@@ -14,20 +14,21 @@ from mnist_peft.errors import AdapterKeyError, AdapterShapeError, NonFiniteError
 from mnist_peft.numerics import MAX_ABS_OUTPUT, first_non_finite, require_bounded_updates, require_finite
 
 from .config import LoraConfig
-from .layer import LoraLinear
+from .layer import LoraLinear, variant_of
 from .targets import find_targets, lora_layers
 
 __all__ = ["adapter_state_dict", "base_state_dict", "check_bounded_updates", "check_lora_state_dict", "check_fits_dtypes"]
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}`` of one adapter, copied."""
+    """``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}`` of one adapter, copied,
+    with its type's extra tensors (DoRA: ``"<module>.lora_magnitude_vector": (out,)``)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             # Copies: the caller may edit or keep them without touching the model.
-            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].detach().clone()
-            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].detach().clone()
+            for suffix, t in layer.adapter_tensors(adapter_name).items():
+                out[f"{name}.{suffix}"] = t.detach().clone()
     return out
 
 
@@ -57,14 +58,22 @@ def check_lora_state_dict(
     _check_keys(config, state_dict, find_targets(model, config) if targets is None else targets, path)
     if state_dict:
         _check_values_finite(torch.cat([t.reshape(-1) for t in state_dict.values()]), state_dict, path)
+        variant_of(config).check_values(
+            state_dict, what=f"adapter {path!r}" if path else "the adapter weights", fix=_LOAD_FIX, path=path
+        )
+
+
+_LOAD_FIX = "the adapter diverged in training or was tampered with; re-train it or use another version"
 
 
 def _check_keys(config: LoraConfig, state_dict: dict[str, torch.Tensor], targets: dict[str, tuple[int, int]], path: str | None) -> None:
     where = f" in {path!r}" if path else ""
-    expected: dict[str, tuple[int, int]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    variant = variant_of(config)
     for name, (out_f, in_f) in targets.items():
         expected[f"{name}.lora_A.weight"] = (config.r, in_f)
         expected[f"{name}.lora_B.weight"] = (out_f, config.r)
+        expected.update({f"{name}.{k}": shape for k, shape in variant.extra_shapes(out_f, in_f).items()})
     for key in expected:
         if key not in state_dict:
             raise AdapterKeyError(
@@ -76,7 +85,7 @@ def _check_keys(config: LoraConfig, state_dict: dict[str, torch.Tensor], targets
                 f"unexpected key {key!r}{where}: it matches no target module {config.target_modules} of the model", key=key, path=path
             )
         if tensor.shape != expected[key]:  # torch.Size is a tuple
-            hint = f" (config says r={config.r})" if config.r in expected[key] else ""
+            hint = f" (config says r={config.r})" if config.r in expected[key] and len(expected[key]) == 2 else ""
             raise AdapterShapeError(
                 f"tensor {key!r}{where} has shape {tuple(tensor.shape)}, expected {expected[key]}{hint}", key=key, path=path
             )
@@ -143,8 +152,7 @@ def check_fits_dtypes(state_dict: dict[str, torch.Tensor], modules: dict[str, nn
     float64 file loaded into a float32 model). Only tensors whose dtype differs are looked at."""
     for name, module in modules.items():
         dtype = (module.base_layer if isinstance(module, LoraLinear) else module).weight.dtype
-        for part in ("lora_A", "lora_B"):
-            key = f"{name}.{part}.weight"
+        for key in [k for k in state_dict if k.startswith(f"{name}.")]:
             t = state_dict[key]
             if t.dtype == dtype or not dtype.is_floating_point or not t.numel():  # the common case: nothing to cast
                 continue
