@@ -14,7 +14,6 @@ from mnist_peft.model.mlp import MnistMLP
 from mnist_peft.training.batched import AdapterJob
 from mnist_peft.training.loop import evaluate
 from mnist_peft.training.recipes import AdapterTrainResult
-from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
 
 from .executors.base import FleetAdapter, check_returned_folder, save_fleet_adapter
@@ -82,7 +81,7 @@ def check_returned(files: AdapterFiles, job: AdapterJob, fingerprint: str) -> in
             f"{fingerprint[:12]}...); check that every worker reads the same base",
             failed={job.name: "trained on another base"},
         )
-    expected = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)
+    expected = recipe.adapter_config()
     cfg = files.config
     fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias")
     wrong = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) != getattr(expected, k)}

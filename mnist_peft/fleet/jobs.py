@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from mnist_peft.errors import InvalidArgumentError, TrainConfigError
 from mnist_peft.training.batched import AdapterJob
-from mnist_peft.tuners.lora.config import LoraConfig
 
 __all__ = ["parse_digits", "fleet_jobs", "check_job", "MNIST_TRAIN_SIZE"]
 
@@ -56,7 +55,7 @@ def fleet_jobs(digits: Sequence[int], seeds: Sequence[int] = (0,), *, prefix: st
 def check_job(job: AdapterJob) -> None:
     """Every value a worker would trip over, checked on the driver before any work starts."""
     _, recipe = job.resolved()
-    LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)  # r, alpha, init
+    recipe.adapter_config()  # r, alpha, init
     recipe.fit_config()  # batch size, lr, schedule, patience, eval_every
     if not (type(recipe.val_size) is int and 0 <= recipe.val_size < MNIST_TRAIN_SIZE):
         raise TrainConfigError(f"job {job.name}: val_size must be an integer in [0, {MNIST_TRAIN_SIZE}), got {recipe.val_size!r}")

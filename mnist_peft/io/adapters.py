@@ -254,7 +254,9 @@ def write_adapter(
     if model_card is None:
         kind = files.config.adapter_type
         model_card = render_model_card(
-            base_model=base_model_name_or_path, tags=[kind, "mnist", "mnist-peft"], title=f"{kind.upper() if kind != 'lora' else 'LoRA'} adapter {folder.name}"
+            base_model=base_model_name_or_path,
+            tags=[kind, "mnist", "mnist-peft"],
+            title=f"{kind.upper() if kind != 'lora' else 'LoRA'} adapter {folder.name}",
         )
     atomic_write_text(folder / MODEL_CARD_NAME, model_card)
     return folder

@@ -37,7 +37,6 @@ from torch import nn
 from mnist_peft.errors import InvalidArgumentError
 from mnist_peft.model.data import MnistSplit, load_mnist
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.layer import lora_forward
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import lora_layers
@@ -173,7 +172,7 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
     """Set up one job exactly as ``train_adapter`` + ``fit`` do for a solo run (same RNG draws)."""
     name, recipe = job.resolved()
     torch.manual_seed(recipe.seed)
-    model = LoraModel(copy.deepcopy(base), LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights))
+    model = LoraModel(copy.deepcopy(base), recipe.adapter_config())
     rng = torch.get_rng_state()
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     held = {name.rsplit(".", 1)[-1]: layer for name, layer in lora_layers(model)}

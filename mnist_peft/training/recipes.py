@@ -32,6 +32,7 @@ from mnist_peft.errors import InvalidArgumentError, TrainConfigError
 from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
 from mnist_peft.model.mlp import MnistMLP
 from mnist_peft.numerics import check_seed
+from mnist_peft.tuners.dora.config import DoraConfig
 from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import check_rank, lora_layers
@@ -170,6 +171,9 @@ class AdapterRecipe:
     """LoRA alpha (scaling = lora_alpha / r)."""
     init_lora_weights: bool | str = True
     """peft-style init (True), "gaussian", or the seed notebook's "seed" (A ~ N(0, 1))."""
+    use_dora: bool = False
+    """Train a DoRA adapter (:class:`~mnist_peft.tuners.dora.config.DoraConfig`: LoRA plus a magnitude
+    vector per layer) instead of a LoRA one (``--use-dora``)."""
     steps: int = 400
     """Optimiser steps."""
     batch_size: int = 128
@@ -199,6 +203,11 @@ class AdapterRecipe:
     """One line for ``mnist-peft info``."""
     kind: RecipeKind = "adapter"
 
+    def adapter_config(self) -> LoraConfig:
+        """The adapter's config: :class:`LoraConfig`, or :class:`DoraConfig` with ``use_dora``."""
+        config_class = DoraConfig if self.use_dora is True else LoraConfig
+        return config_class(r=self.r, lora_alpha=self.lora_alpha, init_lora_weights=self.init_lora_weights)
+
     def fit_config(self) -> TrainConfig:
         """The knobs :func:`~mnist_peft.training.loop.fit` runs this recipe with (steps bound the run)."""
         return TrainConfig(
@@ -220,6 +229,8 @@ class AdapterRecipe:
             raise TrainConfigError(f"digit_fraction must be in (0, 1], got {self.digit_fraction}")
         if self.steps < 1 or self.batch_size < 1:
             raise TrainConfigError("steps and batch_size must be >= 1")
+        if not isinstance(self.use_dora, bool):
+            raise TrainConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
         check_batch_size(self.batch_size)  # bounds checked here, before any data is loaded or memory taken
         check_seed(self.seed, name="seed (--seed)", error=TrainConfigError)
 
@@ -359,7 +370,7 @@ def train_adapter(
         model = LoraModel(_copy.deepcopy(base))
         load_adapter(model, resume, force=force)
     else:
-        config = LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, init_lora_weights=recipe.init_lora_weights)
+        config = recipe.adapter_config()
         check_rank(base, config)  # before the copy, the factors and the data
         model = LoraModel(_copy.deepcopy(base), config)
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]

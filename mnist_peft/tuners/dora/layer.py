@@ -71,7 +71,9 @@ def dora_term(
     return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 
 
-def _fast_term(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float, base_layer: nn.Linear, result: torch.Tensor) -> torch.Tensor:
+def _fast_term(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float, base_layer: nn.Linear, result: torch.Tensor
+) -> torch.Tensor:
     """:func:`dora_term` for inference (no autograd), in fewer passes: the norm from one ``addmm``."""
     W = base_layer.weight.detach()
     f = m.detach() / torch.linalg.vector_norm(torch.addmm(W, B.detach(), A.detach(), alpha=s), dim=1)  # (out,)

@@ -157,7 +157,9 @@ class LoraVariant:
 
     def merge_step(self, layer: LoraLinear, adapter_name: str) -> ledger.MergeStep:
         """The adapter's update as the merge ledger takes it, at its effective scaling."""
-        return ledger.LoraDelta(layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach(), layer.effective_scaling(adapter_name))
+        return ledger.LoraDelta(
+            layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach(), layer.effective_scaling(adapter_name)
+        )
 
     def delta_weight(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
         """The adapter's update of the base weight at its scaling: merged weight = weight + delta."""

@@ -42,6 +42,7 @@ __all__ = [
     "untrack_data_access",
 ]
 
+
 class MergeStep(Protocol):
     """One adapter's merged update as the ledger takes it (the adapter type's part of a merge)."""
 

@@ -58,9 +58,7 @@ def check_lora_state_dict(
     _check_keys(config, state_dict, find_targets(model, config) if targets is None else targets, path)
     if state_dict:
         _check_values_finite(torch.cat([t.reshape(-1) for t in state_dict.values()]), state_dict, path)
-        variant_of(config).check_values(
-            state_dict, what=f"adapter {path!r}" if path else "the adapter weights", fix=_LOAD_FIX, path=path
-        )
+        variant_of(config).check_values(state_dict, what=f"adapter {path!r}" if path else "the adapter weights", fix=_LOAD_FIX, path=path)
 
 
 _LOAD_FIX = "the adapter diverged in training or was tampered with; re-train it or use another version"
