@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -13,6 +14,8 @@ FIGURES = {
     "forward_unmerged",
     "merge_unmerge",
     "mixed_batch",
+    "forward_dora",
+    "mixed_lora_dora",
     "hot_swap",
     "adapter_load",
     "train_epoch",
@@ -39,9 +42,10 @@ def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_ro
         assert f["ours"] > 0 and f["target"] > 0 and isinstance(f["pass"], bool)
         denominator = f["base"] if f["base"] is not None else f["peft"]
         assert abs(f["ratio"] - f["ours"] / denominator) < 1e-9, f["name"]
-    for name in ("forward_unmerged", "mixed_batch"):
+    for name in ("forward_unmerged", "mixed_batch", "forward_dora", "mixed_lora_dora"):
         assert figures[name]["unit"] == "s" and figures[name]["peft"] > 0 and figures[name]["base"] > 0
     assert "batch 1000," in figures["forward_unmerged"]["note"] and "1000 images" in figures["mixed_batch"]["note"]  # --images
+    assert "batch 1000," in figures["forward_dora"]["note"] and "1000 images" in figures["mixed_lora_dora"]["note"]
     for name in ("merge_unmerge", "hot_swap", "adapter_load"):
         assert figures[name]["unit"] == "ms" and figures[name]["peft"] > 0
     for name in ("registry_add", "registry_get"):
@@ -49,6 +53,28 @@ def test_bench_json_schema_and_ratios_are_computed_from_the_measurements(data_ro
     size = figures["adapter_file_size"]
     assert size["base"] == 6_794 * 4 and size["ours"] > size["base"]  # raw tensor bytes of an r=1 adapter
     assert out["machine"]["cpu_count"] >= 1
+
+
+def _agreement(note: str) -> tuple[float, float]:
+    """``max |ours - peft| X (fast-path bound Y)`` of a DoRA figure's note, as (X, Y)."""
+    found = re.search(r"max \|ours - peft\| (\S+) \(fast-path bound (\S+)\)", note)
+    assert found, note
+    return float(found[1]), float(found[2])
+
+
+def test_the_dora_figures_are_measured_and_agree_with_peft_within_the_bound(data_root) -> None:
+    """``--only forward_dora mixed_lora_dora`` at the smallest settings: both figures, their ratios of
+    the measurements, and ours within the fast-path bound of peft on the timed batch (not timings)."""
+    proc = run_cli("bench", "--json", "--only", "forward_dora", "mixed_lora_dora", "--reps", "1", "--images", "200")
+    assert proc.returncode == 0, proc.stderr
+    figures = {f["name"]: f for f in json.loads(proc.stdout)["figures"]}
+    assert set(figures) == {"forward_dora", "mixed_lora_dora"}
+    for f in figures.values():
+        assert f["unit"] == "s" and f["ours"] > 0 and f["peft"] > 0 and f["base"] > 0
+        assert abs(f["ratio"] - f["ours"] / f["base"]) < 1e-9
+        diff, bound = _agreement(f["note"])
+        assert bound > 0 and diff <= bound, f["note"]
+    assert "batch 200," in figures["forward_dora"]["note"] and "200 images over 5 LoRA and 5 DoRA" in figures["mixed_lora_dora"]["note"]
 
 
 def test_bench_strict_exit_code_follows_the_targets(data_root) -> None:
@@ -100,16 +126,21 @@ def test_round_robin_timing_shows_twice_the_work_and_reads_1x_for_the_same_work(
 
 
 @pytest.mark.parametrize("slowed", [False, True])
-def test_the_forward_figure_shows_a_path_slowed_on_purpose_in_its_ratio(monkeypatch, slowed: bool) -> None:
-    """``bench_forward_unmerged`` with "ours" replaced: the base itself (the figure must read ~1x)
-    or the base run twice per call (it must read ~2x). A figure that timed the wrong function,
-    divided the wrong way or reported something other than the measurement fails one of the two."""
-    from mnist_peft.experiments import bench_adapters
+@pytest.mark.parametrize("name", ["forward_unmerged", "forward_dora"])
+def test_the_forward_figure_shows_a_path_slowed_on_purpose_in_its_ratio(monkeypatch, name: str, slowed: bool) -> None:
+    """``bench_forward_unmerged`` (and ``bench_forward_dora``) with "ours" replaced: the base itself (the
+    figure must read ~1x) or the base run twice per call (it must read ~2x). A figure that timed the
+    wrong function, divided the wrong way or reported something other than the measurement fails one
+    of the two."""
+    from mnist_peft.experiments import bench_adapters, bench_dora
 
     base = _Sleeper()
     ours = _Twice(base) if slowed else base
-    monkeypatch.setattr(bench_adapters, "paired_models", lambda b: (ours, b, ["default"]))
-    figure = bench_adapters.bench_forward_unmerged(base, torch.zeros(4, 784), reps=9)
+    module = bench_adapters if name == "forward_unmerged" else bench_dora
+    monkeypatch.setattr(module, "paired_models", lambda b, **kw: (ours, b, ["default"]))
+    monkeypatch.setattr(bench_dora, "_bound", lambda expected, model: 0.0)  # no adapted layers to take a bound of
+    bench = bench_adapters.bench_forward_unmerged if name == "forward_unmerged" else bench_dora.bench_forward_dora
+    figure = bench(base, torch.zeros(4, 784), reps=9)
     low, high = TWICE_BAND if slowed else SELF_BAND
     assert low <= figure.ratio <= high, figure
     assert figure.ratio == figure.ours / figure.base  # the ratio is of these two measurements

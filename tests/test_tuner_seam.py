@@ -1,5 +1,12 @@
-"""The adapter-type seam (``mnist_peft.tuners.base``): LoRA satisfies the protocols, and so does a
-second type written here (an IA3-like scaling of a layer's input), checked by the same contract."""
+"""The adapter-type seams.
+
+- ``mnist_peft.tuners.base``: LoRA satisfies the protocols, and so does a second type written here
+  (an IA3-like scaling of a layer's input), checked by the same contract.
+- ``LoraVariant`` (``mnist_peft.tuners.lora.layer``), the per-adapter type of a LoRA layer that DoRA
+  is: a second variant written here (a per-row gate on the LoRA update, with its own tensor, its own
+  merge step) runs through the LoRA layer and model with no change to them: add, forward, stacks,
+  state dict keys and loading, delete, merge/unmerge through the ledger, and a mixed batch.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_peft.errors import AdapterShapeError, AdapterStateError
+from mnist_peft.model.mlp import MnistMLP
+from mnist_peft.serving.forward import mixed_forward
 from mnist_peft.tuners.base import AdapterConfig, AdapterLayer
 from mnist_peft.tuners.lora.config import LoraConfig
-from mnist_peft.tuners.lora.layer import LoraLinear
+from mnist_peft.tuners.lora.layer import LoraLinear, LoraVariant
+from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
+from mnist_peft.tuners.lora.targets import lora_layers
 
 ATOL = 1e-12
 """float64 throughout: a merged weight reorders the forward's sums, which moves results by ~1e-16."""
@@ -163,3 +175,214 @@ def test_the_second_type_computes_ia3() -> None:
     layer.commit_merge(["a"], layer.merged_weight(["a"]))
     with pytest.raises(ValueError, match="merged"):
         layer.delete_adapter("a")
+
+
+# ----------------------------------------------------------------------------- a second LoRA variant
+# DoRA is one LoraVariant; a seam is real when a second one uses it. The toy below gates each output
+# row of the LoRA update by a learned vector g (out,): y = x W^T + b + w * g * s (x A^T) B^T, merged
+# weight W + w s diag(g) B A. It touches no LoRA code: its config names it, the layer hands it every
+# per-adapter step, and the merge ledger takes its own MergeStep.
+GATE_KEY = "lora_gate"
+
+
+@dataclass(frozen=True)
+class GatedDelta:
+    """The gated variant's merge step: ``W + diag(g) (s B A)``, deterministic (the ledger replays it)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    gate: torch.Tensor  # (out,)
+
+    def merge_into(self, out: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        d = (
+            torch.matmul(self.B, self.A, out=torch.empty_like(out) if delta is None else delta)
+            .mul_(self.scaling)
+            .mul_(self.gate.view(-1, 1))
+        )
+        return torch.add(weight, d, out=out) if delta is None else out.add_(d)
+
+    def kept(self) -> GatedDelta:
+        return GatedDelta(self.A.clone(), self.B.clone(), self.scaling, self.gate.clone())
+
+
+def _gates(layer: LoraLinear) -> nn.ParameterDict:
+    if GATE_KEY not in layer._modules:
+        layer.add_module(GATE_KEY, nn.ParameterDict())
+    return layer._modules[GATE_KEY]  # type: ignore[return-value]
+
+
+class GatedVariant(LoraVariant):
+    name = "gated"
+    fusable = False
+    extra_keys = (GATE_KEY,)
+
+    def init(self, layer, adapter_name, weights) -> None:
+        w = layer.base_layer.weight
+        g = layer.own_copy(weights[GATE_KEY]) if weights is not None else torch.linspace(0.5, 1.5, layer.out_features, dtype=w.dtype)
+        _gates(layer)[adapter_name] = nn.Parameter(g)
+
+    def extra_shapes(self, out_features, in_features):
+        return {GATE_KEY: (out_features,)}
+
+    def parameters(self, layer, adapter_name):
+        return {GATE_KEY: _gates(layer)[adapter_name]}
+
+    def delete(self, layer, adapter_name) -> None:
+        gates = _gates(layer)
+        if adapter_name in gates:
+            del gates[adapter_name]
+
+    def forward(self, layer, adapter_name, x, result, exact):
+        g = _gates(layer)[adapter_name]
+        return result + g * F.linear(F.linear(x, layer.lora_A[adapter_name]), layer.lora_B[adapter_name]) * layer.effective_scaling(
+            adapter_name
+        )
+
+    def mixed_block_(self, layer, adapter_name, result, rows, exact) -> None:
+        g = _gates(layer)[adapter_name]
+        result += g * F.linear(F.linear(rows, layer.lora_A[adapter_name]), layer.lora_B[adapter_name]) * layer.scaling[adapter_name]
+
+    def merge_step(self, layer, adapter_name) -> GatedDelta:
+        A, B = layer.lora_A[adapter_name].detach(), layer.lora_B[adapter_name].detach()
+        return GatedDelta(A, B, layer.effective_scaling(adapter_name), _gates(layer)[adapter_name].detach())
+
+    def delta_weight(self, layer, adapter_name) -> torch.Tensor:
+        A, B, g = layer.lora_A[adapter_name], layer.lora_B[adapter_name], _gates(layer)[adapter_name]
+        return g.view(-1, 1) * (B @ A) * layer.scaling[adapter_name]
+
+
+GATED = GatedVariant()
+
+
+@dataclass
+class GatedConfig(LoraConfig):
+    adapter_type: ClassVar[str] = "gated"
+
+    def layer_variant(self) -> LoraVariant:
+        return GATED
+
+
+SMALL = {"in_features": 8, "hidden_size_1": 6, "hidden_size_2": 5, "num_classes": 3}
+
+
+def _gated_model() -> LoraModel:
+    torch.manual_seed(0)
+    model = LoraModel(MnistMLP(**SMALL).double()).eval()
+    model.add_adapter("g", GatedConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    model.add_adapter("plain", LoraConfig(r=3, lora_alpha=3, target_modules=["linear2"], init_lora_weights=False))
+    with torch.no_grad():  # gates apart from one another, as after training
+        for _, layer in lora_layers(model.model):
+            layer.lora_gate["g"].uniform_(-2.0, 2.0)
+    return model
+
+
+def _gated_reference(model: LoraModel, x: torch.Tensor, names: list[str], weights: dict[str, float], *, gates: bool = True) -> torch.Tensor:
+    """The definition, written out: each layer's base output plus, per active adapter it holds,
+    ``w s (x A^T B^T)``, gated per row by g for the gated one (``gates=False``: as plain LoRA)."""
+    h = x
+    for lname in ("linear1", "linear2", "linear3"):
+        layer = model.model.get_submodule(lname)
+        out = h @ layer.base_layer.weight.T + layer.base_layer.bias
+        for n in names:
+            if n in layer.lora_A:
+                update = weights.get(n, 1.0) * layer.scaling[n] * (h @ layer.lora_A[n].T @ layer.lora_B[n].T)
+                out = out + (layer.lora_gate[n] * update if gates and n in layer.lora_gate else update)
+        h = torch.relu(out) if lname != "linear3" else out
+    return h
+
+
+def test_a_second_lora_variant_keeps_the_layer_contract() -> None:
+    layer = LoraLinear(_base())
+    _check_layer_contract(
+        layer, GatedConfig(r=2, lora_alpha=4, target_modules=["x"], init_lora_weights=False), lambda n: setattr(layer.state, "active", [n])
+    )
+    assert "a" not in layer.lora_gate and "a" not in layer.variants  # delete dropped its own tensor too
+
+
+def test_the_lora_model_adds_runs_and_stacks_the_gated_variant_unchanged() -> None:
+    model = _gated_model()
+    assert {type(layer.variants["g"]) for _, layer in lora_layers(model.model)} == {GatedVariant}
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for names, weights in ((["g"], None), (["plain", "g"], [0.5, -1.5])):
+        model.set_adapter(names, weights)
+        expected = _gated_reference(model, x, names, model.adapter_weights)
+        for mode in ("auto", "exact"):
+            set_forward_mode(model, mode)
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), expected, rtol=0, atol=ATOL)
+        set_forward_mode(model, "auto")
+        with torch.no_grad():  # the gates matter: as plain LoRA the output is another one
+            assert (_gated_reference(model, x, names, model.adapter_weights, gates=False) - expected).abs().max() > 1e-3
+    loss = model(x).square().sum()  # trainable: the gate gets a gradient like A and B
+    loss.backward()
+    assert all(layer.lora_gate["g"].grad is not None and layer.lora_gate["g"].grad.abs().sum() > 0 for _, layer in lora_layers(model.model))
+
+
+def test_the_gated_variants_state_dict_carries_its_extra_key_and_loads_back() -> None:
+    model = _gated_model()
+    state = model.lora_state_dict("g")
+    assert sorted(state) == sorted(f"linear{i}.{k}" for i in (1, 2, 3) for k in ("lora_A.weight", "lora_B.weight", GATE_KEY))
+    other = LoraModel(MnistMLP(**SMALL).double()).eval()
+    other.model.load_state_dict(model.base_state_dict())
+    other.add_adapter("g", model.peft_config["g"], state_dict=state)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model.set_adapter("g")
+        assert torch.equal(other(x), model(x))
+    bad = {**state, f"linear2.{GATE_KEY}": torch.ones(7, dtype=torch.float64)}
+    with pytest.raises(AdapterShapeError, match=f"linear2.{GATE_KEY}"):  # the layer's checks know the variant's shapes
+        other.add_adapter("h", model.peft_config["g"], state_dict=bad)
+    assert "h" not in other.peft_config and all("h" not in layer.lora_A for _, layer in lora_layers(other.model))
+
+
+def test_merge_and_unmerge_of_the_gated_variant_go_through_the_ledger_bit_exactly() -> None:
+    model = _gated_model()
+    model.set_adapter(["g", "plain"], [1.0, 0.5])
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged = model(x)
+    originals = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model.model)}
+    steps = {
+        n: [layer.variants[a].merge_step(layer, a) for a in ("g", "plain") if a in layer.lora_A] for n, layer in lora_layers(model.model)
+    }
+    model.merge()
+    for lname, layer in lora_layers(model.model):
+        expected = originals[lname].clone()
+        for step in steps[lname]:  # the steps as the ledger applies them: the first out of place, the rest in place
+            expected = (
+                step.merge_into(torch.empty_like(expected), expected, None)
+                if step is steps[lname][0]
+                else step.merge_into(expected, expected, torch.empty_like(expected))
+            )
+        assert torch.equal(layer.base_layer.weight, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=ATOL)
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        model.delete_adapter("g")
+    layer = model.model.linear2
+    with torch.no_grad():
+        layer.base_layer.weight.data[0, 0] += 0.25  # an edit while merged: the ledger replays GatedDelta to find it
+    model.unmerge()
+    edited = originals["linear2"].clone()
+    edited[0, 0] += 0.25
+    torch.testing.assert_close(layer.base_layer.weight, edited, rtol=0, atol=ATOL)
+    assert torch.equal(layer.base_layer.weight.flatten()[1:], originals["linear2"].flatten()[1:])  # untouched entries: their bits
+    assert all(torch.equal(model.model.get_submodule(n).base_layer.weight, originals[n]) for n in ("linear1", "linear3"))
+    model.delete_adapter("g")
+    assert all("g" not in layer.lora_gate and "g" not in layer.variants for _, layer in lora_layers(model.model))
+
+
+def test_a_mixed_batch_runs_the_gated_variants_block_beside_lora_and_base_rows() -> None:
+    model = _gated_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    rows = ["g", None, "plain", "g", "plain", None, "g"]
+    y = mixed_forward(model, x, rows)
+    for i, name in enumerate(rows):
+        expected = _gated_reference(model, x[i : i + 1], [] if name is None else [name], {})
+        torch.testing.assert_close(y[i : i + 1], expected, rtol=0, atol=ATOL)
+    with torch.no_grad():  # the gated rows ran the variant: not the base, not plain LoRA
+        assert (y[0] - _gated_reference(model, x[:1], [], {})[0]).abs().max() > 1e-3
+        assert (y[0] - _gated_reference(model, x[:1], ["g"], {}, gates=False)[0]).abs().max() > 1e-3

@@ -13,7 +13,7 @@ from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.serving.engine import Predictor
 from mnist_peft.serving.requests import public_message
 
-__all__ = ["AppContext", "verify_status"]
+__all__ = ["AppContext", "adapter_label", "verify_status"]
 
 
 @dataclass
@@ -29,8 +29,13 @@ class AppContext:
         return self.predictor.registry
 
     def adapter_choices(self) -> list[str]:
-        """Every adapter entry as ``name@version`` (all versions), for the pickers."""
+        """Every adapter entry as ``name@version`` (all versions): what a picker's value may be."""
         return [e.ref for e in self.registry.list() if e.kind == "lora"]
+
+    def adapter_picker_choices(self) -> list[tuple[str, str]]:
+        """The pickers' options, ``(label, value)``: the value is the entry's ``name@version``, the label
+        names its type where it is not plain LoRA (``digit-9@2 (dora)``)."""
+        return [(adapter_label(e), e.ref) for e in self.registry.list() if e.kind == "lora"]
 
     def public_message(self, exc: BaseException) -> str:
         """``exc`` as one line for the browser (see :meth:`Predictor.public_message`)."""
@@ -41,6 +46,11 @@ class AppContext:
         its entry out of the test-image and heat-map tabs; the registry tab says what is wrong)."""
         fits = [e for e in entries if e.kind == "lora" and e.base_fingerprint in (None, self.predictor.fingerprint)]
         return [e for e in fits if verify_status(self.registry, e) == "ok"]
+
+
+def adapter_label(entry: RegistryEntry) -> str:
+    """``name@version``, and the adapter type in brackets unless it is plain LoRA: ``digit-9@2 (dora)``."""
+    return entry.ref if entry.adapter_type in (None, "lora") else f"{entry.ref} ({entry.adapter_type})"
 
 
 def verify_status(registry: AdapterRegistry, entry: RegistryEntry) -> str:

@@ -46,6 +46,13 @@ def _train_adapter_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe(p, "adapter", default="replay")
     p.add_argument("--r", type=int, help="LoRA rank (recipe default: seed 1, replay 4)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument(
+        "--use-dora",
+        action="store_true",
+        default=None,
+        help="train a DoRA adapter (peft's use_dora: LoRA plus a trained magnitude vector per layer) instead of a LoRA one; "
+        "a --resume adapter keeps its own type",
+    )
     p.add_argument("--steps", type=int, help="override the recipe's number of optimiser steps")
     add_overrides(p)
     p.add_argument(
@@ -74,8 +81,8 @@ def _save_trained_adapter(args: argparse.Namespace, model, result, out: Path) ->
 
 @command(
     "train-adapter",
-    help="train a per-digit LoRA adapter and save it in PEFT layout",
-    description="Train a LoRA adapter that fixes one digit on top of a base model, evaluate before/after on the "
+    help="train a per-digit LoRA (or DoRA) adapter and save it in PEFT layout",
+    description="Train a LoRA adapter (a DoRA one with --use-dora) that fixes one digit on top of a base model, evaluate before/after on the "
     "test set, and save it as adapter_config.json + adapter_model.safetensors + README.md. Recipe 'seed' is the "
     "seed notebook's (digit images only: fixes the digit, forgets the others); 'replay' (default) mixes the digit's images with replayed other "
     "digits, distilled toward the base.",
@@ -88,8 +95,13 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     if resumed_ref and not args.out and not args.register:
         args.register = resumed_ref.partition("@")[0]  # continue a registry entry: register its next version
     out, _tmp = out_folder(args)
-    base = resolve_base(args.base, args)
     resume = resolve_adapter(args.resume, args) if args.resume else None
+    if resume is not None and args.use_dora is not None:  # before the base is read and the resumed adapter scored
+        from mnist_peft.io.adapters import read_adapter
+        from mnist_peft.training.recipes import check_resume_type
+
+        check_resume_type(read_adapter(resume).config, args.use_dora, args.resume)
+    base = resolve_base(args.base, args)
     resumed = _evaluate_adapter(base, resume, args) if resume is not None else None
     model, result = train_adapter(
         base,
@@ -101,6 +113,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         progress=show_progress(args),
         r=args.r,
         lora_alpha=args.lora_alpha,
+        use_dora=args.use_dora,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -115,6 +128,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         "out": str(out),
         "steps": result.steps,
         "seconds": round(result.seconds, 2),
+        "adapter_type": cfg.adapter_type,
         "r": cfg.r,
         "lora_alpha": cfg.lora_alpha,
         "lora_parameters": model.num_lora_parameters(),
@@ -134,8 +148,9 @@ def _train_adapter_text(result: AdapterTrainResult, model: LoraModel, resumed_fr
     """What ``train-adapter`` says it did: the change against the base, or, for a resumed run,
     against the adapter it resumed from (evaluated: ``resumed``), then against the base too."""
     d, cfg, after = result.digit, model.peft_config["default"], result.after
+    kind = "DoRA" if cfg.use_dora else "LoRA"
     lines = [
-        f"digit-{d} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} LoRA parameters): "
+        f"digit-{d} {kind} adapter ({result.recipe} recipe, r={cfg.r}, {model.num_lora_parameters():,} {kind} parameters): "
         f"{result.steps} steps in {result.seconds:.1f} s"
     ]
     before = result.before
@@ -292,7 +307,9 @@ def _combine_arguments(p: argparse.ArgumentParser) -> None:
     help="combine adapters into one (exact cat, or rank-r SVD); also resizes one adapter",
     description="Combine adapters into one whose delta is the weighted sum of theirs. 'cat' is exact (rank = sum "
     "of ranks); 'svd' keeps the best rank-R approximation per layer and reports its relative Frobenius error. "
-    "With a single --adapter and --method svd it resizes that adapter to rank R.",
+    "With a single --adapter and --method svd it resizes that adapter to rank R. LoRA adapters only: a DoRA adapter's "
+    "effect is no delta that adds up (each row is rescaled by m/||W + s B A||), so every method refuses it; stack DoRA "
+    "adapters with eval --adapter, or merge them into the base with merge.",
     arguments=_combine_arguments,
 )
 def cmd_combine(args: argparse.Namespace) -> int:

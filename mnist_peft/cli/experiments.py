@@ -218,7 +218,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         type=_test_images,
         default=10_000,
         metavar="N",
-        help="test images in forward_unmerged and mixed_batch, and at most this many ui_throughput requests "
+        help="test images in forward_unmerged, mixed_batch, forward_dora and mixed_lora_dora, and at most this many ui_throughput requests "
         "(default 10000, the whole test set)",
     )
     p.add_argument("--only", nargs="+", metavar="FIGURE", help="measure only these figures")

@@ -61,6 +61,13 @@ def _train_adapters_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe(p, "adapter", default="replay")
     p.add_argument("--r", type=int, help="LoRA rank (recipe default)")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument(
+        "--use-dora",
+        action="store_true",
+        default=None,
+        help="train DoRA adapters (peft's use_dora: LoRA plus a trained magnitude vector per layer); each still equals its "
+        "solo train-adapter --use-dora run",
+    )
     p.add_argument("--steps", type=int, help="override the recipe's number of optimiser steps")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size (samples per step)")
     p.add_argument("--lr", type=float, help="override the recipe's (peak) learning rate")
@@ -93,6 +100,7 @@ def _fleet_jobs(args: argparse.Namespace) -> list:
             recipe=args.recipe,
             r=args.r,
             lora_alpha=args.lora_alpha,
+            use_dora=args.use_dora,
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -102,9 +110,10 @@ def _fleet_jobs(args: argparse.Namespace) -> list:
         raise UsageError(message) from None
 
 
-def _fleet_text(args: argparse.Namespace, res) -> str:
+def _fleet_text(args: argparse.Namespace, res, adapter_type: str) -> str:
     """The human-readable report of a fleet run."""
-    lines = [f"trained {len(res.trained)} adapters with the {res.executor} executor in {res.seconds:.1f} s"]
+    kind = "" if adapter_type == "lora" else f" {'DoRA' if adapter_type == 'dora' else adapter_type}"
+    lines = [f"trained {len(res.trained)}{kind} adapters with the {res.executor} executor in {res.seconds:.1f} s"]
     if res.base_revision:
         lines.append(f"base {args.base} read at commit {res.base_revision[:12]} by the driver and every worker")
     for a in res.trained:
@@ -155,7 +164,9 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         **({} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}),  # default: run_fleet's
     )
+    adapter_type = jobs[0].resolved()[1].adapter_config().adapter_type  # one recipe, one set of overrides for every job
     payload = {
+        "adapter_type": adapter_type,
         "executor": res.executor,
         "seconds": round(res.seconds, 2),
         "trained": [
@@ -167,5 +178,5 @@ def cmd_train_adapters(args: argparse.Namespace) -> int:
         "pushed": res.pushed,
         "base_revision": res.base_revision,
     }
-    emit(args, payload, _fleet_text(args, res))
+    emit(args, payload, _fleet_text(args, res, adapter_type))
     return 3 if res.failed else 0

@@ -186,20 +186,31 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=100, help="Adam steps per case (default: 100)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the forward and training batches (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for the base (if random) and the adapters")
+    p.add_argument(
+        "--use-dora",
+        action="store_true",
+        help="DoRA instead of LoRA (peft's LoraConfig(use_dora=True)): per rank, three cases in float32 and three in "
+        "float64; adds the gradient of the magnitude vector (mgrad), holds the fast inference path to its derived "
+        "bound (column bound: sqrt(n) * eps * max|y|, n the longest adapted row), and measures 1,000 merge/unmerge "
+        "cycles on linear3 per dtype: ours must equal the original weight bit for bit, peft's drift is reported",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(p)
 
 
 @command(
     "compare",
-    help="native LoRA vs peft parity report",
+    help="native LoRA (or DoRA) vs peft parity report",
     description="Build native and peft LoRA models from the same base and seed over a grid of cases (r, alpha, "
     "rsLoRA, target subsets) and report max |diff| of forward outputs, gradients, weights after Adam steps, "
-    "merged weights, and whether unmerge is exact. Exit code 1 if any case misses its target.",
+    "merged weights, and whether unmerge is exact. With --use-dora: DoRA cases in float32 and float64 (float64 pairs "
+    "get our adapter weights copied into peft's, whose float32 draws differ; the seeded init is checked in float32), "
+    "the magnitude vector's gradient, and peft's unmerge drift over 1,000 merge/unmerge cycles beside ours. "
+    "Exit code 1 if any case misses its target.",
     arguments=_compare_arguments,
 )
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mnist_peft.io.peft_compat import default_cases, run_parity
+    from mnist_peft.io.peft_compat import default_cases, dora_cases, run_parity
     from mnist_peft.model.data import load_mnist
     from mnist_peft.model.mlp import MnistMLP
 
@@ -216,7 +227,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         base,
         data.x[:n],
         data.y[:n],
-        default_cases(tuple(args.r)),
+        dora_cases(tuple(args.r)) if args.use_dora else default_cases(tuple(args.r)),
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -233,6 +244,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "fused": FUSED_TOLERANCE,
     }
     payload = {"passed": ok, "cases": [r.to_dict() for r in results], "tolerances": tolerances}
+    if args.use_dora:
+        return _compare_dora(args, base, results, payload)
     rows = [f"{'case':<36} {'init':>5} {'effect':>8} {'fwd':>8} {'fused':>8} {'grad':>8} {'train':>8} {'ulps':>5} {'unmerge':>7} pass"]
     for r in results:
         rows.append(
@@ -240,5 +253,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{r.grad_max_diff:>8.2g} {r.train_max_diff:>8.2g} {r.merged_max_ulps:>5.2g} {r.unmerge_exact!s:>7} {r.passed}"
         )
     rows.append(f"{sum(r.passed for r in results)}/{len(results)} cases pass")
+    emit(args, payload, "\n".join(rows))
+    return 0 if ok else 1
+
+
+def _compare_dora(args: argparse.Namespace, base, results: list, payload: dict) -> int:
+    """``compare --use-dora``: the DoRA columns (fast path and its bound, the magnitude gradient) and the
+    drift lines (:func:`~mnist_peft.io.peft_compat.unmerge_drift`, float32 and float64)."""
+    from mnist_peft.io.peft_compat import DRIFT_CYCLES, drift_case, unmerge_drift
+
+    drifts = [unmerge_drift(base, drift_case(dtype), cycles=DRIFT_CYCLES, seed=args.seed + 1) for dtype in ("float32", "float64")]
+    ok = payload["passed"] and all(d.ours_exact for d in drifts)
+    payload.update(passed=ok, drift=[d.to_dict() for d in drifts])
+    payload["tolerances"]["fast"] = "fast_bound per case: sqrt(n) * eps * max|y|, n the longest adapted row"
+    rows = [
+        f"{'case':<52} {'init':>5} {'effect':>8} {'fwd':>8} {'fast':>8} {'bound':>8} {'grad':>8} {'mgrad':>8} {'train':>8} "
+        f"{'ulps':>5} {'unmerge':>7} pass"
+    ]
+    for r in results:
+        rows.append(
+            f"{r.case:<52} {r.init_equal!s:>5} {r.adapter_effect:>8.3g} {r.forward_max_diff:>8.2g} {r.fused_max_diff:>8.2g} "
+            f"{r.fast_bound:>8.2g} {r.grad_max_diff:>8.2g} {r.magnitude_grad_max_diff:>8.2g} {r.train_max_diff:>8.2g} "
+            f"{r.merged_max_ulps:>5.2g} {r.unmerge_exact!s:>7} {r.passed}"
+        )
+    rows.append(f"{sum(r.passed for r in results)}/{len(results)} cases pass")
+    for d in drifts:
+        rows.append(
+            f"unmerge drift, {d.case}, {d.cycles:,} merge/unmerge cycles: ours equal to the original: {d.ours_exact}; "
+            f"peft max |drift| after 1 cycle {d.peft_drift_first:.3g}, after {d.cycles:,} {d.peft_drift_last:.3g}"
+        )
     emit(args, payload, "\n".join(rows))
     return 0 if ok else 1

@@ -34,11 +34,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
     if args.action == "list":
         entries = reg.list()
         payload = {"root": str(reg.root), "entries": [e.to_dict() for e in entries]}
-        rows = [f"{'entry':<20} {'kind':<5} {'digit':>5} {'r':>3} {'alpha':>5} {'fingerprint':<14} {'created'}"]
+        rows = [f"{'entry':<20} {'kind':<5} {'type':<5} {'digit':>5} {'r':>3} {'alpha':>5} {'fingerprint':<14} {'created'}"]
         for e in entries:
             fp = (e.base_fingerprint or "-")[:12]
             rows.append(
-                f"{e.ref:<20} {e.kind:<5} {'-' if e.digit is None else e.digit:>5} {e.r or '-':>3} "
+                f"{e.ref:<20} {e.kind:<5} {e.adapter_type or '-':<5} {'-' if e.digit is None else e.digit:>5} {e.r or '-':>3} "
                 f"{'-' if e.lora_alpha is None else format(e.lora_alpha, 'g'):>5} {fp:<14} {e.created}"
             )
         rows.append(f"{len(entries)} entries in {reg.root}")
@@ -73,7 +73,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if not args.path:
             raise UsageError("registry add needs NAME and PATH (a base or adapter folder)")
         entry = reg.add(args.name, args.path)
-        emit(args, entry.to_dict(), f"added {entry.ref} ({entry.kind}) to {reg.root}")
+        emit(args, entry.to_dict(), f"added {entry.ref} ({entry.adapter_type or entry.kind}) to {reg.root}")
         return 0
     gone = reg.remove(args.name)  # rm
     emit(args, {"removed": [e.ref for e in gone]}, f"removed {', '.join(e.ref for e in gone)}")

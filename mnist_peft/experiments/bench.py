@@ -3,7 +3,7 @@ and the run over it.
 
 Each figure times ours, the bare base and/or ``peft`` on the same weights, interleaved round-robin
 (so drift in machine load hits all alike), and reports medians over several repetitions. The
-figures live by topic in :mod:`.bench_adapters` and :mod:`.bench_workflows`; what they share
+figures live by topic in :mod:`.bench_adapters`, :mod:`.bench_dora` and :mod:`.bench_workflows`; what they share
 (``Figure``, ``time_round_robin``) in :mod:`.bench_measure`.
 """
 
@@ -25,6 +25,7 @@ from .bench_adapters import (
     bench_merge_unmerge,
     bench_mixed_batch,
 )
+from .bench_dora import bench_forward_dora, bench_mixed_lora_dora
 from .bench_measure import Figure, time_round_robin
 from .bench_workflows import bench_registry, bench_train_epoch, bench_train_ten_adapters, bench_ui_throughput
 
@@ -35,6 +36,8 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "forward_unmerged": lambda ctx: bench_forward_unmerged(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "merge_unmerge": lambda ctx: bench_merge_unmerge(ctx["base"], reps=ctx["reps"]),
     "mixed_batch": lambda ctx: bench_mixed_batch(ctx["base"], ctx["x"], reps=ctx["reps"]),
+    "forward_dora": lambda ctx: bench_forward_dora(ctx["base"], ctx["x"], reps=ctx["reps"]),
+    "mixed_lora_dora": lambda ctx: bench_mixed_lora_dora(ctx["base"], ctx["x"], reps=ctx["reps"]),
     "hot_swap": lambda ctx: bench_hot_swap(ctx["base"], reps=ctx["reps"]),
     "adapter_load": lambda ctx: bench_adapter_load(ctx["base"], reps=ctx["reps"]),
     "train_epoch": lambda ctx: bench_train_epoch(ctx["data_dir"], reps=max(1, ctx["reps"] // 2), fraction=ctx["train_fraction"]),

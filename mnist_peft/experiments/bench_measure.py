@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.tuners.dora.config import DoraConfig
 from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import lora_layers
@@ -75,23 +77,27 @@ def ratio_figure(
     return Figure(name=name, ours=ours, peft=peft, base=base, ratio=ratio, target=target, unit=unit, passed=passed, note=note)
 
 
-def paired_models(base: nn.Module, r: int = 4, n_adapters: int = 1, seed: int = 0):
-    """Native and peft models on the same base with the same non-trivial, distinct adapter weights."""
+def paired_models(base: nn.Module, r: int = 4, n_adapters: int = 1, seed: int = 0, *, dora: bool | Sequence[bool] = False):
+    """Native and peft models on the same base with the same non-trivial, distinct adapter weights.
+    ``dora``: whether the adapters are DoRA (peft's ``use_dora=True``), for all or per adapter."""
     import peft
 
     from mnist_peft.io.peft_compat import to_peft_config
 
     names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False)
+    kinds = [dora] * n_adapters if isinstance(dora, bool) else list(dora)
+    if len(kinds) != n_adapters:
+        raise InvalidArgumentError(f"dora names {len(kinds)} adapters, but there are {n_adapters}; give one flag per adapter")
+    cfgs = [(DoraConfig if d else LoraConfig)(r=r, lora_alpha=2 * r, init_lora_weights=False) for d in kinds]
     torch.manual_seed(seed)
-    ours = LoraModel(copy.deepcopy(base), cfg).eval()
+    ours = LoraModel(copy.deepcopy(base), cfgs[0]).eval()
     torch.manual_seed(seed)
-    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(cfg)).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), to_peft_config(cfgs[0])).eval()
     for i, name in enumerate(names[1:], start=1):
         torch.manual_seed(seed + 1000 * i)  # a seed per adapter: ten distinct adapters
-        ours.add_adapter(name, cfg)
+        ours.add_adapter(name, cfgs[i])
         torch.manual_seed(seed + 1000 * i)
-        theirs.add_adapter(name, to_peft_config(cfg))
+        theirs.add_adapter(name, to_peft_config(cfgs[i]))
     for m in (ours, theirs):
         for p in m.parameters():
             p.requires_grad_(False)

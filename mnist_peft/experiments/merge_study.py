@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_peft.io.adapters import AdapterFiles
+from mnist_peft.merging.combine import require_additive
 from mnist_peft.merging.methods import DELTA_METHODS, get_merge_method, merge_deltas
 from mnist_peft.merging.svd import svd_factors
 from mnist_peft.model.data import MnistSplit, load_mnist, split_validation
@@ -176,6 +177,7 @@ def merge_study(
     cfg = config or StudyConfig()
     _, val = split_validation(load_mnist(train=True, data_dir=data_dir), cfg.val_size, seed=cfg.seed)
     test = load_mnist(train=False, data_dir=data_dir)
+    require_additive(adapters, method="merge-study")  # a DoRA adapter is no delta s B A: refused by name
     deltas = _deltas(adapters)
     grid: list[dict[str, object]] = []
     curve: list[dict[str, object]] = []

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from torch import nn
+
 from mnist_peft.errors import FleetError
 from mnist_peft.model.data import load_mnist
 from mnist_peft.model.mlp import MnistMLP
@@ -69,7 +72,8 @@ def accept_returned(
 
 def check_returned(files: AdapterFiles, job: AdapterJob, fingerprint: str) -> int:
     """The adapter a worker returned is the job's: trained on the driver's base, for its digit, with
-    the config the job's recipe makes, and a step count the recipe allows. Returns the steps."""
+    the config the job's recipe makes (its type, LoRA or DoRA, rank, alpha, ...), and a step count the
+    recipe allows. Returns the steps."""
     import re
 
     _, recipe = job.resolved()
@@ -83,7 +87,7 @@ def check_returned(files: AdapterFiles, job: AdapterJob, fingerprint: str) -> in
         )
     expected = recipe.adapter_config()
     cfg = files.config
-    fields = ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias")
+    fields = ("adapter_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias")  # a LoRA result for a DoRA job is not the job's
     wrong = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) != getattr(expected, k)}
     if sorted(cfg.target_modules) != sorted(expected.target_modules):
         wrong["target_modules"] = sorted(cfg.target_modules)
@@ -97,11 +101,14 @@ def check_returned(files: AdapterFiles, job: AdapterJob, fingerprint: str) -> in
     return int(steps)
 
 
-def quality_gate(adapter: FleetAdapter, *, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> str | None:
+def quality_gate(
+    adapter: FleetAdapter, *, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, base: nn.Module | None = None
+) -> str | None:
     """Why a fleet result may not be kept, with its numbers (None: it passes). Its metrics are the
     driver's, on the test set: overall accuracy at most ``max_accuracy_drop`` points below the
     base's, no more mistakes on its own digit than the base makes, and an update that is not zero
-    in every layer (such an adapter is the base itself, not a trained one). Any metric that is
+    in every layer (such an adapter is the base itself, not a trained one; for a DoRA adapter, whose
+    magnitude vector changes the outputs too, that needs ``base``: see :func:`_zero_update`). Any metric that is
     missing or not a finite number fails it too (every comparison below is False for NaN)."""
     m, d = adapter.metrics, adapter.digit
     acc, before = m.get("accuracy"), m.get("accuracy_before")
@@ -119,15 +126,26 @@ def quality_gate(adapter: FleetAdapter, *, max_accuracy_drop: float = DEFAULT_MA
         )
     if not wrong[d] <= wrong_before[d]:  # type: ignore[index]
         return f"quality gate: digit {d} wrong {wrong_before[d]} -> {wrong[d]} on the test set: an adapter for digit {d} must not make it worse"  # type: ignore[index]
-    if adapter.folder is not None and _zero_update(Path(adapter.folder)):
+    if adapter.folder is not None and _zero_update(Path(adapter.folder), base):
         return "quality gate: its update is zero in every layer: it changes nothing (the base's answers exactly), so it was not trained"
     return None
 
 
-def _zero_update(folder: Path) -> bool:
-    """Whether ``B @ A`` is zero in every layer of the adapter in ``folder`` (A or B all zeros)."""
+def _zero_update(folder: Path, base: nn.Module | None) -> bool:
+    """Whether the adapter in ``folder`` changes no layer: ``B @ A`` zero in every layer (A or B all
+    zeros) and, for DoRA, every magnitude vector equal to its base layer's row norms (with ``B A = 0``
+    a DoRA layer scales row j by ``m_j / ||W_j||``); without ``base`` a DoRA adapter is never called zero."""
     from mnist_peft.io.adapters import read_adapter
+    from mnist_peft.tuners.dora.magnitude import MAGNITUDE_KEY
 
     tensors = read_adapter(folder).state_dict
     pairs = [(k, k.replace("lora_A", "lora_B")) for k in tensors if "lora_A" in k]
-    return not any(bool(tensors[a].any()) and bool(tensors[b].any()) for a, b in pairs if b in tensors)
+    if any(bool(tensors[a].any()) and bool(tensors[b].any()) for a, b in pairs if b in tensors):
+        return False
+    magnitudes = {k.removesuffix("." + MAGNITUDE_KEY): m for k, m in tensors.items() if k.endswith(MAGNITUDE_KEY)}
+    if magnitudes and base is None:
+        return False
+    return all(
+        torch.equal(m, torch.linalg.vector_norm(base.get_submodule(layer).weight.detach(), dim=1).to(m.dtype))  # type: ignore[union-attr]
+        for layer, m in magnitudes.items()
+    )

@@ -277,7 +277,7 @@ def publish(
     trained, failed = _accepted(executor, returned, jobs, work)
     kept = []
     for a in trained:  # every executor's results, the local one's too: numbers decide, not where they ran
-        reason = quality_gate(a, max_accuracy_drop=max_accuracy_drop)
+        reason = quality_gate(a, max_accuracy_drop=max_accuracy_drop, base=work.base)
         if reason is None:
             kept.append(a)
         else:

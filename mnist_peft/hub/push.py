@@ -200,6 +200,7 @@ def _push_adapter_repo(
                 digit=entry.digit,
                 metrics=entry.metrics,
                 body=card_body(old_card),
+                adapter_type=entry.adapter_type or "lora",
             ).encode()
             files = {f: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)} for f, b in contents.items()}
             index = {"format": 1, "layout": "adapter", "base": base_repo_id, "entries": [{**entry.to_dict(), "files": files, "path": ""}]}

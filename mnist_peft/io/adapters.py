@@ -32,7 +32,7 @@ from mnist_peft.fileio import atomic_write_bytes, atomic_write_json, atomic_writ
 from mnist_peft.model.mlp import base_fingerprint
 from mnist_peft.numerics import parse_json_config, require_bounded_updates, require_finite
 from mnist_peft.tuners.dora.config import DoraConfig
-from mnist_peft.tuners.dora.magnitude import MAGNITUDE_KEY, check_magnitudes
+from mnist_peft.tuners.dora.magnitude import MAGNITUDE_KEY, check_magnitudes, require_no_magnitudes
 from mnist_peft.tuners.lora.config import DEFAULT_ADAPTER, LoraConfig
 from mnist_peft.tuners.lora.layer import valid_adapter_name
 from mnist_peft.tuners.lora.model import LoraModel
@@ -311,6 +311,7 @@ def adapter_from_bytes(config: bytes, weights: bytes, *, folder: str | os.PathLi
         metadata = _read_metadata(raw)
     except (SafetensorError, ValueError) as exc:
         raise CorruptFileError(f"{w_path!r} is not a readable safetensors file ({exc}); re-save or re-download it", path=w_path) from exc
+    require_no_magnitudes(tensors, use_dora=config.use_dora, where=repr(str(w_path)), error=AdapterConfigError)
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = key.removeprefix(KEY_PREFIX)

@@ -55,8 +55,9 @@ def digit_model_card(digit: int, result, *, base_model: str | None, config: Lora
             f"| {d}{mark} | {before.wrong_per_digit[d]} | {after.wrong_per_digit[d]} | "
             f"{before.error_rate_per_digit[d]:.4f} | {after.error_rate_per_digit[d]:.4f} |"
         )
+    kind = _type_title(config.adapter_type)
     body = (
-        f"LoRA adapter (r={config.r}, lora_alpha={config.lora_alpha:g}, target_modules={config.target_modules}) trained "
+        f"{kind} adapter (r={config.r}, lora_alpha={config.lora_alpha:g}, target_modules={config.target_modules}) trained "
         f"with mnist-peft's `{result.recipe}` recipe to fix digit {digit} of an MNIST MLP.\n\n"
         f"Test accuracy {before.accuracy:.4f} -> {after.accuracy:.4f}; digit {digit} wrong "
         f"{before.wrong_per_digit[digit]} -> {after.wrong_per_digit[digit]} ({result.steps} steps).\n\n"
@@ -74,8 +75,8 @@ def digit_model_card(digit: int, result, *, base_model: str | None, config: Lora
     }
     return render_model_card(
         base_model=base_model,
-        tags=["lora", "mnist", f"digit-{digit}", "mnist-peft"],
-        title=f"digit-{digit} LoRA adapter",
+        tags=[*_type_tags(config.adapter_type), "mnist", f"digit-{digit}", "mnist-peft"],
+        title=f"digit-{digit} {kind} adapter",
         body=body,
         extra_yaml=extra,
     )
@@ -113,12 +114,32 @@ def card_body(card: str) -> str:
     return card
 
 
+def _type_title(adapter_type: str) -> str:
+    """How a card names an adapter type: ``LoRA``, ``DoRA``."""
+    return {"lora": "LoRA", "dora": "DoRA"}.get(adapter_type, adapter_type)
+
+
+def _type_tags(adapter_type: str) -> list[str]:
+    """A card's tags for an adapter type: ``lora``; a DoRA adapter is ``lora`` and ``dora`` (peft's
+    ``LoraConfig(use_dora=True)``, the tag the Hub lists DoRA adapters under)."""
+    return ["lora"] if adapter_type == "lora" else ["lora", adapter_type]
+
+
 def hub_adapter_card(
-    *, repo_id: str, base_repo_id: str, name: str, version: int, digit: int | None, metrics: dict[str, object], body: str
+    *,
+    repo_id: str,
+    base_repo_id: str,
+    name: str,
+    version: int,
+    digit: int | None,
+    metrics: dict[str, object],
+    body: str,
+    adapter_type: str = "lora",
 ) -> str:
     """The card of an adapter published as its own Hub repo, in the metadata the Hub reads: the base
     model and the adapter relation (so the repo shows in the base's adapter tree), ``library_name:
-    peft``, the pipeline, tags, and the test accuracy as ``model-index`` eval results."""
+    peft``, the pipeline, tags (``dora`` too for a DoRA adapter), and the test accuracy as
+    ``model-index`` eval results."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     results = []
@@ -134,7 +155,7 @@ def hub_adapter_card(
                 metric_value=float(accuracy),
             )
         )
-    tags = ["lora", "mnist", "mnist-peft"] + ([f"digit-{digit}"] if digit is not None else [])
+    tags = [*_type_tags(adapter_type), "mnist", "mnist-peft"] + ([f"digit-{digit}"] if digit is not None else [])
     data = ModelCardData(
         base_model=base_repo_id,
         base_model_relation="adapter",
@@ -145,7 +166,7 @@ def hub_adapter_card(
         eval_results=results or None,
     )
     intro = (
-        f"LoRA adapter `{name}` (registry version {version}, git tag `v{version}`) for [{base_repo_id}](../{base_repo_id}).\n\n"
+        f"{_type_title(adapter_type)} adapter `{name}` (registry version {version}, git tag `v{version}`) for [{base_repo_id}](../{base_repo_id}).\n\n"
         "```python\nfrom peft import PeftModel\nfrom mnist_peft import MnistMLP\n"
         f'model = PeftModel.from_pretrained(MnistMLP.from_pretrained("{base_repo_id}"), "{repo_id}", revision="v{version}")\n```\n'
     )

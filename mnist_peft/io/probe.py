@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mnist_peft.errors import CorruptFileError
 from mnist_peft.numerics import parse_json_config, require_bounded_updates
-from mnist_peft.tuners.dora.magnitude import check_magnitudes
+from mnist_peft.tuners.dora.magnitude import check_magnitudes, require_no_magnitudes
 from mnist_peft.tuners.lora.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ def probe_adapter_bytes(config: bytes, weights: bytes, *, what: str, path: str |
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # (AdapterConfigError is a ValueError)
         raise CorruptFileError(f"{what}: adapter_config.json is not a readable LoRA config ({exc})", path=path) from None
     tensors = _numpy_tensors(weights, what, path)
+    use_dora = data.get("use_dora", False) if isinstance(data, dict) else None
+    require_no_magnitudes(tensors, use_dora=use_dora, where=what, error=CorruptFileError)
     require_bounded_updates(probe_layers(tensors, cfg.scaling), what=what, fix=PROBE_FIX, path=path)
     check_magnitudes(tensors.items(), what=what, fix=PROBE_FIX, path=path)  # DoRA's magnitude vectors (no other tensor is looked at)
 

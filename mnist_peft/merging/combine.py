@@ -17,6 +17,13 @@ The method is looked up by name in the table of :mod:`mnist_peft.merging.methods
   combination (no trimming); we apply the method asked for. Layers are visited in sorted name
   order (peft: module order; the same for ``linear1..3``), which orders DARE's random draws.
 
+DoRA adapters are refused by every method, before any work (:func:`require_additive`): a DoRA layer
+rescales each output row by ``m / ||W + s B A||``, which depends on the base weight and on whatever
+else is added to it, so its effect is not a delta that sums; no combination of factors or deltas
+equals it. (peft's ``add_weighted_adapter`` does not refuse: it combines A and B and silently ignores
+the inputs' magnitude vectors; the result gets a fresh one, computed from the base when it is made.) DoRA adapters are stacked at inference (``eval --adapter A --adapter B``)
+or merged into the base (``merge``) instead.
+
 peft's ``cat`` splits the weight between A and B as peft always has (``w`` on A), so it accepts
 negative weights too. It was peft's factor-space ``linear``, ``ties`` and ``dare`` merges (before
 0.18) that needed non-negative weights: they sum the A's and the B's separately,
@@ -57,6 +64,7 @@ __all__ = [
     "lora_from_deltas",
     "delta_weights",
     "max_rank",
+    "require_additive",
 ]
 
 
@@ -163,6 +171,30 @@ def _and_list(names: Sequence[str]) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else "".join(names)
 
 
+def require_additive(adapters: Sequence[AdapterFiles], *, method: str = "cat") -> None:
+    """Refuse any adapter whose effect is not an additive update ``s B A`` (DoRA), naming it, the
+    reason and what to do instead: no merge method (``method`` names the one asked for) is defined
+    for it. Called by :func:`combine_adapters` and :func:`max_rank` before any work.
+
+    Raises:
+        MergeError: an input is a DoRA adapter (or of any other non-LoRA type).
+    """
+    for i, f in enumerate(adapters):
+        kind = getattr(f.config, "adapter_type", "lora")
+        if kind == "lora":
+            continue
+        what = f"adapter {str(f.path)!r}" if f.path else f"input adapter {i + 1}"
+        raise MergeError(
+            f"{what} is a {'DoRA' if kind == 'dora' else kind} adapter, and the {method} combination is not defined for it: "
+            "a DoRA layer rescales each output row by m/||W + s B A||, which depends on the base weight and on the other "
+            "adapters, so its effect is no delta that adds up, and no cat, svd or task-vector merge of adapters equals it "
+            "(peft's add_weighted_adapter combines A and B and silently ignores the inputs' magnitude vectors: the result "
+            "gets a fresh one computed from the base; this refuses instead). "
+            "Stack the adapters at inference instead (mnist-peft eval --base BASE --adapter A --adapter B), or merge them "
+            "into the base (mnist-peft merge --base BASE --adapter A --adapter B --out DIR); nothing was written"
+        )
+
+
 def combine_adapters(
     adapters: Sequence[AdapterFiles],
     weights: Sequence[float] | None = None,
@@ -187,10 +219,11 @@ def combine_adapters(
     """
     if not adapters:
         raise AdapterConfigError("nothing to combine: give at least one adapter")
+    entry = get_merge_method(method)
+    require_additive(adapters, method=entry.name)
     weights = check_weights([1.0] * len(adapters) if weights is None else list(weights))
     if len(weights) != len(adapters):
         raise AdapterConfigError(f"got {len(weights)} weights for {len(adapters)} adapters; give one --weight per --adapter")
-    entry = get_merge_method(method)
     fingerprint = _common_fingerprint(adapters, force)
     _check_options(adapters, entry, r, density, seed)
     try:
@@ -215,6 +248,7 @@ def max_rank(adapters: Sequence[AdapterFiles], method: str = "svd") -> int:
     there)`` per layer for a factor method (``svd``), ``min(in, out)`` for a task-vector merge (its
     trimming and dropping can raise the rank of a sum); the largest over the layers."""
     entry = get_merge_method(method)
+    require_additive(adapters, method=entry.name)
     sizes: dict[str, list[int]] = {}  # layer -> [in, out, sum of ranks]
     for f in adapters:
         for key, t in f.state_dict.items():

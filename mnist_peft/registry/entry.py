@@ -7,13 +7,19 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from mnist_peft.errors import InvalidNameError, RegistryError
+from mnist_peft.tuners.dora.config import DoraConfig
+from mnist_peft.tuners.lora.config import LoraConfig
 
 from .names import MAX_VERSION, validate_file_name, validate_name
 
-__all__ = ["KINDS", "RegistryEntry", "entry_from_dict"]
+__all__ = ["ADAPTER_TYPES", "KINDS", "RegistryEntry", "entry_from_dict"]
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 KINDS = ("base", "lora")
+ADAPTER_TYPES = (LoraConfig.adapter_type, DoraConfig.adapter_type)
+"""The adapter types an adapter entry (kind ``lora``) may record, ``("lora", "dora")``: its config's
+``adapter_type`` (``dora``: ``use_dora: true``, peft's DoRA). An entry written before the field existed
+is a LoRA one. (Plain-Python configs: the registry stays torch-free.)"""
 
 
 @dataclass
@@ -32,6 +38,8 @@ class RegistryEntry:
     created: str = ""
     metrics: dict[str, object] = field(default_factory=dict)
     source: dict[str, str] | None = None  # where a pulled entry came from: {"repo_id", "revision"}
+    adapter_type: str | None = None
+    """An adapter's type, read from its config when it was added: ``"lora"`` or ``"dora"`` (None for a base)."""
 
     @property
     def ref(self) -> str:
@@ -99,6 +107,7 @@ def entry_from_dict(data: object, *, where: str, path: str | None = None) -> Reg
         not isinstance(source, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in source.items())
     ):
         raise RegistryError(f"{where}: source must be an object of strings or null")
+    adapter_type = _adapter_type(data.get("adapter_type"), kind, where)
     return RegistryEntry(
         name=name,
         version=version,
@@ -112,4 +121,19 @@ def entry_from_dict(data: object, *, where: str, path: str | None = None) -> Reg
         created=created,
         metrics=metrics,
         source=source,
+        adapter_type=adapter_type,
     )
+
+
+def _adapter_type(value: object, kind: str, where: str) -> str | None:
+    """An entry's ``adapter_type``: one of :data:`ADAPTER_TYPES` for an adapter (missing: ``"lora"``, an
+    entry written before the field), null for a base."""
+    if kind == "base":
+        if value is not None:
+            raise RegistryError(f"{where}: a base has no adapter_type, got {str(value)[:40]!r}")
+        return None
+    if value is None:
+        return "lora"
+    if value not in ADAPTER_TYPES:
+        raise RegistryError(f"{where}: adapter_type must be one of {ADAPTER_TYPES}, got {str(value)[:40]!r}")
+    return value  # type: ignore[return-value]

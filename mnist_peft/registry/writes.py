@@ -191,7 +191,7 @@ class DigitMismatchWarning(UserWarning):
 
 
 def _describe_folder(folder: Path) -> dict[str, object]:
-    """kind, fingerprint, digit, r, lora_alpha read from a base or adapter folder, whose numbers are
+    """kind, fingerprint, digit, r, lora_alpha, adapter_type read from a base or adapter folder, whose numbers are
     checked first: a base with a NaN or Inf weight, or an adapter with one or whose outputs on the
     probe batch are not finite or too large (``io.probe``), is refused (:class:`NonFiniteError`)."""
     from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
@@ -209,6 +209,7 @@ def _describe_folder(folder: Path) -> dict[str, object]:
             "digit": int(digit) if digit is not None and digit.isascii() and digit.isdigit() and len(digit) < 4 else None,
             "r": files.config.r,
             "lora_alpha": files.config.lora_alpha,
+            "adapter_type": files.config.adapter_type,
         }
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         from mnist_peft.model.mlp import base_fingerprint, load_base
@@ -286,6 +287,7 @@ def _new_entry(
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         metrics=metrics,
         source=source,
+        adapter_type=info.get("adapter_type"),  # type: ignore[arg-type]
     )
 
 

@@ -5,6 +5,8 @@
   :func:`~mnist_peft.serving.stacks.entry_key`, so a new weight or mix of known adapters reads no file.
 - :class:`StackCache`: each distinct weighted stack combined into one adapter of the engine's model
   (the exact ``cat`` combination), kept while a byte budget allows and removed with ``delete_adapter``.
+  A DoRA adapter is no additive update and combines with nothing: it is served alone, at weight 1,
+  as its own files (:func:`~mnist_peft.serving.stacks.check_servable`).
 
 Neither locks: the engine (:class:`~mnist_peft.serving.engine.Predictor`) calls them on its one
 model thread (:class:`~mnist_peft.serving.lane.ModelLane`).
@@ -21,7 +23,7 @@ from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.tuners.lora.model import LoraModel
 
-from .stacks import Stack, entry_key
+from .stacks import Stack, check_servable, entry_key
 
 __all__ = ["DEFAULT_CACHE_BYTES", "ENTRY_CACHE_SIZE", "CacheInfo", "EntryCache", "StackCache", "check_cache_bytes"]
 
@@ -122,13 +124,20 @@ class StackCache:
         registry = self.entries.registry
         entries = stack.entries or tuple(registry.get(ref) for ref, _ in stack.items)
         files = [self.entries.get(entry) for entry in entries]
-        combined = combine_adapters(files, [w for _, w in stack.items], method="cat")  # exact: sum_i w_i s_i B_i A_i
+        weights = [w for _, w in stack.items]
+        kinds = [getattr(f.config, "adapter_type", "lora") for f in files]
+        check_servable(list(zip([ref for ref, _ in stack.items], kinds, weights, strict=True)))  # the files' word, not the index's
+        if kinds == ["lora"] * len(files):
+            combined = combine_adapters(files, weights, method="cat")  # exact: sum_i w_i s_i B_i A_i
+            config, state_dict = combined.config, combined.state_dict
+        else:  # one DoRA adapter at weight 1: its own files
+            config, state_dict = files[0].config, files[0].state_dict
         self._counter += 1
         name = f"stack-{self._counter}"
-        self.model.add_adapter(name, combined.config, state_dict=combined.state_dict, source=stack.label)
+        self.model.add_adapter(name, config, state_dict=state_dict, source=stack.label)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        nbytes = sum(t.numel() * t.element_size() for t in combined.state_dict.values())
+        nbytes = sum(t.numel() * t.element_size() for t in state_dict.values())
         self._cache[stack.key] = _Cached(name, nbytes)
         return name
 

@@ -3,7 +3,8 @@
 :class:`Predictor` resolves each request's spec to a verified, base-checked stack
 (:func:`~mnist_peft.serving.stacks.resolve_stack`), loads each distinct stack once as one adapter
 (:class:`~mnist_peft.serving.cache.StackCache`, combined from the entries of
-:class:`~mnist_peft.serving.cache.EntryCache`) and turns a batch into **one mixed-adapter forward**
+:class:`~mnist_peft.serving.cache.EntryCache`; a DoRA adapter is served alone, at weight 1, as its own
+files) and turns a batch into **one mixed-adapter forward**
 (:func:`~mnist_peft.serving.forward.mixed_forward`). Every request of a batch is checked on its own:
 a bad one gets its error, never its batch-mates. No web framework here: the app (``mnist_peft.app``)
 calls :meth:`Predictor.answer` from its ``/predict`` endpoint and :meth:`Predictor.predict_pairs`

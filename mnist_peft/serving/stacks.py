@@ -25,6 +25,7 @@ __all__ = [
     "stack_items",
     "format_stack",
     "Stack",
+    "check_servable",
     "entry_key",
     "resolve_stack",
 ]
@@ -166,6 +167,24 @@ class Stack:
         return [{"adapter": ref, "weight": w} for ref, w in self.items]
 
 
+def check_servable(members: Sequence[tuple[str, str, float]]) -> None:
+    """Refuse a stack the engine cannot serve as one adapter per row: one with a DoRA member (``(ref,
+    adapter type, weight)`` per member) beside others or at a weight other than 1. A DoRA layer rescales
+    each output row by m/||W + s B A||, so a DoRA adapter is no additive update that combines into one
+    adapter with others or scales by a weight.
+
+    Raises:
+        InvalidArgumentError: names the DoRA member and what to ask for instead.
+    """
+    for ref, kind, weight in members:
+        if kind != "lora" and (len(members) > 1 or weight != 1.0):
+            raise InvalidArgumentError(
+                f"{ref!r} is a {'DoRA' if kind == 'dora' else kind} adapter, which is served alone at weight 1 (its layers rescale "
+                "each output row by m/||W + s B A||, so it combines with no other adapter and scales by no weight): ask for "
+                f"{ref!r} alone, or stack it on the command line (mnist-peft eval --adapter ...)"
+            )
+
+
 def entry_key(entry: RegistryEntry) -> tuple[str, str, str]:
     """What an entry's adapter depends on: ``name@version`` and the sha256 the index records for
     its weights and its config (an entry the index lists without them cannot load, and says so)."""
@@ -182,7 +201,8 @@ def resolve_stack(registry: AdapterRegistry, spec: object) -> Stack | None:
     runs is used from the next request on.
 
     Raises:
-        InvalidArgumentError: a malformed spec (see :func:`stack_items`).
+        InvalidArgumentError: a malformed spec (see :func:`stack_items`), or a DoRA adapter in a stack
+            of several or at a weight other than 1 (:func:`check_servable`).
         EntryNotFoundError, RegistryError: an entry that is not there, or not an adapter.
     """
     from mnist_peft.errors import RegistryError
@@ -198,4 +218,5 @@ def resolve_stack(registry: AdapterRegistry, spec: object) -> Stack | None:
         resolved.append((entry.ref, float(weight)))
         key.append((*entry_key(entry), float(weight)))
         entries.append(entry)
+    check_servable([(e.ref, getattr(e, "adapter_type", None) or "lora", w) for e, (_, w) in zip(entries, resolved, strict=True)])
     return Stack(tuple(resolved), tuple(key), tuple(entries))

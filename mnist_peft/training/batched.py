@@ -6,7 +6,10 @@ Each step stacks every running job's batch into one tensor:
   teacher's log-probabilities (the distillation target) depend on the image only, so they are
   computed once per image of the training set for the whole fleet (when no job augments its
   images), and the base GEMMs of the deeper layers run on the stacked rows of all jobs;
-- each job's low-rank branch runs on its own rows, with its own scaling and rank;
+- each job's adapter runs on its own rows, with its own type, scaling and rank: its layer's own
+  exact forward (:meth:`LoraVariant.forward <mnist_peft.tuners.lora.layer.LoraVariant.forward>`) on
+  the job's rows and their base output, so a DoRA job (``use_dora``) computes peft's DoRA ops
+  (the magnitude vector, the row norm of ``W + s B A``) and trains its magnitude vector, as alone;
 - each job keeps its own optimiser, one-cycle schedule, data order, validation split and
   early-stopping decision, and leaves the loop when it stops.
 
@@ -37,7 +40,7 @@ from torch import nn
 from mnist_peft.errors import InvalidArgumentError
 from mnist_peft.model.data import MnistSplit, load_mnist
 from mnist_peft.model.mlp import MnistMLP
-from mnist_peft.tuners.lora.layer import lora_forward
+from mnist_peft.tuners.lora.layer import LoraLinear
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import lora_layers
 
@@ -87,8 +90,8 @@ class _Job:
     recipe: AdapterRecipe
     model: LoraModel
     params: list[nn.Parameter]
-    layers: list[tuple[torch.Tensor, torch.Tensor, float] | None]
-    """Per base layer: ``(A, B, scaling)`` of the adapter (the live parameters), or None."""
+    layers: list[LoraLinear | None]
+    """Per base layer: the job's adapted layer (its adapter ``default``, of any type), or None."""
     train_index: torch.Tensor
     """Rows of the full training set that are this job's training split."""
     val_index: torch.Tensor | None
@@ -176,13 +179,10 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
     rng = torch.get_rng_state()
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     held = {name.rsplit(".", 1)[-1]: layer for name, layer in lora_layers(model)}
-    layers = []
+    layers: list[LoraLinear | None] = []
     for lname in base.LAYER_NAMES:
         layer = held.get(lname)
-        if layer is not None and "default" in layer.lora_A:
-            layers.append((layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]))
-        else:
-            layers.append(None)
+        layers.append(layer if layer is not None and "default" in layer.lora_A else None)
     n = len(full)
     if recipe.val_size:
         if not 0 <= recipe.val_size < n:
@@ -203,17 +203,18 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
 def _stacked_forward(base: MnistMLP, jobs: list[_Job], x: torch.Tensor, l1_base: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
     """Logits of the stacked rows: job k's rows (``sizes[k]`` of them, in order) through the base plus
     job k's adapter, with the base's GEMMs on all rows at once. Per row, the same ops as
-    ``LoraLinear``'s exact forward: ``base_layer(x) + lora_forward(x, A, B, s)``."""
+    ``LoraLinear``'s exact forward: the base output ``base_layer(x)``, then the adapter's type's
+    exact forward on it (LoRA: ``+ lora_forward(x, A, B, s)``; DoRA: ``+ dora_term(...)``, which
+    reads that base output too)."""
     h = x
     for i, lname in enumerate(base.LAYER_NAMES):
         layer: nn.Linear = getattr(base, lname)
         out = l1_base if (i == 0 and l1_base is not None) else layer(h)
-        parts = h.split(sizes)
-        deltas = []
-        for job, part in zip(jobs, parts, strict=True):
-            A, B, s = job.layers[i] if job.layers[i] is not None else (None, None, 0.0)
-            deltas.append(lora_forward(part, A, B, s) if A is not None else torch.zeros(part.shape[0], layer.out_features))
-        out = out + torch.cat(deltas)
+        pieces = []
+        for job, part, result in zip(jobs, h.split(sizes), out.split(sizes), strict=True):
+            held = job.layers[i]
+            pieces.append(held.variants["default"].forward(held, "default", part, result, True) if held is not None else result)
+        out = torch.cat(pieces)
         h = torch.relu(out) if i < len(base.LAYER_NAMES) - 1 else out
     return h
 

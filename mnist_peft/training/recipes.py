@@ -52,6 +52,7 @@ __all__ = [
     "save_trained_adapter",
     "train_base",
     "train_adapter",
+    "check_resume_type",
     "finetune_full",
     "augment_batch",
     "resolve_recipe",
@@ -346,12 +347,14 @@ def train_adapter(
     progress: bool = False,
     **overrides: object,
 ) -> tuple[LoraModel, AdapterTrainResult]:
-    """Train a LoRA adapter that fixes ``digit`` on top of ``base`` (which is never modified).
+    """Train a LoRA adapter (DoRA with ``use_dora=True``) that fixes ``digit`` on top of ``base``
+    (which is never modified). Every parameter of the adapter is trained: A, B and, for DoRA, the
+    magnitude vector of each layer.
 
     Args:
         resume: an adapter folder to continue training (incremental update) instead of starting
-            a fresh adapter; its rank and alpha are kept. Refused if it was trained on another
-            base, unless ``force``.
+            a fresh adapter; its rank, alpha and type (LoRA or DoRA) are kept. Refused if it was
+            trained on another base, unless ``force``, or if ``use_dora`` asks for the other type.
 
     Returns:
         The :class:`LoraModel` with adapter ``default`` trained, and before/after test metrics.
@@ -365,16 +368,33 @@ def train_adapter(
     name, recipe = resolve_recipe(recipe, overrides)
     torch.manual_seed(recipe.seed)
     if resume is not None:
-        from mnist_peft.io.adapters import load_adapter
+        from mnist_peft.io.adapters import load_adapter, read_adapter
 
+        files = read_adapter(resume)
+        check_resume_type(files.config, overrides.get("use_dora"), resume)
         model = LoraModel(_copy.deepcopy(base))
-        load_adapter(model, resume, force=force)
+        load_adapter(model, files, force=force)
     else:
         config = recipe.adapter_config()
         check_rank(base, config)  # before the copy, the factors and the data
         model = LoraModel(_copy.deepcopy(base), config)
     params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     return model, _train_on_digit(model, params, base, digit, recipe, name, data_dir=data_dir, progress=progress)
+
+
+def check_resume_type(config: LoraConfig, use_dora: object, resume: object) -> None:
+    """A resumed adapter keeps its type: ``use_dora`` (None: not asked) must name the type ``config`` has.
+
+    Raises:
+        TrainConfigError: the other type was asked for.
+    """
+    if use_dora is not None and bool(use_dora) != config.use_dora:
+        asked, has = ("DoRA", "LoRA") if use_dora else ("LoRA", "DoRA")
+        raise TrainConfigError(
+            f"--resume {str(resume)!r} is a {has} adapter and keeps its type; {asked} was asked for (use_dora={use_dora!r}): "
+            f"drop {'--use-dora' if use_dora else 'use_dora=False'} to continue it as {has}, or train a fresh {asked} adapter "
+            "without --resume"
+        )
 
 
 def finetune_full(

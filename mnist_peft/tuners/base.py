@@ -6,22 +6,18 @@ Taken from what the package's callers use, nothing more. A config is read from a
 adapter, merge in two steps so ``safe_merge`` can refuse before anything changes, unmerge, forward;
 a mixed batch reaches it through the model's shared state).
 
-Generic here: the protocols, and the ledger's edit tracking
-(:func:`mnist_peft.tuners.lora.ledger.track_data_access`), which watches any weight.
-LoRA-only (they assume the update ``W + s * B @ A``): the merge ledger's replay
-(:mod:`mnist_peft.tuners.lora.ledger`), the fused inference path (:mod:`mnist_peft.tuners.lora.fused`),
-the key layout ``<module>.lora_A.weight`` and the weight merging of :mod:`mnist_peft.merging`.
+Generic here: the protocols, and the ledger (:mod:`mnist_peft.tuners.lora.ledger`): its record,
+edit tracking and replay take each merged update as a ``MergeStep`` object of the adapter's type.
 
-Where a second type goes. DoRA (peft writes it as ``peft_type: LORA`` with ``use_dora: true``)
-would be ``tuners/dora/config.py`` (its config, satisfying :class:`AdapterConfig`) and
-``tuners/dora/layer.py`` (its layer, satisfying :class:`AdapterLayer`: lora_A, lora_B and the
-magnitude vector m, ``W' = m * (W + s B A) / ||W + s B A||``), plus its reader in
-``io/adapters.py``. DoRA's merged weight is not ``W + s B A``, so it does not reuse the ledger's
-replay or the fused path; it reuses them only by providing what they take: for the ledger, each
-merged update as an ``(A, B, s)`` whose ``W + s * B @ A`` is the merged weight bit for bit
-(:data:`~mnist_peft.tuners.lora.ledger.LoraDelta`), else its own deterministic replay of
-``merged_weight`` for unmerge; for the fused path, an update of the form ``s (x A^T) B^T``.
-``tests/test_tuner_seam.py`` holds a second type (an IA3-like input scaling) that these protocols accept.
+Two seams, two levels. A type with its own layer (an IA3-like input scaling:
+``tests/test_tuner_seam.py`` holds one) satisfies these protocols. A type that shares LoRA's A and
+B plugs in per adapter, as peft's ``lora_variant``: a :class:`~mnist_peft.tuners.lora.layer.LoraVariant`
+named by its config's ``layer_variant()``, to which the LoRA layer hands every per-adapter step
+(create, forward, mixed-batch block, merge step, extra tensors). DoRA is one
+(``tuners/dora/``: ``DoraConfig``, the magnitude vector m, ``W' = m (W + s B A) / ||W + s B A||``), so
+LoRA and DoRA adapters share a layer, a stack, a merge ledger (bit-exact unmerge) and a mixed batch.
+The fused inference path (:mod:`mnist_peft.tuners.lora.fused`) computes plain LoRA only
+(``LoraVariant.fusable``); the weight merging of :mod:`mnist_peft.merging` refuses DoRA.
 """
 
 from __future__ import annotations

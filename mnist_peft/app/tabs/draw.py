@@ -199,7 +199,7 @@ class DrawTab:
 
     def build(self, page: Page) -> None:
         gr, handlers = page.gr, page.handlers
-        choices = [NONE_CHOICE, *handlers.adapter_choices()]
+        choices = [NONE_CHOICE, *handlers.adapter_picker_choices()]  # (label, name@version): a DoRA entry's label says so
         gr.Markdown(INTRO, elem_id="draw-intro")
         with gr.Row():
             with gr.Column(scale=2):
@@ -236,7 +236,7 @@ class DrawTab:
 
         def refresh_pickers() -> list[Any]:
             """The pickers' choices, read from the registry now: a version registered while the app runs can be picked."""
-            return [gr.Dropdown(choices=[NONE_CHOICE, *handlers.adapter_choices()]) for _ in dropdowns]
+            return [gr.Dropdown(choices=[NONE_CHOICE, *handlers.adapter_picker_choices()]) for _ in dropdowns]
 
         page.on_registry_change(refresh_pickers, dropdowns)  # each page load, and each Verify press
 

@@ -26,7 +26,8 @@ HEATMAP_TITLE = "Each adapter (rows) against the base:\nchange in test images wr
 
 
 def registry_table(ctx: AppContext) -> list[list[object]]:
-    """One row per entry: ref, kind, digit, r, lora_alpha, fingerprint, fits the base, accuracy, created, verify."""
+    """One row per entry: ref, kind (``base``, or the adapter's type: ``lora``, ``dora``), digit, r, lora_alpha,
+    fingerprint, fits the base, accuracy, created, verify."""
     rows = []
     for e in ctx.registry.list():
         status = verify_status(ctx.registry, e)
@@ -35,7 +36,7 @@ def registry_table(ctx: AppContext) -> list[list[object]]:
         rows.append(
             [
                 e.ref,
-                e.kind,
+                e.adapter_type or e.kind,
                 "" if e.digit is None else e.digit,
                 "" if e.r is None else e.r,
                 "" if e.lora_alpha is None else e.lora_alpha,

@@ -12,8 +12,9 @@ hands it every per-adapter step, so LoRA and DoRA adapters share a layer, a stac
   ``B A`` built as ``B(A(I)).T``, the norm of ``W + s B A`` per row, then
   ``(m/n - 1) * (result - b) + (m/n) * s * B(A(x))`` added to the output so far), bit-identical
   outputs and gradients. Used with autograd, dropout, or ``forward_mode="exact"``.
-- *inference*: the norm from one ``addmm`` (``W + s B A``) and the update added in place; equal to
-  the exact path to float rounding.
+- *inference* (float32/float64; the LoRA layer sends other dtypes down the exact path): the norm
+  from one ``addmm`` (``W + s B A``) and the update added in place; equal to the exact path to float
+  rounding.
 - stack weight w (this package's weighted stacks): the adapter's term times w (w = 1: peft's ops; w =
   0: the output so far). In a stack, as in peft, a DoRA term rescales the output so far, so the
   adapters before it in the stack are rescaled with the base.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_peft.errors import NonFiniteError
 from mnist_peft.tuners.lora import ledger
 from mnist_peft.tuners.lora.layer import LoraLinear, LoraVariant, get_delta_weight
 
@@ -54,13 +56,17 @@ def dora_term(
     scaling: float,
     base_layer: nn.Linear,
     base_result: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The DoRA term added to the output so far, with peft's float ops (also for gradients).
-    ``base_result``: the output so far (its bias is taken off), or None (with dropout: ``x W^T`` is computed)."""
+    ``base_result``: the output so far (its bias is taken off), or None (with dropout: ``x W^T`` is computed).
+    ``norm_weight``: the weight whose rows the norm is taken of, the unmerged base weight (default: the
+    live one; the same tensor unless other adapters are merged into the layer)."""
     x_eye = torch.eye(lora_A.shape[1], device=lora_A.device, dtype=lora_A.dtype)
     lora_weight = F.linear(F.linear(x_eye, lora_A), lora_B).T.to(x.dtype)
     weight = base_layer.weight.to(x.dtype)
-    norm = weight_norm(weight, lora_weight.detach(), scaling).detach()  # detached: section 4.3 of the paper
+    unmerged = weight if norm_weight is None else norm_weight.to(x.dtype)
+    norm = weight_norm(unmerged, lora_weight.detach(), scaling).detach()  # detached: section 4.3 of the paper
     mag_norm_scale = (magnitude / norm).view(1, -1)
     lora_result = F.linear(F.linear(x, lora_A), lora_B)
     if base_result is not None:
@@ -72,10 +78,17 @@ def dora_term(
 
 
 def _fast_term(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float, base_layer: nn.Linear, result: torch.Tensor
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    m: torch.Tensor,
+    s: float,
+    base_layer: nn.Linear,
+    result: torch.Tensor,
+    W: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`dora_term` for inference (no autograd), in fewer passes: the norm from one ``addmm``."""
-    W = base_layer.weight.detach()
+    """:func:`dora_term` for inference (no autograd), in fewer passes: the norm (of ``W``, the unmerged
+    base weight) from one ``addmm``."""
     f = m.detach() / torch.linalg.vector_norm(torch.addmm(W, B.detach(), A.detach(), alpha=s), dim=1)  # (out,)
     base = result - base_layer.bias if base_layer.bias is not None else result.clone()
     lora = F.linear(F.linear(x, A.detach()), B.detach())
@@ -112,6 +125,25 @@ class DoraDelta:
         return DoraDelta(self.A.clone(), self.B.clone(), self.scaling, self.factor.clone(), self.weight)
 
 
+MIN_ROW_NORM = 1e-3
+"""The smallest ``||W + s B A||_j`` a DoRA adapter may give a row, relative to the base row's norm."""
+
+
+def _require_row_norms(n: torch.Tensor, base: torch.Tensor, *, layer_name: str, path: str | None) -> None:
+    floor = torch.clamp(base * MIN_ROW_NORM, min=torch.finfo(torch.float32).tiny)
+    bad = ~(n > floor)  # NaN fails too
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        where = f"adapter {path!r}" if path else "the DoRA adapter"
+        raise NonFiniteError(
+            f"{where} gives row {j} of {layer_name!r} a norm ||W + s B A|| of {float(n[j]):.3g} (the base row's: "
+            f"{float(base[j]):.3g}): DoRA divides by it, so the outputs would be NaN or overflow. Re-train the adapter, "
+            "or use a base whose rows are not zero; nothing was loaded",
+            key=f"{layer_name}.lora_magnitude_vector",
+            path=path,
+        )
+
+
 # ----------------------------------------------------------------------------- the variant
 def _magnitudes(layer: LoraLinear) -> nn.ParameterDict:
     """The layer's ``lora_magnitude_vector`` (adapter name -> m), made on first use (as peft does)."""
@@ -128,6 +160,7 @@ class DoraVariant(LoraVariant):
 
     name = "dora"
     fusable = False
+    rescales = True
     extra_keys = (MAGNITUDE_KEY,)
 
     def init(self, layer: LoraLinear, adapter_name: str, weights: Mapping[str, torch.Tensor] | None) -> None:
@@ -142,7 +175,27 @@ class DoraVariant(LoraVariant):
                 else:
                     lora_weight = B @ A
                 m = weight_norm(layer.base_layer.weight.detach(), lora_weight, layer.scaling[adapter_name])
+                W = layer.base_layer.weight.detach().float()
+                n = torch.linalg.vector_norm(W + layer.scaling[adapter_name] * lora_weight.float(), dim=1)
+                _require_row_norms(n, torch.linalg.vector_norm(W, dim=1), layer_name=type(layer.base_layer).__name__, path=None)
         _magnitudes(layer)[adapter_name] = nn.Parameter(m)
+
+    def check_base(
+        self, base_layer: nn.Linear, config: object, weights: Mapping[str, torch.Tensor] | None, *, layer_name: str, path: str | None
+    ) -> None:
+        """Refuse rows whose norm ``||W + s B A||`` is (near) zero: DoRA divides by it, so its outputs would be
+        NaN, or huge terms that cancel. The floor is 1e-3 of the base row's norm (a real adapter turns a row,
+        it does not cancel it), and above zero. A fresh adapter is checked when its B starts at zero."""
+        if weights is None and getattr(config, "init_lora_weights", True) is False:
+            return  # random A and B: drawn later; init() checks them
+        with torch.no_grad():
+            W = base_layer.weight.detach().float()
+            if weights is None:
+                n = torch.linalg.vector_norm(W, dim=1)
+            else:
+                A, B = (weights[k].detach().to(device=W.device, dtype=torch.float32) for k in ("lora_A.weight", "lora_B.weight"))
+                n = torch.linalg.vector_norm(torch.addmm(W, B, A, alpha=float(getattr(config, "scaling", 1.0))), dim=1)
+            _require_row_norms(n, torch.linalg.vector_norm(W, dim=1), layer_name=layer_name, path=path)
 
     def extra_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         return {MAGNITUDE_KEY: (out_features,)}
@@ -165,20 +218,22 @@ class DoraVariant(LoraVariant):
         base_result: torch.Tensor | None = result
         if p > 0 and layer.training:  # peft: the dropped-out input, and x W^T computed from it
             x, base_result = F.dropout(x, p, True), None
+        W = layer.unmerged_weight()  # the norm's weight: the base without merged adapters, as a merge computes it
         if exact or base_result is None:
-            term = dora_term(x, A, B, m, s, layer.base_layer, base_result)
+            term = dora_term(x, A, B, m, s, layer.base_layer, base_result, W)
         else:
-            term = _fast_term(x, A, B, m, s, layer.base_layer, result)
+            term = _fast_term(x, A, B, m, s, layer.base_layer, result, W)
         w = layer.state.weight(adapter_name)
         return result + term if w == 1.0 else result + w * term
 
     def mixed_block_(self, layer: LoraLinear, adapter_name: str, result: torch.Tensor, rows: torch.Tensor, exact: bool) -> None:
         A, B, s = layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name]
         m = _magnitudes(layer)[adapter_name]
+        W = layer.unmerged_weight()
         if exact:  # the ops of this block run alone through peft's layer
-            result.copy_(result + dora_term(rows, A, B, m, s, layer.base_layer, result))
+            result.copy_(result + dora_term(rows, A, B, m, s, layer.base_layer, result, W))
         else:
-            result.add_(_fast_term(rows, A, B, m, s, layer.base_layer, result))
+            result.add_(_fast_term(rows, A, B, m, s, layer.base_layer, result, W))
 
     def merge_step(self, layer: LoraLinear, adapter_name: str) -> DoraDelta:
         """The factor from the unmerged base weight (peft's ``_unmerged_base_weight``): ``m / ||W_base + delta||``."""
@@ -189,8 +244,9 @@ class DoraVariant(LoraVariant):
             factor = _magnitudes(layer)[adapter_name].detach() / norm
         return DoraDelta(A, B, s, factor, layer.state.weight(adapter_name))
 
-    def delta_weight(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
-        """The merged weight minus the weight (at the adapter's scaling, no stack weight)."""
+    def merged_difference(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
+        """What merging the adapter alone (stack weight 1) adds to the unmerged weight: ``f (W + s B A) - W``
+        (``get_delta_weight`` is peft's ``s B A``, as for LoRA)."""
         with torch.no_grad():
             step = self.merge_step(layer, adapter_name)
             step = DoraDelta(step.A, step.B, step.scaling, step.factor, 1.0)

@@ -9,7 +9,7 @@ from typing import Any
 
 from mnist_peft.errors import NonFiniteError
 
-__all__ = ["MAGNITUDE_KEY", "MAX_MAGNITUDE", "check_magnitudes"]
+__all__ = ["MAGNITUDE_KEY", "MAX_MAGNITUDE", "check_magnitudes", "is_magnitude_key", "require_no_magnitudes"]
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 """peft's key suffix of the magnitude vector in a file: ``base_model.model.<module>.lora_magnitude_vector``."""
@@ -29,7 +29,7 @@ def check_magnitudes(tensors: Iterable[tuple[str, Any]], *, what: str, fix: str,
         NonFiniteError: names the tensor.
     """
     for key, t in tensors:
-        if not key.endswith(MAGNITUDE_KEY) or _numel(t) == 0:
+        if not is_magnitude_key(key) or _numel(t) == 0:
             continue
         peak = float(abs(t).max())
         if not math.isfinite(peak):
@@ -43,6 +43,25 @@ def check_magnitudes(tensors: Iterable[tuple[str, Any]], *, what: str, fix: str,
             )
 
 
+def is_magnitude_key(key: str) -> bool:
+    """Whether ``key`` names a magnitude vector, in any of peft's forms (``<m>.lora_magnitude_vector``,
+    ``...lora_magnitude_vector.default.weight``)."""
+    return MAGNITUDE_KEY in key.split(".")
+
+
 def _numel(t: Any) -> int:
     n = getattr(t, "numel", None)
     return int(n()) if callable(n) else int(getattr(t, "size", 0))
+
+
+def require_no_magnitudes(keys: Iterable[str], *, use_dora: object, where: str, error: type[Exception]) -> None:
+    """Refuse magnitude vectors in a file whose config does not say ``use_dora: true``: loaded as LoRA
+    they would be ignored (or trip a reader that expects only ``lora_A``/``lora_B``)."""
+    if use_dora is True:
+        return
+    stray = next((k for k in keys if is_magnitude_key(k)), None)
+    if stray is not None:
+        raise error(
+            f"{where} holds DoRA magnitude vectors ({stray!r}) but its adapter_config.json says use_dora: {use_dora!r}; "
+            "set use_dora: true if it is a DoRA adapter, or remove those tensors"
+        )

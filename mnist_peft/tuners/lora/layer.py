@@ -120,6 +120,9 @@ class LoraVariant:
     fusable = True
     """Whether the fused inference path (:mod:`~mnist_peft.tuners.lora.fused`, the update
     ``s (x A^T) B^T``) computes this type; otherwise the layer runs each adapter's :meth:`forward`."""
+    rescales = False
+    """Whether the adapter's term rescales the output so far (DoRA: ``(m/n - 1) (y - b)``): then the order
+    of a stack matters, and a merge must take a prefix of the active stack (:meth:`LoraModel.merge`)."""
     extra_keys: tuple[str, ...] = ()
     """Per-layer tensors beyond ``lora_A.weight``/``lora_B.weight``, by their key suffix in a state dict
     (DoRA: ``lora_magnitude_vector``)."""
@@ -131,6 +134,11 @@ class LoraVariant:
     def extra_shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """The shape of each of :attr:`extra_keys` on a layer of this size (checked before a load)."""
         return {}
+
+    def check_base(
+        self, base_layer: nn.Linear, config: Any, weights: Mapping[str, torch.Tensor] | None, *, layer_name: str, path: str | None
+    ) -> None:
+        """Refuse an adapter that this base layer cannot run (checked for every layer before any changes)."""
 
     def check_values(self, tensors: Mapping[str, torch.Tensor], *, what: str, fix: str, path: str | None) -> None:
         """Refuse loaded values of the type's own tensors that would overflow the model (``tensors`` holds
@@ -162,7 +170,8 @@ class LoraVariant:
         )
 
     def delta_weight(self, layer: LoraLinear, adapter_name: str) -> torch.Tensor:
-        """The adapter's update of the base weight at its scaling: merged weight = weight + delta."""
+        """peft's ``get_delta_weight``: ``(B @ A) * scaling`` (plain LoRA merges as weight + delta; a type
+        that merges otherwise, DoRA, says how in its :meth:`merge_step`)."""
         return get_delta_weight(layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.scaling[adapter_name])
 
 
@@ -328,8 +337,8 @@ class LoraLinear(nn.Module):
             d.pop(adapter_name, None)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """One adapter's weight update (out, in) at its scaling (as peft's layer method; no stack weight):
-        merged weight = weight + delta (for DoRA, the whole rescaled difference)."""
+        """One adapter's ``(B @ A) * scaling`` (out, in), as peft's layer method (no stack weight). For plain
+        LoRA the merged weight is weight + delta; DoRA rescales it (see its ``merged_difference``)."""
         return self.variants[adapter_name].delta_weight(self, adapter_name)
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -397,6 +406,8 @@ class LoraLinear(nn.Module):
         if self.training and any(self.lora_dropout[n] > 0 for n in active):
             return True
         base = self.base_layer
+        if not fused.fused_supported(base.weight):  # float16/bfloat16: peft's ops (an adapter type's shortcut too)
+            return True
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:  # e.g. torch.nn.utils.prune
             return True
         return torch.is_grad_enabled() and (
@@ -433,7 +444,7 @@ class LoraLinear(nn.Module):
                 "layers that see one row per sample along the first dimension; run each adapter's samples as their own batch"
             )
         result = self.base_layer(x)
-        exact = self.state.forward_mode == "exact"
+        exact = self.state.forward_mode == "exact" or not fused.fused_supported(self.base_layer.weight)
         for name, start, stop in blocks:
             if name in self.lora_A and start != stop:
                 self.variants[name].mixed_block_(self, name, result[start:stop], x[start:stop], exact)

@@ -19,7 +19,7 @@ from mnist_peft.errors import AdapterConfigError, AdapterStateError, InvalidArgu
 from mnist_peft.numerics import MAX_WEIGHT, first_non_finite, require_finite_number
 
 from .config import BASE_ADAPTER, DEFAULT_ADAPTER, LoraConfig
-from .layer import AdapterState, ForwardMode, LoraLinear, release_layer, valid_adapter_name
+from .layer import AdapterState, ForwardMode, LoraLinear, release_layer, valid_adapter_name, variant_of
 from .state_dict import adapter_state_dict, base_state_dict, check_bounded_updates, check_fits_dtypes, check_lora_state_dict
 from .targets import lora_layers, target_layers
 
@@ -70,14 +70,23 @@ def _inject(
         check_bounded_updates(config, state_dict, source)  # finite values of 1e19 would still overflow the outputs
     if state is None:
         state = next((layer.state for _, layer in lora_layers(model)), None) or AdapterState()
+    variant = variant_of(config)
+    per_layer = {name: None if state_dict is None else _layer_weights(state_dict, name) for name in modules}
+    for name, module in modules.items():  # every layer checked before any changes
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        variant.check_base(base, config, per_layer[name], layer_name=name, path=source)
     for name, module in modules.items():
         layer = module
         if not isinstance(layer, LoraLinear):
             layer = LoraLinear(module, state)
             _replace_module(model, name, layer)
-        weights = None if state_dict is None else {k[len(name) + 1 :]: t for k, t in state_dict.items() if k.startswith(f"{name}.")}
-        layer.update_layer(adapter_name, config, weights)
+        layer.update_layer(adapter_name, config, per_layer[name])
     return list(modules)
+
+
+def _layer_weights(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Layer ``name``'s tensors of ``state_dict`` by key suffix (``lora_A.weight``, ...)."""
+    return {k[len(name) + 1 :]: t for k, t in state_dict.items() if k.startswith(f"{name}.")}
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -140,6 +149,22 @@ def _merge_plan(model: nn.Module, names: list[str], safe_merge: bool) -> list[tu
                     "unchanged. Check the adapter's weights (or lower its stack weight)"
                 )
     return [(layer, todo, weight) for _, layer, todo, weight in plan]
+
+
+def _require_stack_prefix(layers: list[LoraLinear], active: list[str], merged: list[str], names: list[str]) -> None:
+    """With an adapter whose term rescales the output so far (DoRA) in play, merging must take the
+    active stack in order (``merged`` so far, then ``names``: a prefix of it); merging out of order would
+    change what the model computes."""
+    in_play = set(names) | set(active)
+    if not any(layer.variants[n].rescales for layer in layers for n in in_play if n in layer.variants):
+        return
+    wanted = merged + [n for n in names if n not in merged]
+    if wanted != active[: len(wanted)]:
+        raise AdapterStateError(
+            f"cannot merge {names} with {merged or 'nothing'} merged: with a DoRA adapter in play (its term rescales "
+            f"the output so far), a merge must take the active stack {active} in order; merge the whole stack "
+            "(merge()), or unmerge() first"
+        )
 
 
 # ----------------------------------------------------------------------------- the model
@@ -282,6 +307,7 @@ class LoraModel(nn.Module):
         self.require_adapters(names)
         if len(set(names)) != len(names):
             raise AdapterStateError(f"adapter names {names} repeat a name; merge each adapter once")
+        _require_stack_prefix(self._layers(), self.state.active, self.merged_adapters, names)
         # Outside inference mode: a tensor made inside it and put into a Parameter would make the
         # model untrainable ("Setting requires_grad=True on inference tensor...").
         with torch.inference_mode(False), torch.no_grad():
