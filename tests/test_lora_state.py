@@ -10,7 +10,7 @@ edits of any parameter (``.data.mul_``, ``.data.add_``, ``add_`` under ``no_grad
 After **every** step the model's output must equal a reference recomputed from scratch in float64
 from the current tensors (:func:`_reference`: the live weight, then each active adapter the layer
 holds and has not merged, in stack order: LoRA adds ``w s B A x``, DoRA
-``y <- y + w ((m/n - 1)(y - b) + (m/n) s B A x)`` with ``n = ||W_live + s B A||`` per row), on both
+``y <- y + w ((m/n - 1)(y - b) + (m/n) s B A x)`` with ``n = ||W_base + s B A||`` per row, of the unmerged base), on both
 the exact and the fused path, within the rounding bound of :func:`_bound`; merges are tracked in
 float64 as the layer defines them (:func:`_merged_weight`: DoRA's factor ``m / ||W_base + s B A||``
 from the unmerged base); the adapter state the model reports must equal the state the test tracks; and
@@ -539,9 +539,8 @@ class LoraStateMachine(RuleBasedStateMachine):
     def merge_and_unload_a_copy(self) -> None:
         """The plain model carries the merged and the active adapters (also when switched off, as in peft).
 
-        Not always the function the model computed: a DoRA adapter's norm is of the live weight in the
-        forward but of the unmerged base in a merge (both as peft), which differ once another adapter
-        is merged into its layer. So the expected output is the forward through the merged weights."""
+        The expected output is the forward through the merged weights (tracked in float64), which is the
+        function the model computed (a DoRA adapter's norm is of the unmerged base in both)."""
         copied = copy.deepcopy(self.model)
         base, h = self.unmerged_base(), self.x.double()
         for lname in LAYERS:
