@@ -135,10 +135,21 @@ def test_wrong_rank_in_config_is_named(saved, random_base) -> None:
 def test_unsupported_peft_features_are_refused_not_ignored(saved, random_base) -> None:
     _, _, folder = saved
     cfg = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
-    cfg["use_dora"] = True
-    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
-    with pytest.raises(AdapterConfigError, match="use_dora"):
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(AdapterConfigError, match="lora_bias"):
         read_adapter(folder)
+
+
+def test_a_lora_file_relabelled_dora_is_refused_naming_the_missing_magnitude_vector(saved, random_base) -> None:
+    _, _, folder = saved
+    cfg = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
+    files = read_adapter(folder)  # a DoRA config now: its tensors must carry the magnitude vectors
+    assert files.config.use_dora is True
+    model = LoraModel(copy.deepcopy(random_base))
+    with pytest.raises(AdapterKeyError, match="lora_magnitude_vector"):
+        load_adapter(model, files)
+    assert not model.peft_config
 
 
 def test_fingerprint_mismatch_is_refused_unless_forced(saved) -> None:

@@ -180,7 +180,7 @@ def require_additive(adapters: Sequence[AdapterFiles], *, method: str = "cat") -
         MergeError: an input is a DoRA adapter (or of any other non-LoRA type).
     """
     for i, f in enumerate(adapters):
-        kind = getattr(f.config, "adapter_type", "lora")
+        kind = getattr(getattr(f, "config", None), "adapter_type", "lora")  # (a stand-in without a config: LoRA)
         if kind == "lora":
             continue
         what = f"adapter {str(f.path)!r}" if f.path else f"input adapter {i + 1}"
