@@ -52,6 +52,18 @@ def trained_base_dir(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     return out
 
 
+def exact_forward(model, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in exact mode (peft's float ops) under ``no_grad``, the model left in ``auto`` mode."""
+    from mnist_peft.tuners.lora.model import set_forward_mode
+
+    set_forward_mode(model, "exact")
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        set_forward_mode(model, "auto")
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_cli
+from conftest import REPO, exact_forward, run_cli
 
 from mnist_peft.io.adapters import load_adapter, save_adapter
 from mnist_peft.io.peft_compat import (
@@ -149,13 +149,7 @@ def _dora_pair_on_registry_base(bases):
     return base, ours
 
 
-def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:
-    set_forward_mode(model, "exact")
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        set_forward_mode(model, "auto")
+_exact = exact_forward
 
 
 def test_stock_peft_loads_a_dora_folder_we_save(bases, batches, tmp_path) -> None:

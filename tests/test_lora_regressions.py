@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import exact_forward, run_cli
 
 from mnist_peft.errors import AdapterStateError, FingerprintMismatchError
 from mnist_peft.io.adapters import load_stack, read_adapter, save_adapter
@@ -17,14 +17,7 @@ from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel, set_forward_mode
 from mnist_peft.tuners.lora.targets import lora_layers
 
-
-def _exact(model: LoraModel, x: torch.Tensor) -> torch.Tensor:
-    set_forward_mode(model, "exact")
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        set_forward_mode(model, "auto")
+_exact = exact_forward
 
 
 def _add(model: LoraModel, name: str, seed: int, **kw) -> None:
