@@ -12,13 +12,13 @@ PACKAGE = REPO / "mnist_peft"
 
 # Lowest first. A module may import from its own layer or the ones below, never from above.
 LAYERS = [
-    ["errors", "fileio", "numerics", "progress"],
+    ["errors", "fileio", "numerics", "progress", "lazy"],
     ["model"],
     ["tuners"],
     ["io"],
     ["registry", "merging", "training"],
     ["serving", "fleet", "hub"],
-    ["cli", "app", "experiments", "__main__", "__init__"],
+    ["cli", "app", "service", "experiments", "__main__", "__init__"],
 ]
 RANK = {top: i for i, layer in enumerate(LAYERS) for top in layer}
 

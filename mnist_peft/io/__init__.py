@@ -6,6 +6,8 @@ The names below resolve on first use (PEP 562): ``io.probe`` is torch-free, and 
 
 from __future__ import annotations
 
+from mnist_peft.lazy import lazy_names
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -19,15 +21,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    import importlib
-
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.adapters"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(__all__, "adapters"), globals())

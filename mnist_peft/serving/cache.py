@@ -64,17 +64,18 @@ class EntryCache:
         self.registry = registry
         self.fingerprint = fingerprint
         self.size = size
-        self._files: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # (ref, weights sha, config sha) -> AdapterFiles
+        self._files: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()  # (registry, ref, weights sha, config sha) -> AdapterFiles
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._files)
 
-    def get(self, entry: RegistryEntry) -> Any:
-        """``entry``'s adapter (``AdapterFiles``), from the LRU or read now: each of its two files
-        read once and checked against the sha256 the index records (the bytes parsed are the
-        bytes checked), then its base fingerprint against the engine's."""
-        key = entry_key(entry)
+    def get(self, entry: RegistryEntry, registry: AdapterRegistry | None = None) -> Any:
+        """``entry``'s adapter (``AdapterFiles``) in ``registry`` (default: the engine's), from the LRU or
+        read now: each of its two files read once and checked against the sha256 the index records (the
+        bytes parsed are the bytes checked), then its base fingerprint against the engine's."""
+        registry = registry or self.registry
+        key = (str(registry.root), *entry_key(entry))
         files = self._files.get(key)
         if files is not None:
             self._files.move_to_end(key)
@@ -83,8 +84,8 @@ class EntryCache:
         from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, adapter_from_bytes, check_fingerprint
 
         self.misses += 1
-        config, weights = (self.registry.read_file(entry, fname) for fname in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
-        files = adapter_from_bytes(config, weights, folder=self.registry.folder(entry))
+        config, weights = (registry.read_file(entry, fname) for fname in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
+        files = adapter_from_bytes(config, weights, folder=registry.folder(entry))
         check_fingerprint(files, self.fingerprint)
         self._files[key] = files
         while len(self._files) > self.size:
@@ -121,9 +122,7 @@ class StackCache:
         from mnist_peft.merging.combine import combine_adapters
 
         self.misses += 1
-        registry = self.entries.registry
-        entries = stack.entries or tuple(registry.get(ref) for ref, _ in stack.items)
-        files = [self.entries.get(entry) for entry in entries]
+        files = [self.entries.get(m.entry, m.registry) for m in stack.members]
         weights = [w for _, w in stack.items]
         kinds = [getattr(f.config, "adapter_type", "lora") for f in files]
         check_servable(list(zip([ref for ref, _ in stack.items], kinds, weights, strict=True)))  # the files' word, not the index's

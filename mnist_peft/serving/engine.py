@@ -27,6 +27,7 @@ from .cache import DEFAULT_CACHE_BYTES, CacheInfo, EntryCache, StackCache, check
 from .forward import mixed_forward
 from .lane import ModelLane
 from .requests import Refused, image_to_input, logits_result, public_message, require_answer
+from .resolvers import RegistryResolver, Resolver
 from .stacks import Stack, resolve_stack
 
 __all__ = ["Predictor", "ServingEngine"]
@@ -55,12 +56,21 @@ class Predictor:
     """
 
     def __init__(
-        self, registry: AdapterRegistry, base: str = "base", *, cache_bytes: int = DEFAULT_CACHE_BYTES, data_dir: str | None = None
+        self,
+        registry: AdapterRegistry,
+        base: str = "base",
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        data_dir: str | None = None,
+        resolvers: Sequence[Resolver] | None = None,
     ) -> None:
         from mnist_peft.registry.refs import resolve_base
 
         check_cache_bytes(cache_bytes)
         self.registry = registry
+        self.resolvers: list[Resolver] = list(resolvers) if resolvers is not None else [RegistryResolver(registry)]
+        """Asked in order for each reference of a spec (default: the registry alone; a server with the Hub
+        allowed appends a :class:`~mnist_peft.serving.resolvers.HubResolver`)."""
         self.data_dir = data_dir
         self.base_ref = base
         self.model = LoraModel(resolve_base(base, registry)).eval()
@@ -71,8 +81,8 @@ class Predictor:
 
     # -- stacks
     def resolve(self, spec: object) -> Stack | None:
-        """The stack a spec names, against the registry now: see :func:`~mnist_peft.serving.stacks.resolve_stack`."""
-        return resolve_stack(self.registry, spec)
+        """The stack a spec names, by the engine's resolvers now: see :func:`~mnist_peft.serving.stacks.resolve_stack`."""
+        return resolve_stack(self.resolvers, spec)
 
     @property
     def cache_bytes(self) -> int:
@@ -94,6 +104,17 @@ class Predictor:
         """Change the cache's byte budget; least recently used stacks go until it holds."""
         check_cache_bytes(cache_bytes)
         self._lane.run(self._stacks.resize, cache_bytes)
+
+    def warm(self, stack: Stack | None) -> None:
+        """Load ``stack`` into the cache now (least recently used stacks make room), so its first
+        request pays no load: what a Ray Serve replica does when a stack is routed to it."""
+        if stack is not None:
+            self._lane.run(self._warm, stack)
+
+    def _warm(self, stack: Stack) -> None:
+        self._stacks.evict(keep={stack.key})
+        self._stacks.load(stack)
+        self._stacks.evict(keep={stack.key})
 
     # -- forward
     def predict_batch(self, x: torch.Tensor, stacks: Sequence[Stack | None]) -> torch.Tensor:

@@ -25,6 +25,8 @@ __all__ = [
     "SIDE",
     "Refused",
     "image_to_input",
+    "images_to_input",
+    "png_to_pixels",
     "logits_result",
     "message",
     "public_message",
@@ -59,6 +61,71 @@ def image_to_input(pixels: object) -> torch.Tensor:
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidArgumentError("the image's pixels must be finite numbers in [0, 1] (ink 1.0 on black 0.0, as MNIST)")
     return t.reshape(1, SIDE * SIDE).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+MAX_PNG_CHARS = 64 << 10  # base64 of a 28 x 28 PNG is well under 4 KB; 64 KB bounds the work before decoding
+
+
+def png_to_pixels(text: str) -> torch.Tensor:
+    """A base64-encoded 28 x 28 PNG (grey, or colour taken as its luminance; ink light on dark, as
+    MNIST's) as 784 pixels in [0, 1]. A ``data:image/png;base64,`` prefix is allowed.
+
+    Raises:
+        InvalidArgumentError: too long, not base64, not a PNG, or not 28 x 28 (checked from the
+            header, before any pixel is decoded).
+    """
+    import base64
+    import binascii
+    import io
+
+    if len(text) > MAX_PNG_CHARS:
+        raise InvalidArgumentError(
+            f"the PNG is {len(text):,} characters of base64; a 28 x 28 image needs a few thousand (limit {MAX_PNG_CHARS:,})"
+        )
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgumentError("the image string is not base64: send a base64-encoded 28 x 28 PNG, or 784 numbers") from None
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise InvalidArgumentError("the image string is base64 but not a PNG: send a base64-encoded 28 x 28 PNG, or 784 numbers")
+    try:
+        from PIL import Image
+    except ImportError:  # pillow comes with the ui and serve extras
+        raise InvalidArgumentError("this server cannot read PNG images (pillow is not installed): send 784 numbers in [0, 1]") from None
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
+            if img.size != (SIDE, SIDE):
+                raise InvalidArgumentError(f"the PNG is {img.size[0]} x {img.size[1]}; send a 28 x 28 one (MNIST's size)")
+            grey = img.convert("L")
+            pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
+    except InvalidArgumentError:
+        raise
+    except Exception:  # a truncated or corrupt PNG: PIL's own messages name no field
+        raise InvalidArgumentError("the PNG could not be decoded (truncated or corrupt): send a valid 28 x 28 PNG") from None
+    return pixels.to(torch.float32).div_(255.0)
+
+
+def images_to_input(images: object, *, max_images: int) -> torch.Tensor:
+    """A request's ``images``: a list of 1 to ``max_images`` images, each 784 (or 28 x 28) numbers in
+    [0, 1] or a base64 PNG string, as the model's (K, 784) input.
+
+    Raises:
+        InvalidArgumentError: not a list, empty or too long, or an image :func:`image_to_input` or
+            :func:`png_to_pixels` refuses (named by its index).
+    """
+    if not isinstance(images, list) or not images:
+        raise InvalidArgumentError("'images' must be a non-empty list of images (each 784 numbers in [0, 1] or a base64 PNG)")
+    if len(images) > max_images:
+        raise InvalidArgumentError(f"'images' holds {len(images):,} images; this server takes at most {max_images} per request")
+    rows = []
+    for i, image in enumerate(images):
+        try:
+            rows.append(image_to_input(png_to_pixels(image) if isinstance(image, str) else image))
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"images[{i}]: {exc}") from None
+    return torch.cat(rows)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.registry.names import parse_ref
 
+from .resolvers import HUB_PREFIX, Member, RegistryResolver, Resolver, is_hub_ref, parse_hub_ref, resolve_ref
+
 __all__ = [
     "MAX_ITEM_CHARS",
     "MAX_SPEC_CHARS",
@@ -28,14 +30,16 @@ __all__ = [
     "check_servable",
     "entry_key",
     "resolve_stack",
+    "resolve_items",
 ]
 
 MAX_STACK = 10  # adapters in one stack
 MAX_WEIGHT = 10.0  # |stack weight|; far beyond any useful value, small enough to stay finite
 # One item of a spec, "name@version:weight" with spaces: a name is at most 100 characters, a version
-# 10 digits, a weight ~25 ("-1.2345678901234567e-05"); 200 leaves room for spaces around each part.
-MAX_ITEM_CHARS = 200
-MAX_SPEC_CHARS = MAX_STACK * (MAX_ITEM_CHARS + 1)  # ten items and their commas: 2,010 characters
+# 10 digits, a weight ~25 ("-1.2345678901234567e-05"); a Hub reference "hub:OWNER/REPO/NAME@<commit>"
+# at most 4 + 96 + 1 + 96 + 1 + 100 + 41 = 339; 400 leaves room for spaces around each part.
+MAX_ITEM_CHARS = 400
+MAX_SPEC_CHARS = MAX_STACK * (MAX_ITEM_CHARS + 1)  # ten items and their commas: 4,010 characters
 
 
 def parse_stack(spec: str | None) -> list[tuple[str, float]]:
@@ -49,7 +53,7 @@ def parse_stack(spec: str | None) -> list[tuple[str, float]]:
     copying or splitting it.
 
     Raises:
-        InvalidArgumentError: a spec over 2,010 characters, a malformed reference or weight, a
+        InvalidArgumentError: a spec over 4,010 characters, a malformed reference or weight, a
             repeated adapter, a weight that is not finite or beyond +-10, or more than 10 adapters.
     """
     if spec is None:
@@ -67,8 +71,10 @@ def parse_stack(spec: str | None) -> list[tuple[str, float]]:
         return []
     items: list[tuple[str, object]] = []
     for part in spec.split(","):
-        ref, sep, weight_text = part.strip().partition(":")
-        items.append((ref.strip(), weight_text.strip() if sep else 1.0))
+        part = part.strip()
+        hub = HUB_PREFIX if part.startswith(HUB_PREFIX) else ""  # hub:OWNER/REPO@vN:0.5 -- the first colon is the prefix's
+        ref, sep, weight_text = part[len(hub) :].partition(":")
+        items.append((hub + ref.strip(), weight_text.strip() if sep else 1.0))
     return check_stack(items, where=f"adapter spec {spec[:200]!r}: ")
 
 
@@ -85,9 +91,11 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
         if not isinstance(ref, str):
             raise InvalidArgumentError(f"{where}{_short(ref)!r} is not a registry name (a string such as 'digit-9@1')")
         if len(ref) > MAX_ITEM_CHARS:  # before the name's pattern is matched against it
-            raise InvalidArgumentError(f"{where}the adapter name {ref[:40]!r}... is {len(ref):,} characters; a name is at most 100")
+            raise InvalidArgumentError(
+                f"{where}the adapter reference {ref[:40]!r}... is {len(ref):,} characters; a name is at most 100, a Hub reference 339"
+            )
         try:
-            parse_ref(ref)
+            _ = parse_hub_ref(ref) if is_hub_ref(ref) else parse_ref(ref)
         except MnistPeftError as exc:
             raise InvalidArgumentError(f"{where}{exc}") from None
         try:
@@ -101,7 +109,7 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
                 f"{where}the weight of {ref!r} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {value}"
             )
         checked.append((ref, value))
-    names = [parse_ref(r)[0] for r, _ in checked]
+    names = [r.rpartition("@")[0] if is_hub_ref(r) else parse_ref(r)[0] for r, _ in checked]
     if len(set(names)) != len(names):
         raise InvalidArgumentError(f"{where}an adapter is named twice; give each once (its weight scales it)")
     return checked
@@ -145,19 +153,21 @@ def format_stack(items: Sequence[tuple[str, float]]) -> str:
 
 @dataclass(frozen=True)
 class Stack:
-    """A weighted stack resolved against the registry: every entry's exact version and weights file.
+    """A weighted stack resolved by the engine's resolvers: every adapter's exact entry and weight.
 
-    ``key`` is everything the combined adapter depends on (entry refs, the sha256 of each entry's
-    weights file and of its ``adapter_config.json``, the weights), so a cached adapter can never
-    stand for other bytes.
+    A named stack in the spec stands for its members (its weight multiplying theirs), so ``items``
+    lists adapters only. ``key`` is everything the combined adapter depends on (each adapter's label,
+    the sha256 of its weights file and of its ``adapter_config.json``, its weight), so a cached adapter
+    can never stand for other bytes.
     """
 
     items: tuple[tuple[str, float], ...]
-    """``(name@version, weight)`` per adapter, in the order given."""
+    """``(label, weight)`` per adapter, in the order given: ``digit-9@1``, or a Hub one's
+    ``hub:OWNER/REPO@<commit>/digit-9@1``."""
     key: tuple[tuple[str, str, str, float], ...]
-    """``(name@version, weights sha256, config sha256, weight)`` per adapter."""
-    entries: tuple[RegistryEntry, ...] = field(default=(), compare=False, repr=False)
-    """The registry entries, as the index described them when the stack was resolved."""
+    """``(label, weights sha256, config sha256, weight)`` per adapter."""
+    members: tuple[Member, ...] = field(default=(), compare=False, repr=False)
+    """The registries and entries the adapters were resolved to."""
 
     @property
     def label(self) -> str:
@@ -165,6 +175,14 @@ class Stack:
 
     def to_list(self) -> list[dict[str, object]]:
         return [{"adapter": ref, "weight": w} for ref, w in self.items]
+
+    def pinned(self) -> list[tuple[str, float]]:
+        """``(reference, weight)`` per adapter that resolves to this very stack again (versions and Hub commits pinned)."""
+        return [(m.pinned, m.weight) for m in self.members]
+
+    def describe(self) -> list[dict[str, object]]:
+        """Per adapter: ``{"adapter", "weight", "sha256"}`` (the sha256 of its weights file), as an answer names it."""
+        return [{"adapter": ref, "weight": w, "sha256": k[1]} for (ref, w), k in zip(self.items, self.key, strict=True)]
 
 
 def check_servable(members: Sequence[tuple[str, str, float]]) -> None:
@@ -195,28 +213,42 @@ def entry_key(entry: RegistryEntry) -> tuple[str, str, str]:
     )
 
 
-def resolve_stack(registry: AdapterRegistry, spec: object) -> Stack | None:
-    """The stack a spec names, against the registry now (``None`` for the empty stack): an
-    unversioned name is its latest version at this call, so a version registered while the app
-    runs is used from the next request on.
+def resolve_stack(source: AdapterRegistry | Sequence[Resolver], spec: object) -> Stack | None:
+    """The stack a spec names (``None`` for the empty stack), each reference answered by the first of
+    ``source``'s resolvers that takes its kind (a registry alone: :class:`RegistryResolver` over it),
+    now: an unversioned name is its latest version at this call, so a version registered while a
+    server runs is used from the next request on.
 
     Raises:
-        InvalidArgumentError: a malformed spec (see :func:`stack_items`), or a DoRA adapter in a stack
+        InvalidArgumentError: a malformed spec (see :func:`stack_items`), an adapter named twice once
+            named stacks are expanded, more than :data:`MAX_STACK` adapters, or a DoRA adapter in a stack
             of several or at a weight other than 1 (:func:`check_servable`).
-        EntryNotFoundError, RegistryError: an entry that is not there, or not an adapter.
+        EntryNotFoundError, RegistryError, HubError, IntegrityError: what a resolver says.
     """
-    from mnist_peft.errors import RegistryError
-
     items = stack_items(spec)
-    if not items:
-        return None
-    resolved, key, entries = [], [], []
+    return resolve_items(source, items) if items else None
+
+
+def resolve_items(source: AdapterRegistry | Sequence[Resolver], items: Sequence[tuple[str, float]]) -> Stack:
+    """The stack of checked ``(ref, weight)`` items (see :func:`resolve_stack`); a Ray Serve replica
+    calls it with a stack's :meth:`Stack.pinned` items."""
+    resolvers = [RegistryResolver(source)] if isinstance(source, AdapterRegistry) else list(source)
+    members: list[Member] = []
     for ref, weight in items:
-        entry = registry.get(ref)
-        if entry.kind != "lora":
-            raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not an adapter; pick a lora entry")
-        resolved.append((entry.ref, float(weight)))
-        key.append((*entry_key(entry), float(weight)))
-        entries.append(entry)
-    check_servable([(e.ref, getattr(e, "adapter_type", None) or "lora", w) for e, (_, w) in zip(entries, resolved, strict=True)])
-    return Stack(tuple(resolved), tuple(key), tuple(entries))
+        members += resolve_ref(resolvers, ref, float(weight))
+    labels = [m.label for m in members]
+    if len(set(labels)) != len(labels):
+        raise InvalidArgumentError("an adapter is named twice once the named stacks are expanded; give each once (its weight scales it)")
+    if len(members) > MAX_STACK:
+        raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; this one expands to {len(members)}")
+    for m in members:
+        if not math.isfinite(m.weight) or abs(m.weight) > MAX_WEIGHT:
+            raise InvalidArgumentError(
+                f"the weight of {m.label!r} comes to {m.weight:g}; stack weights multiply to within +-{MAX_WEIGHT:g}"
+            )
+    check_servable([(m.label, m.entry.adapter_type or "lora", m.weight) for m in members])
+    return Stack(
+        tuple((m.label, m.weight) for m in members),
+        tuple((m.label, *entry_key(m.entry)[1:], m.weight) for m in members),
+        tuple(members),
+    )

@@ -8,6 +8,8 @@ The names below resolve on first use (PEP 562): ``config`` is plain Python, and 
 
 from __future__ import annotations
 
+from mnist_peft.lazy import lazy_names
+
 __all__ = [
     "BASE_ADAPTER",
     "LoraConfig",
@@ -29,16 +31,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> object:
-    import importlib
-
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, globals())

@@ -1,0 +1,199 @@
+"""Resolvers: where the engine finds the adapters a spec names, tried in order (as vLLM's
+``LoRAResolver`` plugins are): the local registry (:class:`RegistryResolver`), then, only when the
+server allows it, the Hub (:class:`HubResolver`).
+
+A resolver answers one reference of a spec (``digit-9@1``, a named stack ``my-mix``, a Hub
+reference ``hub:OWNER/REPO@v2``) with the adapter entries it stands for (:class:`Member`: a
+registry, an entry, a weight), or ``None`` when the reference is not its kind. A named stack
+(a registry entry of kind ``stack``) stands for its pinned members at their recorded weights. A Hub
+reference is pulled once through the toolkit's pull path (confined, every file sha256-checked) into
+a cache registry of its own, pinned to the commit it read, and served from there afterwards; the
+base fingerprint is checked when the adapter loads, as every adapter's is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mnist_peft.errors import EntryNotFoundError, InvalidArgumentError, RegistryError
+from mnist_peft.registry.adapter_registry import AdapterRegistry
+from mnist_peft.registry.entry import RegistryEntry
+
+__all__ = [
+    "HUB_PREFIX",
+    "HubResolver",
+    "Member",
+    "RegistryResolver",
+    "Resolver",
+    "is_hub_ref",
+    "parse_hub_ref",
+    "resolve_ref",
+]
+
+HUB_PREFIX = "hub:"
+# hub:OWNER/REPO@vN, hub:OWNER/REPO@<40 hex> or hub:OWNER/REPO/NAME@... (NAME: one entry of a bundle repo)
+_HUB_REF = re.compile(
+    r"hub:(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:/(?P<name>[A-Za-z0-9][\w.-]{0,99}))?"
+    r"@(?P<rev>v[0-9]{1,10}|[0-9a-f]{40})"
+)
+HUB_REF_RULE = (
+    "a Hub reference is hub:OWNER/REPO@vN (a tag) or hub:OWNER/REPO@<40-hex commit>, pinned; "
+    "hub:OWNER/REPO/NAME@... names one entry of a bundle repo"
+)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One adapter of a resolved stack: the registry that holds it, its entry, its weight, and how
+    answers name it (``digit-9@1``; ``hub:OWNER/REPO@<commit>/digit-9@1`` for a Hub one)."""
+
+    registry: AdapterRegistry
+    entry: RegistryEntry
+    weight: float
+    label: str
+    pinned: str = ""
+    """A reference that resolves to this very entry again (``digit-9@1``; ``hub:OWNER/REPO/digit-9@<commit>``):
+    what a Ray Serve replica is handed to resolve the stack the ingress resolved. Default: ``entry.ref``."""
+
+    def __post_init__(self) -> None:
+        if not self.pinned:
+            object.__setattr__(self, "pinned", self.entry.ref)
+
+
+class Resolver(Protocol):
+    """What the engine asks for each reference of a spec, in order: ``resolve(ref)`` -> the members it
+    stands for at ``weight``, or ``None`` when ``ref`` is not this resolver's kind (the next one is asked)."""
+
+    def resolve(self, ref: str, weight: float) -> list[Member] | None: ...
+
+
+def is_hub_ref(ref: str) -> bool:
+    return ref.startswith(HUB_PREFIX)
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None, str]:
+    """``"hub:me/digit-9@v2"`` -> ``("me/digit-9", None, "v2")``; ``"hub:me/bundle/digit-9@<sha>"``
+    -> ``("me/bundle", "digit-9", "<sha>")``.
+
+    Raises:
+        InvalidArgumentError: not of that form (the revision must be pinned: a tag ``vN`` or a commit).
+    """
+    match = _HUB_REF.fullmatch(ref) if isinstance(ref, str) and len(ref) <= 300 else None
+    if match is None:
+        raise InvalidArgumentError(f"{str(ref)[:120]!r} is not a Hub reference: {HUB_REF_RULE}")
+    return match["repo"], match["name"], match["rev"]
+
+
+class RegistryResolver:
+    """References into a local registry: ``name``, ``name@N``; a named stack (kind ``stack``) is its
+    pinned members, each weight multiplied by the spec's."""
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self.registry = registry
+
+    def resolve(self, ref: str, weight: float) -> list[Member] | None:
+        if is_hub_ref(ref):
+            return None
+        return expand_entry(self.registry, self.registry.get(ref), weight)
+
+
+def expand_entry(registry: AdapterRegistry, entry: RegistryEntry, weight: float, *, hub: tuple[str, str] | None = None) -> list[Member]:
+    """``entry`` as members: an adapter is itself; a named stack its pinned members (each checked to
+    be the bytes it was pinned to); anything else is refused. ``hub``: ``(repo_id, commit)`` of a Hub
+    snapshot registry, which the members' labels and pinned references name."""
+
+    def member(adapter: RegistryEntry, w: float) -> Member:
+        if hub is None:
+            return Member(registry, adapter, w, adapter.ref)
+        repo_id, commit = hub
+        return Member(registry, adapter, w, f"hub:{repo_id}@{commit}/{adapter.ref}", f"hub:{repo_id}/{adapter.name}@{commit}")
+
+    if entry.kind == "lora":
+        return [member(entry, weight)]
+    if entry.kind != "stack":
+        raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not an adapter or a stack; pick a lora or stack entry")
+    from mnist_peft.registry.stacks import member_entries
+
+    # each member checked to be the adapter the stack pinned (present, its sha256s, the stack's base)
+    return [member(adapter, weight * m.weight) for m, adapter in member_entries(registry, entry)]
+
+
+class HubResolver:
+    """Hub references (``hub:OWNER/REPO@vN`` or ``@<commit>``), pulled once into a cache registry at
+    ``cache_root`` through :func:`~mnist_peft.hub.pull.pull_from_hub` (every file size-capped and
+    sha256-checked; a failed pull adds nothing) and pinned to the commit the pull read: later requests
+    for the same reference read no network. A repo that cannot be reached, lacks the revision, or
+    serves a tampered file fails the request that named it, and only that one; it is tried again on
+    the next request.
+    """
+
+    def __init__(self, cache_root: str | os.PathLike[str], *, token: str | None = None) -> None:
+        self.cache_root = Path(cache_root)
+        self._token = token
+        self._pinned: dict[str, tuple[AdapterRegistry, str, list[str]]] = {}  # ref -> (snapshot registry, commit, its refs)
+        self._lock = threading.Lock()  # one pull at a time; a second request for a reference waits for the first's pull
+
+    def __repr__(self) -> str:  # never the token
+        return f"HubResolver({str(self.cache_root)!r})"
+
+    def resolve(self, ref: str, weight: float) -> list[Member] | None:
+        if not is_hub_ref(ref):
+            return None
+        repo_id, _, _ = parse_hub_ref(ref)
+        with self._lock:
+            if ref not in self._pinned:
+                self._pinned[ref] = self._pull(ref)
+            registry, commit, refs = self._pinned[ref]
+        members: list[Member] = []
+        for local in refs:
+            members += expand_entry(registry, registry.get(local), weight, hub=(repo_id, commit))
+        return members
+
+    def _pull(self, ref: str) -> tuple[AdapterRegistry, str, list[str]]:
+        """Pull ``ref`` into the snapshot registry of the commit its revision is at now
+        (``<cache_root>/<owner>--<repo>/<commit>``: one version of each entry, as the repo holds them)."""
+        from mnist_peft.hub.common import head_commit
+        from mnist_peft.hub.pull import pull_from_hub
+        from mnist_peft.registry.stacks import read_stack_members
+
+        repo_id, name, rev = parse_hub_ref(ref)
+        commit = head_commit(repo_id, rev, token=self._token)
+        registry = AdapterRegistry(self.cache_root / repo_id.replace("/", "--") / commit)
+        result = pull_from_hub(repo_id, registry=registry, names=[name] if name else None, revision=commit, token=self._token)
+        refs = [*result.added, *(registry.get(n).ref for n in result.unchanged)]  # unchanged: this snapshot pulled it before
+        stacks = [registry.get(r) for r in refs if registry.get(r).kind == "stack"]
+        members = sorted(
+            {m.ref.partition("@")[0] for e in stacks for m in read_stack_members(registry, e)} - {n.partition("@")[0] for n in refs}
+        )
+        if members:  # a named stack's members come from the same bundle (a bundle push sends them with it)
+            pull_from_hub(repo_id, registry=registry, names=members, revision=commit, token=self._token)
+        if name is None and len(refs) != 1:
+            names = sorted(r.partition("@")[0] for r in refs)
+            raise InvalidArgumentError(f"{repo_id!r} at {rev} holds {len(refs)} entries {names[:10]}; name one: hub:{repo_id}/NAME@{rev}")
+        return registry, result.revision, refs
+
+
+def resolve_ref(resolvers: Sequence[Resolver], ref: str, weight: float) -> list[Member]:
+    """The members ``ref`` stands for: the first resolver that knows its kind answers.
+
+    Raises:
+        EntryNotFoundError: no resolver takes ``ref`` (a Hub reference on a server that does not allow the Hub).
+        And whatever the answering resolver raises (a missing entry, a failed pull, a replaced member).
+    """
+    for resolver in resolvers:
+        members = resolver.resolve(ref, weight)
+        if members is not None:
+            return members
+    if is_hub_ref(ref):
+        raise EntryNotFoundError(
+            f"{ref[:120]!r} is a Hub reference, and this server does not fetch from the Hub: start it with --allow-hub, "
+            "or pull the adapter into the registry (mnist-peft pull) and name it",
+            name=ref[:200],
+        )
+    raise EntryNotFoundError(f"no resolver of this server knows {ref[:120]!r}", name=ref[:200])
