@@ -50,7 +50,8 @@ def _hub_arguments(push: bool) -> Callable[[argparse.ArgumentParser], None]:
     "push",
     help="push registry entries to a Hugging Face Hub repo",
     description="Push the latest version of every registry entry (or --name ones) to a Hub repo in one commit: the base at "
-    "the repo root, each adapter in its own subfolder (PEFT layout), and index.json with every file's sha256. "
+    "the repo root, each adapter in its own subfolder (PEFT layout), each named stack in its subfolder with the adapter "
+    "versions it pins, and index.json with every file's sha256. "
     "The commit names the head it was built on; if another push lands first, the index is re-read, re-merged "
     "and committed again, so concurrent pushers lose nothing. Uses HF_TOKEN / `hf auth login`; HF_ENDPOINT "
     "selects another Hub.",
@@ -103,12 +104,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         "added": res.added,
         "unchanged": res.unchanged,
         "renumbered": res.renumbered,
+        "incomplete_stacks": res.incomplete,
     }
     text = f"pulled {res.repo_id}@{res.revision[:12]}: added {', '.join(res.added) or 'nothing'}"
     if res.unchanged:
         text += f"; already up to date: {', '.join(res.unchanged)}"
     for remote, local in res.renumbered.items():  # versions are never reused: a number used here is not taken again
         text += f"\n{remote} is used here already (versions are never reused), stored as {local}"
+    for problem in res.incomplete.values():  # a stack came without (some of) its members: the pull that gets them
+        text += f"\nnote: {problem}"
     emit(args, payload, text + f"\nnext: mnist-peft registry list --root {open_registry(args).root}")
     return 0
 

@@ -1,4 +1,5 @@
-"""``registry``: list, show, verify, add, remove and export entries of the local adapter registry (no torch)."""
+"""``registry``: list, show, verify, add, add-stack, remove and export entries of the local adapter registry
+(no torch, but for ``add-stack``, which parses its spec with the serving engine's parser)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,35 @@ __all__ = ["cmd_registry"]
 
 
 def _registry_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "export"], help="what to do")
-    p.add_argument("name", nargs="?", metavar="NAME", help="entry name or name@version (show, rm, add); the output file (export)")
-    p.add_argument("path", nargs="?", metavar="PATH", help="folder to add (add)")
+    p.add_argument("action", choices=["list", "show", "verify", "rm", "add", "add-stack", "export"], help="what to do")
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="entry name or name@version (show, rm); the new entry's name (add, add-stack); the output file (export)",
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH|SPEC",
+        help="folder to add (add); the stack (add-stack): comma-separated registry adapters, each name or name@version "
+        "with an optional :weight (default 1), e.g. 'digit-9@1:0.5,digit-3'; an unversioned name is pinned to its latest version now",
+    )
+    p.add_argument("--force", action="store_true", help="rm: remove an adapter even if a stack entry pins it (the stack then fails verify)")
     add_root(p)
     add_common(p, data=False)
 
 
 @command(
     "registry",
-    help="list, show, verify, add or remove registry entries",
-    description="The local adapter registry (default ./adapters): versioned bases and adapters with sha256 of every "
-    "file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file and exits 1 if any entry "
-    "is bad. 'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
+    help="list, show, verify, add or remove registry entries, or record a named stack",
+    description="The local adapter registry (default ./adapters): versioned bases, adapters and named stacks with sha256 of "
+    "every file and the base fingerprint, indexed in index.db (SQLite). 'verify' checks every file (and every stack's "
+    "members) and exits 1 if any entry is bad. 'add-stack NAME SPEC' records a weighted stack of adapter entries, each "
+    "pinned to its version and sha256, as the next version of entry NAME (kind 'stack', a stack.json): the serving engine "
+    "answers the spec NAME with it, and push/pull move it like any entry; at most 10 adapters, weights in [-10, 10], all "
+    "on one base, a DoRA adapter only alone at weight 1. 'rm' refuses an adapter a stack pins (--force to remove it anyway). "
+    "'export [FILE]' writes the index as index.json, the exchange format (default: <root>/index.json).",
     arguments=_registry_arguments,
     tensors=False,
 )
@@ -64,17 +81,55 @@ def cmd_registry(args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError(f"registry {args.action} needs a NAME (or NAME@VERSION)")
     if args.action == "show":
-        entry = reg.get(args.name)
-        versions = [e.version for e in reg.list() if e.name == entry.name]
-        payload = {**entry.to_dict(), "versions": versions, "folder": str(reg.root / entry.path)}
-        emit(args, payload, json.dumps(payload, indent=2, sort_keys=True))
-        return 0
+        return _show(args, reg)
     if args.action == "add":
         if not args.path:
-            raise UsageError("registry add needs NAME and PATH (a base or adapter folder)")
+            raise UsageError("registry add needs NAME and PATH (a base, adapter or stack folder)")
         entry = reg.add(args.name, args.path)
         emit(args, entry.to_dict(), f"added {entry.ref} ({entry.adapter_type or entry.kind}) to {reg.root}")
         return 0
+    if args.action == "add-stack":
+        return _add_stack(args, reg)
+    if not args.force:
+        from mnist_peft.registry.stacks import refuse_pinned
+
+        refuse_pinned(reg, args.name)  # an adapter a stack pins stays, unless --force
     gone = reg.remove(args.name)  # rm
     emit(args, {"removed": [e.ref for e in gone]}, f"removed {', '.join(e.ref for e in gone)}")
+    return 0
+
+
+def _show(args: argparse.Namespace, reg) -> int:
+    """``registry show NAME``: the entry, its versions and folder; a stack's members (or what is wrong with them)."""
+    from mnist_peft.errors import IntegrityError
+
+    entry = reg.get(args.name)
+    versions = [e.version for e in reg.list() if e.name == entry.name]
+    payload = {**entry.to_dict(), "versions": versions, "folder": str(reg.root / entry.path)}
+    if entry.kind == "stack":
+        try:
+            payload["members"] = _members(reg, entry)
+        except IntegrityError as exc:  # show what is there, and what is wrong with it
+            payload["problem"] = str(exc)
+    emit(args, payload, json.dumps(payload, indent=2, sort_keys=True))
+    return 0
+
+
+def _members(reg, entry) -> list[dict[str, object]]:
+    from mnist_peft.registry.stacks import read_stack_members
+
+    return [{"adapter": m.ref, "weight": m.weight, "adapter_type": m.adapter_type} for m in read_stack_members(reg, entry)]
+
+
+def _add_stack(args: argparse.Namespace, reg) -> int:
+    """``registry add-stack NAME SPEC``: the spec parsed by the engine's own parser (one grammar for
+    a spec wherever it is written), the stack checked and recorded by the registry."""
+    from mnist_peft.serving.stacks import parse_stack
+
+    if not args.path:
+        raise UsageError("registry add-stack needs NAME and SPEC, e.g. registry add-stack mix 'digit-9@1:0.5,digit-3'")
+    entry = reg.add_stack(args.name, parse_stack(args.path))  # an empty spec ('none') is refused there: a stack holds 1 to 10
+    members = _members(reg, entry)
+    label = " + ".join(f"{m['weight']:g} x {m['adapter']}" for m in members)
+    emit(args, {**entry.to_dict(), "members": members}, f"added stack {entry.ref} = {label} to {reg.root}")
     return 0

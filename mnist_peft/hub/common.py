@@ -8,6 +8,7 @@ Repo layout, so that stock tools read it::
     index.json                       the registry entries in this repo, with sha256 of every file
     digit-9/adapter_config.json ...  one adapter per subfolder, PEFT layout
                                      (``PeftModel.from_pretrained(base, repo_id, subfolder="digit-9")``)
+    mix/stack.json, mix/README.md    a named stack (registry kind ``stack``), in its subfolder like an adapter
 
 With ``per_adapter`` (``mnist-peft push --per-adapter``) each adapter is also published as a repo
 of its own, ``<repo_id>-<name>``, the way the Hub itself lists adapters: the adapter at the root,
@@ -52,6 +53,9 @@ class PullResult:
     renumbered: dict[str, str] = field(default_factory=dict)
     """Remote ``name@N`` -> local ``name@M`` for entries whose number was used here already (else the
     remote number is kept)."""
+    incomplete: dict[str, str] = field(default_factory=dict)
+    """Stack entries added whose members are not all here (missing or other bytes) -> what is wrong and
+    the command that fixes it (the pull succeeds: the members may come later)."""
 
 
 def head_commit(repo_id: str, revision: str = "main", *, token: str | None = None) -> str:

@@ -14,6 +14,7 @@ from mnist_peft.errors import HubError, IntegrityError, RegistryError, hub_error
 from mnist_peft.fileio import sha256_file
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.names import confine, parse_ref
+from mnist_peft.registry.stacks import member_entries
 
 from .common import PullResult, remote_index
 
@@ -37,7 +38,9 @@ def pull_from_hub(
     its sha256 before anything is added, and all entries are added in one index write: a pull that
     fails changes nothing. Entries whose files are already in the registry byte for byte are not
     added again. An entry keeps its remote version number where that number was never used here;
-    otherwise it gets the next one, listed in ``renumbered``.
+    otherwise it gets the next one, listed in ``renumbered``. A stack entry is pulled like any
+    other; one whose members are not all here afterwards is listed in ``incomplete`` with the pull
+    that gets them (``verify`` and the serving engine say the same until they come).
 
     Raises:
         HubError: the Hub cannot be reached, or the repo / revision / a file is missing.
@@ -86,7 +89,15 @@ def pull_from_hub(
         raise hub_error(exc, repo_id, "pull") from exc
     wanted_refs = [f"{name}@{opts['version']}" for name, _, opts in items]
     renumbered = {want: e.ref for want, e in zip(wanted_refs, added, strict=True) if want != e.ref}
-    return PullResult(repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged, renumbered=renumbered)
+    incomplete = {}
+    for e in (e for e in added if e.kind == "stack"):  # a stack may come before its members: said, not refused
+        try:
+            member_entries(registry, e)
+        except (IntegrityError, RegistryError) as exc:
+            incomplete[e.ref] = str(exc)
+    return PullResult(
+        repo_id=repo_id, revision=sha, added=[e.ref for e in added], unchanged=unchanged, renumbered=renumbered, incomplete=incomplete
+    )
 
 
 MAX_PULLED_FILE_BYTES = 256 << 20

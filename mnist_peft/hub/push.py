@@ -14,6 +14,7 @@ from mnist_peft.errors import HubError, IntegrityError, RegistryError, http_stat
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.registry.names import confine
+from mnist_peft.registry.stacks import member_entries
 
 from .common import INDEX_NAME, PushResult, remote_index
 
@@ -43,6 +44,22 @@ def _selected(registry: AdapterRegistry, names: Sequence[str] | None) -> list[Re
     return entries
 
 
+def _with_stack_members(registry: AdapterRegistry, entries: list[RegistryEntry]) -> list[RegistryEntry]:
+    """``entries`` and the adapters their stacks pin (a stack goes up with its members, so a pull gets
+    them too). A bundle keeps one version of each name: a member pushed now at another version is refused."""
+    chosen = {e.name: e for e in entries}
+    for stack in [e for e in entries if e.kind == "stack"]:
+        for member, adapter in member_entries(registry, stack):  # a missing or changed member is said here
+            there = chosen.setdefault(adapter.name, adapter)
+            if there.ref != adapter.ref:
+                raise RegistryError(
+                    f"stack {stack.ref} pins {member.ref}, but this push sends {there.ref}; a bundle repo holds one version of "
+                    f"each name: push the stack with --name {member.ref}, or re-make it on {there.ref} "
+                    f"(`mnist-peft registry add-stack {stack.name} SPEC`)"
+                )
+    return list(chosen.values())
+
+
 def push_to_hub(
     repo_id: str,
     *,
@@ -55,7 +72,9 @@ def push_to_hub(
 ) -> PushResult:
     """Push the latest version of every entry (or ``names``) in one commit.
 
-    Entries are verified first; the remote ``index.json`` keeps entries not pushed this time.
+    Entries are verified first; the remote ``index.json`` keeps entries not pushed this time. A stack
+    entry goes up with the adapter versions it pins (its ``stack.json`` in ``<name>/``, like an
+    adapter's files).
 
     Raises:
         IntegrityError: a local file does not match the registry.
@@ -63,7 +82,7 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    entries = _selected(registry, names)
+    entries = _with_stack_members(registry, _selected(registry, names))
     for e in entries:
         registry.verify_entry(e)  # also refuses symlinks and paths outside the root
     api = HfApi(token=token)
@@ -135,17 +154,21 @@ def push_adapters_to_hub(
     """Publish the base to ``repo_id`` and each adapter (every version) to a repo of its own.
 
     The base (the registry's one base; every adapter must have been trained on it) goes to
-    ``repo_id`` as :func:`push_to_hub` puts it. Each adapter goes to :func:`adapter_repo_id`, one
+    ``repo_id`` as :func:`push_to_hub` puts it (stack entries are no adapter repos: they are left
+    out, and refused when named; push them in a bundle). Each adapter goes to :func:`adapter_repo_id`, one
     commit per registry version, oldest first, each tagged ``v<N>``; versions whose tag is there
     already are skipped (a version number never names other bytes). The uploaded
     ``adapter_config.json`` names the base repo, and ``README.md`` is a card the Hub understands.
 
     Raises:
-        RegistryError: no base, several bases, or an adapter trained on another base.
+        RegistryError: no base, several bases, an adapter trained on another base, or a stack named.
         IntegrityError: a local file does not match the registry.
         HubError: the Hub cannot be reached or refuses a commit.
     """
     selected = _selected(registry, names)
+    stacks = [e.ref for e in selected if e.kind == "stack"]
+    if stacks and names:
+        raise RegistryError(f"{stacks} are stack entries, which are no adapter repos; push them in a bundle (without --per-adapter)")
     bases = [e for e in registry.list() if e.kind == "base"]
     latest_bases = {e.name: e for e in bases}
     if len(latest_bases) != 1:

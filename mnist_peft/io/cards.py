@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mnist_peft.tuners.lora.config import LoraConfig
 
-__all__ = ["render_model_card", "digit_model_card", "base_model_card", "hub_adapter_card", "card_body"]
+__all__ = ["render_model_card", "digit_model_card", "base_model_card", "hub_adapter_card", "stack_model_card", "card_body"]
 
 
 def _is_repo_id(name: str) -> bool:
@@ -102,6 +102,23 @@ def base_model_card(recipe: str, result, steps: int, fingerprint: str) -> str:
         body=body,
         extra_yaml={"accuracy": result.accuracy, "wrong_per_digit": result.wrong_per_digit, "recipe": recipe},
     )
+    return card.replace("library_name: peft", "library_name: mnist-peft")
+
+
+def stack_model_card(name: str, members: list[tuple[str, float, str]], *, base_fingerprint: str | None) -> str:
+    """The card of a named stack (a registry entry of kind ``stack``): its members, ``(name@version,
+    weight, adapter type)`` each, as a table, and how it is served and checked."""
+    rows = ["| adapter | type | weight |", "|---|---|---|"]
+    rows += [f"| `{ref}` | {_type_title(kind)} | {weight:g} |" for ref, weight, kind in members]
+    body = (
+        "A named stack of registry adapters (in the manner of AdapterHub's adapter setups): the serving engine answers "
+        f"the adapter spec `{name}` with the weighted sum of these adapters, each pinned by version and sha256 in "
+        "`stack.json`.\n\n"
+        + "\n".join(rows)
+        + f"\n\nBase model fingerprint: `{base_fingerprint or 'not recorded'}`. `mnist-peft registry verify` checks that every "
+        "member is present and unchanged; a stack pulled without its members names the `mnist-peft pull` that gets them.\n"
+    )
+    card = render_model_card(base_model=None, tags=["mnist", "mnist-peft", "adapter-stack"], title=f"Adapter stack `{name}`", body=body)
     return card.replace("library_name: peft", "library_name: mnist-peft")
 
 

@@ -8,6 +8,7 @@ Layout (``adapters/`` by default; ``--root`` or ``$MNIST_PEFT_ADAPTERS``)::
     base/v1/              a base model folder (config.json, model.safetensors, README.md)
     digit-9/v1/           an adapter folder in PEFT layout
     digit-9/v2/           a newer version; v1 is kept
+    mix/v1/               a named stack: stack.json (pinned name@version members and weights), README.md
     .staging/             folders being written (renamed into place when complete)
 
 ``index.json`` is the same index as one JSON document, the exchange format: written by
@@ -41,7 +42,9 @@ from pathlib import Path
 
 from mnist_peft.errors import RegistryError
 
+from .entry import RegistryEntry
 from .names import INDEX_NAME, confine, default_root
+from .stacks import add_stack
 from .stores.base import INDEX_FORMAT, IndexStore
 from .stores.folder import FolderIndex
 from .stores.json import JsonIndex
@@ -76,6 +79,16 @@ class AdapterRegistry(RegistryWrites):
     def index_path(self) -> Path:
         """Where the index lives: ``index.db`` (or ``index.json`` for a registry made before it)."""
         return self.store.path
+
+    def add_stack(self, name: str, items: list[tuple[str, float]]) -> RegistryEntry:
+        """Record a weighted stack of adapter entries as the next version of stack entry ``name``
+        (kind ``stack``): see :func:`~mnist_peft.registry.stacks.add_stack`.
+
+        Example:
+            >>> reg.add_stack("mix", [("digit-9@1", 0.5), ("digit-3", 1.0)]).ref
+            'mix@1'
+        """
+        return add_stack(self, name, items)
 
     def export_index(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the index as one ``index.json`` document (the exchange format) to ``path``

@@ -15,7 +15,9 @@ from .names import MAX_VERSION, validate_file_name, validate_name
 __all__ = ["ADAPTER_TYPES", "KINDS", "RegistryEntry", "entry_from_dict"]
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
-KINDS = ("base", "lora")
+KINDS = ("base", "lora", "stack")
+"""``base`` (a base model), ``lora`` (an adapter, of the types :data:`ADAPTER_TYPES`), ``stack`` (a named
+stack: ``stack.json``, a weighted list of pinned adapter entries, see :mod:`~mnist_peft.registry.stacks`)."""
 ADAPTER_TYPES = (LoraConfig.adapter_type, DoraConfig.adapter_type)
 """The adapter types an adapter entry (kind ``lora``) may record, ``("lora", "dora")``: its config's
 ``adapter_type`` (``dora``: ``use_dora: true``, peft's DoRA). An entry written before the field existed
@@ -28,7 +30,7 @@ class RegistryEntry:
 
     name: str
     version: int
-    kind: str  # "base" | "lora"
+    kind: str  # "base" | "lora" | "stack"
     path: str  # relative to the root, e.g. "digit-9/v1"
     files: dict[str, dict[str, object]]  # file name -> {"sha256": str, "size": int}
     base_fingerprint: str | None = None
@@ -39,7 +41,7 @@ class RegistryEntry:
     metrics: dict[str, object] = field(default_factory=dict)
     source: dict[str, str] | None = None  # where a pulled entry came from: {"repo_id", "revision"}
     adapter_type: str | None = None
-    """An adapter's type, read from its config when it was added: ``"lora"`` or ``"dora"`` (None for a base)."""
+    """An adapter's type, read from its config when it was added: ``"lora"`` or ``"dora"`` (None for a base or a stack)."""
 
     @property
     def ref(self) -> str:
@@ -127,10 +129,10 @@ def entry_from_dict(data: object, *, where: str, path: str | None = None) -> Reg
 
 def _adapter_type(value: object, kind: str, where: str) -> str | None:
     """An entry's ``adapter_type``: one of :data:`ADAPTER_TYPES` for an adapter (missing: ``"lora"``, an
-    entry written before the field), null for a base."""
-    if kind == "base":
+    entry written before the field), null for a base or a stack (its members record theirs)."""
+    if kind in ("base", "stack"):
         if value is not None:
-            raise RegistryError(f"{where}: a base has no adapter_type, got {str(value)[:40]!r}")
+            raise RegistryError(f"{where}: a {kind} has no adapter_type, got {str(value)[:40]!r}")
         return None
     if value is None:
         return "lora"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from mnist_peft.fileio import read_regular_file, sha256_file
 
 from .entry import RegistryEntry, entry_from_dict
 from .names import MAX_VERSION, confine, parse_ref, validate_file_name
+from .stacks import verify_stack
 from .stores.base import IndexMovedError, IndexStore
 
 __all__ = ["RegistryReads"]
@@ -119,7 +121,9 @@ class RegistryReads:
     def verify_entry(self, entry: RegistryEntry) -> None:
         """Raise :class:`IntegrityError` naming the first missing, resized, altered or linked file, or,
         for an adapter, a layer whose update on the fixed probe batch is not finite or too large
-        (``io.probe``: an entry added before that check, or by another tool). Torch-free."""
+        (``io.probe``: an entry added before that check, or by another tool), or, for a stack, a
+        refused ``stack.json`` or a member that is missing, changed or does not verify itself
+        (:func:`~mnist_peft.registry.stacks.verify_stack`). Torch-free."""
         try:
             folder = self.folder(entry)
         except RegistryError as exc:
@@ -144,6 +148,8 @@ class RegistryReads:
                 probe_adapter_bytes(config, weights, what=f"adapter {entry.ref}", path=str(paths[probed[1]]))
             except (NonFiniteError, ModelLoadError) as exc:
                 raise IntegrityError(f"{entry.ref}: {exc}", path=paths[probed[1]]) from None
+        if entry.kind == "stack":
+            verify_stack(self, entry)
 
     def read_file(self, entry: RegistryEntry, fname: str) -> bytes:
         """The bytes of one of ``entry``'s files, checked against the size and sha256 the index
@@ -163,6 +169,8 @@ class RegistryReads:
                 path=self.root / entry.name,
             )
         p = self._file_path(entry, fname)
+        with contextlib.suppress(OSError):  # a file of another size is said before it is read (it may be huge)
+            _check_recorded(entry, p, info, p.stat().st_size, lambda: str(info["sha256"]))
         try:
             data = read_regular_file(str(p))
         except FileNotFoundError:

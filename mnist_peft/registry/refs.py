@@ -45,9 +45,27 @@ def registry_folder(ref: str, registry: AdapterRegistry, kind: str) -> Path | No
             registry.get(ref)  # raises, naming the versions there are: a missing version is no folder question
         return None
     entry = registry.get(ref)
+    if entry.kind == "stack" and kind == "lora":
+        raise RegistryError(_stack_is_no_folder(registry, entry))
     if entry.kind != kind:
         raise RegistryError(f"registry entry {entry.ref!r} is a {entry.kind}, not a {kind}; pass a {kind} entry")
     return registry.path(ref)
+
+
+def _stack_is_no_folder(registry: AdapterRegistry, entry) -> str:
+    """What to say when a stack entry is passed where one adapter folder is loaded: serve it by name,
+    or pass its members (with their weights) one by one."""
+    from .stacks import read_stack_members
+
+    try:
+        members = read_stack_members(registry, entry)
+    except (IntegrityError, RegistryError) as exc:
+        return f"registry entry {entry.ref!r} is a stack entry, not an adapter, and it does not read: {exc}"
+    flags = " ".join(f"--adapter {m.ref} --weight {m.weight:g}" for m in members)
+    return (
+        f"registry entry {entry.ref!r} is a stack entry (a weighted list of adapters), not one adapter folder: serve it by name "
+        f"(mnist-peft serve, adapter spec {entry.name!r}), or pass each member: {flags}"
+    )
 
 
 def _names_hint(ref: str, registry: AdapterRegistry) -> str:

@@ -19,6 +19,7 @@ from mnist_peft.fileio import current_umask, fsync_dir, sha256_file
 from .entry import RegistryEntry
 from .names import MAX_VERSION, confine, highest_version_folder, parse_ref, validate_file_name, validate_name
 from .reads import RegistryReads
+from .stacks import STACK_FILE, STACK_FILES, describe_stack_folder
 from .stores.base import INDEX_FORMAT, IndexStore, empty_document
 
 __all__ = ["LOCK_NAME", "STAGING_DIR", "STAGING_MARKER", "STAGING_PREFIX", "RegistryWrites"]
@@ -99,6 +100,7 @@ class RegistryWrites(RegistryReads):
                     parent = confine(self.root, name)
                     if parent.exists() and not parent.is_dir():
                         raise RegistryError(f"{str(parent)!r} is in the way of entry {name!r} and is not a folder; move it away")
+                    _refuse_kind_change(name, str(info["kind"]), [e for e in [*entries, *added] if e.name == name])
                     listed = [e.version for e in [*entries, *added] if e.name == name]
                     following = 1 + max([marks.get(name, 0), highest_version_folder(self.root, name), *listed])
                     # a wanted number far ahead would spend the name's numbers (a hostile remote's 1e9): the next one instead
@@ -162,7 +164,10 @@ class RegistryWrites(RegistryReads):
     def remove(self, ref: str) -> list[RegistryEntry]:
         """Remove ``name@version``, or every version of ``name``; returns what was removed.
 
-        Every folder is confined before anything changes: an entry whose folder is a symlink is
+        It reads one name's rows, never the stacks that may pin it (a removed member makes its stack
+        fail ``verify``, which names it; ``registry rm`` asks
+        :func:`~mnist_peft.registry.stacks.refuse_pinned` first). Removing a stack touches none of its
+        members. Every folder is confined before anything changes: an entry whose folder is a symlink is
         refused, not followed, and the deletion itself works relative to folders opened without
         following links. The version numbers stay used (``name@N`` never names other bytes).
         """
@@ -193,7 +198,17 @@ class DigitMismatchWarning(UserWarning):
 def _describe_folder(folder: Path) -> dict[str, object]:
     """kind, fingerprint, digit, r, lora_alpha, adapter_type read from a base or adapter folder, whose numbers are
     checked first: a base with a NaN or Inf weight, or an adapter with one or whose outputs on the
-    probe batch are not finite or too large (``io.probe``), is refused (:class:`NonFiniteError`)."""
+    probe batch are not finite or too large (``io.probe``), is refused (:class:`NonFiniteError`). A
+    stack folder's ``stack.json`` is checked as outside input (its members are not looked up: a
+    pulled stack may come before them; ``verify`` names the missing ones)."""
+    if (folder / STACK_FILE).is_file():
+        others = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in STACK_FILES)
+        if others:
+            raise RegistryError(
+                f"{str(folder)!r} holds a {STACK_FILE} and {others}; a stack folder holds only {sorted(STACK_FILES)} "
+                "(add adapters and stacks from separate folders)"
+            )
+        return describe_stack_folder(folder)  # torch-free: a stack is no tensors
     from mnist_peft.io.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
     from mnist_peft.io.probe import PROBE_FIX, probe_adapter
     from mnist_peft.numerics import require_finite
@@ -216,8 +231,8 @@ def _describe_folder(folder: Path) -> dict[str, object]:
 
         return {"kind": "base", "base_fingerprint": base_fingerprint(load_base(folder))}
     raise RegistryError(
-        f"{str(folder)!r} is neither an adapter folder (adapter_config.json + adapter_model.safetensors) nor a base "
-        "model folder (config.json + model.safetensors)"
+        f"{str(folder)!r} is neither an adapter folder (adapter_config.json + adapter_model.safetensors), nor a base "
+        f"model folder (config.json + model.safetensors), nor a stack folder ({STACK_FILE}; make one with `mnist-peft registry add-stack`)"
     )
 
 
@@ -235,6 +250,8 @@ def _prepare(name: str, src: Path, opts: dict[str, object]) -> tuple:
         validate_file_name(fname)
         if (src / fname).is_symlink():
             raise RegistryError(f"cannot add {str(src / fname)!r}: it is a symlink; copy the file itself into the folder")
+    if info["kind"] == "stack" and not set(names) <= STACK_FILES:  # type: ignore[arg-type]
+        raise RegistryError(f"cannot add {sorted(set(names) - STACK_FILES)} to stack {name!r}: a stack holds only {sorted(STACK_FILES)}")  # type: ignore[arg-type]
     missing = [f for f in names if not (src / f).is_file()]  # type: ignore[union-attr]
     if missing:
         raise RegistryError(f"cannot add {str(src)!r}: missing {missing}")
@@ -254,6 +271,17 @@ def _warn_if_digit_differs(name: str, digit: object) -> None:
                 "check that this is the adapter you meant (or name the entry after its digit)"
             ),
             stacklevel=5,  # the caller of add() / add_many()
+        )
+
+
+def _refuse_kind_change(name: str, kind: str, existing: list[RegistryEntry]) -> None:
+    """A name holds stacks or holds no stack: ``digit-9`` (an adapter in a spec) never turns into a
+    stack of other adapters at its next version, nor a stack's name into a single adapter."""
+    other = next((e for e in existing if (e.kind == "stack") != (kind == "stack")), None)
+    if other is not None:
+        raise RegistryError(
+            f"{name!r} holds {other.kind} entries ({other.ref}); a {kind} cannot be its next version (a spec naming {name!r} "
+            f"would change meaning): pick another name, or remove the old versions first (`mnist-peft registry rm {name}`)"
         )
 
 
