@@ -285,6 +285,11 @@ def _hub_message(exc: BaseException, where: str, action: str) -> str:
         return f"{action} failed: revision not found in {where}; check --revision"
     if isinstance(exc, RemoteEntryNotFoundError):
         return f"{action} failed: a file listed in the repo's index is missing from {where}; the repo is incomplete, push it again"
+    if isinstance(exc, RepositoryNotFoundError) and status == 401:  # the Hub's answer to an unknown repo without a token
+        return (
+            f"{action} failed: repository {where} is missing, or private (HTTP 401): check the repo id, or set HF_TOKEN "
+            "(or run `hf auth login`) to a token with access to it"
+        )
     if status in (401, 403):
         return (
             f"{action} failed: the Hub refused the credentials for {where} (HTTP {status}); set HF_TOKEN (or run `hf auth login`) "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ FIGURES = {
     "combine_ten",
     "train_ten_adapters",
     "ui_throughput",
+    "serve_throughput",
+    "serve_cold_adapter",
 }
 
 
@@ -75,6 +79,29 @@ def test_the_dora_figures_are_measured_and_agree_with_peft_within_the_bound(data
         diff, bound = _agreement(f["note"])
         assert bound > 0 and diff <= bound, f["note"]
     assert "batch 200," in figures["forward_dora"]["note"] and "200 images over 5 LoRA and 5 DoRA" in figures["mixed_lora_dora"]["note"]
+
+
+@pytest.mark.slow  # ~10-12 s here: the CLI, then two real servers spawned, one per figure
+def test_the_serving_figures_are_measured_through_the_real_service(data_root) -> None:
+    """``--only serve_throughput serve_cold_adapter`` at the smallest settings, through the real CLI (which
+    spawns the real ``mnist-peft serve``): both figures, each ratio the ratio of its own measurements,
+    its pass the verdict of its target, and the latencies and request counts in the note (no timing is
+    asserted: the ratios are reported)."""
+    proc = run_cli("bench", "--json", "--only", "serve_throughput", "serve_cold_adapter", "--reps", "1", "--images", "100")
+    assert proc.returncode == 0, proc.stderr
+    figures = {f["name"]: f for f in json.loads(proc.stdout)["figures"]}
+    assert set(figures) == {"serve_throughput", "serve_cold_adapter"}
+    for f in figures.values():
+        assert f["ours"] > 0 and f["base"] > 0 and f["peft"] is None and f["target"] > 0
+        assert abs(f["ratio"] - f["ours"] / f["base"]) < 1e-9
+    throughput, cold = figures["serve_throughput"], figures["serve_cold_adapter"]
+    assert throughput["unit"] == "req/s" and throughput["target"] == 0.8 and throughput["pass"] == (throughput["ratio"] >= 0.8)
+    found = re.findall(r"([\d.]+) req/s, p50 ([\d.]+) ms, p99 ([\d.]+) ms \((\d+) requests\)", throughput["note"])
+    assert len(found) == 2, throughput["note"]  # the stacks' side, then the base's
+    for (rps, p50, p99, n), side in zip(found, ("ours", "base"), strict=True):
+        assert float(rps) == pytest.approx(throughput[side], rel=0.01) and 0 < float(p50) <= float(p99) and int(n) >= 32
+    assert "32 client threads" in throughput["note"] and "in its own process" in throughput["note"]
+    assert cold["unit"] == "ms" and cold["pass"] == (cold["ratio"] <= cold["target"]) and "medians over 3 adapters" in cold["note"]
 
 
 def test_bench_strict_exit_code_follows_the_targets(data_root) -> None:
@@ -144,3 +171,53 @@ def test_the_forward_figure_shows_a_path_slowed_on_purpose_in_its_ratio(monkeypa
     low, high = TWICE_BAND if slowed else SELF_BAND
     assert low <= figure.ratio <= high, figure
     assert figure.ratio == figure.ours / figure.base  # the ratio is of these two measurements
+
+
+class _SlowApi(BaseHTTPRequestHandler):
+    """``POST /v1/predict`` answered after a known 20 ms (a sleep, as ``_Sleeper``), counted; a body
+    holding ``"fail"`` is answered 500."""
+
+    protocol_version = "HTTP/1.1"
+    answered = 0
+    lock = threading.Lock()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(0.02)
+        status = 500 if b"fail" in body else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+        with _SlowApi.lock:
+            _SlowApi.answered += 1
+
+
+def test_the_serving_load_driver_counts_every_answer_and_times_each_request() -> None:
+    """``drive`` (the clients of ``serve_throughput``) against a server that takes 20 ms a request: it
+    counts exactly the requests the server answered, no request reads faster than 20 ms, four clients
+    cannot exceed 4 / 20 ms, and a failed request stops the benchmark instead of being timed."""
+    from mnist_peft.errors import MnistPeftError
+    from mnist_peft.experiments.bench_serving import HttpClient, drive
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    clients = [HttpClient(url) for _ in range(4)]
+    try:
+        _SlowApi.answered = 0
+        run = drive(clients, [b'{"a": 1}', b'{"a": 2}'], seconds=0.5)
+        assert run.requests == len(run.latencies) == _SlowApi.answered >= 4
+        assert 0.5 <= run.seconds < 0.5 + 1.0 and min(run.latencies) >= 0.02
+        assert run.percentile(0.5) <= run.percentile(0.99) == max(run.latencies)
+        # at most one request per client per 20 ms; more than one client's worth (1 / 20 ms): the four run at once
+        assert 1 / 0.02 < run.throughput <= 4 / 0.02
+        with pytest.raises(MnistPeftError, match="HTTP 500"):
+            drive(clients[:1], [b'{"fail": 1}'], seconds=0.1)
+    finally:
+        for c in clients:
+            c.close()
+        server.shutdown()

@@ -20,6 +20,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"bash", "sh", "console", "shell"}
 # A block that talks to a running `mnist-peft ui` needs a live app: tests/test_ui.py runs it against one.
 LIVE_APP = 'Client("http://127.0.0.1:7860/"'
+LIVE_SERVICE = '"http://127.0.0.1:8000/'  # docs/serving.md: tests/test_service_command.py runs it against a live server
 # Files a page must leave behind, beyond running without an error.
 LEAVES = {"docs/python-api.md": "out/pulled/index.db"}
 # Places docs/architecture.md names for additions that do not exist yet (where they *would* go).
@@ -38,7 +39,9 @@ def _blocks(text: str) -> list[tuple[str, str]]:
 
 
 def _python(page: Path) -> str:
-    return "\n".join(code for lang, code in _blocks(page.read_text()) if lang == "python" and LIVE_APP not in code)
+    return "\n".join(
+        code for lang, code in _blocks(page.read_text()) if lang == "python" and LIVE_APP not in code and LIVE_SERVICE not in code
+    )
 
 
 def _commands(page: Path) -> list[str]:
@@ -77,6 +80,9 @@ def test_the_readme_stays_short_and_every_docs_page_is_covered() -> None:
     # The web app's gradio_client block is not run here: tests/test_ui.py runs it against a live app.
     assert LIVE_APP in (REPO / "docs" / "web-app.md").read_text()
     assert "docs/web-app.md" in (REPO / "tests" / "test_ui.py").read_text()
+    # The service's requests block likewise: tests/test_service_command.py runs it against a live server.
+    assert LIVE_SERVICE in (REPO / "docs" / "serving.md").read_text()
+    assert '"docs" / "serving.md"' in (REPO / "tests" / "test_service_command.py").read_text()
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _python(p)], ids=_rel)

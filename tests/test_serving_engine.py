@@ -275,3 +275,29 @@ def test_a_named_stack_in_a_spec_is_its_pinned_members_at_the_spec_weight_times_
         with pytest.raises(InvalidArgumentError, match=why):
             engine.predict(images[:1], spec)
     engine.close()
+
+
+def test_a_resolved_spec_is_kept_until_the_index_changes_and_a_new_version_is_used_next(tmp_path, monkeypatch) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(REPO / "adapters", root)
+    registry = AdapterRegistry(root)
+    predictor = Predictor(registry)
+    reads = []
+    real = registry.get
+    monkeypatch.setattr(registry, "get", lambda ref: reads.append(ref) or real(ref))
+    first = predictor.resolve("digit-9:0.5,digit-3")
+    assert reads == ["digit-9", "digit-3"]
+    assert predictor.resolve("digit-9:0.5,digit-3") is first and len(reads) == 2  # kept: no index read
+    registry.add("digit-9", registry.folder(real("digit-9@1")))  # a new version while serving
+    again = predictor.resolve("digit-9:0.5,digit-3")
+    assert [ref for ref, _ in again.items] == ["digit-9@2", "digit-3@1"] and len(reads) == 4
+    monkeypatch.setattr(registry, "index_signature", lambda: None)  # a writer at work: nothing is kept
+    predictor.resolve("digit-9:0.5,digit-3")
+    predictor.resolve("digit-9:0.5,digit-3")
+    assert len(reads) == 8
+
+
+def test_json_booleans_are_not_pixels() -> None:
+    for image in ([True] * 784, [[0.0] * 27 + [False]] * 28):
+        with pytest.raises(InvalidArgumentError, match="not true/false"):
+            images_to_input([image], max_images=1)

@@ -3,7 +3,8 @@ and the run over it.
 
 Each figure times ours, the bare base and/or ``peft`` on the same weights, interleaved round-robin
 (so drift in machine load hits all alike), and reports medians over several repetitions. The
-figures live by topic in :mod:`.bench_adapters`, :mod:`.bench_dora` and :mod:`.bench_workflows`; what they share
+figures live by topic in :mod:`.bench_adapters`, :mod:`.bench_dora`, :mod:`.bench_workflows` and
+:mod:`.bench_serving`; what they share
 (``Figure``, ``time_round_robin``) in :mod:`.bench_measure`.
 """
 
@@ -27,6 +28,7 @@ from .bench_adapters import (
 )
 from .bench_dora import bench_forward_dora, bench_mixed_lora_dora
 from .bench_measure import Figure, time_round_robin
+from .bench_serving import bench_serve_cold_adapter, bench_serve_throughput
 from .bench_workflows import bench_registry, bench_train_epoch, bench_train_ten_adapters, bench_ui_throughput
 
 __all__ = ["Figure", "time_round_robin", "run_bench", "FIGURES"]
@@ -50,8 +52,12 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "ui_throughput": lambda ctx: bench_ui_throughput(
         ctx["base"], ctx["x"], data_dir=ctx["data_dir"], requests=200 if ctx["reps"] >= 5 else 40
     ),
+    # mnist-peft serve in a process of its own: reps rounds of half a second a side; reps cold adapters (at least 3)
+    "serve_throughput": lambda ctx: bench_serve_throughput(ctx["base"], ctx["x"], data_dir=ctx["data_dir"], reps=ctx["reps"]),
+    "serve_cold_adapter": lambda ctx: bench_serve_cold_adapter(ctx["base"], ctx["x"], data_dir=ctx["data_dir"], reps=ctx["reps"]),
 }
-OPTIONAL_FIGURES = {"ui_throughput": "gradio"}  # figure -> the module of the optional extra it needs
+# figure -> the module of the optional extra it needs
+OPTIONAL_FIGURES = {"ui_throughput": "gradio", "serve_throughput": "fastapi", "serve_cold_adapter": "fastapi"}
 
 
 def _measurable(name: str) -> bool:

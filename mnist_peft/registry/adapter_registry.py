@@ -80,6 +80,13 @@ class AdapterRegistry(RegistryWrites):
         """Where the index lives: ``index.db`` (or ``index.json`` for a registry made before it)."""
         return self.store.path
 
+    def index_signature(self) -> tuple[object, ...] | None:
+        """What changes whenever the index is written, or ``None`` when that cannot be told (a writer at
+        work, a store that keeps no such record): what a server that keeps resolved references checks
+        before it reuses one (see :meth:`~mnist_peft.registry.stores.folder.FolderIndex.signature`)."""
+        signature = getattr(self.store, "signature", None)
+        return signature() if callable(signature) else None
+
     def add_stack(self, name: str, items: list[tuple[str, float]]) -> RegistryEntry:
         """Record a weighted stack of adapter entries as the next version of stack entry ``name``
         (kind ``stack``): see :func:`~mnist_peft.registry.stacks.add_stack`.

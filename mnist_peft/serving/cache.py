@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from mnist_peft.errors import InvalidArgumentError
+from mnist_peft.errors import FingerprintMismatchError, InvalidArgumentError
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.entry import RegistryEntry
 from mnist_peft.tuners.lora.model import LoraModel
@@ -70,7 +70,7 @@ class EntryCache:
     def __len__(self) -> int:
         return len(self._files)
 
-    def get(self, entry: RegistryEntry, registry: AdapterRegistry | None = None) -> Any:
+    def get(self, entry: RegistryEntry, registry: AdapterRegistry | None = None, *, label: str | None = None) -> Any:
         """``entry``'s adapter (``AdapterFiles``) in ``registry`` (default: the engine's), from the LRU or
         read now: each of its two files read once and checked against the sha256 the index records (the
         bytes parsed are the bytes checked), then its base fingerprint against the engine's."""
@@ -86,7 +86,15 @@ class EntryCache:
         self.misses += 1
         config, weights = (registry.read_file(entry, fname) for fname in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME))
         files = adapter_from_bytes(config, weights, folder=registry.folder(entry))
-        check_fingerprint(files, self.fingerprint)
+        try:
+            check_fingerprint(files, self.fingerprint)
+        except FingerprintMismatchError as exc:
+            raise FingerprintMismatchError(
+                f"adapter {label or entry.ref!r} was trained on base {exc.expected[:12]}..., but this server's base is "
+                f"{exc.actual[:12]}...; ask a server of its own base for it (mnist-peft serve --base ...)",
+                expected=exc.expected,
+                actual=exc.actual,
+            ) from None
         self._files[key] = files
         while len(self._files) > self.size:
             self._files.popitem(last=False)
@@ -122,7 +130,7 @@ class StackCache:
         from mnist_peft.merging.combine import combine_adapters
 
         self.misses += 1
-        files = [self.entries.get(m.entry, m.registry) for m in stack.members]
+        files = [self.entries.get(m.entry, m.registry, label=m.label) for m in stack.members]
         weights = [w for _, w in stack.items]
         kinds = [getattr(f.config, "adapter_type", "lora") for f in files]
         check_servable(list(zip([ref for ref, _ in stack.items], kinds, weights, strict=True)))  # the files' word, not the index's

@@ -28,7 +28,7 @@ from .forward import mixed_forward
 from .lane import ModelLane
 from .requests import Refused, image_to_input, logits_result, public_message, require_answer
 from .resolvers import RegistryResolver, Resolver
-from .stacks import Stack, resolve_stack
+from .stacks import ResolvedStacks, Stack
 
 __all__ = ["Predictor", "ServingEngine"]
 
@@ -78,11 +78,17 @@ class Predictor:
         self._stacks = StackCache(self.model, EntryCache(registry, self.fingerprint), budget=cache_bytes)
         self._lane = ModelLane()  # all model work on one thread: serialised, and its memory in one malloc arena
         self._test_logits: torch.Tensor | None = None
+        self._resolved = ResolvedStacks(registry, self.resolvers)
 
     # -- stacks
     def resolve(self, spec: object) -> Stack | None:
-        """The stack a spec names, by the engine's resolvers now: see :func:`~mnist_peft.serving.stacks.resolve_stack`."""
-        return resolve_stack(self.resolvers, spec)
+        """The stack a spec names, by the engine's resolvers now: see :func:`~mnist_peft.serving.stacks.resolve_stack`.
+
+        A spec string resolved before is answered from a small LRU (:class:`~mnist_peft.serving.stacks.ResolvedStacks`) while the
+        registry's index is unchanged since (:meth:`~mnist_peft.registry.adapter_registry.AdapterRegistry.index_signature`):
+        a version registered meanwhile is still used from the next request on.
+        """
+        return self._resolved.resolve(spec)
 
     @property
     def cache_bytes(self) -> int:

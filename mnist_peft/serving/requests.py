@@ -58,6 +58,10 @@ def image_to_input(pixels: object) -> torch.Tensor:
         raise InvalidArgumentError("the image must be 28 x 28 (or 784) numbers in [0, 1]") from exc
     if t.numel() != SIDE * SIDE or t.dim() not in (1, 2):
         raise InvalidArgumentError(f"the image has shape {tuple(t.shape)}; send 28 x 28 (or 784) numbers in [0, 1]")
+    if isinstance(pixels, (list, tuple)) and any(
+        type(v) is bool for row in pixels for v in (row if isinstance(row, (list, tuple)) else (row,))
+    ):
+        raise InvalidArgumentError("the image's pixels must be numbers in [0, 1], not true/false (JSON booleans)")
     if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
         raise InvalidArgumentError("the image's pixels must be finite numbers in [0, 1] (ink 1.0 on black 0.0, as MNIST)")
     return t.reshape(1, SIDE * SIDE).sub_(MNIST_MEAN).div_(MNIST_STD)

@@ -7,6 +7,8 @@ its combined adapter depends on (:func:`entry_key`).
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +33,7 @@ __all__ = [
     "entry_key",
     "resolve_stack",
     "resolve_items",
+    "ResolvedStacks",
 ]
 
 MAX_STACK = 10  # adapters in one stack
@@ -252,3 +255,37 @@ def resolve_items(source: AdapterRegistry | Sequence[Resolver], items: Sequence[
         tuple((m.label, *entry_key(m.entry)[1:], m.weight) for m in members),
         tuple(members),
     )
+
+
+RESOLVED_SIZE = 1024  # spec strings kept resolved (each a few hundred bytes): a server's working set of stacks
+
+
+class ResolvedStacks:
+    """:func:`resolve_stack` with a small LRU of spec strings, each kept while the registry's index is
+    unchanged since it was resolved (:meth:`~mnist_peft.registry.adapter_registry.AdapterRegistry.index_signature`;
+    nothing is kept where that cannot be told). Resolving reads the index (and a named stack's file) for
+    every reference, which a server would otherwise do per request. Hub references are pinned, so what
+    they resolve to does not change. Thread-safe.
+    """
+
+    def __init__(self, registry: AdapterRegistry, resolvers: Sequence[Resolver], *, size: int = RESOLVED_SIZE) -> None:
+        self.registry, self.resolvers, self.size = registry, resolvers, size
+        self._kept: OrderedDict[str, tuple[tuple[object, ...], Stack | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, spec: object) -> Stack | None:
+        if not isinstance(spec, str):
+            return resolve_stack(self.resolvers, spec)
+        signature = self.registry.index_signature()
+        with self._lock:
+            kept = self._kept.get(spec)
+            if kept is not None and signature is not None and kept[0] == signature:
+                self._kept.move_to_end(spec)
+                return kept[1]
+        stack = resolve_stack(self.resolvers, spec)
+        if signature is not None and signature == self.registry.index_signature():  # not written while we read
+            with self._lock:
+                self._kept[spec] = (signature, stack)
+                while len(self._kept) > self.size:
+                    self._kept.popitem(last=False)
+        return stack

@@ -49,6 +49,22 @@ class FolderIndex:
                 return legacy
         return db
 
+    def signature(self) -> tuple[object, ...] | None:
+        """What changes whenever the index is written (device, inode, size and times of ``index.db``
+        and ``index.json``), or ``None`` while a writer is at work (``index.db-wal`` exists): a reader
+        that keeps what it resolved may keep it while the signature stays the same."""
+        if os.path.lexists(self.root / f"{DB_NAME}-wal"):
+            return None
+        found: list[object] = []
+        for name in (DB_NAME, INDEX_NAME):
+            try:
+                st = os.stat(self.root / name, follow_symlinks=False)
+            except FileNotFoundError:
+                found.append(None)
+                continue
+            found.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(found)
+
     @property
     def path(self) -> Path:
         """The file the index lives in now: ``index.db``, or ``index.json`` before the first write."""
