@@ -303,5 +303,5 @@ def _hub_message(exc: BaseException, where: str, action: str) -> str:
         return f"{action} failed: the Hub at {constants.ENDPOINT} had a server error (HTTP {status}); try again later"
     if _is_network_error(exc):
         return f"{action} failed: cannot reach the Hub at {constants.ENDPOINT}; check the network and HF_ENDPOINT"
-    code = f"HTTP {status}" if status is not None else type(exc).__name__
-    return f"{action} failed for {where} ({code}); rerun with MNIST_PEFT_DEBUG=1 for details"
+    code = f" (HTTP {status})" if status is not None else ""  # never the exception's type: a server tells this line to its clients
+    return f"{action} failed for {where}{code}; rerun with MNIST_PEFT_DEBUG=1 for details"

@@ -125,8 +125,8 @@ def broken_entries(monkeypatch, **changes) -> None:
     it got past the registry's checks."""
     real_get = serving_cache.EntryCache.get
 
-    def get(self, entry):
-        files = real_get(self, entry)
+    def get(self, entry, *args, **kwargs):
+        files = real_get(self, entry, *args, **kwargs)
         change = changes.get(entry.name.replace("-", "_"))
         if change is None:
             return files
@@ -169,6 +169,7 @@ def test_a_50_mb_spec_is_refused_by_its_length_without_splitting_it(predictor, m
         (",".join(["digit-9"] * 11), "at most 10 adapters; got 11"),
         ("digit-9:" + "1" * 100, "the weight '1111.*' of 'digit-9' is not a number"),
         ("x" * 300, "is 300 characters; a name is at most 100"),
+        ("hub:" + "x" * 500, "is 504 characters; a name is at most 100, a Hub reference 339"),
     ],
 )
 def test_an_oversized_spec_item_is_a_one_line_error_naming_the_limit(spec: str, message: str) -> None:

@@ -313,3 +313,29 @@ def test_the_http_api_serves_a_hub_adapter_only_with_allow_hub_and_words_each_re
         closed.close()
     assert no_hub.status_code == 404 and "--allow-hub" in no_hub.json()["error"]["message"]
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_reference_to_a_bundle_or_a_base_is_refused_from_the_index_before_any_download(
+    engine: BatchedEngine, pushed: dict[str, str], tmp_path: Path, images: list[list[float]]
+) -> None:
+    """A bundle (the base, digit-9 and digit-3): naming the repo alone, or its base, is refused from its
+    index, with nothing downloaded into the cache; ``/digit-9`` names one entry of it."""
+    from mnist_peft.errors import InvalidArgumentError
+    from mnist_peft.hub.push import push_to_hub
+
+    bundle = "team/bundle"
+    commit = push_to_hub(bundle, registry=reference_of(engine), names=["base", "digit-9", "digit-3"]).commit
+    for ref, why in (
+        (f"hub:{bundle}@{commit}", f"holds 3 entries .*name one: hub:{bundle}/NAME@"),
+        (f"hub:{bundle}/base@{commit}", "is a base"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=why):
+            engine.predict(images[:1], ref)
+    cache = tmp_path / "hub-cache"
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]  # refused before a byte was fetched
+    answer = engine.predict(images[:1], f"hub:{bundle}/digit-9@{commit}")
+    assert [a["adapter"] for a in answer["adapters"]] == [f"hub:{bundle}@{commit}/digit-9@1"]
+
+
+def reference_of(engine: BatchedEngine) -> AdapterRegistry:
+    return engine.predictor.registry

@@ -161,7 +161,7 @@ def hostile_images(mnist_test) -> list[tuple[str, object, str]]:
         ("png 29 x 28", [png_b64(u8(mnist_test, [0])[0], size=(29, 28))], "the PNG is 29 x 28"),
         ("png bomb header", [_png_bomb_header()], "images[0]"),
         ("png truncated", [png_b64(u8(mnist_test, [0])[0])[:60]], "images[0]"),
-        ("png too long", ["A" * 70_000], "limit 65,536"),
+        ("png too long", ["A" * 70_000], "limit 16,384"),
         ("images a string", "x" * 100, "'images' must be a list"),
     ]
 
@@ -262,6 +262,8 @@ def test_adapters_lists_every_entry_without_a_server_path(server, registry) -> N
     assert '"path"' not in text
     one = requests.get(server.url + "v1/adapters/digit-9", timeout=30).json()["adapters"]
     assert one == [digit9]
+    assert requests.get(server.url + "v1/adapters/digit-9@1", timeout=30).json()["adapters"] == [digit9]  # one version
+    assert "no version 5" in assert_error(requests.get(server.url + "v1/adapters/digit-9@5", timeout=30), 404, "name")
     assert "no registry entry 'digit-42'" in assert_error(requests.get(server.url + "v1/adapters/digit-42", timeout=30), 404, "name")
     assert "invalid registry name" in assert_error(requests.get(server.url + "v1/adapters/" + "Y" * 5000, timeout=30), 422, "name")
 
@@ -287,6 +289,7 @@ def test_metrics_label_requests_by_route_template_and_show_batches_and_the_cache
 
 def test_healthz_and_the_openapi_description_state_the_limits(server) -> None:
     assert requests.get(server.url + "healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.head(server.url + "healthz", timeout=30).status_code == 200  # health checkers that send HEAD
     spec = requests.get(server.url + "openapi.json", timeout=30).json()
     assert {"/v1/predict", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/metrics"} <= set(spec["paths"])
     assert "at most 64 images per request" in spec["info"]["description"]
@@ -327,10 +330,13 @@ class ToyBackend:
 
     def __init__(self) -> None:
         self.closed = False
+        self.error: BaseException | None = None  # raised for the spec "raise"
 
     async def predict(self, images: object, spec: object) -> dict:
         from mnist_peft.errors import EntryNotFoundError, HubError, IntegrityError
 
+        if spec == "raise" and self.error is not None:
+            raise self.error
         failures = {
             "boom": RuntimeError("/srv/secret/model.bin exploded"),
             "hub-down": HubError("pull failed: cannot reach the Hub at https://hub.example", repo_id="me/x"),
@@ -384,3 +390,33 @@ def test_create_api_serves_any_backend_and_maps_each_error_kind_to_its_status() 
         text = client.get("/metrics").text
         assert "mnist_peft_cache_hits_total" not in text  # this backend holds no cache here
         assert 'mnist_peft_requests_total{endpoint="/v1/predict",code="500"} 1' in text
+
+
+def test_an_error_from_a_ray_replica_keeps_the_status_message_and_field_it_has_in_one_process() -> None:
+    """``ray_serve.portable``/``raised``: what crosses from a replica to the ingress is the status, the
+    public message and the field the API gives the error here (no Ray needed to check the mapping)."""
+    from fastapi.testclient import TestClient
+
+    from mnist_peft.errors import AdapterShapeError, EntryNotFoundError, HubError, IntegrityError, InvalidNameError, NonFiniteError
+    from mnist_peft.service.api import create_api
+    from mnist_peft.service.failures import error_status
+    from mnist_peft.service.ray_serve import portable, raised
+    from mnist_peft.serving.metrics import ServingMetrics
+
+    cases = [
+        AdapterShapeError("digit-3's lora_A has 783 columns; the base layer takes 784", key="linear1.lora_A"),
+        InvalidNameError("invalid registry name 'X'", name="X"),
+        EntryNotFoundError("no registry entry 'digit-42'", name="digit-42"),
+        IntegrityError("'/srv/reg/digit-3/v1/adapter_model.safetensors' does not match", path="/srv/reg"),
+        HubError("the Hub is down", repo_id="me/x"),
+        NonFiniteError("the stack's answer is not finite", key="logits"),
+        RuntimeError("exploded at /srv/secret"),
+    ]
+    for exc in cases:
+        crossed = raised(portable(exc, Path("/srv/reg")))
+        backend = ToyBackend()
+        backend.error = crossed
+        with TestClient(create_api(backend, metrics=ServingMetrics(), max_images=8)) as client:
+            answer = client.post("/v1/predict", json={"images": [[0.0] * 784], "adapters": "raise"})
+        assert answer.status_code == error_status(exc), (exc, answer.text)
+        assert "/srv/" not in answer.text and "exploded" not in answer.text

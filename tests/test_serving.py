@@ -115,3 +115,27 @@ def test_mixed_batch_refuses_a_model_whose_layers_do_not_see_one_row_per_sample(
 
 def test_an_empty_mixed_batch_gives_an_empty_answer(multi) -> None:
     assert mixed_forward(multi, torch.randn(0, 784), []).shape == (0, 10)
+
+
+def test_grouped_lora_blocks_keep_each_row_to_its_own_adapter_whatever_the_others_hold(multi) -> None:
+    """Plain-LoRA blocks of a mixed batch share two GEMMs (``_mixed_group_``). A row that overflows, an
+    adapter whose A is NaN, or one whose B is NaN (edited in place, past the load gate) reaches no
+    other row: those rows answer as when the bad adapter and row are not in the batch at all."""
+    torch.manual_seed(4)
+    x = torch.randn(8, 784)
+    names = ["a0", "a1", "a2", "a3", "a0", "a1", None, "a2"]
+    clean = mixed_forward(multi, x, names)
+    good = [i for i, n in enumerate(names) if n != "a2"]
+    x_bad = x.clone()
+    x_bad[2] = 1e38  # an a2 row whose values overflow to inf
+    layers = [layer for _, layer in lora_layers(multi)]
+    layers[0].lora_A["a2"].data[0, 0] = float("nan")
+    y = mixed_forward(multi, x_bad, names)
+    assert torch.equal(y[good], clean[good])
+    layers[1].lora_B["a2"].data[0, 0] = float("nan")  # 0 x NaN is NaN: this batch takes the per-block path
+    y = mixed_forward(multi, x_bad, names)
+    assert torch.isfinite(y[good]).all()
+    torch.testing.assert_close(
+        y[good], clean[good], rtol=MIXED_RELATIVE_TOLERANCE, atol=MIXED_RELATIVE_TOLERANCE * float(clean.abs().max())
+    )
+    assert not torch.isfinite(y[[2, 7]]).all()

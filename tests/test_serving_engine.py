@@ -123,19 +123,19 @@ def test_the_stack_cache_evicts_least_recently_used_stacks_by_bytes(registry, pi
 class Recording:
     """A toy resolver: records what it was asked, answers refs starting with its prefix from a registry."""
 
-    def __init__(self, prefix: str, registry: AdapterRegistry) -> None:
-        self.prefix, self.registry, self.asked = prefix, registry, []
+    def __init__(self, prefix: str, registry: AdapterRegistry, answer: str) -> None:
+        self.prefix, self.registry, self.answer, self.asked = prefix, registry, answer, []
 
     def resolve(self, ref: str, weight: float) -> list[Member] | None:
         self.asked.append(ref)
         if not ref.startswith(self.prefix):
             return None
-        entry = self.registry.get("digit-9@1")
+        entry = self.registry.get(self.answer)
         return [Member(self.registry, entry, weight, f"toy:{ref}")]
 
 
 def test_resolvers_are_asked_in_order_and_the_first_that_knows_a_ref_answers(registry, pixels) -> None:
-    first, last = Recording("digit-9", registry), Recording("hub:", registry)
+    first, last = Recording("digit-9", registry, "digit-9@1"), Recording("hub:", registry, "digit-7@1")
     predictor = Predictor(registry, resolvers=[first, RegistryResolver(registry), last])
     stack = predictor.resolve("digit-9@1:0.5,digit-3,hub:me/digit-9@v1")
     assert stack is not None
@@ -173,12 +173,12 @@ def test_png_images_pass_the_same_gate_as_pixel_lists(pixels) -> None:
     x = images_to_input([text, (u8.flatten().float() / 255).tolist()], max_images=2)
     assert torch.equal(x[0], x[1])
     big = io.BytesIO()
-    Image.new("L", (4000, 4000)).save(big, format="PNG")
+    Image.new("L", (400, 400)).save(big, format="PNG")
     for bad, why in (
-        (base64.b64encode(big.getvalue()).decode(), "4000 x 4000"),
+        (base64.b64encode(big.getvalue()).decode(), "400 x 400"),
         ("not base64!", "not base64"),
         (base64.b64encode(b"GIF89a....").decode(), "not a PNG"),
-        (base64.b64encode(buf.getvalue()[:60]).decode(), "could not be decoded"),
+        (base64.b64encode(buf.getvalue()[:60]).decode(), "truncated|no end"),
         ("A" * 70_000, "characters of base64"),
     ):
         with pytest.raises(InvalidArgumentError, match=why):
@@ -301,3 +301,98 @@ def test_json_booleans_are_not_pixels() -> None:
     for image in ([True] * 784, [[0.0] * 27 + [False]] * 28):
         with pytest.raises(InvalidArgumentError, match="not true/false"):
             images_to_input([image], max_images=1)
+
+
+def test_hub_pulls_of_different_references_run_at_once_and_a_failure_is_remembered(registry, tmp_path, monkeypatch) -> None:
+    import time
+
+    from mnist_peft.errors import HubError
+    from mnist_peft.serving.resolvers import HubResolver
+
+    resolver = HubResolver(tmp_path / "hub-cache")
+    calls: list[str] = []
+
+    def slow_pull(ref: str):
+        calls.append(ref)
+        time.sleep(0.6)
+        if "bad" in ref:
+            raise HubError("no such repo", repo_id=ref)
+        return registry, "a" * 40, ["digit-9@1"]
+
+    monkeypatch.setattr(resolver, "_pull", slow_pull)
+    refs = ["hub:me/one@v1", "hub:me/two@v1", "hub:me/three@v1"] * 3
+    started = time.perf_counter()
+    threads = [threading.Thread(target=resolver.resolve, args=(ref, 1.0)) for ref in refs]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert time.perf_counter() - started < 1.5  # three pulls at once, not one after another (1.8 s)
+    assert sorted(calls) == sorted(set(refs))  # each reference pulled once, its other requests waited for it
+    members = resolver.resolve("hub:me/one@v1", 0.5)
+    assert [(m.label, m.weight, m.pinned) for m in members] == [(f"hub:me/one@{'a' * 40}/digit-9@1", 0.5, f"hub:me/one/digit-9@{'a' * 40}")]
+    for _ in range(2):
+        with pytest.raises(HubError, match="no such repo"):
+            resolver.resolve("hub:me/bad@v1", 1.0)
+    assert calls.count("hub:me/bad@v1") == 1  # the failure is remembered for a while, not pulled again per request
+    with pytest.raises(InvalidArgumentError, match="serves Hub adapters of"):
+        HubResolver(tmp_path, owners=["team"]).resolve("hub:me/one@v1", 1.0)
+
+
+def test_a_request_for_registry_adapters_never_waits_behind_slow_hub_pulls(registry, pixels) -> None:
+    import asyncio
+    import time
+
+    class SlowHub:
+        def resolve(self, ref: str, weight: float):
+            if not ref.startswith("hub:"):
+                return None
+            time.sleep(2.0)
+            return [Member(registry, registry.get("digit-9@1"), weight, "hub:slow")]
+
+    engine = BatchedEngine(Predictor(registry, resolvers=[RegistryResolver(registry), SlowHub()]))
+    image = [pixels[0].tolist()]
+
+    async def run() -> float:
+        hub = [asyncio.ensure_future(engine.apredict(image, f"hub:me/r{i}@v1")) for i in range(8)]
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        await engine.apredict(image, "digit-3")
+        took = time.perf_counter() - started
+        await asyncio.gather(*hub)
+        return took
+
+    took = asyncio.run(run())
+    engine.close()
+    assert took < 1.0  # eight pulls of two seconds fill the Hub's own pool, not the one registry requests use
+
+
+def test_a_png_with_text_chunks_or_another_size_is_refused_from_its_chunks(pixels) -> None:
+    import struct
+    import zlib
+
+    from PIL import Image, PngImagePlugin
+
+    u8 = (pixels[0].reshape(28, 28) * 255).round().to(torch.uint8).numpy()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 100_000, zip=True)  # ~100 KB that deflate squeezes to a few hundred bytes
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, format="PNG", pnginfo=info)
+    assert len(buf.getvalue()) < 2000
+    with pytest.raises(InvalidArgumentError, match="'zTXt' chunk"):
+        png_to_pixels(base64.b64encode(buf.getvalue()).decode())
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    header += struct.pack(">I", zlib.crc32(header[12:29]))
+    with pytest.raises(InvalidArgumentError, match="30000 x 30000"):
+        png_to_pixels(base64.b64encode(header).decode())
+
+
+def test_an_adapter_at_two_versions_is_named_twice_once_stacks_are_expanded(tmp_path) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(REPO / "adapters", root)
+    registry = AdapterRegistry(root)
+    registry.add("digit-9", registry.folder(registry.get("digit-9@1")))  # digit-9@2, the same bytes
+    registry.add_stack("mix", [("digit-9@1", 0.5), ("digit-3", 1.0)])
+    predictor = Predictor(registry)
+    for spec in ("mix,digit-9", "mix,digit-9@2", "digit-9@1,digit-9@2"):
+        with pytest.raises(InvalidArgumentError, match="named twice"):
+            predictor.resolve(spec)
+    assert predictor.resolve("mix,digit-5") is not None

@@ -30,6 +30,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-hub", action="store_true", help="resolve hub:OWNER/REPO@vN (or @COMMIT) references by pulling them once from the Hub"
     )
+    p.add_argument(
+        "--hub-owner",
+        action="append",
+        metavar="OWNER",
+        help="with --allow-hub: serve Hub adapters of these owners only (repeat; default: any public repo)",
+    )
     p.add_argument("--hub-cache", metavar="DIR", help="where --allow-hub keeps pulled adapters (default: ~/.cache/mnist_peft/hub-adapters)")
     p.add_argument(
         "--api-key-file",
@@ -74,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ui=not args.no_ui,
         allow_hub=args.allow_hub,
         hub_cache=args.hub_cache,
+        hub_owners=args.hub_owner,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_images=args.max_images,
@@ -112,6 +119,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-images {args.max_images} is out of range: give an integer in [1, {MAX_IMAGES_LIMIT}] (default 64)")
     if not (math.isfinite(args.cache_mb) and args.cache_mb >= 0):
         raise UsageError(f"--cache-mb {args.cache_mb} is not a memory budget: give a finite number of MB >= 0 (default 64)")
+    if args.hub_owner and not args.allow_hub:
+        raise UsageError("--hub-owner limits what --allow-hub pulls: give --allow-hub too, or drop --hub-owner")
     if args.hub_cache and not args.allow_hub:
         raise UsageError("--hub-cache is where --allow-hub keeps what it pulls: give --allow-hub too, or drop --hub-cache")
     if args.replicas is not None and not args.ray:
@@ -173,6 +182,7 @@ def _run_ray(args: argparse.Namespace, api_key: str | None) -> int:
         cache_bytes=int(args.cache_mb * (1 << 20)),
         allow_hub=args.allow_hub,
         hub_cache=str(args.hub_cache or default_hub_cache()),
+        hub_owners=tuple(args.hub_owner) if args.hub_owner else None,
         replicas=args.replicas or RayOptions.replicas,
         max_batch=args.max_batch_size,
         max_wait_s=args.max_wait_ms / 1000,

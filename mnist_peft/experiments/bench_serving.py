@@ -37,7 +37,7 @@ __all__ = ["SERVE_CLIENTS", "SERVE_STACKS", "LoadRun", "HttpClient", "drive", "b
 
 SERVE_CLIENTS = 32
 SERVE_STACKS = tuple(f"digit-{d}@1:1,digit-{(d + 3) % 10}@1:0.5" for d in range(10))  # ten distinct two-adapter stacks
-ROUND_SECONDS = 0.5  # one side's turn in a round; ``reps`` rounds of both sides, interleaved
+ROUND_SECONDS = 1.0  # one side's turn in a round; ``reps`` rounds of both sides, interleaved
 PIXEL_DECIMALS = 4  # the images' pixels in the JSON body (4 decimals: bodies of ~5 KB, as a client would send)
 COLD_TARGET = 2.0  # serve_cold_adapter is reported; this line (a cold adapter costs at most one more request) is the benchmark's own
 

@@ -171,7 +171,10 @@ def _description(max_images: int, max_body_bytes: int, ui: bool, auth: bool) -> 
 
 
 def _failure(backend: ServiceBackend, exc: BaseException, field: Callable[[BaseException, str], str | None]) -> JSONResponse:
-    """``exc`` as the API's error answer: its status by kind, its message through the backend's gate."""
+    """``exc`` as the API's error answer: its status by kind, its message through the backend's gate
+    (an :class:`ApiError` a backend raised, the Ray ingress's, is already worded)."""
+    if isinstance(exc, ApiError):
+        return _error_response(exc)
     status, message = error_status(exc), backend.public_message(exc)
     if status == 500:  # the client gets the generic line; the server's log keeps the traceback
         _log.error("unexpected error answering a request", exc_info=exc)
@@ -258,7 +261,7 @@ def _add_reads(app: FastAPI, backend: ServiceBackend, metrics: ServingMetrics, g
         except Exception as exc:
             return _failure(backend, exc, name_field)
 
-    @app.get("/healthz", summary="Liveness", tags=["server"])
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness", tags=["server"])
     async def healthz() -> dict[str, str]:
         """``{"status": "ok"}`` while the server answers (no API key needed)."""
         return {"status": "ok"}

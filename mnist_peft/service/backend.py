@@ -63,14 +63,16 @@ class LocalBackend:
 
 
 def list_entries(registry: AdapterRegistry, name: str | None = None) -> list[RegistryEntry]:
-    """Every entry, or every version of ``name`` (oldest first).
+    """Every entry, every version of ``name`` (oldest first), or the one ``name@version``.
 
     Raises:
-        InvalidNameError: ``name`` is not a registry name.  EntryNotFoundError: no such entry.
+        InvalidNameError: ``name`` is not a registry reference.  EntryNotFoundError: no such entry.
     """
     if name is None:
         return registry.list()
-    latest = registry.get(name)  # validates the name; EntryNotFoundError names what exists
+    latest = registry.get(name)  # validates the reference; EntryNotFoundError names what exists
+    if "@" in name:
+        return [latest]
     return [e for e in registry.list() if e.name == latest.name]
 
 

@@ -87,6 +87,7 @@ def build_service(
     ui: bool = True,
     allow_hub: bool = False,
     hub_cache: str | os.PathLike[str] | None = None,
+    hub_owners: Sequence[str] | None = None,
     max_batch_size: int = 32,
     max_wait_ms: float = 2.0,
     max_images: int = DEFAULT_MAX_IMAGES,
@@ -99,7 +100,8 @@ def build_service(
     with the Gradio app at ``/ui`` on the same engine when ``ui`` and gradio is installed.
 
     With ``allow_hub``, a ``hub:OWNER/REPO@vN`` reference is pulled once into ``hub_cache`` (default
-    :func:`default_hub_cache`) with huggingface_hub's own token (``HF_TOKEN`` or ``hf auth login``).
+    :func:`default_hub_cache`), without a token (public repos only: a server's token would let every
+    client read what it can), from ``hub_owners`` only when given.
 
     Raises:
         MnistPeftError: the ``[api]`` extra is missing; the registry or its base is missing or bad.
@@ -113,7 +115,7 @@ def build_service(
     registry.list()  # a missing or invalid registry is an error now, not on the first request
     resolvers: list[Resolver] = [RegistryResolver(registry)]
     if allow_hub:
-        resolvers.append(HubResolver(hub_cache if hub_cache is not None else default_hub_cache()))
+        resolvers.append(HubResolver(hub_cache if hub_cache is not None else default_hub_cache(), owners=hub_owners))
     predictor = Predictor(registry, base, cache_bytes=cache_bytes, data_dir=data_dir, resolvers=resolvers)
     metrics = ServingMetrics()
     engine = BatchedEngine(predictor, max_batch=max_batch_size, max_wait_s=max_wait_ms / 1000, max_images=max_images, metrics=metrics)

@@ -13,9 +13,9 @@ Two deployments:
   that holds it), ``@serve.batch`` gathers concurrent requests into one mixed-adapter forward
   (:func:`~mnist_peft.serving.batched.run_prepared`: a bad request fails alone).
 
-An error crosses from a replica to the ingress as its public one-line message and its category
-(:func:`portable`), and is raised there again as the toolkit's error of that category, so the API
-answers it with the same status as in one process. Ray itself is imported only here.
+An error crosses from a replica to the ingress as the status, public one-line message and field the
+API gives it in one process (:func:`portable`), and is answered with them (:func:`raised`). Ray itself
+is imported only here.
 """
 
 from __future__ import annotations
@@ -26,19 +26,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mnist_peft.errors import (
-    EntryNotFoundError,
-    FingerprintMismatchError,
-    HubError,
-    IntegrityError,
-    InvalidArgumentError,
-    MnistPeftError,
-    ModelLoadError,
-    NonFiniteError,
-    RegistryError,
-)
+from mnist_peft.errors import MnistPeftError
 from mnist_peft.registry.adapter_registry import AdapterRegistry
 from mnist_peft.registry.entry import RegistryEntry
+from mnist_peft.serving.batched import PreparePools
 from mnist_peft.serving.cache import CacheInfo
 from mnist_peft.serving.requests import images_to_input, public_message
 from mnist_peft.serving.resolvers import HubResolver, RegistryResolver, Resolver
@@ -61,6 +52,7 @@ class RayOptions:
     cache_bytes: int = 64 << 20
     allow_hub: bool = False
     hub_cache: str | None = None
+    hub_owners: tuple[str, ...] | None = None
     replicas: int = 2
     max_batch: int = 32
     max_wait_s: float = 0.002
@@ -78,51 +70,27 @@ class RayOptions:
         if self.allow_hub:
             from .launch import default_hub_cache
 
-            found.append(HubResolver(self.hub_cache or default_hub_cache()))
+            found.append(HubResolver(self.hub_cache or default_hub_cache(), owners=self.hub_owners))
         return found
 
 
-_CATEGORIES: dict[str, type[MnistPeftError]] = {
-    "invalid": InvalidArgumentError,
-    "not_found": EntryNotFoundError,
-    "conflict": RegistryError,
-    "integrity": IntegrityError,
-    "hub": HubError,
-}
-
-
 def portable(exc: BaseException, root: Any = None) -> dict[str, Any]:
-    """``exc`` as plain data that crosses to the ingress: its category and public one-line message
-    (never its text when it is not the toolkit's own, never a server path)."""
-    if isinstance(exc, (InvalidArgumentError, NonFiniteError)):
-        category = "invalid"
-    elif isinstance(exc, EntryNotFoundError):
-        category = "not_found"
-    elif isinstance(exc, HubError):
-        category = "hub"
-    elif isinstance(exc, IntegrityError):
-        category = "integrity"
-    elif isinstance(exc, (RegistryError, FingerprintMismatchError, ModelLoadError)):
-        category = "conflict"
-    else:
-        category = "internal"
-    return {"error": {"category": category, "message": public_message(exc, root)}}
+    """``exc`` as plain data that crosses to the ingress: the status, public one-line message and field
+    the API gives it in one process (:func:`~mnist_peft.service.failures.error_status`; never its text
+    when it is not the toolkit's own, never a server path)."""
+    from .failures import error_status, predict_field
+
+    message = public_message(exc, root)
+    return {"error": {"status": error_status(exc), "message": message, "field": predict_field(exc, message)}}
 
 
 def raised(data: dict[str, Any]) -> BaseException:
-    """The error :func:`portable` described, as the toolkit's error of its category (a plain
-    ``RuntimeError`` for anything else: the API tells it generically)."""
-    category, message = data["error"]["category"], data["error"]["message"]
-    cls = _CATEGORIES.get(category)
-    if cls is EntryNotFoundError:
-        return EntryNotFoundError(message, name="")
-    if cls is HubError:
-        return HubError(message, repo_id="")
-    if cls is IntegrityError:
-        return IntegrityError(message, path="")
-    if cls is not None:
-        return cls(message)
-    return RuntimeError("a replica failed")
+    """The error :func:`portable` described, as an :class:`~mnist_peft.service.failures.ApiError` that the
+    API answers with that status, message and field."""
+    from .failures import ApiError
+
+    error = data["error"]
+    return ApiError(int(error["status"]), str(error["message"]), error.get("field"))
 
 
 def model_id(stack: Stack | None) -> str:
@@ -138,12 +106,13 @@ class RayBackend:
         self.options = options
         self.registry = AdapterRegistry(options.root)
         self.resolvers = options.resolvers(self.registry)
+        self._pools = PreparePools()
 
     def _prepare(self, images: object, spec: object) -> tuple[Any, Stack | None]:
         return images_to_input(images, max_images=self.options.max_images), resolve_stack(self.resolvers, spec)
 
     async def predict(self, images: object, spec: object) -> dict[str, Any]:
-        x, stack = await asyncio.to_thread(self._prepare, images, spec)
+        x, stack = await self._pools.run(spec, self._prepare, images, spec)
         answer = await self.replica.options(multiplexed_model_id=model_id(stack)).remote(x)
         if "error" in answer:
             raise raised(answer)
@@ -159,7 +128,7 @@ class RayBackend:
         return public_message(exc, self.registry.root)
 
     def close(self) -> None:
-        pass
+        self._pools.close()
 
 
 def build_application(options: RayOptions) -> Any:
@@ -240,8 +209,10 @@ def run_ray(
     except ImportError as exc:
         raise MnistPeftError("mnist-peft serve --ray needs Ray Serve: pip install -e '.[serve]'") from exc
     if not ray.is_initialized():
+        joining = address or os.environ.get("RAY_ADDRESS")
         ray.init(
-            address=address or os.environ.get("RAY_ADDRESS"),
+            address=joining,
+            **({} if joining else {"_node_ip_address": "127.0.0.1"}),  # a Ray of our own: its ports on this machine only
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=False,

@@ -11,9 +11,10 @@ Ray Serve deployment and ``mnist-peft bench`` all call it; nothing here knows HT
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,12 +22,33 @@ from .batcher import MicroBatcher
 from .engine import Predictor
 from .metrics import ServingMetrics
 from .requests import images_to_input, require_answer
+from .resolvers import HUB_PREFIX
 from .stacks import Stack
 
-__all__ = ["DEFAULT_MAX_IMAGES", "BatchedEngine", "Prepared", "answer_rows", "run_prepared"]
+__all__ = ["DEFAULT_MAX_IMAGES", "BatchedEngine", "PreparePools", "Prepared", "answer_rows", "run_prepared"]
+
+T = TypeVar("T")
 
 DEFAULT_MAX_IMAGES = 64  # images in one request
 DEFAULT_MAX_ROWS = 1024  # images in one forward (a batch of requests)
+
+
+class PreparePools:
+    """Where a request is checked and resolved, off the event loop: a spec that names the Hub in a small
+    pool of its own (a pull may take seconds, or a stalled repo much longer), every other in another, so
+    requests for registry adapters never queue behind Hub pulls."""
+
+    def __init__(self, *, workers: int = 16, hub_workers: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mnist-peft-prepare")
+        self._hub = ThreadPoolExecutor(hub_workers, thread_name_prefix="mnist-peft-hub")
+
+    async def run(self, spec: object, fn: Callable[..., T], *args: object) -> T:
+        names_hub = HUB_PREFIX in spec if isinstance(spec, str) else HUB_PREFIX in repr(spec)[:20_000]
+        return await asyncio.get_running_loop().run_in_executor(self._hub if names_hub else self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._hub.shutdown(wait=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,7 @@ class BatchedEngine:
     ) -> None:
         self.predictor = predictor
         self.max_images = max_images
+        self._pools = PreparePools()
         self.metrics = metrics or ServingMetrics()
         self._batcher: MicroBatcher[Prepared, dict[str, Any]] = MicroBatcher(
             self.run_batch,
@@ -101,7 +124,7 @@ class BatchedEngine:
     async def apredict(self, images: object, spec: object) -> dict[str, Any]:
         """:meth:`predict` for an event loop: the checks and the resolve run in a worker thread, the
         forward on the engine's, and the loop waits for neither."""
-        prepared = await asyncio.to_thread(self.prepare, images, spec)
+        prepared = await self._pools.run(spec, self.prepare, images, spec)
         return await asyncio.wrap_future(self._batcher.submit(prepared))
 
     def run_batch(self, batch: Sequence[Prepared]) -> list[dict[str, Any] | Exception]:
@@ -111,6 +134,7 @@ class BatchedEngine:
     def close(self) -> None:
         """Answer what is queued, then stop the batcher (the predictor's model stays usable)."""
         self._batcher.close()
+        self._pools.close()
 
 
 def run_prepared(predictor: Predictor, batch: Sequence[Prepared]) -> list[dict[str, Any] | Exception]:

@@ -3,9 +3,11 @@
 A mixed batch runs every sample through its own adapter (or none) in one forward. The batch is
 put in adapter order first (one gather of the input, one scatter of the output), so each
 adapter's samples are one contiguous block of rows: every layer computes the base output for all
-rows in one GEMM and adds each adapter's low-rank update to its own block in place (a rank-r
-GEMM per adapter). No sample's values ever meet another adapter's weights, so one tenant's
-NaN cannot reach another's rows, and no work is spent on adapters a row does not use.
+rows in one GEMM and adds each adapter's low-rank update to its own block in place. Plain-LoRA
+blocks share two GEMMs (``x [A_1; ...; A_k]^T``, each row's columns of other adapters set to exactly
+0, then ``[B_1 ... B_k]^T``: the layer's ``_mixed_group_``); a DoRA block, or a batch with a B that
+is not finite, runs its own. Either way a row's answer is its own adapter's update plus exact zeros,
+so one tenant's NaN or overflow cannot reach another's rows.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ GENERIC_MESSAGE = (
 MAX_MESSAGE_CHARS = 1000  # a message quotes outside input cut short; this bounds the whole line
 # An absolute POSIX path not inside a word, a URL or an already written "<registry>/...": what a
 # message may carry of the server's folders (the data directory, a base folder, the working directory).
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>/:-])/[\w.@+~-][^\s'\"(),;:]*")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.<>/:-])/[\w.@+~-][^\s'\"(),;:`]*")
 
 
 def image_to_input(pixels: object) -> torch.Tensor:
@@ -67,7 +67,10 @@ def image_to_input(pixels: object) -> torch.Tensor:
     return t.reshape(1, SIDE * SIDE).sub_(MNIST_MEAN).div_(MNIST_STD)
 
 
-MAX_PNG_CHARS = 64 << 10  # base64 of a 28 x 28 PNG is well under 4 KB; 64 KB bounds the work before decoding
+MAX_PNG_CHARS = 16 << 10  # base64 of a 28 x 28 PNG: ~1 KB grey, ~4.5 KB RGBA stored uncompressed; 16 KB bounds the work
+# The chunks a 28 x 28 PNG may carry: the image's own and a few small ancillary ones. Text (tEXt, zTXt,
+# iTXt) and ICC profiles (iCCP) are refused: a compressed one would be inflated by the decoder first.
+PNG_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"bKGD", b"sBIT"})
 
 
 def png_to_pixels(text: str) -> torch.Tensor:
@@ -94,6 +97,7 @@ def png_to_pixels(text: str) -> torch.Tensor:
         raise InvalidArgumentError("the image string is not base64: send a base64-encoded 28 x 28 PNG, or 784 numbers") from None
     if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
         raise InvalidArgumentError("the image string is base64 but not a PNG: send a base64-encoded 28 x 28 PNG, or 784 numbers")
+    _check_png_chunks(raw)
     try:
         from PIL import Image
     except ImportError:  # pillow comes with the ui and serve extras
@@ -109,6 +113,32 @@ def png_to_pixels(text: str) -> torch.Tensor:
     except Exception:  # a truncated or corrupt PNG: PIL's own messages name no field
         raise InvalidArgumentError("the PNG could not be decoded (truncated or corrupt): send a valid 28 x 28 PNG") from None
     return pixels.to(torch.float32).div_(255.0)
+
+
+def _check_png_chunks(raw: bytes) -> None:
+    """Walk the PNG's chunks before any is decoded: only :data:`PNG_CHUNKS`, and a 28 x 28 header.
+
+    Raises:
+        InvalidArgumentError: another chunk, a truncated chunk, or another size.
+    """
+    import struct
+
+    pos = 8
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            raise InvalidArgumentError("the PNG is truncated: send a valid 28 x 28 PNG")
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        if kind not in PNG_CHUNKS:
+            raise InvalidArgumentError(
+                f"the PNG holds a {kind.decode('latin-1')!r} chunk; send a plain 28 x 28 PNG (no text or colour-profile chunks)"
+            )
+        if kind == b"IHDR" and raw[pos + 8 : pos + 16] != struct.pack(">II", SIDE, SIDE):
+            w, h = struct.unpack(">II", raw[pos + 8 : pos + 16].ljust(8, b"\0"))
+            raise InvalidArgumentError(f"the PNG is {w} x {h}; send a 28 x 28 one (MNIST's size)")
+        pos += 12 + length
+        if kind == b"IEND":
+            return
+    raise InvalidArgumentError("the PNG has no end (IEND): send a valid 28 x 28 PNG")
 
 
 def images_to_input(images: object, *, max_images: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,19 +126,34 @@ def expand_entry(registry: AdapterRegistry, entry: RegistryEntry, weight: float,
 
 
 class HubResolver:
-    """Hub references (``hub:OWNER/REPO@vN`` or ``@<commit>``), pulled once into a cache registry at
-    ``cache_root`` through :func:`~mnist_peft.hub.pull.pull_from_hub` (every file size-capped and
-    sha256-checked; a failed pull adds nothing) and pinned to the commit the pull read: later requests
-    for the same reference read no network. A repo that cannot be reached, lacks the revision, or
-    serves a tampered file fails the request that named it, and only that one; it is tried again on
-    the next request.
+    """Hub references (``hub:OWNER/REPO@vN``, ``@<commit>``, ``hub:OWNER/REPO/NAME@...``), pulled once
+    into a cache registry per commit (``<cache_root>/<owner>--<repo>/<commit>``) through
+    :func:`~mnist_peft.hub.pull.pull_from_hub` (every file size-capped and sha256-checked) and pinned to
+    the commit read: later requests for the reference read no network.
+
+    - The repo's index is read before anything is downloaded: a reference that names no single
+      adapter or named stack (a bundle without ``/NAME``, a base) is refused at that point.
+    - Pulls of different references run at once; requests for one reference wait for its one pull.
+    - A failed pull leaves the cache as it was (a named stack whose members fail is taken out again),
+      fails the requests that named it, and is answered from memory for :data:`RETRY_AFTER_S`
+      seconds (at most :data:`FAILURES_KEPT` references) before the Hub is asked again.
+    - ``token=False`` (the default) reads the Hub without a token, so clients of a server reach only
+      public repos, never what the operator's token could read; ``owners`` limits the repos' owners.
     """
 
-    def __init__(self, cache_root: str | os.PathLike[str], *, token: str | None = None) -> None:
+    RETRY_AFTER_S = 60.0
+    FAILURES_KEPT = 1024
+
+    def __init__(
+        self, cache_root: str | os.PathLike[str], *, token: str | bool | None = False, owners: Sequence[str] | None = None
+    ) -> None:
         self.cache_root = Path(cache_root)
         self._token = token
+        self.owners = frozenset(owners) if owners else None
         self._pinned: dict[str, tuple[AdapterRegistry, str, list[str]]] = {}  # ref -> (snapshot registry, commit, its refs)
-        self._lock = threading.Lock()  # one pull at a time; a second request for a reference waits for the first's pull
+        self._failed: dict[str, tuple[float, BaseException]] = {}
+        self._pulling: dict[str, threading.Lock] = {}  # one lock per reference being pulled
+        self._lock = threading.Lock()  # guards the three dicts; never held across the network
 
     def __repr__(self) -> str:  # never the token
         return f"HubResolver({str(self.cache_root)!r})"
@@ -146,37 +162,90 @@ class HubResolver:
         if not is_hub_ref(ref):
             return None
         repo_id, _, _ = parse_hub_ref(ref)
-        with self._lock:
-            if ref not in self._pinned:
-                self._pinned[ref] = self._pull(ref)
-            registry, commit, refs = self._pinned[ref]
+        if self.owners is not None and repo_id.split("/")[0] not in self.owners:
+            raise InvalidArgumentError(f"this server serves Hub adapters of {sorted(self.owners)} only, not of {repo_id.split('/')[0]!r}")
+        registry, commit, refs = self._pinned_or_pull(ref)
         members: list[Member] = []
         for local in refs:
             members += expand_entry(registry, registry.get(local), weight, hub=(repo_id, commit))
         return members
 
+    def _pinned_or_pull(self, ref: str) -> tuple[AdapterRegistry, str, list[str]]:
+        with self._lock:
+            self._raise_if_failed_lately(ref)
+            if ref in self._pinned:
+                return self._pinned[ref]
+            lock = self._pulling.setdefault(ref, threading.Lock())
+        with lock:  # a second request for the reference waits here for the first's pull
+            with self._lock:
+                self._raise_if_failed_lately(ref)
+                if ref in self._pinned:
+                    return self._pinned[ref]
+            try:
+                pinned = self._pull(ref)
+            except Exception as exc:
+                with self._lock:
+                    self._failed[ref] = (time.monotonic(), exc)
+                    while len(self._failed) > self.FAILURES_KEPT:
+                        self._failed.pop(next(iter(self._failed)))
+                    self._pulling.pop(ref, None)
+                raise
+            with self._lock:
+                self._pinned[ref] = pinned
+                self._pulling.pop(ref, None)
+            return pinned
+
+    def _raise_if_failed_lately(self, ref: str) -> None:
+        failed = self._failed.get(ref)
+        if failed is not None:
+            if time.monotonic() - failed[0] < self.RETRY_AFTER_S:
+                raise failed[1]
+            del self._failed[ref]
+
     def _pull(self, ref: str) -> tuple[AdapterRegistry, str, list[str]]:
-        """Pull ``ref`` into the snapshot registry of the commit its revision is at now
-        (``<cache_root>/<owner>--<repo>/<commit>``: one version of each entry, as the repo holds them)."""
-        from mnist_peft.hub.common import head_commit
-        from mnist_peft.hub.pull import pull_from_hub
-        from mnist_peft.registry.stacks import read_stack_members
+        """Pull ``ref`` into the snapshot registry of the commit its revision is at now."""
+        from huggingface_hub import HfApi
+
+        from mnist_peft.errors import HubError
+        from mnist_peft.hub.common import head_commit, remote_index
 
         repo_id, name, rev = parse_hub_ref(ref)
         commit = head_commit(repo_id, rev, token=self._token)
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):  # it names a folder below: the Hub's word is checked first
+            raise HubError(
+                f"the Hub answered {commit[:60]!r} as the commit of {repo_id!r} at {rev}, which is no commit id", repo_id=repo_id
+            )
+        remote = remote_index(HfApi(token=self._token), repo_id, commit, token=self._token, required=True)
+        if name is None:
+            if len(remote) != 1:
+                listed = sorted(remote)[:10]
+                raise InvalidArgumentError(f"{repo_id!r} at {rev} holds {len(remote)} entries {listed}; name one: hub:{repo_id}/NAME@{rev}")
+            name = next(iter(remote))
+        if name not in remote:
+            raise EntryNotFoundError(f"{repo_id!r} at {rev} has no entry {name!r}; it has {sorted(remote)[:10]}", name=name)
+        kind = remote[name][0].get("kind")
+        if kind not in ("lora", "stack"):
+            raise InvalidArgumentError(f"{repo_id}/{name} at {rev} is a {kind}, not an adapter or a named stack: name one of its adapters")
         registry = AdapterRegistry(self.cache_root / repo_id.replace("/", "--") / commit)
-        result = pull_from_hub(repo_id, registry=registry, names=[name] if name else None, revision=commit, token=self._token)
+        return registry, commit, self._pull_entry(registry, repo_id, commit, name)
+
+    def _pull_entry(self, registry: AdapterRegistry, repo_id: str, commit: str, name: str) -> list[str]:
+        """``name`` (and, for a named stack, its members from the same repo) into ``registry``; all or nothing."""
+        from mnist_peft.hub.pull import pull_from_hub
+        from mnist_peft.registry.stacks import read_stack_members
+
+        result = pull_from_hub(repo_id, registry=registry, names=[name], revision=commit, token=self._token)
         refs = [*result.added, *(registry.get(n).ref for n in result.unchanged)]  # unchanged: this snapshot pulled it before
         stacks = [registry.get(r) for r in refs if registry.get(r).kind == "stack"]
-        members = sorted(
-            {m.ref.partition("@")[0] for e in stacks for m in read_stack_members(registry, e)} - {n.partition("@")[0] for n in refs}
-        )
+        members = sorted({m.ref.partition("@")[0] for e in stacks for m in read_stack_members(registry, e)} - {name})
         if members:  # a named stack's members come from the same bundle (a bundle push sends them with it)
-            pull_from_hub(repo_id, registry=registry, names=members, revision=commit, token=self._token)
-        if name is None and len(refs) != 1:
-            names = sorted(r.partition("@")[0] for r in refs)
-            raise InvalidArgumentError(f"{repo_id!r} at {rev} holds {len(refs)} entries {names[:10]}; name one: hub:{repo_id}/NAME@{rev}")
-        return registry, result.revision, refs
+            try:
+                pull_from_hub(repo_id, registry=registry, names=members, revision=commit, token=self._token)
+            except Exception:
+                for added in result.added:  # the stack alone would be a stack without its members: out again
+                    registry.remove(added)
+                raise
+        return refs
 
 
 def resolve_ref(resolvers: Sequence[Resolver], ref: str, weight: float) -> list[Member]:

@@ -42,6 +42,7 @@ MAX_WEIGHT = 10.0  # |stack weight|; far beyond any useful value, small enough t
 # 10 digits, a weight ~25 ("-1.2345678901234567e-05"); a Hub reference "hub:OWNER/REPO/NAME@<commit>"
 # at most 4 + 96 + 1 + 96 + 1 + 100 + 41 = 339; 400 leaves room for spaces around each part.
 MAX_ITEM_CHARS = 400
+MAX_NAME_ITEM_CHARS = 200  # a registry reference alone: name (100) and version (10) with room for spaces
 MAX_SPEC_CHARS = MAX_STACK * (MAX_ITEM_CHARS + 1)  # ten items and their commas: 4,010 characters
 
 
@@ -93,7 +94,7 @@ def check_stack(items: Sequence[tuple[object, object]], *, where: str = "") -> l
     for ref, weight in items:
         if not isinstance(ref, str):
             raise InvalidArgumentError(f"{where}{_short(ref)!r} is not a registry name (a string such as 'digit-9@1')")
-        if len(ref) > MAX_ITEM_CHARS:  # before the name's pattern is matched against it
+        if len(ref) > (MAX_ITEM_CHARS if is_hub_ref(ref) else MAX_NAME_ITEM_CHARS):  # before the pattern is matched against it
             raise InvalidArgumentError(
                 f"{where}the adapter reference {ref[:40]!r}... is {len(ref):,} characters; a name is at most 100, a Hub reference 339"
             )
@@ -239,8 +240,8 @@ def resolve_items(source: AdapterRegistry | Sequence[Resolver], items: Sequence[
     members: list[Member] = []
     for ref, weight in items:
         members += resolve_ref(resolvers, ref, float(weight))
-    labels = [m.label for m in members]
-    if len(set(labels)) != len(labels):
+    names = [(str(m.registry.root), m.entry.name) for m in members]  # an adapter at two versions is named twice too
+    if len(set(names)) != len(names):
         raise InvalidArgumentError("an adapter is named twice once the named stacks are expanded; give each once (its weight scales it)")
     if len(members) > MAX_STACK:
         raise InvalidArgumentError(f"a stack holds at most {MAX_STACK} adapters; this one expands to {len(members)}")
