@@ -110,7 +110,7 @@ def test_augmentation_keeps_shape_and_background_and_is_seeded(mnist_test) -> No
     import torch
 
     from mnist_peft.model.data import MNIST_MEAN, MNIST_STD
-    from mnist_peft.training.recipes import augment_batch
+    from mnist_peft.training.augment import augment_batch
 
     x = mnist_test.x[:64]
     a = augment_batch(x, torch.Generator().manual_seed(1))

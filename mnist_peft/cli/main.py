@@ -9,7 +9,7 @@ imported (:func:`~mnist_peft.cli.common.check_refs`): a mistyped name costs no i
 The commands live in topic modules, each registering its own with the ``command`` decorator
 (:mod:`mnist_peft.cli.table`): ``model`` (info, train-base, eval, compare), ``adapters``
 (train-adapter, merge, combine), ``fleet`` (train-adapters), ``registry``, ``hub`` (push, pull),
-``experiments`` (merge-study, svd, headroom, demo, bench), ``app`` (ui) and ``serve`` (serve). A new command is an
+``experiments`` (merge-study, svd, headroom, demo, bench), ``science`` (forgetting-study), ``app`` (ui) and ``serve`` (serve). A new command is an
 arguments function and a ``@command`` handler in one of them; a new topic module is one more name
 in the import below.
 """
@@ -26,7 +26,7 @@ from mnist_peft import __version__
 from mnist_peft.errors import MnistPeftError, redact_secrets
 
 # Importing a topic module registers its commands in COMMANDS.
-from . import adapters, app, experiments, fleet, hub, model, registry, serve  # noqa: F401
+from . import adapters, app, experiments, fleet, hub, model, registry, science, serve  # noqa: F401
 from .common import UsageError, check_refs, warnings_as_lines
 from .table import COMMANDS, Command, command
 

@@ -32,6 +32,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import lora_layers
 
 from .loop import EarlyStopping, evaluate, training_plan
-from .recipes import AdapterRecipe, AdapterTrainResult, DigitTask, augment_batch, resolve_recipe
+from .nullspace import null_space, null_space_report, preserved_spectra, project_
+from .recipes import AdapterRecipe, AdapterTrainResult, DigitTask, resolve_recipe
 
 __all__ = ["AdapterJob", "train_batched", "check_base"]
 
@@ -105,6 +107,8 @@ class _Job:
     total: int
     step: int = 0
     done: bool = False
+    space: Any = None
+    """With ``null_space_energy``: the job's :class:`~mnist_peft.training.nullspace.NullSpace`."""
 
 
 def _job_batches(task: DigitTask) -> Iterator[torch.Tensor]:
@@ -197,7 +201,17 @@ def _new_job(job: AdapterJob, base: MnistMLP, full: MnistSplit) -> _Job:
     opt, sched, steps_per_epoch, total = training_plan(params, config, len(train_index))
     val = MnistSplit(full.x[val_index], full.y[val_index]) if val_index is not None else None
     stopper = EarlyStopping(val, None, every=config.eval_every or steps_per_epoch, patience=config.patience)
-    return _Job(job, name, recipe, model, params, layers, train_index, val_index, task, _job_batches(task), rng, opt, sched, stopper, total)
+    space = None
+    if recipe.null_space_energy:  # as a solo run: A starts in the allowed directions and is put back after every step
+        space = null_space(
+            preserved_spectra(base, MnistSplit(full.x[train_index], full.y[train_index]), job.digit), recipe.null_space_energy
+        )
+        project_(model, space)
+    found = _Job(
+        job, name, recipe, model, params, layers, train_index, val_index, task, _job_batches(task), rng, opt, sched, stopper, total
+    )
+    found.space = space
+    return found
 
 
 def _stacked_forward(base: MnistMLP, jobs: list[_Job], x: torch.Tensor, l1_base: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
@@ -263,7 +277,7 @@ def train_batched(
         full = load_mnist(train=True, data_dir=data_dir)
         before = evaluate(frozen, test)
         states = [_new_job(j, frozen, full) for j in jobs]
-        augmenting = any(s.recipe.augment for s in states)
+        augmenting = any(_new_images(s.recipe) for s in states)
         drawn = sum(s.total * s.recipe.batch_size for s in states)
         if tables is None:
             tables = drawn >= len(full)
@@ -287,10 +301,16 @@ def train_batched(
                     stopped_early=s.stopper.stopped,
                     before=before,
                     after=after,
+                    null_space=None if s.space is None else null_space_report(s.model, frozen, test, s.job.digit, s.space),
                 ),
             )
         )
     return results
+
+
+def _new_images(recipe: AdapterRecipe) -> bool:
+    """Whether a recipe trains on images the base has not seen (augmented or distorted ones)."""
+    return recipe.augment or recipe.distortion != "none"
 
 
 def _status(states: list[_Job]) -> list[dict[str, object]]:
@@ -320,7 +340,7 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutp
             index.append(idx)
             if augmenting:
                 xb = full.x[idx]
-                xs.append(augment_batch(xb, s.task.g) if s.recipe.augment else xb)
+                xs.append(s.task.inputs(xb, full.y[idx]) if _new_images(s.recipe) else xb)
         sizes = [len(i) for i in index]
         rows = torch.cat(index)
         y = full.y[rows]
@@ -340,6 +360,8 @@ def _run(base: MnistMLP, states: list[_Job], full: MnistSplit, shared: _BaseOutp
         torch.autograd.backward(losses)
         for s in running:
             s.opt.step()
+            if s.space is not None:
+                project_(s.model, s.space)
             if s.sched is not None:
                 s.sched.step()
             s.step += 1

@@ -1,6 +1,9 @@
 """The training loop on whole tensors (:func:`fit`, its knobs :class:`TrainConfig`) and evaluation.
 
 What to train and how (base and adapter recipes) lives in :mod:`mnist_peft.training.recipes`.
+
+Long runs get much faster with ``torch.set_flush_denormal(True)`` called at program start, before
+PyTorch starts its worker threads (the ``mnist-peft`` command does this).
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def fit(
     loss_fn: LossFn = _cross_entropy,
     batches: Callable[[int], Iterable[torch.Tensor]] | None = None,
     val_score: Callable[[nn.Module, MnistSplit], float] | None = None,
+    after_step: Callable[[], None] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> FitResult:
@@ -196,24 +200,20 @@ def fit(
     the best validation state is kept and training stops after ``patience`` checks without gain.
 
     Args:
-        batches: optional ``epoch -> iterable of index tensors`` replacing the shuffled order
-            (adapter recipes use it to mix digits).
+        batches: optional ``epoch -> iterable of index tensors`` replacing the shuffled order (recipes mix digits).
         val_score: ``(model, val) -> score`` to maximise for early stopping (default: accuracy).
-
-    Long runs get much faster with ``torch.set_flush_denormal(True)`` called at program start,
-    before PyTorch starts its worker threads (the ``mnist-peft`` command does this).
+        after_step: called after every optimiser step (the null-space projection puts A back here).
     """
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     if not params:
         raise TrainConfigError("nothing to train: no parameter requires grad")
-    n = len(train)
-    opt, sched, steps_per_epoch, total = training_plan(params, config, n)
+    opt, sched, steps_per_epoch, total = training_plan(params, config, len(train), after_step=after_step)
     stopper = EarlyStopping(val, val_score, every=config.eval_every or steps_per_epoch, patience=config.patience)
     model.train()
     step, epoch, loss, loss_value, start = 0, 0, None, float("nan"), time.perf_counter()
     bar = Progress(total, desc, enabled=progress, unit="step")
     while step < total and not stopper.stopped:
-        for idx in batches(epoch) if batches is not None else _epoch_batches(n, config.batch_size):
+        for idx in batches(epoch) if batches is not None else _epoch_batches(len(train), config.batch_size):
             if step >= total:
                 break
             loss = loss_fn(model, train.x[idx], train.y[idx])
@@ -300,10 +300,13 @@ class EarlyStopping:
 
 
 def training_plan(
-    params: list[nn.Parameter], config: TrainConfig, n: int
+    params: list[nn.Parameter], config: TrainConfig, n: int, *, after_step: Callable[[], None] | None = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None, int, int]:
-    """``(optimiser, schedule or None, steps per epoch, total steps)`` for ``n`` training samples."""
+    """``(optimiser, schedule or None, steps per epoch, total steps)`` for ``n`` training samples;
+    ``after_step`` runs after each of the optimiser's steps."""
     opt = make_optimizer(params, config)
+    if after_step is not None:
+        opt.register_step_post_hook(lambda *_: after_step())
     steps_per_epoch = -(-n // config.batch_size)
     total = round(config.epochs * steps_per_epoch)
     if config.max_steps:

@@ -37,6 +37,7 @@ from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
 from mnist_peft.tuners.lora.targets import check_rank, lora_layers
 
+from .augment import DISTORTIONS, augment_batch, distort
 from .loop import EvalResult, FitResult, TrainConfig, check_batch_size, evaluate, fit, seed_loader_permutation
 
 __all__ = [
@@ -188,6 +189,16 @@ class AdapterRecipe:
     1.0 trains on the digit alone (the seed recipe, which forgets the others)."""
     augment: bool = False
     """Random small affine transforms (rotation, scale, shift) of every training image."""
+    distortion: str = "none"
+    """Distort the digit's own training images (the replayed ones stay as they are): ``"none"``,
+    ``"affine"`` (the control) or ``"elastic"`` (Simard et al. 2003; :mod:`~mnist_peft.training.augment`)."""
+    elastic_alpha: float = 34.0
+    """Elastic distortion: the displacement field's scale, in pixels (Simard et al.'s MNIST value)."""
+    elastic_sigma: float = 4.0
+    """Elastic distortion: the width of the Gaussian that smooths the field, in pixels."""
+    null_space_energy: float = 0.0
+    """Keep the adapter's A off the directions holding this share of the other digits' layer inputs
+    (e.g. 0.99; 0: off): :mod:`~mnist_peft.training.nullspace`."""
     distill: float = 2.0
     """Weight of a KL term pulling the adapted model toward the base on replayed digits."""
     val_size: int = 5000
@@ -232,6 +243,14 @@ class AdapterRecipe:
             raise TrainConfigError("steps and batch_size must be >= 1")
         if not isinstance(self.use_dora, bool):
             raise TrainConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.distortion not in DISTORTIONS:
+            raise TrainConfigError(f"distortion must be one of {DISTORTIONS}, got {self.distortion!r}")
+        if not (0 < self.elastic_alpha <= 100 and 0.5 <= self.elastic_sigma <= 10):
+            raise TrainConfigError(
+                f"elastic_alpha must be in (0, 100] and elastic_sigma in [0.5, 10], got {self.elastic_alpha}, {self.elastic_sigma}"
+            )
+        if not (self.null_space_energy == 0 or 0 < self.null_space_energy < 1):
+            raise TrainConfigError(f"null_space_energy must be 0 (off) or in (0, 1), got {self.null_space_energy!r}")
         check_batch_size(self.batch_size)  # bounds checked here, before any data is loaded or memory taken
         check_seed(self.seed, name="seed (--seed)", error=TrainConfigError)
 
@@ -256,6 +275,30 @@ register_recipe(
 )
 # Ours: digit-D batches mixed with replayed other digits, augmented, distilled toward the base.
 register_recipe(AdapterRecipe(name="replay", summary="ours: digit batches with replayed other digits, distilled toward the base"))
+# The forgetting study (docs/results.md): replay plus new signal, plus updates kept out of the other digits' way.
+register_recipe(
+    AdapterRecipe(
+        distortion="affine", name="replay-affine", summary="replay, the digit's images randomly rotated, scaled and shifted (the control)"
+    )
+)
+register_recipe(
+    AdapterRecipe(distortion="elastic", name="elastic", summary="replay, the digit's images elastically distorted (Simard et al. 2003)")
+)
+register_recipe(
+    AdapterRecipe(
+        null_space_energy=0.99,
+        name="null-space",
+        summary="replay, A kept off the directions holding 99% of the other digits' layer inputs (AlphaEdit, GPM, InfLoRA)",
+    )
+)
+register_recipe(
+    AdapterRecipe(
+        distortion="elastic",
+        null_space_energy=0.99,
+        name="elastic-null-space",
+        summary="both: elastic distortions of the digit's images, A kept off the other digits' input directions",
+    )
+)
 
 
 @dataclass
@@ -267,15 +310,21 @@ class AdapterTrainResult:
     stopped_early: bool
     before: EvalResult
     after: EvalResult
+    null_space: dict[str, dict[str, float]] | None = None
+    """With ``null_space_energy``: per layer, the directions kept out, the preserved energy left in
+    the allowed ones, and the output change on the other digits' test images against its bound."""
 
     def metrics(self) -> dict[str, object]:
         """What the registry records of a trained adapter."""
-        return {
+        found: dict[str, object] = {
             "accuracy": self.after.accuracy,
             "wrong_per_digit": self.after.wrong_per_digit,
             "accuracy_before": self.before.accuracy,
             "wrong_per_digit_before": self.before.wrong_per_digit,
         }
+        if self.null_space is not None:
+            found["null_space"] = self.null_space
+        return found
 
 
 def save_trained_adapter(
@@ -303,22 +352,6 @@ def save_trained_adapter(
     }
     card = digit_model_card(result.digit, result, base_model=base_model, config=cfg)
     return save_adapter(model, folder, metadata=meta, base_model_name_or_path=base_model, dtype=dtype, model_card=card)
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random affine transforms of normalised (N, 784) images: +-12 degrees, scale 0.9-1.1, +-2 px."""
-    from mnist_peft.model.data import MNIST_MEAN, MNIST_STD
-
-    n = x.shape[0]
-    img = x.reshape(n, 1, 28, 28) * MNIST_STD + MNIST_MEAN  # back to [0, 1]: padding is black
-    u = torch.rand(n, 4, generator=generator) * 2 - 1
-    angle = u[:, 0] * (12 * torch.pi / 180)
-    scale = 1 + 0.1 * u[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * (2 / 14)], 1), torch.stack([sin, cos, u[:, 3] * (2 / 14)], 1)], 1)
-    grid = F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
-    out = F.grid_sample(img, grid, align_corners=False, padding_mode="zeros")
-    return ((out - MNIST_MEAN) / MNIST_STD).reshape(n, 784)
 
 
 def resolve_recipe(recipe: str | AdapterRecipe, overrides: dict[str, object]) -> tuple[str, AdapterRecipe]:
@@ -462,7 +495,19 @@ class DigitTask:
         return loss
 
     def loss(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return self.objective(m, augment_batch(xb, self.g) if self.recipe.augment else xb, yb)
+        return self.objective(m, self.inputs(xb, yb), yb)
+
+    def inputs(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """A batch as the recipe trains on it: every image augmented (``augment``), the digit's own
+        images distorted (``distortion``), from the task's generator."""
+        if self.recipe.augment:
+            xb = augment_batch(xb, self.g)
+        if self.recipe.distortion != "none":
+            mine = yb == self.digit
+            xb = xb.clone()
+            r = self.recipe
+            xb[mine] = distort(xb[mine], self.g, r.distortion, alpha=r.elastic_alpha, sigma=r.elastic_sigma)
+        return xb
 
     def val_rows(self, y: torch.Tensor) -> torch.Tensor:
         """The validation rows scored: every image of the digit, then twice as many of the others."""
@@ -514,6 +559,12 @@ def _train_on_digit(
     if recipe.val_size:
         train, val = split_validation(train, recipe.val_size, seed=recipe.seed)
     task = DigitTask(recipe, digit, train, base.eval(), torch.Generator().manual_seed(recipe.seed))
+    space = None
+    if recipe.null_space_energy:
+        from .nullspace import null_space, preserved_spectra, project_
+
+        space = null_space(preserved_spectra(base, train, digit), recipe.null_space_energy)
+        project_(model, space)  # A starts in the allowed directions (B starts at zero: no change yet)
     fitted = fit(
         model,
         train,
@@ -523,6 +574,7 @@ def _train_on_digit(
         loss_fn=task.loss,
         batches=task.batches,
         val_score=task.val_score,
+        after_step=None if space is None else (lambda: project_(model, space)),
         progress=progress,
         desc=f"digit-{digit}",
     )
@@ -535,4 +587,11 @@ def _train_on_digit(
         stopped_early=fitted.stopped_early,
         before=before,
         after=after,
+        null_space=None if space is None else _report(model, base, test, digit, space),
     )
+
+
+def _report(model: nn.Module, base: nn.Module, test: MnistSplit, digit: int, space: object) -> dict[str, dict[str, float]]:
+    from .nullspace import null_space_report
+
+    return null_space_report(model, base, test, digit, space)  # type: ignore[arg-type]

@@ -106,6 +106,12 @@ def _mixed_block_(result: torch.Tensor, rows: torch.Tensor, A: torch.Tensor, B: 
         result.addmm_((rows @ A.t()).mul_(s), B.t())
 
 
+# The shared GEMMs cost (rows spanned) x (sum of the ranks): past these sizes the blocks' own GEMMs
+# (rows x rank each) are cheaper than the wasted products, whatever the per-op overhead saved.
+GROUP_MAX_RANK = 128
+GROUP_MAX_ROWS = 256
+
+
 def _mixed_group_(result: torch.Tensor, x: torch.Tensor, group: list[tuple[torch.Tensor, torch.Tensor, float, int, int]]) -> bool:
     """Add the updates of several plain-LoRA blocks of a mixed batch to ``result`` in place with two
     GEMMs instead of two per block: ``h = x [A_1; ...; A_k]^T`` over the rows the blocks span, each
@@ -113,9 +119,12 @@ def _mixed_group_(result: torch.Tensor, x: torch.Tensor, group: list[tuple[torch
     NaN there is dropped, not multiplied), each column scaled by its adapter's ``s``, then
     ``result += h [B_1 ... B_k]^T``. A row's answer is its own adapter's ``s (x A^T) B^T`` plus exact
     zeros (0 x a finite B): nothing of another row or another adapter reaches it. Returns False, having
-    changed nothing, when a B is not finite (0 x NaN is NaN: the caller adds such blocks one by one).
+    changed nothing, when a B is not finite (0 x NaN is NaN) or the group is past :data:`GROUP_MAX_RANK`
+    or :data:`GROUP_MAX_ROWS`: the caller then adds the blocks one by one.
     ``group`` holds ``(A, B, s, start, stop)`` per block, the blocks in row order."""
     lo, hi = group[0][3], group[-1][4]
+    if sum(A.shape[0] for A, *_ in group) > GROUP_MAX_RANK or hi - lo > GROUP_MAX_ROWS:
+        return False
     b_t = torch.cat([B.t() for _, B, *_ in group], 0)  # (R, out)
     if not bool(torch.isfinite(b_t).all()):  # loaded adapters passed the finiteness gate; one edited in place may not
         return False
