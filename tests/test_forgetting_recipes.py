@@ -16,7 +16,8 @@ from mnist_peft.model.mlp import load_base
 from mnist_peft.training.augment import elastic_batch, gaussian_kernel
 from mnist_peft.training.batched import AdapterJob, train_batched
 from mnist_peft.training.nullspace import covariances, null_space, output_bounds, project_
-from mnist_peft.training.recipes import AdapterRecipe, DigitTask, get_recipe, recipe_names, train_adapter
+from mnist_peft.training.recipes import AdapterRecipe, get_recipe, recipe_names, train_adapter
+from mnist_peft.training.task import DigitTask
 from mnist_peft.tuners.lora.targets import lora_layers
 
 BASE = REPO / "adapters" / "base" / "v1"
@@ -33,13 +34,28 @@ def test_the_forgetting_recipes_are_registered_by_name_with_their_one_change_eac
     }
     assert changed == {
         "replay-affine": {"distortion"},
-        "elastic": {"distortion"},
+        "elastic": {"distortion", "elastic_alpha"},
         "null-space": {"null_space_energy"},
-        "elastic-null-space": {"distortion", "null_space_energy"},
-    }  # the same rank, steps, batches and budget as replay: one change each
+        "elastic-null-space": {"distortion", "elastic_alpha", "null_space_energy"},
+    }  # the same rank, steps, batches and budget as replay: one change each (and its value chosen on validation)
+    assert (get_recipe("adapter", "elastic").elastic_alpha, get_recipe("adapter", "null-space").null_space_energy) == (8.0, 0.9)
     for bad in ({"distortion": "swirl"}, {"null_space_energy": 1.0}, {"elastic_alpha": 0.0}, {"elastic_sigma": 50.0}):
         with pytest.raises(TrainConfigError):
             AdapterRecipe(**bad)
+    with pytest.raises(TrainConfigError, match="for LoRA adapters"):  # DoRA's magnitudes move whole rows: no bound
+        AdapterRecipe(null_space_energy=0.9, use_dora=True)
+
+
+def test_the_held_out_split_is_the_same_images_for_the_study_base_and_every_adapter(mnist_train) -> None:
+    """The study's honesty rests on it: ``split_validation(seed 0)`` (the study base, a solo adapter) and
+    the batched trainer's own draw hold out the same 5,000 images, and train on none of them."""
+    from mnist_peft.model.data import split_validation
+
+    n = len(mnist_train)
+    train, val = split_validation(mnist_train, 5000, seed=0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # as batched._new_job draws it
+    assert torch.equal(mnist_train.x[perm[:5000]], val.x) and torch.equal(mnist_train.x[perm[5000:]], train.x)
+    assert len(set(perm[:5000].tolist()) & set(perm[5000:].tolist())) == 0
 
 
 def test_an_elastic_distortion_is_seeded_smooth_and_keeps_the_ink(mnist_test) -> None:

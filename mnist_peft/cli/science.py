@@ -27,7 +27,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     description="Train the forgetting recipes (replay-affine, the control; elastic: the digit's images elastically "
     "distorted; null-space: A kept off the directions the other digits' layer inputs use; elastic-null-space: both) "
     "beside replay. The elastic alpha and the null-space energy are chosen on a validation split that neither a study "
-    "base (trained the registry base's way on the rest of the training set) nor its adapters saw; then each recipe "
+    "base (trained the registry base's way on the rest of the training set) nor its adapters trained on (their early "
+    "stopping reads it); then each recipe "
     "trains ten adapters on --base for seeds 0, 1 and 2, reported on the test set: per digit the seed-mean errors and "
     "accuracy, and how many digits meet both targets (errors cut by >= 40%, accuracy not below the base's). About 25 "
     "minutes on 2 cores. Writes forgetting.json and each recipe's seed-0 adapters to --out (adapters/<recipe>/digit-D).",

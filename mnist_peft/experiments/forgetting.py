@@ -76,13 +76,15 @@ def study_base(out: Path, *, data_dir: str | None, val_size: int, epochs: float 
     from mnist_peft.model.mlp import load_base
 
     train, val = split_validation(load_mnist(train=True, data_dir=data_dir), val_size, seed=0)
-    folder = out / "study-base"
-    if (folder / "model.safetensors").is_file():
-        return load_base(folder), val
+    folder, made = out / "study-base", {"epochs": epochs, "val_size": val_size, "seed": 0}
+    record = folder / "study.json"
+    if (folder / "model.safetensors").is_file() and record.is_file() and json.loads(record.read_text()) == made:
+        return load_base(folder), val  # the same study base, trained by an earlier run
     torch.manual_seed(0)
     model = MnistMLP()
     fit(model, train, TrainConfig(epochs=epochs, batch_size=128, lr=2e-3, seed=0, schedule="onecycle"))
     model.save_pretrained(folder)
+    record.write_text(json.dumps(made))
     return model.eval(), val
 
 
@@ -99,7 +101,7 @@ def run_recipe(
 ) -> list[dict[str, Any]]:
     """Ten adapters (one per digit of ``cfg``) of ``recipe`` on ``base``, batched; per digit its own
     test errors and test accuracy, and, given ``split``, the same on it."""
-    fields = {**dict(cfg.overrides), **overrides, "seed": seed}
+    fields = {**dict(cfg.overrides), **overrides, "seed": seed, "val_size": cfg.val_size}  # the held-out split is the study base's
     jobs = [AdapterJob(d, recipe, tuple(sorted(fields.items())), name=f"digit-{d}") for d in cfg.digits]
     started = time.perf_counter()
     trained = train_batched(base, jobs, data_dir=data_dir)

@@ -48,7 +48,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """A normalised 1-D Gaussian of width ``sigma`` pixels, ``2 * ceil(2 sigma) + 1`` taps."""
+    """A normalised 1-D Gaussian of width ``sigma`` pixels, ``2 * ceil(2 sigma) + 1`` taps (cut at 2 sigma:
+    the field comes out ~7% stronger than with scipy's 4-sigma default; alpha was chosen with this one)."""
     half = max(1, int(torch.tensor(2 * sigma).ceil()))
     t = torch.arange(-half, half + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (t / sigma) ** 2)

@@ -47,7 +47,8 @@ from mnist_peft.tuners.lora.targets import lora_layers
 
 from .loop import EarlyStopping, evaluate, training_plan
 from .nullspace import null_space, null_space_report, preserved_spectra, project_
-from .recipes import AdapterRecipe, AdapterTrainResult, DigitTask, resolve_recipe
+from .recipes import AdapterRecipe, AdapterTrainResult, resolve_recipe
+from .task import DigitTask
 
 __all__ = ["AdapterJob", "train_batched", "check_base"]
 

@@ -181,7 +181,7 @@ def preserved_spectra(base: nn.Module, train: MnistSplit, digit: int) -> dict[st
 
     from mnist_peft.model.mlp import base_fingerprint
 
-    split = hashlib.sha256(train.y.numpy().tobytes() + train.x[:, 350].contiguous().numpy().tobytes()).hexdigest()
+    split = hashlib.sha256(train.y.numpy().tobytes() + train.x.contiguous().numpy().tobytes()).hexdigest()  # every byte: ~0.2 s
     key = (base_fingerprint(base), digit, split)
     if key not in _SPECTRA:
         while len(_SPECTRA) >= SPECTRA_KEPT:

@@ -18,14 +18,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnist_peft.errors import InvalidArgumentError, TrainConfigError
@@ -35,10 +32,11 @@ from mnist_peft.numerics import check_seed
 from mnist_peft.tuners.dora.config import DoraConfig
 from mnist_peft.tuners.lora.config import LoraConfig
 from mnist_peft.tuners.lora.model import LoraModel
-from mnist_peft.tuners.lora.targets import check_rank, lora_layers
+from mnist_peft.tuners.lora.targets import check_rank
 
-from .augment import DISTORTIONS, augment_batch, distort
-from .loop import EvalResult, FitResult, TrainConfig, check_batch_size, evaluate, fit, seed_loader_permutation
+from .augment import DISTORTIONS, augment_batch
+from .loop import EvalResult, FitResult, TrainConfig, check_batch_size, evaluate, fit
+from .task import DigitTask
 
 __all__ = [
     "Recipe",
@@ -251,6 +249,8 @@ class AdapterRecipe:
             )
         if not (self.null_space_energy == 0 or 0 < self.null_space_energy < 1):
             raise TrainConfigError(f"null_space_energy must be 0 (off) or in (0, 1), got {self.null_space_energy!r}")
+        if self.null_space_energy and self.use_dora:  # DoRA's magnitudes rescale whole rows: dW = dW P no longer bounds anything
+            raise TrainConfigError("the null-space projection is for LoRA adapters: drop --use-dora, or pick a recipe without it")
         check_batch_size(self.batch_size)  # bounds checked here, before any data is loaded or memory taken
         check_seed(self.seed, name="seed (--seed)", error=TrainConfigError)
 
@@ -276,27 +276,34 @@ register_recipe(
 # Ours: digit-D batches mixed with replayed other digits, augmented, distilled toward the base.
 register_recipe(AdapterRecipe(name="replay", summary="ours: digit batches with replayed other digits, distilled toward the base"))
 # The forgetting study (docs/results.md): replay plus new signal, plus updates kept out of the other digits' way.
+# Their values (elastic alpha 8, energy 0.9) are what `mnist-peft forgetting-study` chose on validation.
 register_recipe(
     AdapterRecipe(
         distortion="affine", name="replay-affine", summary="replay, the digit's images randomly rotated, scaled and shifted (the control)"
     )
 )
 register_recipe(
-    AdapterRecipe(distortion="elastic", name="elastic", summary="replay, the digit's images elastically distorted (Simard et al. 2003)")
+    AdapterRecipe(
+        distortion="elastic",
+        elastic_alpha=8.0,
+        name="elastic",
+        summary="replay, the digit's images elastically distorted (Simard et al. 2003; alpha 8 px, sigma 4 px)",
+    )
 )
 register_recipe(
     AdapterRecipe(
-        null_space_energy=0.99,
+        null_space_energy=0.9,
         name="null-space",
-        summary="replay, A kept off the directions holding 99% of the other digits' layer inputs (AlphaEdit, GPM, InfLoRA)",
+        summary="replay, A kept off the directions holding 90% of the other digits' layer inputs (AlphaEdit, GPM, InfLoRA)",
     )
 )
 register_recipe(
     AdapterRecipe(
         distortion="elastic",
-        null_space_energy=0.99,
+        elastic_alpha=8.0,
+        null_space_energy=0.9,
         name="elastic-null-space",
-        summary="both: elastic distortions of the digit's images, A kept off the other digits' input directions",
+        summary="both: elastic distortions of the digit's images (alpha 8), A kept off 90% of the other digits' input directions",
     )
 )
 
@@ -400,6 +407,11 @@ def train_adapter(
 
     name, recipe = resolve_recipe(recipe, overrides)
     torch.manual_seed(recipe.seed)
+    if resume is not None and recipe.null_space_energy:
+        raise TrainConfigError(
+            "--resume with a null-space recipe would project the resumed A (its B is not zero) before training: "
+            "train a fresh adapter with it, or resume with another recipe"
+        )
     if resume is not None:
         from mnist_peft.io.adapters import load_adapter, read_adapter
 
@@ -446,95 +458,14 @@ def finetune_full(
     import copy as _copy
 
     name, recipe = resolve_recipe(recipe, overrides)
+    if recipe.null_space_energy:
+        raise TrainConfigError("a full fine-tune has no LoRA A to project: pick a recipe without the null space")
     torch.manual_seed(recipe.seed)
     model = _copy.deepcopy(base)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     return model, _train_on_digit(model, params, base, digit, recipe, f"{name}-full", data_dir=data_dir, progress=progress)
-
-
-class DigitTask:
-    """An adapter recipe's data and objective for one digit: batches that mix the digit with
-    replayed others, cross-entropy plus a distillation term toward the base (the teacher) on the
-    replayed samples, optional augmentation; one generator draws every random choice in order."""
-
-    def __init__(self, recipe: AdapterRecipe, digit: int, train: MnistSplit, teacher: nn.Module, generator: torch.Generator) -> None:
-        self.recipe, self.digit, self.teacher, self.g = recipe, digit, teacher, generator
-        self.mine = (train.y == digit).nonzero().squeeze(1)
-        self.others = (train.y != digit).nonzero().squeeze(1)
-        full = recipe.digit_fraction >= 1
-        self.k = recipe.batch_size if full else max(1, round(recipe.batch_size * recipe.digit_fraction))
-
-    def batches(self, epoch: int):
-        recipe = self.recipe
-        if recipe.digit_fraction >= 1:  # the seed's loader: shuffled digit-D images only
-            yield from self.mine[seed_loader_permutation(len(self.mine))].split(recipe.batch_size)
-            return
-        while True:
-            a = self.mine[torch.randint(len(self.mine), (self.k,), generator=self.g)]
-            b = self.others[torch.randint(len(self.others), (recipe.batch_size - self.k,), generator=self.g)]
-            yield torch.cat([a, b])
-
-    def objective(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        def teacher(rest: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return F.log_softmax(self.teacher(xb[rest]), 1)
-
-        return self.objective_of(m(xb), yb, teacher)
-
-    def objective_of(self, logits: torch.Tensor, yb: torch.Tensor, teacher: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The objective from the logits: cross-entropy, plus the distillation term on the replayed
-        rows, whose targets ``teacher(rest_mask)`` gives (the batched trainer looks them up)."""
-        loss = F.cross_entropy(logits, yb)
-        if self.recipe.distill:
-            rest = yb != self.digit
-            if rest.any():
-                kl = F.kl_div(F.log_softmax(logits[rest], 1), teacher(rest), log_target=True, reduction="batchmean")
-                loss = loss + self.recipe.distill * kl
-        return loss
-
-    def loss(self, m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return self.objective(m, self.inputs(xb, yb), yb)
-
-    def inputs(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """A batch as the recipe trains on it: every image augmented (``augment``), the digit's own
-        images distorted (``distortion``), from the task's generator."""
-        if self.recipe.augment:
-            xb = augment_batch(xb, self.g)
-        if self.recipe.distortion != "none":
-            mine = yb == self.digit
-            xb = xb.clone()
-            r = self.recipe
-            xb[mine] = distort(xb[mine], self.g, r.distortion, alpha=r.elastic_alpha, sigma=r.elastic_sigma)
-        return xb
-
-    def val_rows(self, y: torch.Tensor) -> torch.Tensor:
-        """The validation rows scored: every image of the digit, then twice as many of the others."""
-        mine = (y == self.digit).nonzero().squeeze(1)
-        return torch.cat([mine, (y != self.digit).nonzero().squeeze(1)[: 2 * len(mine)]])
-
-    def val_score(self, m: nn.Module, split: MnistSplit) -> float:
-        # The held-out objective on a digit-balanced mix like the training batches: the base has
-        # seen these images, so accuracy on them cannot move, but the adapter's objective can.
-        idx = self.val_rows(split.y)
-        with torch.no_grad(), _exact_forward(m):
-            return -float(self.objective(m, split.x[idx], split.y[idx]))
-
-
-@contextmanager
-def _exact_forward(m: nn.Module):
-    """Run ``m``'s LoRA layers in exact mode (peft's float ops) for a while: validation scores then
-    come from the same ops as training, which lets the batched trainer reproduce them bit for bit."""
-    states = {id(layer.state): layer.state for _, layer in lora_layers(m)}
-    before = {k: st.forward_mode for k, st in states.items()}
-    for st in states.values():
-        st.forward_mode = "exact"
-    try:
-        yield
-    finally:
-        for k, st in states.items():
-            st.forward_mode = before[k]
 
 
 def _train_on_digit(
