@@ -25,7 +25,7 @@ from .handlers import UiHandlers
 from .page import DEFAULT_TABS, build_app
 from .tabs.base import Tab
 
-__all__ = ["SESSION_CAPACITY", "RunningApp", "launch", "serve", "spawn_app"]
+__all__ = ["SESSION_CAPACITY", "RunningApp", "launch", "serve", "spawn_app", "spawn_command"]
 
 # Sessions whose state gradio keeps (the oldest go first): each holds a copy of every component's
 # config and its last values, ~75 KB fresh and ~100 KB after a /predict (measured). Gradio's default,
@@ -124,21 +124,42 @@ def spawn_app(
     Raises:
         MnistPeftError: it exited or did not serve within ``timeout`` seconds (with its output's tail).
     """
+    with spawn_command("ui", root, args=args, env=env, log=log, timeout=timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def spawn_command(
+    command: str,
+    root: str | os.PathLike[str],
+    *,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    log: str | os.PathLike[str] | None = None,
+    timeout: float = 180.0,
+) -> Iterator[str]:
+    """``mnist-peft COMMAND --root ROOT`` (a server that prints ``serving http://127.0.0.1:PORT/``: ``ui``,
+    ``serve``) in a subprocess on 127.0.0.1 and a free port; yields its URL once it serves, and stops it
+    (SIGTERM, then SIGKILL after 30 s) afterwards. Its output goes to ``log`` (default: a temporary file).
+
+    Raises:
+        MnistPeftError: it exited or did not serve within ``timeout`` seconds (with its output's tail).
+    """
     import re
     import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:  # a free port (another program could take it before the app does: then it exits, and we say so)
+    with socket.socket() as s:  # a free port (another program could take it first: then the command exits, and we say so)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with contextlib.ExitStack() as stack:
         if log is None:
-            log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mnist-peft-ui-"))) / "server.log"
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"mnist-peft-{command}-"))) / "server.log"
         log = Path(log)
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mnist_peft", "ui", "--root", str(root), "--host", "127.0.0.1", "--port", str(port), *args],
+                [sys.executable, "-m", "mnist_peft", command, "--root", str(root), "--host", "127.0.0.1", "--port", str(port), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})},
@@ -147,7 +168,7 @@ def spawn_app(
             deadline = time.monotonic() + timeout
             while not (match := re.search(r"serving (http://127\.0\.0\.1:\d+/)", log.read_text())):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise MnistPeftError(f"mnist-peft ui did not start (exit code {proc.poll()}): {log.read_text()[-2000:]}")
+                    raise MnistPeftError(f"mnist-peft {command} did not start (exit code {proc.poll()}): {log.read_text()[-2000:]}")
                 time.sleep(0.1)
             yield match.group(1)
         finally:

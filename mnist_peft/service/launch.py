@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -250,41 +249,13 @@ def spawn_service(
     timeout: float = 180.0,
 ) -> Iterator[str]:
     """``mnist-peft serve --root ROOT`` in a subprocess on 127.0.0.1 and a free port; yields its URL
-    once it serves, and stops it (SIGTERM) afterwards: the real command, in a process of its own.
-    Its output goes to ``log`` (default: a temporary file).
+    once it serves, and stops it (SIGTERM) afterwards: the real command, in a process of its own
+    (:func:`~mnist_peft.app.launch.spawn_command`). Its output goes to ``log`` (default: a temporary file).
 
     Raises:
         MnistPeftError: it exited or did not serve within ``timeout`` seconds (with its output's tail).
     """
-    import re
-    import subprocess
-    import sys
+    from mnist_peft.app.launch import spawn_command
 
-    with socket.socket() as s:  # a free port (another program could take it first: then the command exits, and we say so)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with contextlib.ExitStack() as stack:
-        if log is None:
-            log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mnist-peft-serve-"))) / "server.log"
-        log = Path(log)
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mnist_peft", "serve", "--root", str(root), "--host", "127.0.0.1", "--port", str(port), *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})},
-            )
-        try:
-            deadline = time.monotonic() + timeout
-            while not (match := re.search(r"serving (http://127\.0\.0\.1:\d+/)", log.read_text())):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise MnistPeftError(f"mnist-peft serve did not start (exit code {proc.poll()}): {log.read_text()[-2000:]}")
-                time.sleep(0.1)
-            yield match.group(1)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with spawn_command("serve", root, args=args, env=env, log=log, timeout=timeout) as url:
+        yield url
